@@ -1,0 +1,168 @@
+"""Kubernetes quantities (``2Gi``, ``512Mi``, ``1.5G``, ``1e9``) and Go durations (``5m``).
+
+The apiserver only checks their shape; the operator needs numbers. Parsing follows
+``k8s.io/apimachinery/pkg/api/resource`` so a value means the same to kubectl and to us.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+#: The pattern Kubernetes publishes for ``resource.Quantity`` in OpenAPI.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {
+    "n": Decimal("1e-9"),
+    "u": Decimal("1e-6"),
+    "m": Decimal("1e-3"),
+    "": Decimal(1),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "P": Decimal(10**15),
+    "E": Decimal(10**18),
+}
+_SPLIT_RE = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(.*)$")
+
+
+class QuantityError(ValueError):
+    """A string that is not a Kubernetes quantity."""
+
+
+class Quantity:
+    """An exact Kubernetes quantity; keeps the user's text so nothing is rewritten."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self, text: str | int) -> None:
+        self.text = str(text).strip()
+        self.value = parse_quantity(self.text)
+
+    @property
+    def bytes(self) -> int:
+        """The value as whole bytes, rounded up like Kubernetes' ``Value()``."""
+        integral = self.value.to_integral_value(rounding="ROUND_CEILING")
+        return int(integral)
+
+    @property
+    def mebibytes(self) -> int:
+        """Whole MiB, rounded up: libvirt's ``<memory unit='MiB'>`` granularity."""
+        return -(-self.bytes // 2**20)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Quantity):
+            return self.value == other.value
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Quantity({self.text!r})"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def validate(raw: Any) -> Quantity:
+            if isinstance(raw, Quantity):
+                return raw
+            if isinstance(raw, bool) or not isinstance(raw, str | int):
+                raise QuantityError("must be a quantity such as 512Mi, 2Gi or 1G")
+            return cls(raw)
+
+        return core_schema.no_info_plain_validator_function(
+            validate, serialization=core_schema.to_string_ser_schema()
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        # The shape Kubernetes itself publishes for resource.Quantity.
+        return {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
+
+
+def parse_quantity(text: str) -> Decimal:
+    """Parse a Kubernetes quantity into an exact Decimal."""
+    if not _QUANTITY_RE.match(text):
+        raise QuantityError(f"{text!r} is not a quantity (examples: 512Mi, 2Gi, 1.5G, 1e9)")
+    match = _SPLIT_RE.match(text)
+    if match is None:  # pragma: no cover - the pattern above already guarantees it
+        raise QuantityError(f"{text!r} is not a quantity")
+    number, suffix = match.groups()
+    try:
+        mantissa = Decimal(number)
+    except InvalidOperation as exc:  # pragma: no cover - guarded by the pattern
+        raise QuantityError(f"{text!r} is not a quantity") from exc
+    if suffix in _BINARY:
+        return mantissa * _BINARY[suffix]
+    if suffix in _DECIMAL:
+        return mantissa * _DECIMAL[suffix]
+    exponent = int(Decimal(suffix[1:]))  # e/E exponent form
+    return mantissa * (Decimal(10) ** exponent)
+
+
+#: Go ``time.ParseDuration`` syntax, as used by ``metav1.Duration`` (``90s``, ``5m``, ``1h30m``).
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"
+_DURATION_PART_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_RE = re.compile(DURATION_PATTERN)
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration string; the shape is checked by the CRD pattern too."""
+    if not _DURATION_RE.match(text):
+        raise ValueError(f"{text!r} is not a duration (examples: 90s, 5m, 1h30m)")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(text))
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+class _DurationMarker:
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            _check_duration, core_schema.str_schema()
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "pattern": DURATION_PATTERN, "maxLength": 32}
+
+
+Duration = Annotated[str, _DurationMarker]

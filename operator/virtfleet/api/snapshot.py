@@ -1,0 +1,101 @@
+"""``VMSnapshot`` and ``VMRestore``: point-in-time copies of a VM and bringing them back."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+
+from virtfleet.api.base import ApiModel, CelRule, DnsLabel, StatusModel
+from virtfleet.api.conditions import Conditions
+from virtfleet.api.quantity import Duration
+
+IMMUTABLE_SPEC = "spec is immutable; create a new object instead"
+
+
+def immutable_spec_rule() -> CelRule:
+    """One-shot objects (snapshots, restores, migrations) never change what they ask for."""
+    return CelRule(
+        rule="self == oldSelf", message=IMMUTABLE_SPEC, check=lambda _: True, transition=True
+    )
+
+
+class DeletionPolicy(StrEnum):
+    DELETE = "Delete"
+    RETAIN = "Retain"
+
+
+class SnapshotPhase(StrEnum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+class VMSnapshotSpec(ApiModel):
+    vm_name: DnsLabel = Field(description="VirtualMachine in the same namespace.")
+    include_memory: bool | None = Field(
+        default=None,
+        description="Save RAM and device state too, so a restore resumes the running guest. "
+        "Unset means true when the VM runs; a stopped VM has no memory to save.",
+    )
+    quiesce: bool = Field(
+        default=False, description="Freeze guest filesystems first (needs the QEMU guest agent)."
+    )
+    deletion_policy: DeletionPolicy = Field(
+        default=DeletionPolicy.DELETE,
+        description="Delete (default) removes the libvirt snapshot with this object; "
+        "Retain keeps it.",
+    )
+    failure_deadline: Duration | None = Field(
+        default=None, description="Give up (phase Failed) when not Ready within this time, e.g. 5m."
+    )
+
+    cel_rules = (immutable_spec_rule(),)
+
+
+class SnapshotDiskStatus(StatusModel):
+    name: str
+    size_bytes: int | None = Field(default=None, ge=0)
+
+
+class SnapshotError(StatusModel):
+    message: str
+    time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+
+
+class VMSnapshotStatus(StatusModel):
+    observed_generation: int | None = Field(default=None, ge=0)
+    phase: SnapshotPhase | None = None
+    ready_to_use: bool | None = None
+    creation_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    node_name: str | None = None
+    snapshot_name: str | None = Field(default=None, description="Name of the libvirt snapshot.")
+    memory_included: bool | None = None
+    disks: list[SnapshotDiskStatus] = Field(default_factory=list)
+    error: SnapshotError | None = None
+    conditions: Conditions
+
+
+class RestorePhase(StrEnum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class VMRestoreSpec(ApiModel):
+    vm_name: DnsLabel = Field(description="VirtualMachine in the same namespace.")
+    snapshot_name: DnsLabel = Field(description="VMSnapshot of that VM to bring back.")
+
+    cel_rules = (immutable_spec_rule(),)
+
+
+class VMRestoreStatus(StatusModel):
+    observed_generation: int | None = Field(default=None, ge=0)
+    phase: RestorePhase | None = None
+    complete: bool | None = None
+    restore_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    node_name: str | None = None
+    error: SnapshotError | None = None
+    conditions: Conditions

@@ -1,0 +1,1 @@
+"""virtfleet.hypervisor"""

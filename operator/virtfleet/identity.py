@@ -1,0 +1,42 @@
+"""Names and identities shared by every layer.
+
+Kept in one place because they are part of the contract with the cluster and with
+libvirt: a change here is a migration for existing fleets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+API_GROUP = "virtfleet.io"
+API_VERSION = "v1alpha1"
+
+#: XML namespace of the ownership element inside a domain's ``<metadata>``.
+#: The trailing version lets a future agent read (and upgrade) older markers.
+METADATA_NAMESPACE = "https://virtfleet.io/xmlns/domain/v1"
+METADATA_PREFIX = "virtfleet"
+METADATA_ELEMENT = "owner"
+
+#: Label on every placed object; agents filter on it (DESIGN §2).
+NODE_LABEL = f"{API_GROUP}/node"
+#: Finalizers are per node, so that one agent never strips another's (DESIGN §6).
+FINALIZER_PREFIX = f"{API_GROUP}/agent-"
+
+#: Locally administered, unicast OUI-like prefix for derived MACs (02:xx is "local").
+MAC_PREFIX = (0x02, 0x56, 0x46)  # 02:56:46 — "VF"
+
+
+def node_finalizer(node_name: str) -> str:
+    """The finalizer an agent on ``node_name`` puts on the objects it holds."""
+    return f"{FINALIZER_PREFIX}{node_name}"
+
+
+def derive_mac(uid: str, interface_name: str) -> str:
+    """A stable MAC for an interface, derived from the VM's uid and the NIC name.
+
+    Deriving instead of storing keeps the operator from writing spec (DESIGN §3.1),
+    and the same VM gets the same MACs on every node and after every restore.
+    """
+    digest = hashlib.sha256(f"{uid}/{interface_name}".encode()).digest()
+    octets = [*MAC_PREFIX, digest[0], digest[1], digest[2]]
+    return ":".join(f"{octet:02x}" for octet in octets)
