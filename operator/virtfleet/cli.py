@@ -48,7 +48,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from virtfleet.domain import example_inputs, render_xml
+    from virtfleet.api.virtualmachine import VirtualMachineSpec
+    from virtfleet.domain import DomainError, example_inputs, render_xml
 
     checked, problems = manifests.validate_paths([Path(args.file)])
     for problem in problems:
@@ -61,18 +62,24 @@ def _cmd_render(args: argparse.Namespace) -> int:
         return 1
     for item in vms:
         resource = item.resource
-        sys.stdout.write(
-            render_xml(
+        assert isinstance(resource.spec, VirtualMachineSpec)  # guaranteed by validation
+        try:
+            xml = render_xml(
                 example_inputs(
+                    resource.spec,
                     namespace=resource.metadata.namespace or "default",
                     name=resource.metadata.name or "unnamed",
                     uid=resource.metadata.uid,
                     generation=resource.metadata.generation or 1,
-                    spec=resource.spec,
                     domain_type=args.domain_type,
                 )
             )
-        )
+        except DomainError as exc:
+            print(
+                f"{item.source}: {resource.kind}/{resource.metadata.name}: {exc}", file=sys.stderr
+            )
+            return 1
+        sys.stdout.write(xml)
     return 0
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from virtfleet.api.base import PATTERN_HINTS
 from virtfleet.api.resources import KINDS_BY_NAME, Kind, Resource, resource_model
+from virtfleet.api.virtualmachine import PRINTABLE_PATTERN
 from virtfleet.identity import API_GROUP
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
@@ -88,6 +89,11 @@ def _message(error: Any) -> str:
         return "unknown field"
     if kind == "missing":
         return "required field is missing"
+    if (
+        kind == "string_pattern_mismatch"
+        and error.get("ctx", {}).get("pattern") == PRINTABLE_PATTERN
+    ):
+        return "must not contain control characters (newlines, tabs, NUL, ...)"
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern", "")
         hint = PATTERN_HINTS.get(pattern)

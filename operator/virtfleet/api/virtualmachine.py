@@ -26,6 +26,12 @@ MAX_DISKS = 16
 MAX_INTERFACES = 8
 
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+#: Printable text only: a control character in a kernel command line is never intended,
+#: and libvirt does not round-trip some of them (CR), which would look like drift forever.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+#: The CRD has no defaults (DESIGN §3.1), so CEL treats an absent field as its default.
+_INTERFACE_TYPE = "(has(self.type) ? self.type : 'user')"
 
 
 class RunStrategy(StrEnum):
@@ -88,7 +94,8 @@ class Cpu(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule=f"self.cores * self.sockets * self.threads <= {MAX_VCPUS}",
+            rule="(has(self.cores) ? self.cores : 1) * (has(self.sockets) ? self.sockets : 1)"
+            f" * (has(self.threads) ? self.threads : 1) <= {MAX_VCPUS}",
             message=f"cores * sockets * threads must be at most {MAX_VCPUS}",
             check=lambda c: c.cores * c.sockets * c.threads <= MAX_VCPUS,
         ),
@@ -222,6 +229,12 @@ class Disk(ApiModel):
             field_path=".size",
         ),
         CelRule(
+            rule="!(has(self.bus) && self.bus == 'sata' && has(self.readOnly) && self.readOnly)",
+            message="a sata disk cannot be readOnly (QEMU refuses read-only SATA disks); "
+            "use bus virtio or scsi",
+            check=lambda d: not (d.bus == DiskBus.SATA and d.read_only),
+        ),
+        CelRule(
             rule="!has(self.pool) || !self.pool.contains('..')",
             message="pool must be the name of a storage pool on the node, without '..'",
             check=lambda d: no_dot_dot(d.pool),
@@ -235,9 +248,9 @@ class KernelBoot(ApiModel):
 
     image: StoreName = Field(description="Kernel image name in the node's image store.")
     initrd: StoreName | None = Field(default=None, description="Initrd image name, optional.")
-    cmdline: Annotated[str, StringConstraints(max_length=4096)] | None = Field(
-        default=None, description="Kernel command line."
-    )
+    cmdline: (
+        Annotated[str, StringConstraints(max_length=4096, pattern=PRINTABLE_PATTERN)] | None
+    ) = Field(default=None, description="Kernel command line (printable characters only).")
 
     cel_rules = (
         CelRule(
@@ -307,14 +320,20 @@ class Interface(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="self.type == 'bridge' ? has(self.bridge) : !has(self.bridge)",
+            rule=f"{_INTERFACE_TYPE} == 'bridge' ? has(self.bridge) : !has(self.bridge)",
             message="bridge is required for type bridge and only allowed there",
             check=lambda i: (i.bridge is not None) == (i.type == InterfaceType.BRIDGE),
         ),
         CelRule(
-            rule="self.type == 'network' ? has(self.network) : !has(self.network)",
+            rule=f"{_INTERFACE_TYPE} == 'network' ? has(self.network) : !has(self.network)",
             message="network is required for type network and only allowed there",
             check=lambda i: (i.network is not None) == (i.type == InterfaceType.NETWORK),
+        ),
+        CelRule(
+            rule=f"!has(self.bandwidth) || {_INTERFACE_TYPE} != 'user'",
+            message="bandwidth cannot be applied to type user interfaces; "
+            "use a bridge or network interface",
+            check=lambda i: i.bandwidth is None or i.type != InterfaceType.USER,
         ),
         CelRule(
             rule="!has(self.macAddress) || self.macAddress.matches('^.[02468aceACE]')",

@@ -1,0 +1,191 @@
+"""The whole local system in one place: control plane + libvirt nodes + CRDs (+ operators).
+
+``e2e/up`` and ``e2e/down`` and the pytest fixtures all go through ``up``/``down`` here,
+so a person playing with the demo and a test run see exactly the same system.
+
+Manual use: ``e2e/up [--operators] [--demo]``, ``source e2e/.state/env``, ``e2e/down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from harness import controlplane, nodes
+
+REPO = Path(__file__).resolve().parents[2]
+CRDS_DIR = REPO / "crds"
+DEMO_MANIFEST = REPO / "examples" / "vm-basic.yaml"
+
+#: Annotation on each Node: where its libvirtd answers (what an agent connects to).
+LIBVIRT_URI_ANNOTATION = "virtfleet.io/libvirt-uri"
+#: Label marking Nodes that run a virtfleet agent (what a DaemonSet would select on).
+HYPERVISOR_LABEL = "virtfleet.io/hypervisor"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("VIRTFLEET_E2E_STATE") or REPO / "e2e" / ".state")
+
+
+def env_file(state_dir: Path) -> Path:
+    return state_dir / "env"
+
+
+def kubectl(
+    env: Mapping[str, str], *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the machine's kubectl against this cluster (admin unless env says otherwise)."""
+    result = subprocess.run(
+        ["kubectl", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+        timeout=120,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"kubectl {shlex.join(args)} failed:\n{result.stderr.strip()}")
+    return result
+
+
+def install_crds(env: Mapping[str, str]) -> None:
+    """Apply crds/ server-side and wait until every CRD is Established."""
+    kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
+    names = [
+        json.loads(kubectl(env, "apply", "--dry-run=client", "-o", "json", "-f", str(p)).stdout)[
+            "metadata"
+        ]["name"]
+        for p in sorted(CRDS_DIR.glob("*.yaml"))
+    ]
+    kubectl(
+        env, "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names)
+    )
+
+
+def register_nodes(env: Mapping[str, str], node_list: Sequence[nodes.Node]) -> None:
+    """Node objects as a kubelet would register them, plus the libvirt URI annotation.
+
+    There is no kubelet here: the objects exist so the controller can place by node labels
+    and the agents can be told apart, exactly as on a real cluster.
+    """
+    for node in node_list:
+        manifest = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "labels": {
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    HYPERVISOR_LABEL: "true",
+                },
+                "annotations": {LIBVIRT_URI_ANNOTATION: node.uri},
+            },
+        }
+        kubectl(env, "apply", "--server-side", "-f", "-", input=json.dumps(manifest))
+        status = {
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "Hostname", "address": node.name},
+                ]
+            }
+        }
+        kubectl(
+            env,
+            "patch",
+            "node",
+            node.name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(status),
+        )
+
+
+def write_env(state_dir: Path, env: Mapping[str, str]) -> Path:
+    path = env_file(state_dir)
+    path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+    return path
+
+
+def read_env(state_dir: Path) -> dict[str, str]:
+    """The environment of a running system, as ``up`` wrote it."""
+    env: dict[str, str] = {}
+    for line in env_file(state_dir).read_text().splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def is_up(state_dir: Path) -> bool:
+    return env_file(state_dir).exists() and bool(controlplane.pids(state_dir))
+
+
+def up(state_dir: Path, *, operators: bool = False, demo: bool = False) -> dict[str, str]:
+    """Bring the system up (idempotent) and return its environment."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    env = controlplane.up(state_dir)
+    env.update(nodes.up(state_dir))
+    env["VIRTFLEET_E2E_STATE"] = str(state_dir)
+    install_crds(env)
+    register_nodes(env, nodes.nodes_from_env(env))
+    write_env(state_dir, env)
+    env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
+    if operators:
+        print(
+            "virtfleet: the agent and controller are not part of this build yet; "
+            "the cluster, nodes and CRDs are up",
+            file=sys.stderr,
+        )
+    if demo:
+        kubectl(env, "apply", "-f", str(DEMO_MANIFEST))
+    return env
+
+
+def down(state_dir: Path, *, wipe: bool = False) -> None:
+    """Stop everything ``up`` started, by pid; idempotent."""
+    nodes.down(state_dir, wipe=wipe)
+    controlplane.down(state_dir, wipe=wipe)
+    env_file(state_dir).unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e2e/up | e2e/down", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("up", "down"))
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir())
+    parser.add_argument("--operators", action="store_true", help="up: also start the operators")
+    parser.add_argument("--demo", action="store_true", help="up: also apply examples/vm-basic.yaml")
+    parser.add_argument(
+        "--wipe", action="store_true", help="down: also delete cluster and node state"
+    )
+    args = parser.parse_args(argv)
+    state_dir = args.state_dir.resolve()
+    try:
+        if args.command == "up":
+            env = up(state_dir, operators=args.operators, demo=args.demo)
+            print(
+                f"virtfleet: up in {env['VIRTFLEET_UP_SECONDS']} s. Use it with:", file=sys.stderr
+            )
+            print(f"  source {env_file(state_dir)}", file=sys.stderr)
+            print("  kubectl get vm,vmhost -A", file=sys.stderr)
+            sys.stdout.write(env_file(state_dir).read_text())
+        else:
+            down(state_dir, wipe=args.wipe)
+    except (controlplane.ControlPlaneError, nodes.NodeError, RuntimeError) as err:
+        print(f"virtfleet: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
