@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cluster
+from harness.testing import Cluster
 from virtfleet.api.resources import KINDS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,11 +32,14 @@ COUNTER = re.compile(r"^VF-COUNTER (\d+)", re.MULTILINE)
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, list[hn.Node]]]:
     state = tmp_path_factory.mktemp("nodes")
-    t0 = time.monotonic()
-    env = hn.up(state)
-    print(f"\n[timing] up (cold state dir): {time.monotonic() - t0:.2f}s")
-    yield state, hn.nodes_from_env(env)
-    hn.down(state)
+    # Ports of its own, so this self-test can run beside the suite's shared system.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VIRTFLEET_NODE_PORT_BASE", "26610")
+        t0 = time.monotonic()
+        env = hn.up(state)
+        print(f"\n[timing] up (cold state dir): {time.monotonic() - t0:.2f}s")
+        yield state, hn.nodes_from_env(env)
+        hn.down(state)
 
 
 def _conn(node: hn.Node) -> libvirt.virConnect:

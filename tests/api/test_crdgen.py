@@ -65,7 +65,7 @@ def test_vm_crd_has_what_kubectl_users_expect() -> None:
     assert schema["required"] == ["spec"]
     disks = schema["properties"]["spec"]["properties"]["disks"]
     assert disks["x-kubernetes-list-type"] == "map"
-    assert disks["maxItems"] == 16
+    assert disks["maxItems"] == 12
     source = disks["items"]["properties"]["source"]
     assert any("exactly one" in v["message"] for v in source["x-kubernetes-validations"])
     conditions = schema["properties"]["status"]["properties"]["conditions"]

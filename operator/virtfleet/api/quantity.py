@@ -48,6 +48,8 @@ class Quantity:
 
     def __init__(self, text: str | int) -> None:
         self.text = str(text).strip()
+        if len(self.text) > 64:
+            raise QuantityError("a quantity is at most 64 characters")
         self.value = parse_quantity(self.text)
 
     @property
@@ -99,6 +101,8 @@ class Quantity:
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": True,
             "pattern": QUANTITY_PATTERN,
+            # Bounded so CEL rules reading it stay within the apiserver's cost budget.
+            "maxLength": 64,
         }
 
 

@@ -1,0 +1,64 @@
+"""What e2e tests hold on to: the running system and small polling helpers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harness import cluster as system
+from harness import nodes
+
+
+@dataclass
+class Cluster:
+    """Handles to the running system: kubectl, nodes and their serial logs."""
+
+    state_dir: Path
+    env: dict[str, str]
+    nodes: list[nodes.Node] = field(default_factory=list)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return system.kubectl(self.env, *args, input=input, check=check)
+
+    def apply(
+        self, manifest: dict[str, Any] | str, *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        return self.kubectl("apply", *extra, "-f", "-", input=text, check=check)
+
+    def get(self, resource: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+        ns = ("-n", namespace) if namespace else ()
+        out = self.kubectl("get", resource, name, *ns, "-o", "json").stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def node(self, name: str) -> nodes.Node:
+        return next(n for n in self.nodes if n.name == name)
+
+
+def load_yaml(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
+        time.sleep(interval)
