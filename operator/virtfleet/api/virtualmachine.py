@@ -27,6 +27,8 @@ MAX_DISKS = 12
 MAX_INTERFACES = 8
 
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+MacAddress = Annotated[str, StringConstraints(pattern=MAC_PATTERN, max_length=17)]
+
 #: Printable text only: a control character in a kernel command line is never intended,
 #: and libvirt does not round-trip some of them (CR), which would look like drift forever.
 PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
@@ -313,7 +315,7 @@ class Interface(ApiModel):
     model: InterfaceModel = Field(
         default=InterfaceModel.VIRTIO, description="NIC model. Default virtio."
     )
-    mac_address: Annotated[str, StringConstraints(pattern=MAC_PATTERN, max_length=17)] | None = Field(
+    mac_address: MacAddress | None = Field(
         default=None,
         description="Unicast MAC; unset means one derived from the VM's uid and this name.",
     )
