@@ -455,6 +455,9 @@ class VirtualMachineStatus(StatusModel):
     )
     restart_count: int = Field(default=0, ge=0, description="Restarts done by the run strategy.")
     last_start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    consecutive_failures: int = Field(
+        default=0, ge=0, description="Stops soon after a start, in a row; drives the back-off."
+    )
     crash_loop_retry_time: str | None = Field(
         default=None,
         description="While in CrashLoopBackOff: when the next start is tried.",
