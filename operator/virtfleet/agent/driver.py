@@ -1,0 +1,347 @@
+"""The agent's hands on its node: observe a VM's domain, and carry out decided actions.
+
+Everything that needs libvirt for one VM is here, between two pure layers: the
+reconcile decisions above (which never see libvirt) and the hypervisor adapter below
+(which never sees the API models). Names become host paths only here, and only by
+asking libvirt where a pool's volume lives.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from virtfleet.agent.seed import build_iso, seed_files
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
+from virtfleet.domain import (
+    DiskBacking,
+    DomainInputs,
+    NodeResources,
+    build_domain,
+    diff,
+    domain_name,
+    observe,
+    render_xml,
+    spec_hash,
+)
+from virtfleet.domain.errors import DomainError
+from virtfleet.domain.observe import observe_config
+from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, storage
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.reconcile.vm import (
+    Action,
+    ApplyLive,
+    Define,
+    DeleteVolumes,
+    EnsureVolumes,
+    Observed,
+    Power,
+    Start,
+    Stop,
+    StopCause,
+    Undefine,
+    VmView,
+)
+
+SEED = "cloudInit"
+
+_STOP_CAUSES = {
+    "shutdown": StopCause.GUEST,
+    "destroyed": StopCause.DESTROYED,
+    "crashed": StopCause.CRASHED,
+    "failed": StopCause.FAILED,
+    "migrated": StopCause.MIGRATED,
+    "saved": StopCause.SAVED,
+    "from-snapshot": StopCause.SNAPSHOT,
+}
+
+
+class ActionError(Exception):
+    """An action could not be done; ``permanent`` when retrying cannot help (Stalled)."""
+
+    def __init__(self, reason: str, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One observation: the reduced view for decisions and what is needed to act on it."""
+
+    observed: Observed
+    inputs: DomainInputs | None
+    guest: Guest | None
+    secret_user_data: str | None = None
+
+
+def volume_name(uid: str, disk: str) -> str:
+    """Volumes are named by the VM's uid: never reused by another VM of the same name."""
+    return f"{uid}-{disk}.qcow2"
+
+
+def seed_volume_name(uid: str) -> str:
+    return f"{uid}-cidata.iso"
+
+
+def power_of(state: GuestState, reason: str) -> tuple[Power, StopCause]:
+    match state:
+        case GuestState.RUNNING | GuestState.BLOCKED:
+            return Power.RUNNING, StopCause.NONE
+        case GuestState.PAUSED | GuestState.PMSUSPENDED:
+            return Power.PAUSED, StopCause.NONE
+        case GuestState.SHUTDOWN:
+            return Power.STOPPING, StopCause.NONE
+        case GuestState.CRASHED:
+            return Power.CRASHED, StopCause.CRASHED
+        case _:
+            return Power.STOPPED, _STOP_CAUSES.get(reason, StopCause.NONE)
+
+
+class NodeDriver:
+    """Observe and act for VMs on one node, through one hypervisor connection."""
+
+    def __init__(self, hv: Hypervisor, settings: AgentSettings) -> None:
+        self.hv = hv
+        self.settings = settings
+
+    # --- observing ------------------------------------------------------------------------
+
+    async def observe(self, vm: VmView, user_data: str | None = None) -> Snapshot:
+        """What is on the node for ``vm``; raises ActionError when the spec cannot be placed."""
+        guest = await self.hv.lookup(vm.uid)
+        spec = vm.spec
+        if spec is None:
+            return Snapshot(await self._bare(guest), None, guest)
+
+        inputs, missing = await self._resolve(vm, spec, user_data)
+        if guest is None:
+            return Snapshot(Observed(defined=False, missing_volumes=missing), inputs, None)
+
+        status = await guest.status()
+        power, cause = power_of(status.state, status.reason)
+        inactive = observe(await guest.xml(inactive=True))
+        if inactive.owner is None:
+            raise ActionError(
+                "ForeignDomain",
+                f"domain {inactive.name!r} has this VM's UUID but no virtfleet owner marker; "
+                "it is left alone",
+                permanent=True,
+            )
+        desired = observe_config(build_domain(inputs))
+        drift = diff(desired, inactive)
+        marker_current = (
+            inactive.owner.generation == vm.generation
+            and inactive.owner.spec_hash == spec_hash(spec)
+        )
+        restart: tuple[str, ...] = ()
+        if power in (Power.RUNNING, Power.PAUSED):
+            # Live changes (iotune, bandwidth) are applied at the next start for now.
+            restart = diff(desired, observe(await guest.xml())).paths
+        return Snapshot(
+            Observed(
+                defined=True,
+                power=power,
+                stop_cause=cause,
+                drift=drift.paths,
+                marker_current=marker_current,
+                restart_changes=restart,
+                missing_volumes=missing,
+            ),
+            inputs,
+            guest,
+        )
+
+    async def _bare(self, guest: Guest | None) -> Observed:
+        if guest is None:
+            return Observed(defined=False)
+        status = await guest.status()
+        power, cause = power_of(status.state, status.reason)
+        return Observed(defined=True, power=power, stop_cause=cause)
+
+    async def _resolve(
+        self, vm: VmView, spec: VirtualMachineSpec, user_data: str | None
+    ) -> tuple[DomainInputs, tuple[str, ...]]:
+        """Host paths for every name in the spec, and which volumes do not exist yet."""
+        disks: dict[str, DiskBacking] = {}
+        missing: list[str] = []
+        for disk in spec.disks:
+            pool = self._pool_for(disk)
+            name = volume_name(vm.uid, disk.name)
+            volume = await storage.lookup_volume(self.hv, pool, name)
+            path = volume.path if volume is not None else await self._path_in(pool, name)
+            if volume is None:
+                missing.append(disk.name)
+            disks[disk.name] = DiskBacking(path=path, format="qcow2")
+
+        kernel = initrd = seed = None
+        if spec.kernel is not None:
+            kernel = await self._image_path(spec.kernel.image)
+            if spec.kernel.initrd is not None:
+                initrd = await self._image_path(spec.kernel.initrd)
+        if spec.cloud_init is not None:
+            name = seed_volume_name(vm.uid)
+            volume = await storage.lookup_volume(self.hv, self.settings.default_pool, name)
+            seed = volume.path if volume else await self._path_in(self.settings.default_pool, name)
+            if volume is None:
+                missing.append(SEED)
+
+        resources = NodeResources(
+            disks=disks,
+            serial_log=posixpath.join(
+                self.settings.serial_log_dir, f"{domain_name(vm.namespace, vm.name)}.log"
+            ),
+            kernel=kernel,
+            initrd=initrd,
+            cloud_init_seed=seed,
+        )
+        try:
+            inputs = DomainInputs(
+                namespace=vm.namespace,
+                name=vm.name,
+                uid=vm.uid,
+                generation=vm.generation,
+                spec=spec,
+                resources=resources,
+                domain_type=self.settings.domain_type,
+            )
+            build_domain(inputs)  # refuse what cannot be rendered before anything is made
+        except DomainError as exc:
+            raise ActionError("InvalidSpec", str(exc), permanent=True) from exc
+        return inputs, tuple(missing)
+
+    def _pool_for(self, disk: Disk) -> str:
+        pool = disk.pool or self.settings.default_pool
+        if pool not in self.settings.pools:
+            allowed = ", ".join(self.settings.pools)
+            raise ActionError(
+                "PoolNotFound",
+                f"disk {disk.name!r}: pool {pool!r} is not one of this node's pools ({allowed})",
+                permanent=True,
+            )
+        return pool
+
+    async def _path_in(self, pool: str, name: str) -> str:
+        try:
+            info = await storage.pool_info(self.hv, pool)
+        except hv_errors.NotFound as exc:
+            raise ActionError(
+                "PoolNotFound",
+                f"storage pool {pool!r} does not exist on node {self.settings.node_name}",
+                permanent=True,
+            ) from exc
+        if info.path is None:
+            raise ActionError("PoolNotFound", f"pool {pool!r} has no path", permanent=True)
+        return posixpath.join(info.path, name)
+
+    async def _image_path(self, image: str) -> str:
+        volume = await storage.lookup_volume(self.hv, self.settings.image_pool, image)
+        if volume is None:
+            raise ActionError(
+                "ImageNotFound",
+                f"image {image!r} is not in node {self.settings.node_name}'s image store",
+                permanent=True,
+            )
+        return volume.path
+
+    # --- acting ---------------------------------------------------------------------------
+
+    async def execute(self, vm: VmView, snap: Snapshot, action: Action) -> None:
+        """Carry out one action; hypervisor errors become ActionError with a reason."""
+        try:
+            await self._execute(vm, snap, action)
+        except ActionError:
+            raise
+        except hv_errors.UnsafeImage as exc:
+            raise ActionError("UnsafeImage", str(exc), permanent=True) from exc
+        except hv_errors.InvalidDefinition as exc:
+            raise ActionError("InvalidDefinition", str(exc), permanent=True) from exc
+        except hv_errors.ConnectionLost as exc:
+            raise ActionError("HypervisorUnavailable", str(exc), permanent=False) from exc
+        except hv_errors.HypervisorError as exc:
+            raise ActionError(type(exc).__name__, str(exc), permanent=False) from exc
+
+    async def _execute(self, vm: VmView, snap: Snapshot, action: Action) -> None:
+        match action:
+            case EnsureVolumes(names=names):
+                assert vm.spec is not None
+                await self._ensure_volumes(vm, vm.spec, names, snap.secret_user_data)
+            case Define():
+                assert snap.inputs is not None
+                await self.hv.define(render_xml(snap.inputs))
+            case Start():
+                guest = snap.guest or await self.hv.lookup(vm.uid)
+                if guest is not None:
+                    await guest.start()
+            case Stop(grace_seconds=grace):
+                if snap.guest is not None:
+                    await self.hv.graceful_stop(snap.guest, grace)
+            case Undefine():
+                if snap.guest is not None:
+                    await snap.guest.undefine()
+            case DeleteVolumes():
+                await self.delete_volumes(vm.uid)
+            case ApplyLive():
+                pass  # decided only when the driver reports live changes; it does not yet
+
+    async def _ensure_volumes(
+        self, vm: VmView, spec: VirtualMachineSpec, names: tuple[str, ...], user_data: str | None
+    ) -> None:
+        for disk in spec.disks:
+            if disk.name not in names:
+                continue
+            pool = self._pool_for(disk)
+            name = volume_name(vm.uid, disk.name)
+            size = disk.size.bytes if disk.size is not None else None
+            source = disk.source
+            if source.image is not None:
+                try:
+                    await storage.create_overlay(
+                        self.hv, pool, name, VolumeRef(self.settings.image_pool, source.image), size
+                    )
+                except hv_errors.NotFound as exc:
+                    raise ActionError(
+                        "ImageNotFound",
+                        f"disk {disk.name!r}: image {source.image!r} is not in node "
+                        f"{self.settings.node_name}'s image store",
+                        permanent=True,
+                    ) from exc
+            elif source.blank is not None:
+                assert size is not None  # the API requires a size for blank disks
+                await storage.create_blank(self.hv, pool, name, size)
+            else:
+                raise ActionError(
+                    "HttpSourceUnsupported",
+                    f"disk {disk.name!r}: http sources are not supported by this agent yet",
+                    permanent=True,
+                )
+        if SEED in names and spec.cloud_init is not None:
+            files = seed_files(
+                uid=vm.uid,
+                hostname=vm.name,
+                user_data=user_data if user_data is not None else spec.cloud_init.user_data,
+                network_data=spec.cloud_init.network_data,
+            )
+            await storage.upload(
+                self.hv,
+                self.settings.default_pool,
+                seed_volume_name(vm.uid),
+                build_iso(files),
+                replace=True,
+            )
+
+    async def delete_volumes(self, uid: str) -> list[str]:
+        """Every volume of the VM with ``uid`` in the agent's pools (also half-made ones)."""
+        deleted = []
+        for pool in self.settings.pools:
+            try:
+                volumes = await storage.list_volumes(self.hv, pool)
+            except hv_errors.NotFound:
+                continue
+            for volume in volumes:
+                if volume.name.startswith(f"{uid}-"):
+                    await storage.delete_volume(self.hv, pool, volume.name)
+                    deleted.append(f"{pool}/{volume.name}")
+        return deleted
