@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import cluster as system
-from harness import nodes
-from harness.testing import Cluster
+from harness import cluster as local_system
+from harness import nodes, operators
+from harness.testing import Cluster, wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -29,12 +29,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    state_dir = system.default_state_dir().resolve()
-    was_up = system.is_up(state_dir)
-    env = system.up(state_dir)
+    state_dir = local_system.default_state_dir().resolve()
+    was_up = local_system.is_up(state_dir)
+    env = local_system.up(state_dir)
     yield Cluster(state_dir=state_dir, env=env, nodes=nodes.nodes_from_env(env))
     if not was_up and not os.environ.get("VIRTFLEET_E2E_KEEP"):
-        system.down(state_dir)
+        local_system.down(state_dir)
 
 
 @pytest.fixture
@@ -45,3 +45,16 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     cluster.kubectl("create", "namespace", name)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def system(cluster: Cluster) -> Cluster:
+    """The cluster with virtfleet running: an agent per node and the controller."""
+    operators.start(cluster.state_dir, cluster.env)
+
+    def hosts_ready() -> bool:
+        out = cluster.kubectl("get", "vmhost", "-o", "name", check=False).stdout.split()
+        return len(out) == len(cluster.nodes)
+
+    wait_for(hosts_ready, 60, 0.5, "a VMHost from every agent")
+    return cluster

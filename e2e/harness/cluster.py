@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import controlplane, nodes
+from harness import controlplane, nodes, operators
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -130,7 +130,7 @@ def is_up(state_dir: Path) -> bool:
     return env_file(state_dir).exists() and bool(controlplane.pids(state_dir))
 
 
-def up(state_dir: Path, *, operators: bool = False, demo: bool = False) -> dict[str, str]:
+def up(state_dir: Path, *, with_operators: bool = False, demo: bool = False) -> dict[str, str]:
     """Bring the system up (idempotent) and return its environment."""
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -141,12 +141,8 @@ def up(state_dir: Path, *, operators: bool = False, demo: bool = False) -> dict[
     register_nodes(env, nodes.nodes_from_env(env))
     write_env(state_dir, env)
     env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
-    if operators:
-        print(
-            "virtfleet: the agent and controller are not part of this build yet; "
-            "the cluster, nodes and CRDs are up",
-            file=sys.stderr,
-        )
+    if with_operators:
+        operators.start(state_dir, env)
     if demo:
         kubectl(env, "apply", "-f", str(DEMO_MANIFEST))
     return env
@@ -154,6 +150,7 @@ def up(state_dir: Path, *, operators: bool = False, demo: bool = False) -> dict[
 
 def down(state_dir: Path, *, wipe: bool = False) -> None:
     """Stop everything ``up`` started, by pid; idempotent."""
+    operators.stop(state_dir)
     nodes.down(state_dir, wipe=wipe)
     controlplane.down(state_dir, wipe=wipe)
     env_file(state_dir).unlink(missing_ok=True)
@@ -172,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state_dir = args.state_dir.resolve()
     try:
         if args.command == "up":
-            env = up(state_dir, operators=args.operators, demo=args.demo)
+            env = up(state_dir, with_operators=args.operators, demo=args.demo)
             print(
                 f"virtfleet: up in {env['VIRTFLEET_UP_SECONDS']} s. Use it with:", file=sys.stderr
             )

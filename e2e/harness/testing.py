@@ -62,3 +62,39 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def vm_manifest(
+    name: str, namespace: str, *, cmdline: str | None = None, **spec: Any
+) -> dict[str, Any]:
+    """A VirtualMachine that boots the harness guest (direct kernel boot, 128 MiB)."""
+    from harness.guest import guest_cmdline
+    from harness.nodes import INITRD_VOLUME, KERNEL_VOLUME
+
+    body: dict[str, Any] = {
+        "memory": {"size": "128Mi"},
+        "kernel": {
+            "image": KERNEL_VOLUME,
+            "initrd": INITRD_VOLUME,
+            "cmdline": cmdline or guest_cmdline(),
+        },
+        "terminationGracePeriodSeconds": 5,
+        **spec,
+    }
+    return {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for cond in (obj.get("status") or {}).get("conditions", []):
+        if cond["type"] == kind:
+            return dict(cond)
+    return None
+
+
+def domain_name(namespace: str, name: str) -> str:
+    return f"{namespace}_{name}"

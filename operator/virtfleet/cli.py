@@ -83,6 +83,69 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from virtfleet import logs
+    from virtfleet.agent.handlers import run
+    from virtfleet.agent.settings import AgentSettings
+
+    if not args.node:
+        print("virtfleet agent: --node (or $NODE_NAME) is required", file=sys.stderr)
+        return 2
+    logs.configure(args.log_format, args.log_level)
+    settings = AgentSettings(
+        node_name=args.node,
+        libvirt_uri=args.libvirt_uri,
+        domain_type=args.domain_type,
+        image_pool=args.image_pool,
+        default_pool=args.default_pool,
+        disk_pools=tuple(args.pool or (args.default_pool,)),
+        serial_log_dir=args.serial_log_dir,
+        workers=args.workers,
+        resync_seconds=args.resync_seconds,
+        heartbeat_seconds=args.heartbeat_seconds,
+    )
+    asyncio.run(run(settings))
+    return 0
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from virtfleet import logs
+    from virtfleet.controller.controller import Controller
+    from virtfleet.controller.settings import ControllerSettings
+    from virtfleet.runtime.kube import KubeApi
+
+    try:
+        settings = ControllerSettings(
+            retry_interval=args.retry_interval,
+            resync_interval=args.resync_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            heartbeat_check_interval=args.heartbeat_check_interval,
+            overcommit=args.overcommit,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        print(f"virtfleet controller: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_format, args.log_level)
+
+    async def main() -> None:
+        controller = Controller(KubeApi(field_manager="virtfleet-controller"), settings)
+        await controller.run(
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            namespaces=args.namespace or (),
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+
+    asyncio.run(main())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtfleet",
@@ -121,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="qemu (TCG, default) or kvm",
     )
     render.set_defaults(func=_cmd_render)
+
+    import os
+
+    agent = sub.add_parser("agent", help="run the node agent (one per node)")
+    agent.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
+    agent.add_argument("--libvirt-uri", default="qemu:///system")
+    agent.add_argument("--domain-type", default="qemu", choices=["qemu", "kvm"])
+    agent.add_argument("--image-pool", default="virtfleet-images", help="the image store")
+    agent.add_argument("--default-pool", default="virtfleet-local", help="pool of disks")
+    agent.add_argument(
+        "--pool", action="append", metavar="NAME", help="a pool VM disks may use (repeatable)"
+    )
+    agent.add_argument("--serial-log-dir", default="/var/log/libvirt/virtfleet-serial")
+    agent.add_argument("--workers", type=int, default=8)
+    agent.add_argument("--resync-seconds", type=float, default=60.0)
+    agent.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    agent.add_argument("--log-level", default="INFO")
+    agent.set_defaults(func=_cmd_agent)
     return parser
 
 

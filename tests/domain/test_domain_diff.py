@@ -234,3 +234,12 @@ def test_diff_accepts_an_observation_as_the_desire(observed_base: ObservedDomain
 )
 def test_machine_aliases(desired: str | None, observed: str | None, matches: bool) -> None:
     assert machine_matches(desired, observed) is matches
+
+
+def test_cpu_model_filled_in_by_libvirt_is_not_drift(
+    make_inputs: InputsFactory, make_spec: SpecFactory
+) -> None:
+    # Measured on QEMU 7.2 under TCG: an unset model is stored as 'qemu64', even inactive.
+    desired = build_domain(make_inputs(make_spec()))
+    observed = replace(observe_config(desired), cpu_model="qemu64")
+    assert not diff(desired, observed)

@@ -111,6 +111,13 @@ class NodeDriver:
 
     async def observe(self, vm: VmView, user_data: str | None = None) -> Snapshot:
         """What is on the node for ``vm``; raises ActionError when the spec cannot be placed."""
+        try:
+            return await self._observe(vm, user_data)
+        except hv_errors.NotFound:
+            # The domain went away between two calls (undefined meanwhile): look again.
+            return await self._observe(vm, user_data)
+
+    async def _observe(self, vm: VmView, user_data: str | None) -> Snapshot:
         guest = await self.hv.lookup(vm.uid)
         spec = vm.spec
         if spec is None:

@@ -127,7 +127,8 @@ def _changes(want: ObservedDomain, have: ObservedDomain) -> Iterator[Change]:
     yield from field("cpu.threads", want.threads, have.threads)
     if (want.sockets, want.cores, want.threads) == (have.sockets, have.cores, have.threads):
         yield from field("cpu.vcpus", want.vcpus, have.vcpus)
-    yield from field("cpu.model", want.cpu_model, have.cpu_model)
+    if want.cpu_model is not None:  # unset: whatever model the hypervisor filled in
+        yield from field("cpu.model", want.cpu_model, have.cpu_model)
     if not machine_matches(want.machine, have.machine):
         yield Change("machine", want.machine, have.machine, restart)
     yield from field("firmware.type", want.firmware, have.firmware)

@@ -1,0 +1,133 @@
+"""The virtfleet processes of the local system: one agent per node and the controller.
+
+They run as plain subprocesses of this machine (what a DaemonSet and a Deployment would
+run), with the admin kubeconfig, logs and pid files under ``<state_dir>/operators``.
+Tests kill and restart them (``kill``/``start_agent``) to prove crash safety.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from harness import nodes
+
+STOP_TIMEOUT_S = 30.0
+
+
+def _dir(state_dir: Path) -> Path:
+    path = state_dir / "operators"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def log_path(state_dir: Path, name: str) -> Path:
+    return _dir(state_dir) / f"{name}.log"
+
+
+def _pidfile(state_dir: Path, name: str) -> Path:
+    return _dir(state_dir) / f"{name}.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def pid_of(state_dir: Path, name: str) -> int | None:
+    path = _pidfile(state_dir, name)
+    if not path.exists():
+        return None
+    pid = int(path.read_text().strip() or 0)
+    return pid if pid and _alive(pid) else None
+
+
+def agent_argv(node: nodes.Node) -> list[str]:
+    return [
+        sys.executable, "-m", "virtfleet.cli", "agent",
+        "--node", node.name,
+        "--libvirt-uri", node.uri,
+        "--pool", nodes.LOCAL_POOL,
+        "--pool", nodes.SHARED_POOL,
+        "--serial-log-dir", node.serial_dir_in_node,
+        "--resync-seconds", "15",
+        "--heartbeat-seconds", "5",
+        "--log-format", "json",
+    ]  # fmt: skip
+
+
+def controller_argv() -> list[str]:
+    return [sys.executable, "-m", "virtfleet.cli", "controller", "--standalone"]
+
+
+def _spawn(state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, str]) -> int:
+    existing = pid_of(state_dir, name)
+    if existing is not None:
+        return existing
+    log = log_path(state_dir, name).open("ab")
+    process = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+        start_new_session=True,
+    )
+    _pidfile(state_dir, name).write_text(str(process.pid))
+    return process.pid
+
+
+def start_agent(state_dir: Path, env: Mapping[str, str], node: nodes.Node) -> int:
+    return _spawn(state_dir, f"agent-{node.name}", agent_argv(node), env)
+
+
+def start_controller(state_dir: Path, env: Mapping[str, str]) -> int:
+    return _spawn(state_dir, "controller", controller_argv(), env)
+
+
+def start(state_dir: Path, env: Mapping[str, str]) -> dict[str, int]:
+    """Start (or keep) the controller and an agent per node; returns name → pid."""
+    pids = {"controller": start_controller(state_dir, env)}
+    for node in nodes.nodes_from_env(dict(env)):
+        pids[f"agent-{node.name}"] = start_agent(state_dir, env, node)
+    return pids
+
+
+def kill(state_dir: Path, name: str, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to one process (SIGKILL: a crash) and wait until it is gone."""
+    pid = pid_of(state_dir, name)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    _pidfile(state_dir, name).unlink(missing_ok=True)
+
+
+def stop(state_dir: Path) -> None:
+    """Stop every virtfleet process of ``state_dir`` (SIGTERM, then SIGKILL); idempotent."""
+    folder = state_dir / "operators"
+    if not folder.exists():
+        return
+    for pidfile in folder.glob("*.pid"):
+        kill(state_dir, pidfile.stem, signal.SIGTERM)

@@ -1,0 +1,216 @@
+"""The node agent's loop: one level-triggered reconcile per VM, fed by every signal.
+
+kopf watch events, libvirt lifecycle events, a reconnect to libvirtd and a periodic
+resync all do the same thing: put the VM's key in a work queue. A worker then reads the
+latest object from the cache, observes the domain, asks :func:`virtfleet.reconcile.vm.decide`
+what to do, does it, and looks again until a pass decides nothing; the status of that
+pass is written if it differs from the stored one (DESIGN §3.2, §3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from virtfleet import manifests
+from virtfleet.agent.driver import ActionError, NodeDriver, Snapshot
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
+from virtfleet.hypervisor import DomainEvent, Hypervisor
+from virtfleet.identity import NODE_LABEL
+from virtfleet.logs import get_logger
+from virtfleet.reconcile.vm import Decision, EventNote, VmView, decide, failed
+from virtfleet.runtime.kube import KubeApi, NotFound
+from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.status import status_patch
+
+Key = tuple[str, str]  # (namespace, name)
+
+#: Decide-act passes in one reconcile before handing back to the queue.
+MAX_PASSES = 5
+COMPONENT = "virtfleet-agent"
+
+
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return str(meta["namespace"]), str(meta["name"])
+
+
+def _resource_version(body: Mapping[str, Any]) -> int:
+    raw = body.get("metadata", {}).get("resourceVersion", "0")
+    return int(raw) if str(raw).isdigit() else 0
+
+
+class Agent:
+    """Everything one node agent holds: cache, queue, driver and API access."""
+
+    def __init__(self, settings: AgentSettings, hv: Hypervisor, kube: KubeApi) -> None:
+        self.settings = settings
+        self.hv = hv
+        self.kube = kube
+        self.driver = NodeDriver(hv, settings)
+        self.queue: WorkQueue[Key] = WorkQueue(name="vms", workers=settings.workers)
+        self.cache: dict[Key, dict[str, Any]] = {}
+        self.by_uid: dict[str, Key] = {}
+        self.finalized: dict[Key, asyncio.Event] = {}
+        self.log = get_logger("virtfleet.agent", node=settings.node_name)
+
+    # --- signals → keys ---------------------------------------------------------------
+
+    def on_vm_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A watch event of a VM placed on this node (kopf ``on.event``; never retried)."""
+        key = key_of(body)
+        if event_type == "DELETED":
+            old = self.cache.pop(key, None)
+            if old is not None:
+                self.by_uid.pop(old["metadata"]["uid"], None)
+            self.queue.forget(key)
+            return
+        if body.get("metadata", {}).get("labels", {}).get(NODE_LABEL) != self.settings.node_name:
+            return
+        cached = self.cache.get(key)
+        if cached is not None and _resource_version(cached) > _resource_version(body):
+            return  # our own newer write is already cached; this event is older
+        self.cache[key] = dict(body)
+        self.by_uid[str(body["metadata"]["uid"])] = key
+        self.queue.add(key)
+
+    async def on_domain_event(self, event: DomainEvent) -> None:
+        key = self.by_uid.get(event.uuid)
+        if key is not None:
+            self.queue.add(key)
+
+    async def on_reconnect(self, reconnect: bool) -> None:
+        """Events were lost while disconnected: look at everything again."""
+        if reconnect:
+            self.log.info("libvirt reconnected; resyncing all VMs")
+        self.resync()
+
+    def resync(self) -> None:
+        for key in list(self.cache):
+            self.queue.add(key)
+
+    async def wait_finalized(self, key: Key, timeout: float) -> bool:
+        """For the kopf deletion handler: True once the VM's domain and volumes are gone."""
+        done = self.finalized.setdefault(key, asyncio.Event())
+        self.queue.add(key)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout)
+        return done.is_set()
+
+    # --- the reconcile ----------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        """One VM: decide and act until converged; returns when to look again."""
+        body = self.cache.get(key)
+        if body is None:
+            return None
+        view = await self._view(body)
+        log = self.log.bind(namespace=key[0], vm=key[1], uid=view.uid)
+        decision: Decision | None = None
+        for _ in range(MAX_PASSES):
+            try:
+                snap = await self.driver.observe(view, await self._user_data(view))
+            except ActionError as exc:
+                return await self._failed(body, view, exc)
+            decision = decide(view, snap.observed, datetime.now(UTC))
+            await self._events(body, decision.events)
+            view = VmView(**{**view.__dict__, "status": decision.status})
+            if not decision.actions:
+                break
+            log.info("acting", actions=[type(a).__name__ for a in decision.actions])
+            try:
+                await self._act(view, snap, decision)
+            except ActionError as exc:
+                return await self._failed(body, view, exc)
+            if decision.finalized:
+                self.finalized.setdefault(key, asyncio.Event()).set()
+                return None
+        assert decision is not None
+        await self._write_status(body, decision.status)
+        return decision.requeue_after if decision.actions == () else 0.5
+
+    async def _act(self, view: VmView, snap: Snapshot, decision: Decision) -> None:
+        for action in decision.actions:
+            await self.driver.execute(view, snap, action)
+
+    async def _view(self, body: Mapping[str, Any]) -> VmView:
+        meta = body["metadata"]
+        status = VirtualMachineStatus.model_validate(body.get("status") or {})
+        spec: VirtualMachineSpec | None = None
+        invalid: str | None = None
+        try:
+            spec = VirtualMachineSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            invalid = "; ".join(
+                f"spec.{manifests.field_path(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+        return VmView(
+            namespace=str(meta["namespace"]),
+            name=str(meta["name"]),
+            uid=str(meta["uid"]),
+            generation=int(meta.get("generation", 1)),
+            node=self.settings.node_name,
+            spec=spec,
+            status=status,
+            deleting=bool(meta.get("deletionTimestamp")),
+            invalid=invalid,
+        )
+
+    async def _user_data(self, view: VmView) -> str | None:
+        if view.spec is None or view.spec.cloud_init is None or view.deleting:
+            return None
+        ref = view.spec.cloud_init.user_data_secret_ref
+        if ref is None:
+            return None
+        try:
+            return (await self.kube.get_secret_key(view.namespace, ref.name, ref.key)).decode()
+        except NotFound as exc:
+            raise ActionError(
+                "SecretNotFound",
+                f"cloudInit.userDataSecretRef: secret {ref.name!r} or key {ref.key!r} not found",
+                permanent=False,
+            ) from exc
+
+    async def _failed(
+        self, body: Mapping[str, Any], view: VmView, exc: ActionError
+    ) -> float | None:
+        self.log.warning(
+            "reconcile failed",
+            namespace=view.namespace,
+            vm=view.name,
+            reason=exc.reason,
+            error=exc.message,
+            permanent=exc.permanent,
+        )
+        status = failed(
+            view, exc.reason, exc.message, permanent=exc.permanent, now=datetime.now(UTC)
+        )
+        await self._events(body, (EventNote("Warning", exc.reason, exc.message),))
+        await self._write_status(body, status)
+        # Permanent problems wait for a spec change (an update event); others retry.
+        return self.settings.resync_seconds if exc.permanent else 5.0
+
+    async def _write_status(self, body: Mapping[str, Any], status: VirtualMachineStatus) -> None:
+        new = status.to_wire()
+        patch = status_patch(body.get("status"), new)
+        if patch is None:
+            return
+        namespace, name = key_of(body)
+        try:
+            updated = await self.kube.patch_status("VirtualMachine", namespace, name, patch)
+        except NotFound:
+            return
+        key = (namespace, name)
+        if key in self.cache:
+            self.cache[key] = dict(updated)
+
+    async def _events(self, body: Mapping[str, Any], events: tuple[EventNote, ...]) -> None:
+        for note in events:
+            with contextlib.suppress(Exception):  # an Event is best effort, never a failure
+                await self.kube.record_event(body, note.type, note.reason, note.message, COMPONENT)

@@ -1,0 +1,132 @@
+"""kopf wiring of the node agent: thin handlers that only feed :class:`Agent`.
+
+kopf is used for what it is good at, watching and finalizers; handlers never decide.
+``on.event`` keeps the cache and enqueues (event handlers are not retried, DESIGN §6),
+``on.delete`` holds the node's own finalizer until the agent has cleaned up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from typing import Any
+
+import kopf
+
+from virtfleet.agent.agent import Agent, key_of
+from virtfleet.agent.host import heartbeat, sweep_orphans
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.vmhost import VMHostStatus
+from virtfleet.hypervisor import Hypervisor, HypervisorSettings
+from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
+from virtfleet.logs import get_logger
+from virtfleet.runtime.kube import KubeApi
+
+#: How long one run of the deletion handler waits before kopf retries it.
+DELETE_WAIT_SECONDS = 20.0
+
+
+def kopf_settings(settings: AgentSettings) -> kopf.OperatorSettings:
+    """Per-node finalizer and storage prefixes, so agents never strip each other's (§6)."""
+    ks = kopf.OperatorSettings()
+    prefix = f"agent-{settings.node_name}.{API_GROUP}"
+    ks.persistence.finalizer = settings.finalizer
+    ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    ks.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    ks.posting.enabled = False  # Events come from the agent itself, with its own reasons
+    return ks
+
+
+def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
+    """The agent's handlers on a registry of their own (importing has no side effects)."""
+    registry = kopf.OperatorRegistry()
+    on_node = {NODE_LABEL: settings.node_name}
+    log = get_logger("virtfleet.agent", node=settings.node_name)
+    holder: dict[str, Any] = {}
+
+    def agent() -> Agent:
+        return holder["agent"]  # type: ignore[no-any-return]
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A registry of our own has no default login handler: use the official client's.
+        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+        return info
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**_: Any) -> None:
+        hv = Hypervisor(HypervisorSettings(uri=settings.libvirt_uri))
+        the_agent = Agent(settings, hv, KubeApi())
+        holder["agent"] = the_agent
+        hv.on_event(the_agent.on_domain_event)
+        hv.on_reconnect(the_agent.on_reconnect)
+        await hv.open()
+        holder["tasks"] = [
+            asyncio.create_task(the_agent.queue.run(the_agent.reconcile), name="vm-queue"),
+            asyncio.create_task(_periodic(the_agent), name="node-periodic"),
+        ]
+        log.info("agent started", libvirt=settings.libvirt_uri)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        the_agent = holder.get("agent")
+        if the_agent is None:
+            return
+        await the_agent.queue.stop()
+        for task in holder.get("tasks", []):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await the_agent.hv.close()
+        await the_agent.kube.close()
+
+    @kopf.on.event(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)  # type: ignore[arg-type]
+    def vm_event(event: dict[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if isinstance(obj, dict):
+            agent().on_vm_event(event.get("type"), copy.deepcopy(obj))
+
+    @kopf.on.delete(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)
+    async def vm_delete(body: Any, **_: Any) -> None:
+        key = key_of(body)
+        if not await agent().wait_finalized(key, DELETE_WAIT_SECONDS):
+            raise kopf.TemporaryError("stopping the domain and removing its volumes", delay=1)
+
+    return registry
+
+
+async def _periodic(agent: Agent) -> None:
+    """Heartbeat every few seconds; resync and orphan sweep every ``resync_seconds``."""
+    log = agent.log
+    previous: VMHostStatus | None = None
+    loop = asyncio.get_running_loop()
+    next_resync = loop.time() + agent.settings.resync_seconds
+    while True:
+        try:
+            previous = await heartbeat(agent, previous)
+        except Exception as exc:  # a missed beat is retried at the next one
+            log.warning("heartbeat failed", error=str(exc))
+        if loop.time() >= next_resync:
+            next_resync = loop.time() + agent.settings.resync_seconds
+            agent.resync()
+            try:
+                removed = await sweep_orphans(agent)
+                if removed:
+                    log.warning("orphans removed", removed=removed)
+            except Exception as exc:
+                log.warning("orphan sweep failed", error=str(exc))
+        await asyncio.sleep(agent.settings.heartbeat_seconds)
+
+
+async def run(settings: AgentSettings, *, stop_flag: asyncio.Event | None = None) -> None:
+    """Run the agent until ``stop_flag`` (or a signal) stops it."""
+    await kopf.operator(
+        registry=build_registry(settings),
+        settings=kopf_settings(settings),
+        standalone=True,
+        clusterwide=True,
+        stop_flag=stop_flag,
+    )

@@ -1,0 +1,123 @@
+"""What the agent does for its node as a whole: the VMHost heartbeat and the orphan sweep."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from virtfleet.agent.agent import Agent
+from virtfleet.api.conditions import ConditionStatus, set_condition
+from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.vmhost import PoolStatus, VMHostStatus
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.hypervisor import storage
+from virtfleet.runtime.kube import NotFound
+
+_UID_PREFIX = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus:
+    """This node's VMHost status: capacity, use, versions, pools, images, heartbeat."""
+    facts = await agent.hv.host_facts()
+    pools = []
+    for name in (*agent.settings.pools, agent.settings.image_pool):
+        try:
+            info = await storage.pool_info(agent.hv, name)
+        except hv_errors.NotFound:
+            continue
+        pools.append(
+            PoolStatus(name=name, capacity_bytes=info.capacity, available_bytes=info.available)
+        )
+    try:
+        images = sorted(
+            v.name for v in await storage.list_volumes(agent.hv, agent.settings.image_pool)
+        )
+    except hv_errors.NotFound:
+        images = []
+    allocated = 0
+    for body in agent.cache.values():
+        try:
+            allocated += VirtualMachineSpec.model_validate(body.get("spec") or {}).memory.size.bytes
+        except ValueError:
+            continue
+    now = _ts(datetime.now(UTC))
+    conditions = set_condition(
+        previous.conditions if previous else [],
+        type="Ready",
+        status=ConditionStatus.TRUE,
+        reason="AgentRunning",
+        message=f"libvirt {facts.libvirt_version} answers at {agent.settings.libvirt_uri}",
+        now=now,
+    )
+    return VMHostStatus(
+        cpus=facts.cpus,
+        memory_bytes=facts.memory_bytes,
+        free_memory_bytes=facts.free_memory_bytes,
+        allocated_memory_bytes=allocated,
+        vm_count=len(agent.cache),
+        hypervisor=agent.settings.domain_type,
+        libvirt_version=facts.libvirt_version,
+        qemu_version=facts.hypervisor_version,
+        migration_uri=agent.settings.libvirt_uri,
+        heartbeat_time=now,
+        pools=pools,
+        images=images,
+        conditions=conditions,
+    )
+
+
+async def heartbeat(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus:
+    status = await host_status(agent, previous)
+    await agent.kube.upsert_vmhost_status(agent.settings.node_name, status.to_wire())
+    return status
+
+
+async def sweep_orphans(agent: Agent) -> list[str]:
+    """Remove domains and volumes virtfleet made for VMs that no longer exist.
+
+    Domains and volumes are listed *before* the VMs, so anything created for a VM after
+    the listing started belongs to a VM the listing sees; and a domain is only removed
+    after a direct read confirms its VM is gone (DESIGN §3.3). Domains without the
+    virtfleet owner marker are never listed, hence never touched.
+    """
+    owned = await agent.hv.list_owned()
+    volumes: list[tuple[str, str, str]] = []
+    for pool in agent.settings.pools:
+        try:
+            for volume in await storage.list_volumes(agent.hv, pool):
+                match = _UID_PREFIX.match(volume.name)
+                if match:
+                    volumes.append((pool, volume.name, match.group(1)))
+        except hv_errors.NotFound:
+            continue
+    live_uids = {str(vm["metadata"]["uid"]) for vm in await agent.kube.list("VirtualMachine")}
+
+    removed: list[str] = []
+    for item in owned:
+        uid = item.guest.uuid
+        if uid in live_uids:
+            continue
+        attributes: dict[str, Any] = dict(item.attributes)
+        namespace, name = attributes.get("namespace"), attributes.get("name")
+        if namespace and name:
+            try:
+                vm = await agent.kube.get("VirtualMachine", str(namespace), str(name))
+            except NotFound:
+                vm = None
+            if vm is not None and vm["metadata"]["uid"] == uid:
+                continue
+        await agent.hv.graceful_stop(item.guest, 0)
+        await item.guest.undefine()
+        agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid)
+        removed.append(f"domain/{item.guest.name}")
+    for pool, volume_name, uid in volumes:
+        if uid not in live_uids:
+            await storage.delete_volume(agent.hv, pool, volume_name)
+            agent.log.warning("removed orphan volume", pool=pool, volume=volume_name)
+            removed.append(f"volume/{pool}/{volume_name}")
+    return removed
