@@ -300,3 +300,22 @@ def test_agent_killed_during_create_and_delete(
     )
     wait_for(lambda: dom not in domains(node_a), 60, what="the domain to go")
     assert volumes(node_a, uid) == []
+
+
+def test_libvirtd_restart_keeps_guests_running(
+    system: Cluster, namespace: str, node_a: hn.Node
+) -> None:
+    system.apply(vm_manifest("steady", namespace, nodeName="node-a"))
+    wait_status(system, namespace, "steady", "Running")
+    dom = domain_name(namespace, "steady")
+    hn.wait_for_serial(node_a, dom, BOOT_MARKER, timeout=60)
+
+    hn.restart_libvirtd(node_a)
+    time.sleep(3)  # the agent notices, reconnects with backoff and resyncs
+    assert domains(node_a)[dom] == "running"
+    assert hn.serial_log(node_a, dom).count(BOOT_MARKER) == 1  # the guest was not restarted
+    assert vm(system, namespace, "steady")["status"]["printableStatus"] == "Running"
+
+    # Lifecycle events flow again after the reconnect: a destroy is healed.
+    virsh(node_a, "destroy", dom)
+    wait_for(lambda: domains(node_a).get(dom) == "running", 60, what="healed after reconnect")

@@ -444,13 +444,31 @@ def _supervise(node_root: str, shared_dir: str) -> None:
         nonlocal stopping
         stopping = True
 
+    restart_requested = False
+
+    def on_usr1(signum: int, frame: object) -> None:
+        nonlocal restart_requested
+        restart_requested = True
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
     virtlogd = subprocess.Popen(["virtlogd", "-p", "/run/virtlogd.pid"])
     libvirtd = subprocess.Popen(["libvirtd", "--listen", "-p", "/run/libvirtd.pid"])
     Path("/run/supervisor.pid").write_text(f"{os.getpid()}\n")
     daemons = {virtlogd.pid: "virtlogd", libvirtd.pid: "libvirtd"}
     while not stopping:
+        if restart_requested:
+            # SIGUSR1: restart libvirtd alone; running QEMUs are left alone, as in production.
+            restart_requested = False
+            print("supervisor: restarting libvirtd", flush=True)
+            del daemons[libvirtd.pid]
+            libvirtd.terminate()
+            deadline = time.monotonic() + 30
+            while libvirtd.pid not in _reap_any() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            libvirtd = subprocess.Popen(["libvirtd", "--listen", "-p", "/run/libvirtd.pid"])
+            daemons[libvirtd.pid] = "libvirtd"
         dead = _reap_any() & set(daemons)
         if dead:
             print(
@@ -758,6 +776,26 @@ def nodes_from_env(env: Mapping[str, str] | None = None) -> list[Node]:
         port = int(uri.rsplit(":", 1)[1].split("/", 1)[0])
         result.append(Node(name=n.name, uri=uri, port=port, root=n.root, shared_dir=n.shared_dir))
     return result
+
+
+def restart_libvirtd(node: Node, timeout: float = 30.0) -> None:
+    """Restart the node's libvirtd (not its guests) and wait until it answers again."""
+    import libvirt
+
+    pidfile = node.root / "run" / "supervisor.pid"
+    os.kill(int(pidfile.read_text().strip()), signal.SIGUSR1)
+    time.sleep(0.5)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = libvirt.open(node.uri)
+            conn.listAllDomains()
+            conn.close()
+            return
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise NodeError(f"libvirtd of {node.name} did not come back") from None
+            time.sleep(0.2)
 
 
 def serial_log(node: Node, domain_name: str) -> str:
