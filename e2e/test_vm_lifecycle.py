@@ -7,6 +7,7 @@ console, and ``virsh`` on the node.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -319,3 +320,28 @@ def test_libvirtd_restart_keeps_guests_running(
     # Lifecycle events flow again after the reconnect: a destroy is healed.
     virsh(node_a, "destroy", dom)
     wait_for(lambda: domains(node_a).get(dom) == "running", 60, what="healed after reconnect")
+
+
+def test_cloud_init_seed_is_attached(
+    system: Cluster, namespace: str, node_a: hn.Node, tmp_path: Any
+) -> None:
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "seed", "namespace": namespace},
+        "stringData": {"userdata": "#cloud-config\nhostname: from-secret\n"},
+    }
+    system.apply(secret)
+    cloud_init = {"userDataSecretRef": {"name": "seed"}, "networkData": "version: 2\n"}
+    system.apply(vm_manifest("seeded", namespace, nodeName="node-a", cloudInit=cloud_init))
+    obj = wait_status(system, namespace, "seeded", "Running")
+    uid = obj["metadata"]["uid"]
+    xml = virsh(node_a, "dumpxml", domain_name(namespace, "seeded"))
+    assert re.search(r"<disk type=.file. device=.cdrom.>", xml)
+    assert f"{uid}-cidata.iso" in xml
+    iso = tmp_path / "seed.iso"
+    virsh(node_a, "vol-download", "--pool", hn.LOCAL_POOL, f"{uid}-cidata.iso", str(iso))
+    data = iso.read_bytes()
+    assert data[0x8001:0x8006] == b"CD001"
+    assert b"hostname: from-secret" in data
+    assert uid.encode() in data  # meta-data instance-id
