@@ -110,42 +110,6 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_controller(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from virtfleet import logs
-    from virtfleet.controller.controller import Controller
-    from virtfleet.controller.settings import ControllerSettings
-    from virtfleet.runtime.kube import KubeApi
-
-    try:
-        settings = ControllerSettings(
-            retry_interval=args.retry_interval,
-            resync_interval=args.resync_interval,
-            heartbeat_timeout=args.heartbeat_timeout,
-            heartbeat_check_interval=args.heartbeat_check_interval,
-            overcommit=args.overcommit,
-            workers=args.workers,
-        )
-    except ValueError as exc:
-        print(f"virtfleet controller: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(args.log_format, args.log_level)
-
-    async def main() -> None:
-        controller = Controller(KubeApi(field_manager="virtfleet-controller"), settings)
-        await controller.run(
-            standalone=args.peering is None,
-            peering_name=args.peering,
-            namespaces=args.namespace or (),
-            log_format=args.log_format,
-            log_level=args.log_level,
-        )
-
-    asyncio.run(main())
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virtfleet",
@@ -203,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_cmd_agent)
+
+    from virtfleet.controller import command as controller_command
+
+    controller_command.add_parser(sub)
     return parser
 
 

@@ -71,7 +71,7 @@ class Agent:
                 self.by_uid.pop(old["metadata"]["uid"], None)
             self.queue.forget(key)
             return
-        if body.get("metadata", {}).get("labels", {}).get(NODE_LABEL) != self.settings.node_name:
+        if not self.is_mine(body):
             return
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
@@ -79,6 +79,13 @@ class Agent:
         self.cache[key] = dict(body)
         self.by_uid[str(body["metadata"]["uid"])] = key
         self.queue.add(key)
+
+    def is_mine(self, body: Mapping[str, Any]) -> bool:
+        """Placed here: the label says so and the placement in status does not disagree."""
+        node = self.settings.node_name
+        labelled = (body.get("metadata") or {}).get("labels", {}).get(NODE_LABEL)
+        placed = (body.get("status") or {}).get("nodeName")
+        return labelled == node and placed in (None, node)
 
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)

@@ -1,0 +1,70 @@
+"""The controller's in-memory view of the fleet, fed by kopf's watch events.
+
+Handlers only update this cache and enqueue keys; decisions read it. The controller
+also feeds it the objects its own writes return, so a placement is counted against a
+node's memory immediately, before the watch echoes it back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from virtfleet.controller.views import HostView, Key, NodeView, VmView
+
+
+def _is_older(candidate: str, current: str) -> bool:
+    """True when ``candidate`` is known to be older than ``current``.
+
+    resourceVersions are opaque by contract, but etcd-backed apiservers hand out
+    increasing integers; comparing them keeps a late watch event from rolling back what
+    our own write already returned. Anything non-numeric is treated as newer.
+    """
+    return candidate.isdigit() and current.isdigit() and int(candidate) < int(current)
+
+
+class FleetCache:
+    """VMs by (namespace, name), VMHosts and Nodes by name."""
+
+    def __init__(self) -> None:
+        self.vms: dict[Key, VmView] = {}
+        self.hosts: dict[str, HostView] = {}
+        self.nodes: dict[str, NodeView] = {}
+
+    def upsert_vm(self, body: Mapping[str, Any]) -> VmView | None:
+        """Store a VM body; ``None`` (and no change) when it is older than what is cached."""
+        view = VmView.from_body(body)
+        current = self.vms.get(view.key)
+        if current is not None and _is_older(view.resource_version, current.resource_version):
+            return None
+        self.vms[view.key] = view
+        return view
+
+    def remove_vm(self, key: Key) -> VmView | None:
+        return self.vms.pop(key, None)
+
+    def upsert_host(self, body: Mapping[str, Any]) -> HostView:
+        view = HostView.from_body(body)
+        self.hosts[view.name] = view
+        return view
+
+    def upsert_node(self, body: Mapping[str, Any]) -> NodeView:
+        view = NodeView.from_body(body)
+        self.nodes[view.name] = view
+        return view
+
+    def allocated(self) -> dict[str, int]:
+        """Memory (bytes) of the VMs placed on each node, deleting ones included
+        (their domains still hold the memory until the agent removes them)."""
+        totals: dict[str, int] = {}
+        for vm in self.vms.values():
+            node = vm.node_name
+            if node is not None:
+                totals[node] = totals.get(node, 0) + vm.memory_bytes
+        return totals
+
+    def unplaced(self) -> Iterator[VmView]:
+        return (vm for vm in self.vms.values() if vm.node_name is None and not vm.deleting)
+
+    def placed_on(self, node: str) -> Iterator[VmView]:
+        return (vm for vm in self.vms.values() if vm.node_name == node)

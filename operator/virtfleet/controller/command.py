@@ -1,0 +1,97 @@
+"""``virtfleet controller``: its arguments and its entry point (wired into ``virtfleet.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from virtfleet import logs
+from virtfleet.controller.settings import ControllerSettings
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    defaults = ControllerSettings()
+    parser = sub.add_parser(
+        "controller", help="run the controller: placement and node heartbeats (a kopf operator)"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--standalone", action="store_true", help="no kopf peering (the default)")
+    mode.add_argument(
+        "--peering", metavar="NAME", help="kopf peering object for an HA pair (needs its CRD)"
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        metavar="NS",
+        help="VM namespaces to serve, globs allowed (repeatable; default: all)",
+    )
+    seconds = {"type": float, "metavar": "SECONDS"}
+    parser.add_argument(
+        "--retry-interval",
+        default=defaults.retry_interval,
+        help="placement retry of unschedulable VMs",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--resync-interval",
+        default=defaults.resync_interval,
+        help="full pass over all VMs",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        default=defaults.heartbeat_timeout,
+        help="an agent silent this long makes its VMs Unknown",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--heartbeat-check-interval",
+        default=defaults.heartbeat_check_interval,
+        help="how often heartbeats are checked",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--overcommit",
+        type=float,
+        default=defaults.overcommit,
+        metavar="RATIO",
+        help="placeable memory = host memory x RATIO",
+    )
+    parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
+    parser.add_argument("--log-level", default="INFO")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from virtfleet.controller.controller import Controller
+    from virtfleet.runtime.kube import KubeApi
+
+    try:
+        settings = ControllerSettings(
+            retry_interval=args.retry_interval,
+            resync_interval=args.resync_interval,
+            heartbeat_timeout=args.heartbeat_timeout,
+            heartbeat_check_interval=args.heartbeat_check_interval,
+            overcommit=args.overcommit,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        print(f"virtfleet controller: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_format, args.log_level)
+
+    async def main() -> None:
+        controller = Controller(KubeApi(field_manager="virtfleet-controller"), settings)
+        await controller.run(
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            namespaces=args.namespace or (),
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,334 @@
+"""The controller process: watches feed a cache and a work queue; one reconcile decides.
+
+kopf is used only for what it is good at here — watching (with re-lists, bookmarks,
+peering) — through ``on.event`` handlers that update :class:`FleetCache` and enqueue
+keys. There are no create/update handlers, so kopf writes no annotations and no
+finalizers on VirtualMachines from the controller (DESIGN §6). The reconcile of one VM:
+
+1. unplaced and not being deleted → :func:`placement.place` under one lock (so rapid
+   placements see each other), then status first (``nodeName``, with a resourceVersion
+   precondition so two deciders cannot both place it), then the ``virtfleet.io/node``
+   label. A crash between the two writes is repaired on the next pass, which also fixes
+   any label that disagrees with ``status.nodeName``;
+2. placed → label repair, and ``Unknown`` when the node's agent stopped beating.
+
+The controller never writes ``spec`` (DESIGN §3.1) and writes status only when it
+changes (§3.4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from virtfleet.api.resources import VIRTUAL_MACHINE, VM_HOST
+from virtfleet.api.virtualmachine import PrintableStatus
+from virtfleet.controller import decisions
+from virtfleet.controller.cache import FleetCache
+from virtfleet.controller.placement import INVALID_SPEC, Placement, Unschedulable, place
+from virtfleet.controller.settings import ControllerSettings
+from virtfleet.controller.views import Key, VmView
+from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
+from virtfleet.logs import LogFormat, get_logger
+from virtfleet.runtime.kopfsettings import configure_kopf
+from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
+from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.status import status_patch
+
+IDENTITY = "controller"
+COMPONENT = "virtfleet-controller"
+#: Retry delay after losing a compare-and-swap: the watch brings the newer object soon.
+CONFLICT_RETRY = 1.0
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Controller:
+    """State and behaviour of one controller process (see the module doc)."""
+
+    def __init__(
+        self,
+        kube: KubeApi,
+        settings: ControllerSettings | None = None,
+        *,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings or ControllerSettings()
+        self.clock = clock
+        self.cache = FleetCache()
+        self.queue: WorkQueue[Key] = WorkQueue(name="vms", workers=self.settings.workers)
+        self._placing = asyncio.Lock()
+        self._log = get_logger("virtfleet.controller")
+
+    # --- intake (called from kopf's on.event handlers) ------------------------------------
+
+    def vm_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        if event_type == "DELETED":
+            gone = self.cache.remove_vm(key)
+            self.queue.forget(key)
+            if gone is not None and gone.node_name is not None:
+                self._enqueue_unplaced()  # its memory is free again
+            return
+        if self.cache.upsert_vm(body) is not None:
+            self.queue.add(key)
+
+    def host_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name") or "")
+        if event_type == "DELETED":
+            self.cache.hosts.pop(name, None)
+        else:
+            self.cache.upsert_host(body)
+        self._enqueue_unplaced()
+        for vm in self.cache.placed_on(name):
+            self.queue.add(vm.key)
+
+    def node_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name") or "")
+        if event_type == "DELETED":
+            self.cache.nodes.pop(name, None)
+        else:
+            old = self.cache.nodes.get(name)
+            new = self.cache.upsert_node(body)
+            if old == new:
+                return  # kubelet status churn: nothing placement reads changed
+        self._enqueue_unplaced()
+
+    def _enqueue_unplaced(self) -> None:
+        for vm in self.cache.unplaced():
+            self.queue.add(vm.key)
+
+    # --- periodic passes ------------------------------------------------------------------
+
+    def check_heartbeats(self) -> int:
+        """Enqueue placed VMs whose agent looks silent; returns how many."""
+        now = self.clock()
+        count = 0
+        for vm in self.cache.vms.values():
+            node = vm.node_name
+            if node is None or vm.deleting:
+                continue
+            if vm.status.get("printableStatus") == PrintableStatus.UNKNOWN.value:
+                continue  # already said; the full resync refreshes the message if needed
+            host = self.cache.hosts.get(node)
+            if host is None or not host.fresh(now, self.settings.heartbeat_timeout):
+                self.queue.add(vm.key)
+                count += 1
+        return count
+
+    def resync(self) -> None:
+        for key in list(self.cache.vms):
+            self.queue.add(key)
+
+    async def periodic(self) -> None:
+        """Heartbeat checks every few seconds, a full resync every ``resync_interval``."""
+        loop = asyncio.get_running_loop()
+        last_resync = loop.time()
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_check_interval)
+            self.check_heartbeats()
+            if loop.time() - last_resync >= self.settings.resync_interval:
+                last_resync = loop.time()
+                self.resync()
+
+    # --- reconcile ------------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        """Converge one VM; returns seconds until it should be looked at again, if ever."""
+        vm = self.cache.vms.get(key)
+        if vm is None or vm.deleting:
+            return None
+        log = self._log.bind(namespace=vm.namespace, vm=vm.name)
+        node = vm.node_name
+        if node is None:
+            return await self._schedule(key, log)
+        log = log.bind(node=node)
+        if vm.node_label != node:
+            await self._write_label(vm, node, log)
+        return await self._check_node(key, log)
+
+    async def _schedule(self, key: Key, log: Any) -> float | None:
+        async with self._placing:
+            vm = self.cache.vms.get(key)
+            if vm is None or vm.deleting or vm.node_name is not None:
+                return None  # changed while we waited for the lock
+            outcome: Placement | Unschedulable
+            if vm.request is None:
+                outcome = Unschedulable(INVALID_SPEC, vm.spec_error or "unreadable spec")
+            else:
+                outcome = place(
+                    vm.request,
+                    self.cache.allocated(),
+                    self.cache.hosts,
+                    self.cache.nodes,
+                    now=self.clock(),
+                    heartbeat_timeout=self.settings.heartbeat_timeout,
+                    overcommit=self.settings.overcommit,
+                )
+            old_status = vm.status
+            wanted = decisions.scheduling_status(vm, outcome)
+            try:
+                vm = await self._write_status(vm, wanted, precondition=True)
+            except Conflict:
+                log.debug("VM changed while deciding; retrying with the newer object")
+                return CONFLICT_RETRY
+            except NotFound:
+                return None
+        note = decisions.scheduling_note(old_status, outcome)
+        if isinstance(outcome, Placement):
+            log.info("placed", node=outcome.node, free_after=outcome.free_after_bytes)
+            await self._write_label(vm, outcome.node, log.bind(node=outcome.node))
+        else:
+            log.info("not placed", reason=outcome.reason, message=outcome.message)
+        if note is not None:
+            await self.kube.record_event(vm.body, note.type, note.reason, note.message, COMPONENT)
+        return None if isinstance(outcome, Placement) else self.settings.retry_interval
+
+    async def _check_node(self, key: Key, log: Any) -> float | None:
+        vm = self.cache.vms.get(key)
+        if vm is None or vm.node_name is None:
+            return None
+        now = self.clock()
+        wanted = decisions.unreachable_status(
+            vm,
+            self.cache.hosts.get(vm.node_name),
+            now=now,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            timestamp=_rfc3339(now),
+        )
+        if wanted is None:
+            return None
+        old = vm.status
+        try:
+            # Precondition: if the agent wrote meanwhile it is alive; re-decide then.
+            updated = await self._write_status(vm, wanted, precondition=True)
+        except Conflict:
+            return CONFLICT_RETRY
+        except NotFound:
+            return None
+        note = decisions.unreachable_note(old, wanted)
+        if updated is not vm and note is not None:
+            log.warning("node unreachable; VM marked Unknown", message=note.message)
+            await self.kube.record_event(
+                updated.body, note.type, note.reason, note.message, COMPONENT
+            )
+        return None
+
+    async def _write_status(
+        self, vm: VmView, wanted: Mapping[str, Any], *, precondition: bool
+    ) -> VmView:
+        """Write the difference between ``vm.status`` and ``wanted``; the cached view after."""
+        patch = status_patch(vm.status, wanted)
+        if patch is None:
+            return vm
+        body = await self.kube.patch_status(
+            VIRTUAL_MACHINE.kind,
+            vm.namespace,
+            vm.name,
+            patch,
+            resource_version=vm.resource_version if precondition else None,
+        )
+        return self.cache.upsert_vm(body) or VmView.from_body(body)
+
+    async def _write_label(self, vm: VmView, node: str, log: Any) -> None:
+        if vm.node_label == node:
+            return
+        try:
+            body = await self.kube.patch_metadata(
+                VIRTUAL_MACHINE.kind, vm.namespace, vm.name, labels={NODE_LABEL: node}
+            )
+        except NotFound:
+            return
+        self.cache.upsert_vm(body)
+        log.info("node label set", was=vm.node_label)
+
+    # --- kopf wiring ------------------------------------------------------------------------
+
+    def registry(
+        self, *, log_format: LogFormat = "auto", log_level: str = "INFO"
+    ) -> kopf.OperatorRegistry:
+        """A fresh kopf registry with this controller's handlers (no global side effects)."""
+        registry = kopf.OperatorRegistry()
+
+        @kopf.on.login(registry=registry)
+        def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+            # A registry of our own has no default login handler: use the official client's
+            # (KUBECONFIG or the in-cluster service account, as KubeApi does).
+            info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
+            return info
+
+        @kopf.on.startup(registry=registry)
+        async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+            configure_kopf(
+                settings,
+                identity=IDENTITY,
+                finalizer=None,
+                log_format=log_format,
+                log_level=log_level,
+            )
+            # kopf logs every successful on.event call at INFO: one line per heartbeat.
+            logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+        @kopf.on.event(API_GROUP, API_VERSION, VIRTUAL_MACHINE.plural, registry=registry)
+        async def _vm(event: Mapping[str, Any], **_: Any) -> None:
+            self.vm_event(event.get("type"), event["object"])
+
+        @kopf.on.event(API_GROUP, API_VERSION, VM_HOST.plural, registry=registry)
+        async def _host(event: Mapping[str, Any], **_: Any) -> None:
+            self.host_event(event.get("type"), event["object"])
+
+        @kopf.on.event("v1", "nodes", registry=registry)
+        async def _node(event: Mapping[str, Any], **_: Any) -> None:
+            self.node_event(event.get("type"), event["object"])
+
+        return registry
+
+    async def run(
+        self,
+        *,
+        standalone: bool = True,
+        peering_name: str | None = None,
+        namespaces: Collection[str] = (),
+        stop_flag: asyncio.Event | None = None,
+        log_format: LogFormat = "auto",
+        log_level: str = "INFO",
+    ) -> None:
+        """Run kopf, the work queue and the periodic passes until kopf exits."""
+        background = [
+            asyncio.create_task(self.queue.run(self.reconcile), name="controller-queue"),
+            asyncio.create_task(self.periodic(), name="controller-periodic"),
+        ]
+        try:
+            await kopf.operator(
+                registry=self.registry(log_format=log_format, log_level=log_level),
+                standalone=standalone if peering_name is None else False,
+                peering_name=peering_name,
+                clusterwide=not namespaces,
+                namespaces=list(namespaces),
+                stop_flag=stop_flag,
+            )
+        finally:
+            await self.queue.stop()
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.kube.close()
+            logging.getLogger("virtfleet.controller").info("controller stopped")

@@ -1,0 +1,172 @@
+"""What the controller writes into a VM's status: pure functions, no I/O.
+
+The controller owns a VM's status only until its agent takes over, plus one override:
+
+* unplaced: ``printableStatus: Scheduling`` and why it waits (``Ready=False`` with the
+  placement reason; ``Stalled=True`` when waiting will not help, ``Reconciling=True``
+  otherwise);
+* just placed: ``nodeName``, and ``Starting`` (or ``Stopped`` for run strategies that
+  do not start on their own) with ``Ready=False/WaitingForAgent`` — the controller has
+  decided, nothing runs yet, and the agent overwrites all of it on its first pass;
+* placed on a node whose agent went silent: ``Unknown`` with ``Ready=Unknown/NodeUnreachable``
+  (the agent overwrites it when it comes back).
+
+Each function returns the *whole* wanted status (the stored one with the controller's
+fields changed); the caller writes only the difference (``runtime.status.status_patch``),
+so fields owned by the agent are never rewritten and an unchanged decision writes nothing.
+Messages are stable (no "N seconds ago") for the same reason.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from virtfleet.api.conditions import (
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    remove_condition,
+    set_condition,
+)
+from virtfleet.api.virtualmachine import PrintableStatus, RunStrategy
+from virtfleet.controller.placement import Placement, Unschedulable, stale_heartbeat
+from virtfleet.controller.views import HostView, VmView
+
+WAITING_FOR_AGENT = "WaitingForAgent"
+NODE_UNREACHABLE = "NodeUnreachable"
+SCHEDULED = "Scheduled"
+
+#: Run strategies whose VM starts by itself once placed.
+_STARTS = {RunStrategy.ALWAYS.value, RunStrategy.RERUN_ON_FAILURE.value, RunStrategy.ONCE.value}
+
+
+@dataclass(frozen=True)
+class Note:
+    """A Kubernetes Event the controller records about a VM."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def read_conditions(status: Mapping[str, Any]) -> list[Condition]:
+    """The stored conditions; entries that do not parse are dropped (and thus rewritten)."""
+    out: list[Condition] = []
+    for raw in status.get("conditions") or ():
+        try:
+            out.append(Condition.model_validate(raw))
+        except ValidationError:
+            continue
+    return out
+
+
+def write_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]
+
+
+def scheduling_status(
+    vm: VmView, outcome: Placement | Unschedulable, *, now: str | None = None
+) -> dict[str, Any]:
+    """The status of an unplaced VM after a placement attempt (see the module doc)."""
+    status = copy.deepcopy(dict(vm.status))
+    conditions = read_conditions(status)
+    gen = vm.generation
+
+    def put(type: str, value: ConditionStatus, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions,
+            type=type,
+            status=value,
+            reason=reason,
+            message=message,
+            observed_generation=gen,
+            now=now,
+        )
+
+    if isinstance(outcome, Placement):
+        status["nodeName"] = outcome.node
+        starts = vm.run_strategy in _STARTS
+        status["printableStatus"] = (
+            PrintableStatus.STARTING.value if starts else PrintableStatus.STOPPED.value
+        )
+        message = f"placed on {outcome.node}; waiting for its agent"
+        put(ConditionType.READY, ConditionStatus.FALSE, WAITING_FOR_AGENT, message)
+        put(ConditionType.RECONCILING, ConditionStatus.TRUE, WAITING_FOR_AGENT, message)
+        conditions = remove_condition(conditions, ConditionType.STALLED)
+    else:
+        status.pop("nodeName", None)
+        status["printableStatus"] = PrintableStatus.SCHEDULING.value
+        put(ConditionType.READY, ConditionStatus.FALSE, outcome.reason, outcome.message)
+        if outcome.stalled:
+            put(ConditionType.STALLED, ConditionStatus.TRUE, outcome.reason, outcome.message)
+            conditions = remove_condition(conditions, ConditionType.RECONCILING)
+        else:
+            put(ConditionType.RECONCILING, ConditionStatus.TRUE, outcome.reason, outcome.message)
+            conditions = remove_condition(conditions, ConditionType.STALLED)
+    status["conditions"] = write_conditions(conditions)
+    return status
+
+
+def scheduling_note(
+    old_status: Mapping[str, Any], outcome: Placement | Unschedulable
+) -> Note | None:
+    """An Event for a placement, or for a *new* reason not to place (not every retry)."""
+    if isinstance(outcome, Placement):
+        return Note("Normal", SCHEDULED, f"placed on {outcome.node}")
+    ready = next((c for c in read_conditions(old_status) if c.type == ConditionType.READY), None)
+    if ready is not None and ready.reason == outcome.reason:
+        return None
+    return Note("Warning", outcome.reason, outcome.message)
+
+
+def unreachable_status(
+    vm: VmView,
+    host: HostView | None,
+    *,
+    now: datetime,
+    heartbeat_timeout: float,
+    timestamp: str | None = None,
+) -> dict[str, Any] | None:
+    """The status of a placed VM whose agent is silent; ``None`` while the agent is alive.
+
+    ``None`` also means "leave it": the controller never marks a VM healthy again,
+    that is the agent's word (it knows whether the domain survived).
+    """
+    node = vm.node_name
+    if node is None:
+        return None
+    if host is not None and host.fresh(now, heartbeat_timeout):
+        return None
+    why = (
+        "its VMHost does not exist"
+        if host is None
+        else f"{stale_heartbeat(host)} (timeout {heartbeat_timeout:g}s)"
+    )
+    message = f"node {node} is unreachable: {why}"
+    status = copy.deepcopy(dict(vm.status))
+    status["printableStatus"] = PrintableStatus.UNKNOWN.value
+    conditions = set_condition(
+        read_conditions(status),
+        type=ConditionType.READY,
+        status=ConditionStatus.UNKNOWN,
+        reason=NODE_UNREACHABLE,
+        message=message,
+        observed_generation=vm.generation,
+        now=timestamp,
+    )
+    status["conditions"] = write_conditions(conditions)
+    return status
+
+
+def unreachable_note(old_status: Mapping[str, Any], new_status: Mapping[str, Any]) -> Note | None:
+    if old_status.get("printableStatus") == PrintableStatus.UNKNOWN.value:
+        return None
+    ready = next((c for c in read_conditions(new_status) if c.type == ConditionType.READY), None)
+    return Note("Warning", NODE_UNREACHABLE, ready.message if ready else NODE_UNREACHABLE)

@@ -1,0 +1,41 @@
+"""The controller's tunables, in one documented, immutable place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """How the controller paces itself and how generous placement is.
+
+    Frozen so every part of a running controller sees the same values.
+    """
+
+    #: Seconds between placement retries of a VM that fits nowhere. VMHost and Node
+    #: changes retry at once anyway; this catches what no event announces.
+    retry_interval: float = 30.0
+    #: Seconds between full passes over every cached VM (repairs what a lost event or
+    #: a crash left behind; costs no API calls when nothing changed).
+    resync_interval: float = 300.0
+    #: A VMHost whose ``status.heartbeatTime`` is older than this is not trusted: no
+    #: placements on it, and its VMs are marked ``Unknown``. Agents beat every ~10 s.
+    heartbeat_timeout: float = 40.0
+    #: How often heartbeats are checked for staleness (only the in-memory cache is read).
+    heartbeat_check_interval: float = 5.0
+    #: Placeable memory = ``VMHost.status.memoryBytes * overcommit`` (1.0: none).
+    overcommit: float = 1.0
+    #: Concurrent reconciles. Placement decisions are serialised regardless, so that
+    #: rapid placements see each other.
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("retry_interval", "resync_interval", "heartbeat_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.heartbeat_check_interval <= 0:
+            raise ValueError("heartbeat_check_interval must be positive")
+        if self.overcommit <= 0:
+            raise ValueError("overcommit must be positive")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")

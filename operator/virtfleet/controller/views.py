@@ -1,0 +1,175 @@
+"""What the controller reads from VirtualMachine, VMHost and Node objects.
+
+Raw bodies are reduced to small frozen views once, when they enter the cache, so the
+pure decision functions take plain values and tests build them without a cluster.
+Parsing is lenient: a field the controller does not need never stops it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from virtfleet.api.conditions import ConditionStatus, ConditionType
+from virtfleet.api.quantity import Quantity, QuantityError
+from virtfleet.identity import NODE_LABEL
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def parse_time(value: object) -> datetime | None:
+    """An RFC 3339 timestamp as an aware datetime; ``None`` when absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """What placement needs from a VM's spec."""
+
+    memory_bytes: int
+    memory_text: str
+    node_name: str | None = None
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmView:
+    """One cached VirtualMachine."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    resource_version: str
+    labels: Mapping[str, str]
+    deleting: bool
+    run_strategy: str
+    #: ``None`` when the spec cannot be read (then ``spec_error`` says why).
+    request: VmRequest | None
+    spec_error: str | None
+    status: Mapping[str, Any]
+    body: Mapping[str, Any]
+
+    @property
+    def key(self) -> Key:
+        return (self.namespace, self.name)
+
+    @property
+    def node_name(self) -> str | None:
+        """Where the VM is placed: ``status.nodeName`` is the record (the label follows)."""
+        node = self.status.get("nodeName")
+        return node if isinstance(node, str) and node else None
+
+    @property
+    def node_label(self) -> str | None:
+        return self.labels.get(NODE_LABEL)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.request.memory_bytes if self.request else 0
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> VmView:
+        meta = body.get("metadata") or {}
+        spec = body.get("spec") or {}
+        request, error = _request(spec)
+        return cls(
+            namespace=str(meta.get("namespace") or ""),
+            name=str(meta.get("name") or ""),
+            uid=str(meta.get("uid") or ""),
+            generation=int(meta.get("generation") or 0),
+            resource_version=str(meta.get("resourceVersion") or ""),
+            labels=dict(meta.get("labels") or {}),
+            deleting=bool(meta.get("deletionTimestamp")),
+            run_strategy=str(spec.get("runStrategy") or "Always"),
+            request=request,
+            spec_error=error,
+            status=dict(body.get("status") or {}),
+            body=body,
+        )
+
+
+def _request(spec: Mapping[str, Any]) -> tuple[VmRequest | None, str | None]:
+    size = (spec.get("memory") or {}).get("size")
+    if size is None:
+        return None, "spec.memory.size is missing"
+    try:
+        quantity = Quantity(size)
+    except QuantityError as exc:
+        return None, f"spec.memory.size: {exc}"
+    selector = spec.get("nodeSelector") or {}
+    if not isinstance(selector, Mapping):
+        return None, "spec.nodeSelector must be a map of labels"
+    pin = spec.get("nodeName")
+    return (
+        VmRequest(
+            memory_bytes=quantity.bytes,
+            memory_text=quantity.text,
+            node_name=str(pin) if pin else None,
+            node_selector={str(k): str(v) for k, v in selector.items()},
+        ),
+        None,
+    )
+
+
+@dataclass(frozen=True)
+class HostView:
+    """One cached VMHost (written by the agent of the node with the same name)."""
+
+    name: str
+    ready: bool
+    ready_reason: str
+    heartbeat: datetime | None
+    memory_bytes: int | None
+
+    def heartbeat_age(self, now: datetime) -> float | None:
+        return None if self.heartbeat is None else (now - self.heartbeat).total_seconds()
+
+    def fresh(self, now: datetime, timeout: float) -> bool:
+        age = self.heartbeat_age(now)
+        return age is not None and age <= timeout
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> HostView:
+        status = body.get("status") or {}
+        ready = next(
+            (
+                c
+                for c in status.get("conditions") or ()
+                if isinstance(c, Mapping) and c.get("type") == ConditionType.READY
+            ),
+            None,
+        )
+        memory = status.get("memoryBytes")
+        return cls(
+            name=str((body.get("metadata") or {}).get("name") or ""),
+            ready=bool(ready and ready.get("status") == ConditionStatus.TRUE),
+            ready_reason=str((ready or {}).get("reason") or "NoReadyCondition"),
+            heartbeat=parse_time(status.get("heartbeatTime")),
+            memory_bytes=int(memory) if isinstance(memory, int) and memory >= 0 else None,
+        )
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One cached Node: its labels (for nodeSelector) and whether it is cordoned."""
+
+    name: str
+    labels: Mapping[str, str]
+    unschedulable: bool = False
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> NodeView:
+        meta = body.get("metadata") or {}
+        return cls(
+            name=str(meta.get("name") or ""),
+            labels=dict(meta.get("labels") or {}),
+            unschedulable=bool((body.get("spec") or {}).get("unschedulable")),
+        )

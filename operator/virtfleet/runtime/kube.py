@@ -1,0 +1,532 @@
+"""A thin async client for the few Kubernetes calls virtfleet makes outside kopf.
+
+kopf owns the watches; everything the operators *write* (status, labels, Events,
+VMHost) goes through here. It wraps the official ``kubernetes`` client, whose calls
+block, so they run in a small dedicated thread pool (never kopf's executor, never the
+event loop). Every call is one REST request on a generic path, so custom and core
+kinds share one code path, and errors arrive as a small hierarchy the reconcilers can
+act on (:class:`NotFound`, :class:`Conflict`, :class:`Forbidden`, :class:`Invalid`,
+:class:`ApiUnavailable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import functools
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote, urlencode
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+
+from virtfleet.api.resources import KINDS, Kind
+from virtfleet.identity import API_GROUP, API_VERSION
+from virtfleet.logs import get_logger
+
+T = TypeVar("T")
+
+_log = get_logger("virtfleet.runtime.kube")
+
+#: Namespace of Events about cluster-scoped objects (where kubectl describe looks).
+DEFAULT_EVENT_NAMESPACE = "default"
+EventType = Literal["Normal", "Warning"]
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+class KubeError(Exception):
+    """A failed API call; ``status`` is the HTTP status (0 when none came back)."""
+
+    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class NotFound(KubeError):  # noqa: N818 - Kubernetes' own names
+    """404: the object (or its namespace) does not exist."""
+
+
+class Conflict(KubeError):  # noqa: N818 - Kubernetes' own names
+    """409: a resourceVersion precondition failed, or the object already exists."""
+
+
+class Forbidden(KubeError):  # noqa: N818 - Kubernetes' own names
+    """401/403: RBAC does not allow it; retrying will not help until RBAC changes."""
+
+
+class Invalid(KubeError):  # noqa: N818 - Kubernetes' own names
+    """400/422: the apiserver refused the content (schema, CEL, immutable field)."""
+
+
+class ApiUnavailable(KubeError):  # noqa: N818 - Kubernetes' own names
+    """5xx, 429, timeouts, refused connections: transient, retry with backoff."""
+
+
+def _error_from_status(status: int, body: bytes | str | None, what: str) -> KubeError:
+    message, reason = what, ""
+    if body:
+        try:
+            parsed = json.loads(body)
+            message = f"{what}: {parsed.get('message') or parsed}"
+            reason = str(parsed.get("reason") or "")
+        except (ValueError, AttributeError):
+            text = body.decode(errors="replace") if isinstance(body, bytes) else body
+            message = f"{what}: {text[:500]}"
+    cls: type[KubeError]
+    if status == 404:
+        cls = NotFound
+    elif status == 409:
+        cls = Conflict
+    elif status in (401, 403):
+        cls = Forbidden
+    elif status in (400, 422):
+        cls = Invalid
+    elif status == 429 or status >= 500 or status == 0:
+        cls = ApiUnavailable
+    else:
+        cls = KubeError
+    return cls(message, status=status, reason=reason)
+
+
+# --- kinds ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiKind:
+    """Where a kind lives in the REST API."""
+
+    kind: str
+    group: str
+    version: str
+    plural: str
+    namespaced: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace is not None:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{quote(name, safe='')}"
+        return base
+
+    @classmethod
+    def from_kind(cls, kind: Kind) -> ApiKind:
+        return cls(kind.kind, API_GROUP, API_VERSION, kind.plural, kind.namespaced)
+
+
+CORE_KINDS = (
+    ApiKind("Node", "", "v1", "nodes", namespaced=False),
+    ApiKind("Namespace", "", "v1", "namespaces", namespaced=False),
+    ApiKind("Secret", "", "v1", "secrets", namespaced=True),
+    ApiKind("Event", "", "v1", "events", namespaced=True),
+)
+API_KINDS: dict[str, ApiKind] = {
+    **{k.kind: k for k in CORE_KINDS},
+    **{k.kind: ApiKind.from_kind(k) for k in KINDS},
+}
+
+KindLike = str | Kind | ApiKind
+
+
+def api_kind(kind: KindLike) -> ApiKind:
+    """Resolve a kind name (``"VirtualMachine"``, ``"Node"``) or model to its REST location."""
+    if isinstance(kind, ApiKind):
+        return kind
+    if isinstance(kind, Kind):
+        return ApiKind.from_kind(kind)
+    try:
+        return API_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(sorted(API_KINDS))}") from None
+
+
+def object_ref(obj: Mapping[str, Any]) -> dict[str, str]:
+    """An ``ObjectReference`` for an object body (or a reference, returned as is)."""
+    if "metadata" not in obj:
+        return {k: str(v) for k, v in obj.items() if v is not None}
+    meta = obj["metadata"]
+    ref = {
+        "apiVersion": str(obj.get("apiVersion", "")),
+        "kind": str(obj.get("kind", "")),
+        "name": str(meta.get("name", "")),
+        "namespace": str(meta.get("namespace") or ""),
+        "uid": str(meta.get("uid") or ""),
+    }
+    return {k: v for k, v in ref.items() if v}
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+def load_configuration() -> k8s_client.Configuration:
+    """KUBECONFIG (or ~/.kube/config) when present, otherwise the in-cluster service account.
+
+    An explicit KUBECONFIG wins even inside a pod, so a developer can point a local
+    process anywhere; a pod without one uses its service account, like kopf does.
+    """
+    configuration = k8s_client.Configuration()
+    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if kubeconfig or not in_cluster:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig or None, client_configuration=configuration
+        )
+    else:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return configuration
+
+
+# --- the client -----------------------------------------------------------------------
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class KubeApi:
+    """Async facade over the official client (see the module doc for the why)."""
+
+    def __init__(
+        self,
+        configuration: k8s_client.Configuration | None = None,
+        *,
+        max_workers: int = 8,
+        request_timeout: float = 30.0,
+        field_manager: str = "virtfleet",
+        event_cache_size: int = 4096,
+    ) -> None:
+        self._configuration = configuration or load_configuration()
+        self._configuration.connection_pool_maxsize = max(
+            self._configuration.connection_pool_maxsize or 0, max_workers
+        )
+        self._client = k8s_client.ApiClient(self._configuration)
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
+        self._timeout = request_timeout
+        self.field_manager = field_manager
+        # Event aggregation: (namespace, event name) → count, like client-go's correlator.
+        self._events: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._event_cache_size = event_cache_size
+        self._event_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._client.close)
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> KubeApi:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- transport ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        what: str = "",
+    ) -> Any:
+        """One REST call; returns the decoded JSON body or raises a :class:`KubeError`."""
+        url = path
+        params = {k: v for k, v in (query or {}).items() if v is not None}
+        if method in ("PATCH", "POST", "PUT"):
+            params.setdefault("fieldManager", self.field_manager)
+        if params:
+            url += "?" + urlencode(params)
+        what = what or f"{method} {path}"
+        return await self._run(
+            functools.partial(self._request_sync, method, url, body, content_type, what)
+        )
+
+    def _request_sync(self, method: str, url: str, body: Any, content_type: str, what: str) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        serialized = self._client.param_serialize(
+            method=method,
+            resource_path=url,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._client.call_api(*serialized, _request_timeout=self._timeout)
+            data = response.read()  # type: ignore[no-untyped-call]
+        except k8s_client.ApiException as exc:
+            raise _error_from_status(exc.status or 0, exc.body, what) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiUnavailable(f"{what}: {exc}") from exc
+        if not 200 <= response.status < 300:
+            raise _error_from_status(response.status, data, what)
+        return json.loads(data) if data else None
+
+    # --- generic objects -----------------------------------------------------------------
+
+    async def get(self, kind: KindLike, namespace: str | None, name: str) -> dict[str, Any]:
+        ak = api_kind(kind)
+        result: dict[str, Any] = await self.request(
+            "GET", ak.path(namespace, name), what=f"get {ak.kind} {_nsname(namespace, name)}"
+        )
+        return result
+
+    async def list(
+        self,
+        kind: KindLike,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """All objects of ``kind`` (in ``namespace``, or everywhere), following pagination."""
+        ak = api_kind(kind)
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            query = {
+                "labelSelector": label_selector,
+                "fieldSelector": field_selector,
+                "limit": "500",
+                "continue": token,
+            }
+            page = await self.request(
+                "GET",
+                ak.path(namespace),
+                query={k: v for k, v in query.items() if v},
+                what=f"list {ak.plural}",
+            )
+            for item in page.get("items", []):
+                item.setdefault("apiVersion", ak.api_version)
+                item.setdefault("kind", ak.kind)
+                items.append(item)
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
+
+    async def create(self, kind: KindLike, body: Mapping[str, Any]) -> dict[str, Any]:
+        ak = api_kind(kind)
+        namespace = body.get("metadata", {}).get("namespace")
+        result: dict[str, Any] = await self.request(
+            "POST",
+            ak.path(namespace),
+            body={"apiVersion": ak.api_version, "kind": ak.kind, **body},
+            what=f"create {ak.kind} {_nsname(namespace, body.get('metadata', {}).get('name'))}",
+        )
+        return result
+
+    async def delete(self, kind: KindLike, namespace: str | None, name: str) -> None:
+        ak = api_kind(kind)
+        await self.request(
+            "DELETE", ak.path(namespace, name), what=f"delete {ak.kind} {_nsname(namespace, name)}"
+        )
+
+    async def patch(
+        self,
+        kind: KindLike,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386); ``None`` values delete keys."""
+        ak = api_kind(kind)
+        path = ak.path(namespace, name) + (f"/{subresource}" if subresource else "")
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            path,
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+            what=f"patch {ak.kind} {_nsname(namespace, name)}"
+            + (f" {subresource}" if subresource else ""),
+        )
+        return result
+
+    async def patch_status(
+        self,
+        kind: KindLike,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Merge-patch the status subresource with ``{"status": patch}``.
+
+        ``resource_version`` turns the write into a compare-and-swap (409 → :class:`Conflict`
+        when the object changed since it was read), for decisions that must not race.
+        """
+        body: dict[str, Any] = {"status": dict(patch)}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return await self.patch(kind, namespace, name, body, subresource="status")
+
+    async def patch_metadata(
+        self,
+        kind: KindLike,
+        namespace: str | None,
+        name: str,
+        *,
+        labels: Mapping[str, str | None] | None = None,
+        annotations: Mapping[str, str | None] | None = None,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Merge-patch labels/annotations; a ``None`` value deletes that key."""
+        metadata: dict[str, Any] = {}
+        if labels:
+            metadata["labels"] = dict(labels)
+        if annotations:
+            metadata["annotations"] = dict(annotations)
+        if resource_version is not None:
+            metadata["resourceVersion"] = resource_version
+        return await self.patch(kind, namespace, name, {"metadata": metadata})
+
+    # --- VMHost --------------------------------------------------------------------------
+
+    async def upsert_vmhost_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``status`` into VMHost ``name``, creating the (cluster-scoped) object first
+        if it is missing. One request in the steady state; two or three on first start."""
+        try:
+            return await self.patch_status("VMHost", None, name, status)
+        except NotFound:
+            pass
+        with contextlib.suppress(Conflict):  # created concurrently: fine, it exists now
+            await self.create("VMHost", {"metadata": {"name": name}, "spec": {}})
+        return await self.patch_status("VMHost", None, name, status)
+
+    # --- core helpers --------------------------------------------------------------------
+
+    async def get_secret_key(self, namespace: str, name: str, key: str) -> bytes:
+        """The decoded value of ``key`` in Secret ``namespace/name``."""
+        secret = await self.get("Secret", namespace, name)
+        if key in (secret.get("data") or {}):
+            return base64.b64decode(secret["data"][key])
+        if key in (secret.get("stringData") or {}):  # never stored, but harmless
+            return str(secret["stringData"][key]).encode()
+        raise NotFound(f"Secret {namespace}/{name} has no key {key!r}", status=404)
+
+    async def list_nodes(self, label_selector: str | None = None) -> builtins.list[dict[str, Any]]:
+        return await self.list("Node", label_selector=label_selector)
+
+    async def get_node(self, name: str) -> dict[str, Any]:
+        return await self.get("Node", None, name)
+
+    # --- Events --------------------------------------------------------------------------
+
+    async def record_event(
+        self,
+        obj_ref: Mapping[str, Any],
+        type: str,
+        reason: str,
+        message: str,
+        component: str,
+    ) -> None:
+        """Record a core/v1 Event about ``obj_ref`` (an object body or an ObjectReference).
+
+        Repeats aggregate the way client-go's EventRecorder does: the same object, type,
+        reason, message and component bump ``count`` and ``lastTimestamp`` of one Event
+        instead of creating another. The Event's name is derived from those fields, so
+        the aggregation also survives a restart (a create that finds it existing bumps it).
+        Events are best effort: a failure is logged, never raised.
+        """
+        ref = object_ref(obj_ref)
+        namespace = ref.get("namespace") or DEFAULT_EVENT_NAMESPACE
+        digest = hashlib.sha256(
+            "\x00".join(
+                (
+                    ref.get("uid", ""),
+                    ref.get("kind", ""),
+                    ref.get("name", ""),
+                    type,
+                    reason,
+                    message,
+                    component,
+                )
+            ).encode()
+        ).hexdigest()[:16]
+        name = f"{ref.get('name', 'object')[:200]}.{digest}"
+        key = (namespace, name)
+        lock = self._event_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                await self._record_event(key, ref, type, reason, message, component)
+        except KubeError as exc:
+            _log.warning("could not record an event", reason=reason, error=str(exc))
+        finally:
+            if not lock.locked() and len(self._event_locks) > self._event_cache_size:
+                self._event_locks.pop(key, None)
+
+    async def _record_event(
+        self,
+        key: tuple[str, str],
+        ref: dict[str, str],
+        type: str,
+        reason: str,
+        message: str,
+        component: str,
+    ) -> None:
+        namespace, name = key
+        now = _utcnow()
+        count = self._events.get(key)
+        if count is not None:
+            try:
+                await self.patch(
+                    "Event", namespace, name, {"count": count + 1, "lastTimestamp": now}
+                )
+                self._remember_event(key, count + 1)
+                return
+            except NotFound:
+                pass  # expired (events have a TTL): start a new one
+        event = {
+            "metadata": {"name": name, "namespace": namespace},
+            "involvedObject": ref,
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", component)[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.create("Event", event)
+            self._remember_event(key, 1)
+        except Conflict:
+            existing = await self.get("Event", namespace, name)
+            count = int(existing.get("count") or 1) + 1
+            await self.patch("Event", namespace, name, {"count": count, "lastTimestamp": now})
+            self._remember_event(key, count)
+
+    def _remember_event(self, key: tuple[str, str], count: int) -> None:
+        self._events[key] = count
+        self._events.move_to_end(key)
+        while len(self._events) > self._event_cache_size:
+            self._events.popitem(last=False)
+
+
+def _nsname(namespace: str | None, name: str | None) -> str:
+    return f"{namespace}/{name}" if namespace else str(name)
