@@ -222,6 +222,12 @@ class TestDrift:
         assert kinds(d) == [Define, Start]
         assert [e.reason for e in d.events] == ["DomainRedefined", "Restarted"]
 
+    def test_running_domain_whose_definition_was_removed_is_defined_again(self) -> None:
+        obs = Observed(defined=True, persistent=False, power=Power.RUNNING)
+        d = decide(view(status=started()), obs, NOW)
+        assert kinds(d) == [Define]
+        assert d.events[0].reason == "DomainRedefined"
+
     def test_edited_definition_is_restored_with_an_event(self) -> None:
         d = decide(
             view(status=started()),

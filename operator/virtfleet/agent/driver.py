@@ -150,6 +150,7 @@ class NodeDriver:
         return Snapshot(
             Observed(
                 defined=True,
+                persistent=await guest.is_persistent(),
                 power=power,
                 stop_cause=cause,
                 drift=drift.paths,

@@ -92,6 +92,8 @@ class Observed:
     """The VM's domain on this node, reduced to what the decisions need."""
 
     defined: bool
+    #: False for a running domain whose definition was removed (it vanishes when it stops).
+    persistent: bool = True
     power: Power = Power.STOPPED
     stop_cause: StopCause = StopCause.NONE
     #: Paths where the persistent definition differs from what the spec renders to.
@@ -211,9 +213,9 @@ def decide(vm: VmView, observed: Observed, now: datetime) -> Decision:
             missing = _names(observed.missing_volumes)
             events.append(_warning("VolumesRecreated", f"volumes {missing} were missing"))
 
-    if not observed.defined:
+    if not observed.defined or not observed.persistent:
         reason = "created"
-        if vm.status.domain_uuid:
+        if vm.status.domain_uuid or not observed.persistent:
             reason = "undefined behind virtfleet's back; defined again"
             events.append(_warning("DomainRedefined", f"the domain was {reason}"))
         actions.append(Define(reason))
