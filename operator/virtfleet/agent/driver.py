@@ -8,6 +8,7 @@ asking libvirt where a pool's volume lives.
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from dataclasses import dataclass
 
@@ -112,10 +113,11 @@ class NodeDriver:
     async def observe(self, vm: VmView, user_data: str | None = None) -> Snapshot:
         """What is on the node for ``vm``; raises ActionError when the spec cannot be placed."""
         try:
-            return await self._observe(vm, user_data)
+            snap = await self._observe(vm, user_data)
         except hv_errors.NotFound:
             # The domain went away between two calls (undefined meanwhile): look again.
-            return await self._observe(vm, user_data)
+            snap = await self._observe(vm, user_data)
+        return dataclasses.replace(snap, secret_user_data=user_data)
 
     async def _observe(self, vm: VmView, user_data: str | None) -> Snapshot:
         guest = await self.hv.lookup(vm.uid)
