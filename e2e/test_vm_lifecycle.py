@@ -345,3 +345,23 @@ def test_cloud_init_seed_is_attached(
     assert data[0x8001:0x8006] == b"CD001"
     assert b"hostname: from-secret" in data
     assert uid.encode() in data  # meta-data instance-id
+
+
+def test_iotune_change_is_applied_live(system: Cluster, namespace: str, node_a: hn.Node) -> None:
+    disk = {"name": "data", "size": "16Mi", "source": {"blank": {}}}
+    system.apply(vm_manifest("tuned", namespace, nodeName="node-a", disks=[disk]))
+    wait_status(system, namespace, "tuned", "Running")
+    dom = domain_name(namespace, "tuned")
+    hn.wait_for_serial(node_a, dom, BOOT_MARKER, timeout=60)
+
+    limited = {**disk, "iotune": {"totalIopsSec": 321}}
+    system.apply(vm_manifest("tuned", namespace, nodeName="node-a", disks=[limited]))
+    wait_for(
+        lambda: "total_iops_sec : 321" in virsh(node_a, "blkdeviotune", dom, "vda"),
+        30,
+        what="the iotune limit on the running domain",
+    )
+    obj = vm(system, namespace, "tuned")
+    assert condition(obj, "RestartRequired") is None
+    assert hn.serial_log(node_a, dom).count(BOOT_MARKER) == 1
+    assert "321" in virsh(node_a, "dumpxml", "--inactive", dom)  # and for the next boot

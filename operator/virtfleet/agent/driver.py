@@ -26,6 +26,7 @@ from virtfleet.domain import (
     render_xml,
     spec_hash,
 )
+from virtfleet.domain.config import BandwidthConfig
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.observe import observe_config
 from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, storage
@@ -87,6 +88,17 @@ def seed_volume_name(uid: str) -> str:
     return f"{uid}-cidata.iso"
 
 
+def _bandwidth_params(bandwidth: BandwidthConfig | None) -> dict[str, int]:
+    params: dict[str, int] = {}
+    for direction in ("inbound", "outbound"):
+        limit = getattr(bandwidth, direction, None) if bandwidth else None
+        if limit is not None:
+            params[f"{direction}.average"] = limit.average
+            params[f"{direction}.peak"] = limit.peak or 0
+            params[f"{direction}.burst"] = limit.burst or 0
+    return params
+
+
 def power_of(state: GuestState, reason: str) -> tuple[Power, StopCause]:
     match state:
         case GuestState.RUNNING | GuestState.BLOCKED:
@@ -145,10 +157,12 @@ class NodeDriver:
             inactive.owner.generation == vm.generation
             and inactive.owner.spec_hash == spec_hash(spec)
         )
+        live: tuple[str, ...] = ()
         restart: tuple[str, ...] = ()
         if power in (Power.RUNNING, Power.PAUSED):
-            # Live changes (iotune, bandwidth) are applied at the next start for now.
-            restart = diff(desired, observe(await guest.xml())).paths
+            running = diff(desired, observe(await guest.xml()))
+            live = tuple(c.path for c in running.live)
+            restart = tuple(c.path for c in running.restart)
         return Snapshot(
             Observed(
                 defined=True,
@@ -157,6 +171,7 @@ class NodeDriver:
                 stop_cause=cause,
                 drift=drift.paths,
                 marker_current=marker_current,
+                live_changes=live,
                 restart_changes=restart,
                 missing_volumes=missing,
             ),
@@ -293,8 +308,26 @@ class NodeDriver:
                     await snap.guest.undefine()
             case DeleteVolumes():
                 await self.delete_volumes(vm.uid)
-            case ApplyLive():
-                pass  # decided only when the driver reports live changes; it does not yet
+            case ApplyLive(paths=paths):
+                assert snap.inputs is not None
+                assert snap.guest is not None
+                await self._apply_live(snap.guest, snap.inputs, paths)
+
+    async def _apply_live(self, guest: Guest, inputs: DomainInputs, paths: tuple[str, ...]) -> None:
+        """iotune and bandwidth changes on the running domain, from the desired config."""
+        desired = observe_config(build_domain(inputs))
+        for path in paths:
+            kind, _, rest = path.partition("[")
+            name = rest.split("]", 1)[0]
+            if kind == "disks" and path.endswith(".iotune"):
+                disk = desired.disk(name)
+                if disk is not None:
+                    limits = disk.iotune.limits() if disk.iotune else {}
+                    await guest.set_block_iotune(disk.target, limits)
+            elif kind == "interfaces" and path.endswith(".bandwidth"):
+                nic = desired.interface(name)
+                if nic is not None and nic.mac is not None:
+                    await guest.set_interface_bandwidth(nic.mac, _bandwidth_params(nic.bandwidth))
 
     async def _ensure_volumes(
         self, vm: VmView, spec: VirtualMachineSpec, names: tuple[str, ...], user_data: str | None

@@ -14,6 +14,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,23 @@ _REASONS: dict[GuestState, tuple[str, ...]] = {
     GuestState.CRASHED: ("unknown", "panicked"),
     GuestState.PMSUSPENDED: ("unknown",),
 }
+
+
+#: ``virDomainSetBlockIoTune`` parameter names virtfleet manages.
+IOTUNE_PARAMETERS = (
+    "total_bytes_sec",
+    "read_bytes_sec",
+    "write_bytes_sec",
+    "total_iops_sec",
+    "read_iops_sec",
+    "write_iops_sec",
+)
+#: ``virDomainSetInterfaceParameters`` names (KiB/s and KiB, as in ``<bandwidth>``).
+BANDWIDTH_PARAMETERS = tuple(
+    f"{direction}.{field}"
+    for direction in ("inbound", "outbound")
+    for field in ("average", "peak", "burst")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +258,22 @@ class Guest:
             self._dom.undefineFlags(attempts[-1])
 
         await self._ex.run(call)
+
+    async def set_block_iotune(self, target: str, limits: Mapping[str, int]) -> None:
+        """Apply disk I/O limits to the running domain (``target`` like ``vda``).
+
+        Every known limit is sent, unset ones as 0 ("no limit"), so a removed limit is
+        removed live too. Live only: the agent has already redefined the persistent config.
+        """
+        params = {name: int(limits.get(name, 0)) for name in IOTUNE_PARAMETERS}
+        await self._ex.run(self._dom.setBlockIoTune, target, params, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    async def set_interface_bandwidth(self, device: str, params: Mapping[str, int]) -> None:
+        """Apply ``inbound.average``-style bandwidth parameters live to NIC ``device`` (MAC)."""
+        values = {name: int(params.get(name, 0)) for name in BANDWIDTH_PARAMETERS}
+        await self._ex.run(
+            self._dom.setInterfaceParameters, device, values, libvirt.VIR_DOMAIN_AFFECT_LIVE
+        )
 
     async def set_memory(self, kib: int) -> bool:
         """Set the current memory (balloon) in KiB, in the config and live when running.
