@@ -365,3 +365,25 @@ def test_iotune_change_is_applied_live(system: Cluster, namespace: str, node_a: 
     assert condition(obj, "RestartRequired") is None
     assert hn.serial_log(node_a, dom).count(BOOT_MARKER) == 1
     assert "321" in virsh(node_a, "dumpxml", "--inactive", dom)  # and for the next boot
+
+
+def test_crash_loop_backs_off(system: Cluster, namespace: str, node_a: hn.Node) -> None:
+    cmdline = guest_cmdline(poweroff_after=1)
+    system.apply(vm_manifest("loop", namespace, nodeName="node-a", cmdline=cmdline))
+    obj = wait_status(system, namespace, "loop", "CrashLoopBackOff", timeout=120)
+    assert obj["status"]["restartCount"] >= 1
+    assert obj["status"]["crashLoopRetryTime"]
+    assert condition(obj, "Ready")["reason"] == "CrashLoopBackOff"  # type: ignore[index]
+    assert "CrashLoopBackOff" in events(system, namespace, "loop")
+    # Halting it ends the loop: stopped on purpose is healthy.
+    system.kubectl(
+        "patch",
+        "vm",
+        "loop",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"runStrategy":"Halted"}}',
+    )
+    wait_status(system, namespace, "loop", "Stopped")

@@ -112,6 +112,14 @@ async def test_deletion_leaves_nothing(driver: NodeDriver, hv: Hypervisor) -> No
     assert await storage.list_volumes(hv, "virtfleet-local") == []
 
 
+async def test_vm_with_a_missing_image_can_still_be_deleted(driver: NodeDriver) -> None:
+    broken = vm(kernel={"image": "nope"})
+    deleting = VmView(**{**broken.__dict__, "deleting": True})
+    snap = await driver.observe(deleting)
+    decision = decide(deleting, snap.observed, NOW)
+    assert decision.finalized
+
+
 async def test_unknown_image_is_a_permanent_error(driver: NodeDriver) -> None:
     with pytest.raises(ActionError) as err:
         await driver.observe(vm(kernel={"image": "nope"}))

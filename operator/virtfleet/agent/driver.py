@@ -134,7 +134,8 @@ class NodeDriver:
     async def _observe(self, vm: VmView, user_data: str | None) -> Snapshot:
         guest = await self.hv.lookup(vm.uid)
         spec = vm.spec
-        if spec is None:
+        if spec is None or vm.deleting:
+            # Deleting needs no resolved resources: a VM whose image vanished must still go.
             return Snapshot(await self._bare(guest), None, guest)
 
         inputs, missing = await self._resolve(vm, spec, user_data)

@@ -55,8 +55,15 @@ class VMSnapshotSpec(ApiModel):
 
 
 class SnapshotDiskStatus(StatusModel):
-    name: str
-    size_bytes: int | None = Field(default=None, ge=0)
+    name: str = Field(description="Disk name in the VM's spec.")
+    size_bytes: int | None = Field(
+        default=None, ge=0, description="Virtual size of the disk when the snapshot was taken."
+    )
+    allocation_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes the disk's image used on the node, snapshots included.",
+    )
 
 
 class SnapshotError(StatusModel):
@@ -70,9 +77,28 @@ class VMSnapshotStatus(StatusModel):
     ready_to_use: bool | None = None
     creation_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     node_name: str | None = None
-    snapshot_name: str | None = Field(default=None, description="Name of the libvirt snapshot.")
-    memory_included: bool | None = None
+    snapshot_name: str | None = Field(
+        default=None,
+        description="Name of the libvirt snapshot: derived from this object's uid, so it is "
+        "unique and taking it again after a crash finds the same one.",
+    )
+    vm_uid: str | None = Field(
+        default=None, alias="vmUID", description="uid of the VirtualMachine it was taken of."
+    )
+    memory_included: bool | None = Field(
+        default=None, description="A restore resumes the guest at the snapshot's moment."
+    )
+    domain_state: str | None = Field(
+        default=None, description="State of the domain libvirt recorded (running, shutoff)."
+    )
     disks: list[SnapshotDiskStatus] = Field(default_factory=list)
+    snapshot_xml: str | None = Field(
+        default=None,
+        alias="snapshotXML",
+        max_length=1_000_000,
+        description="libvirt's description of the snapshot, to re-create its metadata when "
+        "the node lost it (the data itself lives in the VM's qcow2 disks).",
+    )
     error: SnapshotError | None = None
     conditions: Conditions
 
@@ -96,6 +122,20 @@ class VMRestoreStatus(StatusModel):
     phase: RestorePhase | None = None
     complete: bool | None = None
     restore_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    start_time: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="When the restore was committed to (recorded before anything was done).",
+    )
     node_name: str | None = None
+    vm_uid: str | None = Field(default=None, alias="vmUID", description="uid of the restored VM.")
+    snapshot_name: str | None = Field(
+        default=None, description="Name of the libvirt snapshot brought back."
+    )
+    memory_restored: bool | None = Field(
+        default=None,
+        description="True: the guest resumes at the snapshot's moment. False: disks only; "
+        "the run strategy decides whether the VM starts.",
+    )
     error: SnapshotError | None = None
     conditions: Conditions

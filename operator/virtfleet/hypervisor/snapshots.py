@@ -12,6 +12,7 @@ the metadata back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +24,30 @@ from virtfleet.hypervisor.guest import Guest
 from virtfleet.hypervisor.names import validate_name
 
 __all__ = [
+    "RESTORE_MARKER_NAMESPACE",
     "SnapshotInfo",
+    "barrier",
     "create_snapshot",
     "current",
     "delete",
+    "disk_plan",
     "export",
     "get",
     "list_snapshots",
     "parse_snapshot",
     "redefine",
+    "restore_marker",
     "revert",
+    "set_restore_marker",
     "snapshot_xml",
 ]
+
+#: ``<metadata>`` namespace of the restore marker (see :func:`set_restore_marker`).
+RESTORE_MARKER_NAMESPACE = "https://virtfleet.io/xmlns/restore/v1"
+_RESTORE_MARKER_KEY = "virtfleet-restore"
+#: A metadata namespace nobody writes: removing its (absent) element is a no-op that
+#: still needs the domain's modify job, which makes it a barrier (see :func:`barrier`).
+_BARRIER_NAMESPACE = "https://virtfleet.io/xmlns/barrier/v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +69,18 @@ class SnapshotInfo:
 
 
 def snapshot_xml(
-    name: str, *, include_memory: bool, disk_only: bool = False, description: str | None = None
+    name: str,
+    *,
+    include_memory: bool,
+    disk_only: bool = False,
+    description: str | None = None,
+    disks: Mapping[str, str] | None = None,
 ) -> str:
     """``<domainsnapshot>`` for :func:`create_snapshot`.
 
     Memory is ``internal`` (in the qcow2 image, next to the disk state) or ``no``;
-    a disk-only snapshot never has memory.
+    a disk-only snapshot never has memory. ``disks`` maps a disk's target (``vda``) to
+    ``internal`` or ``no`` (see :func:`disk_plan`); unset leaves the choice to libvirt.
     """
     validate_name(name, "snapshot name")
     if disk_only and include_memory:
@@ -71,7 +90,37 @@ def snapshot_xml(
     if description:
         etree.SubElement(root, "description").text = description
     etree.SubElement(root, "memory", snapshot="internal" if include_memory else "no")
+    if disks:
+        element = etree.SubElement(root, "disks")
+        for target, how in disks.items():
+            if how not in ("internal", "external", "no"):
+                raise ValueError(f"disk {target!r}: snapshot must be internal, external or no")
+            etree.SubElement(element, "disk", name=target, snapshot=how)
     return etree.tostring(root, encoding="unicode")
+
+
+def disk_plan(domain_xml: str) -> dict[str, str]:
+    """Which of a domain's disks an internal snapshot covers: target → ``internal``/``no``.
+
+    Only writable qcow2 images can hold an internal snapshot. Read-only media (the raw
+    cloud-init seed cdrom), empty drives and other formats are excluded explicitly with
+    ``no``: libvirt's own defaults differ between versions, and a raw disk left in the
+    set makes the whole snapshot fail. The qcow2 disks are snapshotted together, so the
+    snapshot holds all of them or none.
+    """
+    root = etree.fromstring(domain_xml.encode())
+    plan: dict[str, str] = {}
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        driver = disk.find("driver")
+        fmt = driver.get("type") if driver is not None else None
+        writable = disk.find("readonly") is None and disk.get("device", "disk") == "disk"
+        has_source = disk.find("source") is not None
+        ok = writable and has_source and fmt == "qcow2"
+        plan[str(target.get("dev"))] = "internal" if ok else "no"
+    return plan
 
 
 def parse_snapshot(xml: str, *, current: bool = False) -> SnapshotInfo:
@@ -108,6 +157,7 @@ async def create_snapshot(
     disk_only: bool = False,
     quiesce: bool = False,
     description: str | None = None,
+    disks: Mapping[str, str] | None = None,
 ) -> SnapshotInfo:
     """Take snapshot ``name``.
 
@@ -116,9 +166,14 @@ async def create_snapshot(
     overlays; ``ATOMIC`` so all disks or none). ``quiesce``: freeze guest file systems via
     the guest agent first (fails if there is no agent). ``description`` is free text;
     upper layers may store structured data there, it survives export/redefine.
+    ``disks``: per-target choice (:func:`disk_plan`).
     """
     xml = snapshot_xml(
-        name, include_memory=include_memory, disk_only=disk_only, description=description
+        name,
+        include_memory=include_memory,
+        disk_only=disk_only,
+        description=description,
+        disks=disks,
     )
     flags = 0
     if disk_only:
@@ -224,3 +279,66 @@ async def redefine(guest: Guest, xml: str, *, make_current: bool = False) -> Sna
     if make_current:
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
     return await guest.executors.run(lambda: _info(guest.handle.snapshotCreateXML(xml, flags)))
+
+
+async def set_restore_marker(guest: Guest, token: str) -> None:
+    """Write ``token`` into the domain's ``<metadata>`` (live and persistent definition).
+
+    A revert replaces the domain's definition with the one saved in the snapshot, which
+    cannot hold a token written after the snapshot was taken: the marker disappears
+    exactly when a revert happens. That is how a restorer that was killed mid-way tells
+    "not reverted yet" (marker still there) from "already reverted" (marker gone)
+    without reverting twice.
+    """
+    validate_name(token, "restore marker")
+    element = etree.Element("restore", id=token)
+    xml = etree.tostring(element, encoding="unicode")
+
+    def call() -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if guest.handle.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        guest.handle.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            xml,
+            _RESTORE_MARKER_KEY,
+            RESTORE_MARKER_NAMESPACE,
+            flags,
+        )
+
+    await guest.executors.run(call)
+
+
+async def restore_marker(guest: Guest) -> str | None:
+    """The token of :func:`set_restore_marker` on the domain as it is now, or ``None``."""
+    text = await guest.metadata(RESTORE_MARKER_NAMESPACE)
+    if text is None:
+        return None
+    try:
+        return etree.fromstring(text.encode()).get("id")
+    except etree.XMLSyntaxError:
+        return None
+
+
+async def barrier(guest: Guest) -> None:
+    """Return once no other client's job (a revert, a snapshot) runs on the domain.
+
+    A revert or snapshot started by a process that has since died keeps running in
+    libvirtd, and its job type reads ``none`` while it does, so polling cannot see it.
+    Removing an absent metadata element changes nothing but needs the domain's modify
+    job, which libvirt only grants after such a job ended. Drivers without metadata
+    support have no concurrent jobs to wait for.
+    """
+
+    def call() -> None:
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if guest.handle.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        guest.handle.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, _BARRIER_NAMESPACE, flags
+        )
+
+    try:
+        await guest.executors.run_long(call)
+    except (errors.Unsupported, errors.NotFound):
+        return
