@@ -19,6 +19,11 @@ METADATA_ELEMENT = "owner"
 
 #: Label on every placed object; agents filter on it (DESIGN §2).
 NODE_LABEL = f"{API_GROUP}/node"
+#: Imperative power actions (``virtfleet start|stop|restart|pause|unpause``) are requests
+#: in this annotation, ``<action>/<id>``: metadata, so the user's spec is never rewritten.
+POWER_REQUEST_ANNOTATION = f"{API_GROUP}/power-request"
+POWER_ACTIONS = ("start", "stop", "restart", "pause", "unpause")
+
 #: Finalizers are per node, so that one agent never strips another's (DESIGN §6).
 FINALIZER_PREFIX = f"{API_GROUP}/agent-"
 

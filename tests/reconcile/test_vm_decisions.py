@@ -16,7 +16,10 @@ from virtfleet.reconcile.vm import (
     DeleteVolumes,
     EnsureVolumes,
     Observed,
+    Pause,
     Power,
+    PowerRequest,
+    Resume,
     Start,
     Stop,
     StopCause,
@@ -329,3 +332,48 @@ class TestStalled:
 def test_decisions_are_deterministic() -> None:
     obs = Observed(defined=False, missing_volumes=("root",))
     assert decide(view(), obs, NOW) == decide(view(), obs, NOW)
+
+
+class TestPowerRequests:
+    def request(self, action: str, strategy: str = "Manual", **status: Any) -> VmView:
+        base = view(strategy=strategy, status=started(**status))
+        return VmView(**{**base.__dict__, "power_request": PowerRequest(action, "r1")})
+
+    def test_start_and_stop_act_on_manual_vms_once(self) -> None:
+        d = decide(self.request("start"), stopped(StopCause.GUEST), NOW)
+        assert kinds(d) == [Start]
+        assert d.status.last_power_request == "r1"
+        again = decide(
+            VmView(**{**self.request("start").__dict__, "status": d.status}), RUNNING, NOW
+        )
+        assert again.actions == ()  # handled once
+
+        stop = decide(self.request("stop"), RUNNING, NOW)
+        assert kinds(stop) == [Stop]
+
+    def test_start_stop_on_always_are_refused_with_a_reason(self) -> None:
+        d = decide(self.request("stop", strategy="Always"), RUNNING, NOW)
+        assert d.actions == ()
+        assert d.events[0].reason == "PowerRequestIgnored"
+        assert "runStrategy Always" in d.events[0].message
+        assert d.status.last_power_request == "r1"
+
+    def test_restart_pause_unpause(self) -> None:
+        assert kinds(decide(self.request("restart", strategy="Always"), RUNNING, NOW)) == [
+            Stop,
+            Start,
+        ]
+        assert kinds(decide(self.request("pause", strategy="Always"), RUNNING, NOW)) == [Pause]
+        paused = Observed(defined=True, power=Power.PAUSED)
+        assert kinds(decide(self.request("unpause", strategy="Always"), paused, NOW)) == [Resume]
+
+    def test_restart_counts_as_a_restart(self) -> None:
+        d = decide(self.request("restart", strategy="Always", restartCount=2), RUNNING, NOW)
+        assert d.status.restart_count == 3
+
+    @pytest.mark.parametrize("value", [None, "", "start", "explode/1", "start/"])
+    def test_malformed_requests_are_ignored(self, value: str | None) -> None:
+        assert PowerRequest.parse(value) is None
+
+    def test_well_formed_request(self) -> None:
+        assert PowerRequest.parse("pause/abc") == PowerRequest("pause", "abc")

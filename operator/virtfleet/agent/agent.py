@@ -22,9 +22,9 @@ from virtfleet.agent.driver import ActionError, NodeDriver, Snapshot
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.hypervisor import DomainEvent, Hypervisor
-from virtfleet.identity import NODE_LABEL
+from virtfleet.identity import NODE_LABEL, POWER_REQUEST_ANNOTATION
 from virtfleet.logs import get_logger
-from virtfleet.reconcile.vm import Decision, EventNote, VmView, decide, failed
+from virtfleet.reconcile.vm import Decision, EventNote, PowerRequest, VmView, decide, failed
 from virtfleet.runtime.kube import KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
@@ -167,6 +167,9 @@ class Agent:
             status=status,
             deleting=bool(meta.get("deletionTimestamp")),
             invalid=invalid,
+            power_request=PowerRequest.parse(
+                (meta.get("annotations") or {}).get(POWER_REQUEST_ANNOTATION)
+            ),
         )
 
     async def _user_data(self, view: VmView) -> str | None:

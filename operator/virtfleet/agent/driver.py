@@ -38,7 +38,9 @@ from virtfleet.reconcile.vm import (
     DeleteVolumes,
     EnsureVolumes,
     Observed,
+    Pause,
     Power,
+    Resume,
     Start,
     Stop,
     StopCause,
@@ -309,6 +311,12 @@ class NodeDriver:
                     await snap.guest.undefine()
             case DeleteVolumes():
                 await self.delete_volumes(vm.uid)
+            case Pause():
+                if snap.guest is not None:
+                    await snap.guest.suspend()
+            case Resume():
+                if snap.guest is not None:
+                    await snap.guest.resume()
             case ApplyLive(paths=paths):
                 assert snap.inputs is not None
                 assert snap.guest is not None

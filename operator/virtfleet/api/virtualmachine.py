@@ -463,5 +463,10 @@ class VirtualMachineStatus(StatusModel):
         description="While in CrashLoopBackOff: when the next start is tried.",
         json_schema_extra={"format": "date-time"},
     )
+    last_power_request: str | None = Field(
+        default=None,
+        description="Id of the last imperative power request handled "
+        "(annotation virtfleet.io/power-request), so each acts once.",
+    )
     interfaces: list[InterfaceStatus] = Field(default_factory=list)
     conditions: Conditions

@@ -33,7 +33,7 @@ from virtfleet.api.virtualmachine import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
-from virtfleet.identity import derive_mac
+from virtfleet.identity import POWER_ACTIONS, derive_mac
 
 #: A domain that stops within this long of its start counts as a failed start.
 CRASH_WINDOW = timedelta(seconds=60)
@@ -85,6 +85,22 @@ class VmView:
     deleting: bool = False
     #: Why ``spec`` could not be used (validation failed in this agent); None when fine.
     invalid: str | None = None
+    #: An imperative power request not yet handled (from the power-request annotation).
+    power_request: PowerRequest | None = None
+
+
+@dataclass(frozen=True)
+class PowerRequest:
+    action: str  # start | stop | restart | pause | unpause
+    id: str
+
+    @classmethod
+    def parse(cls, value: str | None) -> PowerRequest | None:
+        """``"<action>/<id>"``; anything else is ignored (it is not ours to refuse)."""
+        if not value or "/" not in value:
+            return None
+        action, _, request_id = value.partition("/")
+        return cls(action, request_id) if action in POWER_ACTIONS and request_id else None
 
 
 @dataclass(frozen=True)
@@ -153,11 +169,23 @@ class Undefine:
 
 
 @dataclass(frozen=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True)
 class DeleteVolumes:
     pass
 
 
-Action = EnsureVolumes | Define | ApplyLive | Start | Stop | Undefine | DeleteVolumes
+Action = (
+    EnsureVolumes | Define | ApplyLive | Start | Stop | Undefine | DeleteVolumes | Pause | Resume
+)
 
 
 @dataclass(frozen=True)
@@ -232,6 +260,16 @@ def decide(vm: VmView, observed: Observed, now: datetime) -> Decision:
         actions.append(ApplyLive(observed.live_changes))
 
     status = _base_status(vm, spec)
+    request = vm.power_request
+    if request is not None and request.id != vm.status.last_power_request:
+        handled, note = _power_request(vm, spec, observed, request)
+        events.append(note)
+        status = status.model_copy(update={"last_power_request": request.id})
+        if handled:
+            actions.extend(handled)
+            if any(isinstance(a, Start) for a in handled):
+                status = _started(status, now, restarted=vm.status.last_start_time is not None)
+            return _report(vm, observed, status, actions, events, now, None, False)
     wish = _power(vm, observed)
     requeue: float | None = None
     backing_off = False
@@ -258,7 +296,20 @@ def decide(vm: VmView, observed: Observed, now: datetime) -> Decision:
 
     if observed.power is Power.RUNNING and not _soon_after_start(vm.status, now):
         status = status.model_copy(update={"consecutive_failures": 0})
+    return _report(vm, observed, status, actions, events, now, requeue, backing_off)
 
+
+def _report(
+    vm: VmView,
+    observed: Observed,
+    status: VirtualMachineStatus,
+    actions: list[Action],
+    events: list[EventNote],
+    now: datetime,
+    requeue: float | None,
+    backing_off: bool,
+) -> Decision:
+    """Printable status and conditions for what was observed and is about to be done."""
     starting = any(isinstance(a, Start) for a in actions)
     printable = _printable(observed, starting=starting, backing_off=backing_off)
     ready = _ready(vm, observed, printable)
@@ -273,6 +324,52 @@ def decide(vm: VmView, observed: Observed, now: datetime) -> Decision:
     conditions = _paused(conditions, observed, vm.generation, now)
     status = status.model_copy(update={"printable_status": printable, "conditions": conditions})
     return Decision(tuple(actions), status, tuple(events), requeue)
+
+
+def _power_request(
+    vm: VmView, spec: VirtualMachineSpec, observed: Observed, request: PowerRequest
+) -> tuple[list[Action], EventNote]:
+    """Actions for an imperative request, or none and a Warning saying why not.
+
+    start/stop only make sense where the run strategy does not decide power itself
+    (Manual); elsewhere the manifest is the way (GitOps): say so instead of fighting it.
+    """
+    grace = spec.termination_grace_period_seconds
+    strategy = spec.run_strategy
+    ignored = f"{request.action} ignored"
+    match request.action:
+        case "start" | "stop" if strategy is not RunStrategy.MANUAL:
+            return [], _warning(
+                "PowerRequestIgnored",
+                f"{ignored}: runStrategy {strategy.value} decides power; change runStrategy "
+                "in the manifest, or use Manual for start/stop by hand",
+            )
+        case "start":
+            if observed.active:
+                return [], EventNote("Normal", "PowerRequest", "start: already running")
+            return [Start("start requested")], EventNote(
+                "Normal", "PowerRequest", "start requested"
+            )
+        case "stop":
+            if not observed.active:
+                return [], EventNote("Normal", "PowerRequest", "stop: already stopped")
+            return [Stop(grace, "stop requested")], EventNote(
+                "Normal", "PowerRequest", "stop requested"
+            )
+        case "restart":
+            if not observed.active:
+                return [], _warning("PowerRequestIgnored", f"{ignored}: the VM is not running")
+            return [Stop(grace, "restart requested"), Start("restart requested")], EventNote(
+                "Normal", "PowerRequest", "restart requested"
+            )
+        case "pause":
+            if observed.power is not Power.RUNNING:
+                return [], _warning("PowerRequestIgnored", f"{ignored}: the VM is not running")
+            return [Pause()], EventNote("Normal", "PowerRequest", "pause requested")
+        case _:  # unpause
+            if observed.power is not Power.PAUSED:
+                return [], _warning("PowerRequestIgnored", f"{ignored}: the VM is not paused")
+            return [Resume()], EventNote("Normal", "PowerRequest", "unpause requested")
 
 
 def _crash_loop(
@@ -585,7 +682,10 @@ __all__ = [
     "EnsureVolumes",
     "EventNote",
     "Observed",
+    "Pause",
     "Power",
+    "PowerRequest",
+    "Resume",
     "Start",
     "Stop",
     "StopCause",
