@@ -387,3 +387,33 @@ def test_crash_loop_backs_off(system: Cluster, namespace: str, node_a: hn.Node) 
         '{"spec":{"runStrategy":"Halted"}}',
     )
     wait_status(system, namespace, "loop", "Stopped")
+
+
+def request_power(system: Cluster, namespace: str, name: str, action: str, request_id: str) -> None:
+    system.kubectl(
+        "annotate", "vm", name, "-n", namespace, "--overwrite",
+        f"virtfleet.io/power-request={action}/{request_id}",
+    )  # fmt: skip
+
+
+def test_power_requests_never_touch_spec(system: Cluster, namespace: str, node_a: hn.Node) -> None:
+    system.apply(vm_manifest("manual", namespace, nodeName="node-a", runStrategy="Manual"))
+    wait_status(system, namespace, "manual", "Stopped")  # Manual: nothing starts it
+    dom = domain_name(namespace, "manual")
+
+    request_power(system, namespace, "manual", "start", "1")
+    wait_status(system, namespace, "manual", "Running")
+    hn.wait_for_serial(node_a, dom, BOOT_MARKER, timeout=60)
+
+    request_power(system, namespace, "manual", "pause", "2")
+    wait_status(system, namespace, "manual", "Paused")
+    assert domains(node_a)[dom] == "paused"
+    request_power(system, namespace, "manual", "unpause", "3")
+    wait_status(system, namespace, "manual", "Running")
+
+    request_power(system, namespace, "manual", "stop", "4")
+    wait_status(system, namespace, "manual", "Stopped")
+    obj = vm(system, namespace, "manual")
+    assert obj["status"]["lastPowerRequest"] == "4"
+    assert obj["metadata"]["generation"] == 1
+    assert obj["spec"]["runStrategy"] == "Manual"
