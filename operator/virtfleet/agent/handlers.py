@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from virtfleet.agent import snapshots as snapshot_loops
 from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.settings import AgentSettings
@@ -50,6 +51,11 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     def agent() -> Agent:
         return holder["agent"]  # type: ignore[no-any-return]
 
+    def snaps() -> snapshot_loops.SnapshotAgent:
+        return holder["snapshots"]  # type: ignore[no-any-return]
+
+    snapshot_loops.register(registry, settings, snaps)
+
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # A registry of our own has no default login handler: use the official client's.
@@ -63,10 +69,16 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         holder["agent"] = the_agent
         hv.on_event(the_agent.on_domain_event)
         hv.on_reconnect(the_agent.on_reconnect)
+        # One lock per VM, shared with the snapshot/restore loops (they must not interleave).
+        locks = snapshot_loops.VmLocks()
+        holder["snapshots"], snapshot_tasks = snapshot_loops.start(the_agent, locks)
         await hv.open()
         holder["tasks"] = [
-            asyncio.create_task(the_agent.queue.run(the_agent.reconcile), name="vm-queue"),
+            asyncio.create_task(
+                the_agent.queue.run(locks.guard(the_agent.reconcile)), name="vm-queue"
+            ),
             asyncio.create_task(_periodic(the_agent), name="node-periodic"),
+            *snapshot_tasks,
         ]
         log.info("agent started", libvirt=settings.libvirt_uri)
 
@@ -76,6 +88,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         if the_agent is None:
             return
         await the_agent.queue.stop()
+        await snapshot_loops.stop(holder["snapshots"])
         for task in holder.get("tasks", []):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -88,6 +101,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         obj = event.get("object")
         if isinstance(obj, dict):
             agent().on_vm_event(event.get("type"), copy.deepcopy(obj))
+            snaps().on_vm_event(key_of(obj))
 
     @kopf.on.delete(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)
     async def vm_delete(body: Any, **_: Any) -> None:
