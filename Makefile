@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 
-.PHONY: bootstrap demo down test unit e2e lint crds
+.PHONY: bootstrap demo down test unit e2e lint crds gitops
 
 bootstrap:
 	@scripts/bootstrap
@@ -30,7 +30,13 @@ lint:
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
 	$(VENV)/virtfleet crds --check
+	$(VENV)/hadolint Dockerfile
+	$(VENV)/python gitops/argocd/generate.py --check
 
 ## Regenerate crds/ (and the chart's copy) from the API models.
 crds:
 	$(VENV)/virtfleet crds
+
+## Regenerate the Argo CD settings (gitops/argocd/) from the chart's Lua health checks.
+gitops:
+	$(VENV)/python gitops/argocd/generate.py

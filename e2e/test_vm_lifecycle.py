@@ -7,9 +7,11 @@ console, and ``virsh`` on the node.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -389,11 +391,16 @@ def test_crash_loop_backs_off(system: Cluster, namespace: str, node_a: hn.Node) 
     wait_status(system, namespace, "loop", "Stopped")
 
 
-def request_power(system: Cluster, namespace: str, name: str, action: str, request_id: str) -> None:
-    system.kubectl(
-        "annotate", "vm", name, "-n", namespace, "--overwrite",
-        f"virtfleet.io/power-request={action}/{request_id}",
+def request_power(system: Cluster, namespace: str, name: str, action: str) -> str:
+    """``virtfleet <action> VM``, as a person runs it; returns the request id."""
+    subprocess.run(
+        [sys.executable, "-m", "virtfleet.cli", action, name, "-n", namespace],
+        env={**os.environ, "KUBECONFIG": system.env["KUBECONFIG"]},
+        check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    value = vm(system, namespace, name)["metadata"]["annotations"]["virtfleet.io/power-request"]
+    assert value.startswith(f"{action}/")
+    return str(value.split("/", 1)[1])
 
 
 def test_power_requests_never_touch_spec(system: Cluster, namespace: str, node_a: hn.Node) -> None:
@@ -401,19 +408,19 @@ def test_power_requests_never_touch_spec(system: Cluster, namespace: str, node_a
     wait_status(system, namespace, "manual", "Stopped")  # Manual: nothing starts it
     dom = domain_name(namespace, "manual")
 
-    request_power(system, namespace, "manual", "start", "1")
+    request_power(system, namespace, "manual", "start")
     wait_status(system, namespace, "manual", "Running")
     hn.wait_for_serial(node_a, dom, BOOT_MARKER, timeout=60)
 
-    request_power(system, namespace, "manual", "pause", "2")
+    request_power(system, namespace, "manual", "pause")
     wait_status(system, namespace, "manual", "Paused")
     assert domains(node_a)[dom] == "paused"
-    request_power(system, namespace, "manual", "unpause", "3")
+    request_power(system, namespace, "manual", "unpause")
     wait_status(system, namespace, "manual", "Running")
 
-    request_power(system, namespace, "manual", "stop", "4")
+    last = request_power(system, namespace, "manual", "stop")
     wait_status(system, namespace, "manual", "Stopped")
     obj = vm(system, namespace, "manual")
-    assert obj["status"]["lastPowerRequest"] == "4"
+    assert obj["status"]["lastPowerRequest"] == last
     assert obj["metadata"]["generation"] == 1
     assert obj["spec"]["runStrategy"] == "Manual"

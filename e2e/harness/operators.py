@@ -2,7 +2,9 @@
 
 They run as plain subprocesses of this machine (what a DaemonSet and a Deployment would
 run), with the admin kubeconfig, logs and pid files under ``<state_dir>/operators``.
-Tests kill and restart them (``kill``/``start_agent``) to prove crash safety.
+Tests kill and restart them (``kill``/``start_agent``) to prove crash safety. A test may
+run them with another identity (``kubeconfig=``, e.g. a ServiceAccount token of the Helm
+chart's RBAC), under another process ``name`` and with ``extra`` arguments.
 """
 
 from __future__ import annotations
@@ -92,12 +94,35 @@ def _spawn(state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, st
     return process.pid
 
 
-def start_agent(state_dir: Path, env: Mapping[str, str], node: nodes.Node) -> int:
-    return _spawn(state_dir, f"agent-{node.name}", agent_argv(node), env)
+def _with_kubeconfig(env: Mapping[str, str], kubeconfig: Path | None) -> Mapping[str, str]:
+    return env if kubeconfig is None else {**env, "KUBECONFIG": str(kubeconfig)}
 
 
-def start_controller(state_dir: Path, env: Mapping[str, str]) -> int:
-    return _spawn(state_dir, "controller", controller_argv(), env)
+def start_agent(
+    state_dir: Path,
+    env: Mapping[str, str],
+    node: nodes.Node,
+    *,
+    kubeconfig: Path | None = None,
+    name: str | None = None,
+    extra: Sequence[str] = (),
+) -> int:
+    """Start the agent of ``node`` (admin kubeconfig unless ``kubeconfig`` is given)."""
+    argv = [*agent_argv(node), *extra]
+    return _spawn(state_dir, name or f"agent-{node.name}", argv, _with_kubeconfig(env, kubeconfig))
+
+
+def start_controller(
+    state_dir: Path,
+    env: Mapping[str, str],
+    *,
+    kubeconfig: Path | None = None,
+    name: str = "controller",
+    extra: Sequence[str] = (),
+) -> int:
+    """Start the controller (admin kubeconfig unless ``kubeconfig`` is given)."""
+    argv = [*controller_argv(), *extra]
+    return _spawn(state_dir, name, argv, _with_kubeconfig(env, kubeconfig))
 
 
 def start(state_dir: Path, env: Mapping[str, str]) -> dict[str, int]:

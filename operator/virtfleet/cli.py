@@ -16,7 +16,7 @@ def _cmd_crds(args: argparse.Namespace) -> int:
         for text in crdgen.render_all().values():
             sys.stdout.write(text if text.startswith("---") else "---\n" + text)
         return 0
-    outputs = [Path(p) for p in (args.output or ["crds"])]
+    outputs = [Path(p) for p in (args.output or crdgen.DEFAULT_DIRECTORIES)]
     if args.check:
         problems = [p for out in outputs for p in crdgen.drift(out)]
         for problem in problems:
@@ -106,7 +106,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
     )
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, liveness_endpoint=args.liveness))
     return 0
 
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         action="append",
         metavar="DIR",
-        help="directory to write into (repeatable; default: crds)",
+        help="directory to write into (repeatable; default: crds and charts/virtfleet/crds)",
     )
     crds.add_argument("--check", action="store_true", help="exit 1 if the files differ")
     crds.add_argument("--stdout", action="store_true", help="print all CRDs as one YAML stream")
@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--workers", type=int, default=8)
     agent.add_argument("--resync-seconds", type=float, default=60.0)
     agent.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    agent.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz: fails when "
+        "libvirt does not answer or the watch went deaf",
+    )
     agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     agent.add_argument("--log-level", default="INFO")
     agent.set_defaults(func=_cmd_agent)
@@ -171,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     from virtfleet.controller import command as controller_command
 
     controller_command.add_parser(sub)
+
+    from virtfleet import actions
+
+    actions.add_parsers(sub)
     return parser
 
 

@@ -25,8 +25,22 @@ def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def test_committed_crds_match_the_models(repo: Path) -> None:
-    assert crdgen.drift(repo / "crds") == [], "run `virtfleet crds` and commit the result"
+@pytest.mark.parametrize("directory", crdgen.DEFAULT_DIRECTORIES)
+def test_committed_crds_match_the_models(repo: Path, directory: str) -> None:
+    """Both copies (crds/ and the Helm chart's crds/) are what the models generate."""
+    assert crdgen.drift(repo / directory) == [], "run `virtfleet crds` and commit the result"
+
+
+def test_check_covers_the_chart_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`virtfleet crds` writes both copies and `--check` fails when either one drifts."""
+    from virtfleet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["crds"]) == 0
+    assert main(["crds", "--check"]) == 0
+    chart_copy = tmp_path / "charts" / "virtfleet" / "crds" / crdgen.crd_filename(KINDS[0])
+    chart_copy.write_text(chart_copy.read_text() + "# edited\n")
+    assert main(["crds", "--check"]) == 1
 
 
 def test_drift_is_detected(tmp_path: Path) -> None:

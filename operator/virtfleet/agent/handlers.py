@@ -14,6 +14,7 @@ from typing import Any
 
 import kopf
 
+from virtfleet.agent import health
 from virtfleet.agent import snapshots as snapshot_loops
 from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.host import heartbeat, sweep_orphans
@@ -109,6 +110,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         if not await agent().wait_finalized(key, DELETE_WAIT_SECONDS):
             raise kopf.TemporaryError("stopping the domain and removing its volumes", delay=1)
 
+    health.register(registry, settings, lambda: holder.get("agent"))
     return registry
 
 
@@ -135,7 +137,12 @@ async def _periodic(agent: Agent) -> None:
         await asyncio.sleep(agent.settings.heartbeat_seconds)
 
 
-async def run(settings: AgentSettings, *, stop_flag: asyncio.Event | None = None) -> None:
+async def run(
+    settings: AgentSettings,
+    *,
+    liveness_endpoint: str | None = None,
+    stop_flag: asyncio.Event | None = None,
+) -> None:
     """Run the agent until ``stop_flag`` (or a signal) stops it."""
     await kopf.operator(
         registry=build_registry(settings),
@@ -143,4 +150,5 @@ async def run(settings: AgentSettings, *, stop_flag: asyncio.Event | None = None
         standalone=True,
         clusterwide=True,
         stop_flag=stop_flag,
+        liveness_endpoint=liveness_endpoint,
     )

@@ -1,0 +1,150 @@
+"""Argo CD health checks of the virtfleet kinds, run by a real Lua interpreter.
+
+The layout and fixture format are Argo CD's own (``resource_customizations/<group>/<kind>/
+health.lua`` + ``health_test.yaml`` + ``testdata/``): each case is an input object and the
+health status and message the script must return. Argo CD runs gopher-lua, a Lua 5.1; the
+tests use Debian's ``lua5.1`` with ``lua-cjson`` (installed by ``scripts/bootstrap``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from virtfleet.api.migration import MigrationPhase
+from virtfleet.api.snapshot import RestorePhase, SnapshotPhase
+from virtfleet.api.virtualmachine import PrintableStatus
+
+REPO = Path(__file__).resolve().parents[2]
+HEALTH = REPO / "charts" / "virtfleet" / "health" / "virtfleet.io"
+RUNNER = Path(__file__).with_name("run_health.lua")
+KINDS = ("VirtualMachine", "VMSnapshot", "VMRestore", "VMMigration", "VMHost")
+ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
+
+
+def lua() -> str:
+    found = shutil.which("lua5.1")
+    if found is None:
+        pytest.fail("lua5.1 is missing: run scripts/bootstrap (Debian lua5.1 + lua-cjson)")
+    return found
+
+
+def cases() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for kind in KINDS:
+        for case in yaml.safe_load((HEALTH / kind / "health_test.yaml").read_text())["tests"]:
+            found.append((kind, case))
+    return found
+
+
+def run_health(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    result = subprocess.run(
+        [lua(), str(RUNNER), str(HEALTH / kind / "health.lua")],
+        input=json.dumps(obj),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=10,
+    )
+    assert result.returncode == 0, result.stderr
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "case"), cases(), ids=lambda v: v if isinstance(v, str) else v["inputPath"]
+)
+def test_health_fixture(kind: str, case: dict[str, Any]) -> None:
+    obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
+    assert obj["kind"] == kind
+    assert run_health(kind, obj) == case["healthStatus"]
+
+
+def test_every_kind_has_a_script() -> None:
+    assert sorted(p.name for p in HEALTH.iterdir()) == sorted(KINDS)
+
+
+def _statuses(kind: str) -> dict[str, set[str]]:
+    """value of the kind's status field → health statuses its fixtures expect."""
+    field = "printableStatus" if kind == "VirtualMachine" else "phase"
+    seen: dict[str, set[str]] = {}
+    for k, case in cases():
+        if k != kind:
+            continue
+        obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
+        value = (obj.get("status") or {}).get(field)
+        if value:
+            seen.setdefault(value, set()).add(case["healthStatus"]["status"])
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("kind", "values"),
+    [
+        ("VirtualMachine", [s.value for s in PrintableStatus]),
+        ("VMSnapshot", [s.value for s in SnapshotPhase]),
+        ("VMRestore", [s.value for s in RestorePhase]),
+        ("VMMigration", [s.value for s in MigrationPhase]),
+    ],
+)
+def test_a_fixture_per_status_value(kind: str, values: list[str]) -> None:
+    """Every printableStatus / phase the API can report has at least one fixture."""
+    seen = _statuses(kind)
+    missing = [v for v in values if v not in seen]
+    assert missing == []
+
+
+def _expected(kind: str, fixture: str) -> str:
+    for k, case in cases():
+        if k == kind and case["inputPath"] == f"testdata/{fixture}.yaml":
+            return str(case["healthStatus"]["status"])
+    raise KeyError(fixture)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fixture", "health"),
+    [
+        ("VirtualMachine", "running", "Healthy"),
+        ("VirtualMachine", "stopped-halted", "Healthy"),  # stopped on purpose
+        ("VirtualMachine", "crashloop", "Degraded"),
+        ("VirtualMachine", "failed", "Degraded"),
+        ("VirtualMachine", "stalled-running", "Degraded"),
+        ("VirtualMachine", "scheduling", "Progressing"),
+        ("VirtualMachine", "starting", "Progressing"),
+        ("VirtualMachine", "migrating", "Progressing"),
+        ("VirtualMachine", "generation-behind", "Progressing"),
+        ("VirtualMachine", "unknown", "Unknown"),
+        ("VirtualMachine", "paused", "Suspended"),
+        ("VMSnapshot", "ready", "Healthy"),
+        ("VMSnapshot", "failed", "Degraded"),
+        ("VMRestore", "succeeded", "Healthy"),
+        ("VMRestore", "failed", "Degraded"),
+        ("VMMigration", "succeeded", "Healthy"),
+        ("VMMigration", "failed", "Degraded"),
+        ("VMMigration", "cancelled", "Degraded"),
+    ],
+)
+def test_the_contract(kind: str, fixture: str, health: str) -> None:
+    """The mapping documented in docs/gitops.md, in one place."""
+    assert _expected(kind, fixture) == health
+
+
+@pytest.mark.parametrize("phase", ["Scheduled", "PreparingTarget", "Running", "Pending"])
+def test_migration_phases_in_flight_are_progressing(phase: str) -> None:
+    obj = {"kind": "VMMigration", "metadata": {"name": "m"}, "status": {"phase": phase}}
+    assert run_health("VMMigration", obj)["status"] == "Progressing"
+
+
+def test_json_null_is_nil_as_in_argo_cd() -> None:
+    obj = {"kind": "VirtualMachine", "metadata": {"generation": 1}, "status": None}
+    assert run_health("VirtualMachine", obj)["status"] == "Progressing"
+
+
+def test_only_argo_cd_statuses() -> None:
+    assert {case["healthStatus"]["status"] for _, case in cases()} <= ARGO_STATUSES

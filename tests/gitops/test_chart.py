@@ -1,0 +1,209 @@
+"""The Helm chart, rendered by the pinned helm (built from the Go module proxy, cached).
+
+What is checked here needs no cluster: lint, the values schema refusing bad values,
+least-privilege RBAC (no wildcards), Pod Security of both pods, and that the rendered
+arguments are ones the ``virtfleet`` CLI accepts. e2e/test_chart.py applies the same
+rendering to a real apiserver and runs the processes with the chart's RBAC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from harness import helm as hh
+from virtfleet import crdgen
+from virtfleet.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "virtfleet"
+
+
+def render(*sets: str, check: bool = True, extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    args = ["template", "virtfleet", str(CHART), *extra]
+    for item in sets:
+        args += ["--set", item]
+    result = hh.helm(*args, check=check)
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def default() -> list[dict[str, Any]]:
+    return render()
+
+
+def test_lint_strict() -> None:
+    result = hh.helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_default_objects(default: list[dict[str, Any]]) -> None:
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in default)
+    assert kinds == [
+        ("ClusterRole", "virtfleet-agent"),
+        ("ClusterRole", "virtfleet-controller"),
+        ("ClusterRoleBinding", "virtfleet-agent"),
+        ("ClusterRoleBinding", "virtfleet-controller"),
+        ("DaemonSet", "virtfleet-agent"),
+        ("Deployment", "virtfleet-controller"),
+        ("Namespace", "virtfleet-agent"),
+        ("Namespace", "virtfleet-system"),
+        ("ServiceAccount", "virtfleet-agent"),
+        ("ServiceAccount", "virtfleet-controller"),
+    ]
+
+
+def test_crds_ship_with_the_chart() -> None:
+    docs = render(extra=("--include-crds",))
+    names = sorted(d["metadata"]["name"] for d in by_kind(docs, "CustomResourceDefinition"))
+    assert names == sorted(n.removesuffix(".yaml") for n in crdgen.render_all())
+
+
+def test_namespaces_are_labelled_for_pod_security(default: list[dict[str, Any]]) -> None:
+    levels = {
+        ns["metadata"]["name"]: ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+        for ns in by_kind(default, "Namespace")
+    }
+    assert levels == {"virtfleet-agent": "privileged", "virtfleet-system": "restricted"}
+    assert by_kind(render("namespaces.create=false"), "Namespace") == []
+
+
+@pytest.mark.parametrize(
+    "sets", [(), ("controller.watchNamespaces={a,b-*}", "controller.peering.enabled=true")]
+)
+def test_rbac_has_no_wildcards(sets: tuple[str, ...]) -> None:
+    for role in by_kind(render(*sets), "ClusterRole"):
+        for rule in role["rules"]:
+            for key in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[key], (role["metadata"]["name"], rule)
+            assert not {"delete", "deletecollection", "update", "escalate", "bind"} & set(
+                rule["verbs"]
+            ), rule
+
+
+def rules(docs: list[dict[str, Any]], name: str) -> set[tuple[str, str, str]]:
+    role = one(docs, "ClusterRole", name)
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_controller_rights(default: list[dict[str, Any]]) -> None:
+    granted = rules(default, "virtfleet-controller")
+    assert ("virtfleet.io", "virtualmachines/status", "patch") in granted
+    assert ("", "nodes", "watch") in granted
+    assert not {r for r in granted if r[1] in {"secrets", "pods", "namespaces"}}
+    assert ("", "namespaces", "list") in rules(
+        render("controller.watchNamespaces={apps}"), "virtfleet-controller"
+    )
+
+
+def test_agent_rights(default: list[dict[str, Any]]) -> None:
+    granted = rules(default, "virtfleet-agent")
+    assert ("virtfleet.io", "vmhosts", "create") in granted
+    assert ("", "secrets", "get") in granted
+    assert ("", "secrets", "list") not in granted
+    assert ("", "secrets", "get") not in rules(
+        render("agent.rbac.readSecrets=false"), "virtfleet-agent"
+    )
+
+
+def test_controller_pod_is_restricted(default: list[dict[str, Any]]) -> None:
+    pod = one(default, "Deployment", "virtfleet-controller")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert not [v for v in pod.get("volumes", []) if "hostPath" in v]
+    assert one(default, "Deployment", "virtfleet-controller")["spec"]["replicas"] == 1
+
+
+def test_agent_pod(default: list[dict[str, Any]]) -> None:
+    pod = one(default, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["securityContext"]["privileged"] is True
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert host_paths == {
+        "/var/run/libvirt",
+        "/var/lib/libvirt",
+        "/var/log/libvirt/virtfleet-serial",
+    }
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    probe = container["livenessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz", "port": "health"}
+    assert pod["nodeSelector"] == {"virtfleet.io/hypervisor": "true"}
+
+
+@pytest.mark.parametrize(
+    "sets", [(), ("agent.pools={a,b}", "controller.watchNamespaces={x}", "agent.domainType=qemu")]
+)
+def test_rendered_args_are_accepted_by_the_cli(sets: tuple[str, ...]) -> None:
+    docs = render(*sets)
+    for kind, name in (("DaemonSet", "virtfleet-agent"), ("Deployment", "virtfleet-controller")):
+        (container,) = one(docs, kind, name)["spec"]["template"]["spec"]["containers"]
+        args = build_parser().parse_args(container["args"])
+        assert args.command == container["args"][0]
+    agent = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]
+    parsed = build_parser().parse_args(agent[0]["args"])
+    assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+
+
+def test_image_digest_wins_over_tag(default: list[dict[str, Any]]) -> None:
+    ds = one(default, "DaemonSet", "virtfleet-agent")
+    assert ds["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.0")
+    digest = "sha256:" + "a" * 64
+    docs = render(f"image.digest={digest}")
+    image = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"][0]
+    assert image["image"] == f"ghcr.io/virtfleet/virtfleet@{digest}"
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        ("agent.bogus=1", "Additional property bogus is not allowed"),
+        ("controller.replicas=2", "less than or equal to 1"),
+        ("agent.domainType=xen", "agent.domainType"),
+        ("image.digest=latest", "image.digest"),
+        ("agent.workers=0", "agent.workers"),
+        ("agent.serialLogDir=relative/path", "agent.serialLogDir"),
+    ],
+)
+def test_schema_refuses_bad_values(sets: str, complaint: str) -> None:
+    result = hh.helm("template", "virtfleet", str(CHART), "--set", sets, check=False)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+
+
+def test_peering_allows_replicas() -> None:
+    docs = render("controller.replicas=2", "controller.peering.enabled=true")
+    deployment = one(docs, "Deployment", "virtfleet-controller")
+    assert deployment["spec"]["replicas"] == 2
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--peering=virtfleet-controller" in container["args"]
+
+
+def test_argocd_health_configmap_carries_every_script() -> None:
+    docs = render("argocd.healthChecks=true")
+    (cm,) = by_kind(docs, "ConfigMap")
+    for path in (CHART / "health").glob("*/*/health.lua"):
+        key = f"resource.customizations.health.{path.parent.parent.name}_{path.parent.name}"
+        assert cm["data"][key] == path.read_text()
