@@ -96,6 +96,8 @@ DEFAULT_NAMES: tuple[str, ...] = ("node-a", "node-b")
 #: Override with ``up(port_base=...)`` or ``$VIRTFLEET_NODE_PORT_BASE``.
 DEFAULT_PORT_BASE = 16610
 #: node i gets QEMU migration/NBD ports MIGRATION_PORT_BASE + 32*i ... + 31.
+#: Override with ``$VIRTFLEET_MIGRATION_PORT_BASE`` when another system on this machine
+#: migrates at the same time (QEMU would otherwise fail with "address in use").
 MIGRATION_PORT_BASE = 49152
 
 IMAGES_POOL = "virtfleet-images"
@@ -356,7 +358,8 @@ def _prepare_dirs(node: Node, index: int) -> None:
             "log_outputs": _q("3:file:/var/log/libvirt/libvirtd.log"),
         },
     )
-    mig_min = MIGRATION_PORT_BASE + 32 * index
+    base = int(os.environ.get("VIRTFLEET_MIGRATION_PORT_BASE", MIGRATION_PORT_BASE))
+    mig_min = base + 32 * index
     _set_conf(
         etc / "qemu.conf",
         {

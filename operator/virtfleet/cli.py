@@ -101,6 +101,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         image_pool=args.image_pool,
         default_pool=args.default_pool,
         disk_pools=tuple(args.pool or (args.default_pool,)),
+        shared_pools=tuple(args.shared_pool or ()),
         serial_log_dir=args.serial_log_dir,
         workers=args.workers,
         resync_seconds=args.resync_seconds,
@@ -159,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--default-pool", default="virtfleet-local", help="pool of disks")
     agent.add_argument(
         "--pool", action="append", metavar="NAME", help="a pool VM disks may use (repeatable)"
+    )
+    agent.add_argument(
+        "--shared-pool",
+        action="append",
+        metavar="NAME",
+        help="a --pool every node sees at the same path (not copied by migrations; repeatable)",
     )
     agent.add_argument("--serial-log-dir", default="/var/log/libvirt/virtfleet-serial")
     agent.add_argument("--workers", type=int, default=8)

@@ -211,4 +211,4 @@ def test_the_registry_holds_event_handlers_only() -> None:
     registry = controller.registry()
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
-    assert len(registry._watching.get_all_handlers()) == 3
+    assert len(registry._watching.get_all_handlers()) == 4  # VMs, VMHosts, VMMigrations, Nodes

@@ -87,6 +87,17 @@ class Agent:
         placed = (body.get("status") or {}).get("nodeName")
         return labelled == node and placed in (None, node)
 
+    def forget(self, key: Key) -> None:
+        """Drop a VM that left this node (migrated away): no more reconciles of it here.
+
+        Needed because the watch is filtered by the node label: once the label names
+        another node, this agent gets no event saying the VM is not its own any more.
+        """
+        old = self.cache.pop(key, None)
+        if old is not None:
+            self.by_uid.pop(str(old["metadata"]["uid"]), None)
+        self.queue.forget(key)
+
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)
         if key is not None:

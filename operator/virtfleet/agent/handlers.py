@@ -15,6 +15,7 @@ from typing import Any
 import kopf
 
 from virtfleet.agent import health
+from virtfleet.agent import migrations as migration_loops
 from virtfleet.agent import snapshots as snapshot_loops
 from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.host import heartbeat, sweep_orphans
@@ -55,7 +56,11 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     def snaps() -> snapshot_loops.SnapshotAgent:
         return holder["snapshots"]  # type: ignore[no-any-return]
 
+    def migrations() -> migration_loops.MigrationAgent:
+        return holder["migrations"]  # type: ignore[no-any-return]
+
     snapshot_loops.register(registry, settings, snaps)
+    migration_loops.register(registry, settings, migrations)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -73,6 +78,9 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         # One lock per VM, shared with the snapshot/restore loops (they must not interleave).
         locks = snapshot_loops.VmLocks()
         holder["snapshots"], snapshot_tasks = snapshot_loops.start(the_agent, locks)
+        holder["migrations"], migration_tasks = migration_loops.start(
+            the_agent, locks, holder["snapshots"]
+        )
         await hv.open()
         holder["tasks"] = [
             asyncio.create_task(
@@ -80,6 +88,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             ),
             asyncio.create_task(_periodic(the_agent), name="node-periodic"),
             *snapshot_tasks,
+            *migration_tasks,
         ]
         log.info("agent started", libvirt=settings.libvirt_uri)
 
@@ -90,6 +99,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             return
         await the_agent.queue.stop()
         await snapshot_loops.stop(holder["snapshots"])
+        await holder["migrations"].queue.stop()
         for task in holder.get("tasks", []):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -22,6 +22,9 @@ class AgentSettings:
     default_pool: str = "virtfleet-local"
     #: Every pool whose volumes the agent may create and delete for VMs.
     disk_pools: tuple[str, ...] = ("virtfleet-local",)
+    #: Pools (among ``disk_pools``) that every node sees at the same path: a migration
+    #: leaves their disks in place instead of copying them, and never deletes them.
+    shared_pools: tuple[str, ...] = ()
     #: Directory (on the node) where guests' serial consoles are written.
     serial_log_dir: str = "/var/log/libvirt/virtfleet-serial"
     #: Reconciles running at once (each holds one VM; long stops hold a worker).

@@ -27,10 +27,11 @@ from typing import Any
 
 import kopf
 
-from virtfleet.api.resources import VIRTUAL_MACHINE, VM_HOST
+from virtfleet.api.resources import VIRTUAL_MACHINE, VM_HOST, VM_MIGRATION
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions
 from virtfleet.controller.cache import FleetCache
+from virtfleet.controller.migrations import MigrationScheduler
 from virtfleet.controller.placement import INVALID_SPEC, Placement, Unschedulable, place
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.views import Key, VmView
@@ -74,6 +75,8 @@ class Controller:
         self.queue: WorkQueue[Key] = WorkQueue(name="vms", workers=self.settings.workers)
         self._placing = asyncio.Lock()
         self._log = get_logger("virtfleet.controller")
+        #: VMMigration scheduling (validation, target choice); reads this fleet cache.
+        self.migrations = MigrationScheduler(self)
 
     # --- intake (called from kopf's on.event handlers) ------------------------------------
 
@@ -293,6 +296,10 @@ class Controller:
         async def _host(event: Mapping[str, Any], **_: Any) -> None:
             self.host_event(event.get("type"), event["object"])
 
+        @kopf.on.event(API_GROUP, API_VERSION, VM_MIGRATION.plural, registry=registry)
+        async def _migration(event: Mapping[str, Any], **_: Any) -> None:
+            self.migrations.event(event.get("type"), event["object"])
+
         @kopf.on.event("v1", "nodes", registry=registry)
         async def _node(event: Mapping[str, Any], **_: Any) -> None:
             self.node_event(event.get("type"), event["object"])
@@ -313,6 +320,9 @@ class Controller:
         background = [
             asyncio.create_task(self.queue.run(self.reconcile), name="controller-queue"),
             asyncio.create_task(self.periodic(), name="controller-periodic"),
+            asyncio.create_task(
+                self.migrations.queue.run(self.migrations.reconcile), name="migration-queue"
+            ),
         ]
         try:
             await kopf.operator(
@@ -325,6 +335,7 @@ class Controller:
             )
         finally:
             await self.queue.stop()
+            await self.migrations.queue.stop()
             for task in background:
                 task.cancel()
             for task in background:

@@ -1,0 +1,646 @@
+"""The source node's part of a VMMigration: prepare the target, migrate, hand the VM over.
+
+The agent of the VM's node (``status.sourceNode``) acts on a ``Scheduled`` migration:
+
+1. checks (VM here and running; snapshots do not block: ``snapshots_block_migration``);
+2. adopts the VMMigration (its node label and this agent's finalizer, so deleting the
+   object cancels the job) and stores ``Running`` with a compare-and-swap — the
+   commitment: a second agent, or this one after a restart, never starts it again;
+3. creates the node-local volumes on the *target* over a connection to the target's
+   libvirtd (``VMHost.status.migrationURI``). The source does it because it already
+   resolved the VM's disks and holds the spec: no hand-shake between two agents, no
+   extra phase to recover, and the P2P migration needs that same link anyway;
+4. runs ``migrateToURI3`` in the long executor while polling ``jobStats()`` every
+   second, publishing ``status.progress`` at most every 1.5 s;
+5. hands over: ``status.nodeName`` first (compare-and-swap), then the label and the
+   finalizer swap (``agent-<source>`` → ``agent-<target>``) in one metadata write with a
+   resourceVersion; then forgets the VM and deletes its node-local volumes here.
+
+The whole job holds the VM's lock (:class:`VmLocks`), so the VM loop never "heals" a
+domain in the middle of leaving. A restart that finds ``Running`` and no job of its own
+decides by where the domain runs (:func:`job_outcome`): finish the hand-over, or fail
+with ``Interrupted`` (the VM still runs here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import kopf
+from lxml import etree
+from pydantic import ValidationError
+
+from virtfleet.agent.agent import Agent, Key, _resource_version, key_of
+from virtfleet.agent.driver import seed_volume_name, volume_name
+from virtfleet.agent.seed import build_iso, seed_files
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.migration import (
+    MigrationPhase,
+    MigrationProgress,
+    VMMigrationSpec,
+    VMMigrationStatus,
+)
+from virtfleet.api.snapshot import RestorePhase, SnapshotPhase, VMSnapshotStatus
+from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec
+from virtfleet.hypervisor import Guest, Hypervisor, HypervisorSettings, VolumeRef, storage
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.hypervisor import migration as hv_migration
+from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, node_finalizer
+from virtfleet.logs import get_logger
+from virtfleet.reconcile.migration import (
+    DomainWhere,
+    failed_status,
+    job_outcome,
+    progress_of,
+    running_status,
+    should_publish,
+    succeeded_status,
+)
+from virtfleet.reconcile.snapshot import SnapshotOnNode, snapshots_block_migration
+from virtfleet.runtime.kube import Conflict, KubeError, NotFound
+from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.status import status_patch
+
+if TYPE_CHECKING:
+    from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+
+#: jobStats() poll period while the job runs.
+POLL_SECONDS = 1.0
+DELETE_WAIT_SECONDS = 20.0
+
+
+class RefusalError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _data_uri(dest_uri: str) -> str | None:
+    """``tcp://<host>`` of the target's libvirt URI: QEMU's stream goes to the same host."""
+    rest = dest_uri.split("://", 1)[-1]
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return f"tcp://{host}" if host else None
+
+
+def _disk_targets(xml: str, paths: Mapping[str, str]) -> list[str]:
+    """Target devs (``vda``) of the disks whose source file is one of ``paths``' values."""
+    root = etree.fromstring(xml.encode())
+    wanted = set(paths.values())
+    out = []
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        target = disk.find("target")
+        if source is not None and target is not None and source.get("file") in wanted:
+            out.append(str(target.get("dev")))
+    return out
+
+
+class MigrationAgent:
+    """VMMigrations leaving this node (see the module doc)."""
+
+    def __init__(self, agent: Agent, locks: VmLocks, snaps: SnapshotAgent) -> None:
+        self.agent = agent
+        self.locks = locks
+        self.snaps = snaps
+        self.kube = agent.kube
+        self.hv = agent.hv
+        self.settings = agent.settings
+        self.node = agent.settings.node_name
+        self.cache: dict[Key, dict[str, Any]] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(name="vmmigrations", workers=4)
+        #: Jobs running in this process: the guest (to abort) and whether it was cancelled.
+        self.jobs: dict[Key, Guest] = {}
+        self.cancelled: set[Key] = set()
+        self.done: dict[Key, asyncio.Event] = {}
+        self.log = get_logger("virtfleet.agent.migrations", node=self.node)
+
+    # --- signals ----------------------------------------------------------------------
+
+    def on_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        if event_type == "DELETED":
+            self.cache.pop(key, None)
+            self.queue.forget(key)
+            return
+        cached = self.cache.get(key)
+        if cached is not None and _resource_version(cached) > _resource_version(body):
+            return
+        self.cache[key] = dict(body)
+        if (body.get("status") or {}).get("sourceNode") == self.node:
+            self.queue.add(key)
+
+    def resync(self) -> None:
+        for key, body in self.cache.items():
+            if (body.get("status") or {}).get("sourceNode") == self.node:
+                self.queue.add(key)
+
+    async def cancel(self, key: Key, timeout: float) -> bool:
+        """For the kopf deletion handler: abort a running job; True once nothing runs."""
+        guest = self.jobs.get(key)
+        if guest is None:
+            self.queue.add(key)
+            phase = (self.cache.get(key, {}).get("status") or {}).get("phase")
+            return phase not in (MigrationPhase.SCHEDULED.value, MigrationPhase.RUNNING.value)
+        self.cancelled.add(key)
+        self.log.info("cancelling migration", namespace=key[0], vmmigration=key[1])
+        with contextlib.suppress(hv_errors.HypervisorError):
+            await hv_migration.abort(guest)
+        done = self.done.setdefault(key, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout)
+        return done.is_set()
+
+    # --- the reconcile ----------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.cache.get(key)
+        if body is None or key in self.jobs:
+            return None
+        status = VMMigrationStatus.model_validate(body.get("status") or {})
+        if status.source_node != self.node:
+            return None
+        try:
+            spec = VMMigrationSpec.model_validate(body.get("spec") or {})
+        except ValidationError:
+            return None  # the controller refuses it
+        deleting = bool(body["metadata"].get("deletionTimestamp"))
+        log = self.log.bind(namespace=key[0], vmmigration=key[1], vm=spec.vm_name)
+        if status.phase is MigrationPhase.SCHEDULED:
+            if deleting:
+                await self._finish(key, "Cancelled", "deleted before it started", cancel=True)
+                return None
+            return await self._start(key, spec, status, log)
+        if status.phase is MigrationPhase.RUNNING:
+            return await self._recover(key, spec, status, log)
+        return None
+
+    async def _start(
+        self, key: Key, spec: VMMigrationSpec, status: VMMigrationStatus, log: Any
+    ) -> float | None:
+        vm_key = (key[0], spec.vm_name)
+        async with self.locks.lock(vm_key):
+            vm_body = self.agent.cache.get(vm_key)
+            try:
+                if vm_body is None or not self.agent.is_mine(vm_body):
+                    raise RefusalError("VMNotOnSource", f"the VM is not on {self.node}")
+                guest = await self.hv.lookup(str(vm_body["metadata"]["uid"]))
+                if guest is None or not (await guest.status()).state.active:
+                    raise RefusalError("VMNotRunning", "a live migration needs a running VM")
+                vm_spec = VirtualMachineSpec.model_validate(vm_body.get("spec") or {})
+                self._check_snapshots(key[0], spec.vm_name, vm_spec)
+                dest_uri = await self._target_uri(status.target_node or "")
+            except RefusalError as exc:
+                log.warning("migration refused", reason=exc.reason, error=exc.message)
+                await self._finish(key, exc.reason, exc.message)
+                return None
+            if not await self._adopt(key):
+                return 1.0
+            body = self.cache[key]
+            wanted = running_status(status, int(body["metadata"].get("generation", 1)), _now())
+            if not await self._write_status(key, wanted, cas=True):
+                return 1.0  # changed meanwhile (deleted, or another writer): decide again
+            log.info("migration started", target=status.target_node, uri=dest_uri)
+            await self._vm_printable(vm_key, PrintableStatus.MIGRATING)
+            self.jobs[key] = guest
+            try:
+                await self._run(key, spec, vm_body, vm_spec, guest, dest_uri, log)
+            finally:
+                self.jobs.pop(key, None)
+                self.cancelled.discard(key)
+                self.done.setdefault(key, asyncio.Event()).set()
+        return None
+
+    def _check_snapshots(self, namespace: str, vm_name: str, vm_spec: VirtualMachineSpec) -> None:
+        snaps = []
+        for (ns, name), body in self.snaps.snapshots.items():
+            if ns != namespace or (body.get("spec") or {}).get("vmName") != vm_name:
+                continue
+            st = VMSnapshotStatus.model_validate(body.get("status") or {})
+            if st.phase is SnapshotPhase.FAILED:
+                continue
+            snaps.append(SnapshotOnNode(name, st.phase, st.snapshot_name, bool(st.snapshot_xml)))
+        restoring = next(
+            (
+                name
+                for (ns, name), body in self.snaps.restores.items()
+                if ns == namespace
+                and (body.get("spec") or {}).get("vmName") == vm_name
+                and (body.get("status") or {}).get("phase") == RestorePhase.IN_PROGRESS.value
+            ),
+            None,
+        )
+        shared = all(
+            (d.pool or self.settings.default_pool) in self.settings.shared_pools
+            for d in vm_spec.disks
+        )
+        reason = snapshots_block_migration(
+            snaps, shared_storage=shared, restore_in_progress=restoring
+        )
+        if reason is not None:
+            raise RefusalError("SnapshotsBlockMigration", reason)
+        if any(s.phase is SnapshotPhase.READY for s in snaps):
+            raise RefusalError(
+                "SnapshotsBlockMigration",
+                "moving snapshot metadata along with a migration is not implemented yet: "
+                "delete the VM's snapshots first",
+            )
+
+    async def _target_uri(self, target: str) -> str:
+        try:
+            host = await self.kube.get("VMHost", None, target)
+        except NotFound as exc:
+            raise RefusalError("TargetUnavailable", f"node {target} has no VMHost") from exc
+        uri = (host.get("status") or {}).get("migrationURI")
+        if not uri:
+            raise RefusalError("TargetUnavailable", f"VMHost {target} reports no migrationURI")
+        return str(uri)
+
+    async def _run(
+        self,
+        key: Key,
+        spec: VMMigrationSpec,
+        vm_body: Mapping[str, Any],
+        vm_spec: VirtualMachineSpec,
+        guest: Guest,
+        dest_uri: str,
+        log: Any,
+    ) -> None:
+        uid = str(vm_body["metadata"]["uid"])
+        target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
+        try:
+            await target.open()
+            copy_paths, shared = await self._prepare_target(target, vm_body, vm_spec, uid)
+            request = hv_migration.MigrationRequest(
+                dest_uri=dest_uri,
+                data_uri=_data_uri(dest_uri),
+                copy_disks=_disk_targets(await guest.xml(), copy_paths),
+                shared_disks=shared,
+                bandwidth_mibps=spec.policy.bandwidth_mibps,
+                max_downtime_ms=spec.policy.max_downtime_ms,
+                auto_converge=spec.policy.auto_converge,
+            )
+            error = await self._migrate(key, guest, request, log)
+            where = await self._where(uid, target)
+            outcome = job_outcome(where)
+            log.info("migration job ended", outcome=outcome, error=error)
+            if outcome == "succeeded":
+                await self._handoff(key, (key[0], spec.vm_name), uid, target, log)
+            elif key in self.cancelled:
+                await self._finish(key, "Cancelled", "deleted while running", cancel=True)
+                await self._vm_released((key[0], spec.vm_name))
+            else:
+                await self._finish(key, "MigrationFailed", error or "the job ended; VM stays")
+                await self._vm_released((key[0], spec.vm_name))
+        except RefusalError as exc:
+            await self._finish(key, exc.reason, exc.message)
+            await self._vm_released((key[0], spec.vm_name))
+        except hv_errors.HypervisorError as exc:
+            await self._finish(key, "TargetUnavailable", str(exc))
+            await self._vm_released((key[0], spec.vm_name))
+        finally:
+            with contextlib.suppress(Exception):
+                await target.close()
+
+    async def _prepare_target(
+        self, target: Hypervisor, vm_body: Mapping[str, Any], vm_spec: VirtualMachineSpec, uid: str
+    ) -> tuple[dict[str, str], bool]:
+        """Node-local volumes made on the target (same pool, same name, so the same path).
+
+        Returns the source paths of the disks to copy, and whether any disk is shared.
+        """
+        copy_paths: dict[str, str] = {}
+        shared = False
+        for disk in vm_spec.disks:
+            pool = disk.pool or self.settings.default_pool
+            name = volume_name(uid, disk.name)
+            if pool in self.settings.shared_pools:
+                shared = True
+                continue
+            source = await storage.lookup_volume(self.hv, pool, name)
+            if source is None:
+                raise RefusalError(
+                    "VolumeMissing", f"disk {disk.name!r} has no volume on {self.node}"
+                )
+            copy_paths[disk.name] = source.path
+            if await storage.lookup_volume(target, pool, name) is not None:
+                continue  # made by an earlier attempt: same name, same size
+            if disk.source.image is not None:
+                await storage.create_overlay(
+                    target,
+                    pool,
+                    name,
+                    VolumeRef(self.settings.image_pool, disk.source.image),
+                    source.capacity,
+                )
+            else:
+                await storage.create_blank(target, pool, name, source.capacity)
+        if vm_spec.cloud_init is not None:
+            # Read-only seed: not copied by the migration, made again (same bytes) there.
+            user_data = vm_spec.cloud_init.user_data
+            ref = vm_spec.cloud_init.user_data_secret_ref
+            if ref is not None:
+                ns = str(vm_body["metadata"]["namespace"])
+                user_data = (await self.kube.get_secret_key(ns, ref.name, ref.key)).decode()
+            files = seed_files(
+                uid=uid,
+                hostname=str(vm_body["metadata"]["name"]),
+                user_data=user_data,
+                network_data=vm_spec.cloud_init.network_data,
+            )
+            await storage.upload(
+                target, self.settings.default_pool, seed_volume_name(uid), build_iso(files)
+            )
+        return copy_paths, shared
+
+    async def _migrate(
+        self, key: Key, guest: Guest, request: hv_migration.MigrationRequest, log: Any
+    ) -> str | None:
+        """Run the job, publishing progress; the job's error message, if it failed."""
+        job = asyncio.create_task(hv_migration.migrate(guest, request))
+        last: MigrationProgress | None = None
+        last_at = 0.0
+        while True:
+            done, _ = await asyncio.wait({job}, timeout=POLL_SECONDS)
+            if done:
+                break
+            try:
+                sample = await guest.job_progress()
+            except hv_errors.HypervisorError:
+                continue
+            if not sample.active:
+                continue
+            progress = progress_of(sample)
+            if should_publish(last, progress, time.monotonic() - last_at):
+                body = self.cache.get(key)
+                if body is not None:
+                    st = VMMigrationStatus.model_validate(body.get("status") or {})
+                    await self._write_status(key, st.model_copy(update={"progress": progress}))
+                last, last_at = progress, time.monotonic()
+                log.debug("progress", percent=progress.percent, iteration=progress.iteration)
+        try:
+            job.result()
+        except hv_errors.HypervisorError as exc:
+            return str(exc)
+        return None
+
+    async def _where(self, uid: str, target: Hypervisor) -> DomainWhere:
+        async def state(hv: Hypervisor) -> tuple[bool, bool]:
+            guest = await hv.lookup(uid)
+            if guest is None:
+                return False, False
+            try:
+                return True, (await guest.status()).state.active
+            except hv_errors.NotFound:
+                return False, False
+
+        on_source, source_active = await state(self.hv)
+        on_target, target_active = await state(target)
+        return DomainWhere(on_source, source_active, on_target, target_active)
+
+    async def _recover(
+        self, key: Key, spec: VMMigrationSpec, status: VMMigrationStatus, log: Any
+    ) -> float | None:
+        """``Running`` but no job here: this agent restarted mid-way. Decide by the domain."""
+        vm_key = (key[0], spec.vm_name)
+        vm_body = self.agent.cache.get(vm_key)
+        if vm_body is None:
+            with contextlib.suppress(KubeError):
+                vm_body = await self.kube.get("VirtualMachine", key[0], spec.vm_name)
+        if vm_body is None:
+            await self._finish(key, "VMNotFound", "the VM is gone")
+            return None
+        uid = str(vm_body["metadata"]["uid"])
+        try:
+            dest_uri = await self._target_uri(status.target_node or "")
+        except RefusalError as exc:
+            await self._finish(key, exc.reason, exc.message)
+            return None
+        target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
+        try:
+            await target.open()
+            async with self.locks.lock(vm_key):
+                outcome = job_outcome(await self._where(uid, target))
+                log.info("recovering an interrupted migration", outcome=outcome)
+                if outcome == "succeeded":
+                    await self._handoff(key, vm_key, uid, target, log)
+                elif outcome == "failed":
+                    await self._finish(key, "Interrupted", "the agent restarted during the job")
+                    await self._vm_released(vm_key)
+                else:
+                    return 5.0  # a job may still run in libvirtd: look again
+        except hv_errors.HypervisorError as exc:
+            log.warning("cannot look at the target", error=str(exc))
+            return 5.0
+        finally:
+            with contextlib.suppress(Exception):
+                await target.close()
+        return None
+
+    # --- hand-over --------------------------------------------------------------------
+
+    async def _handoff(self, key: Key, vm_key: Key, uid: str, target: Hypervisor, log: Any) -> None:
+        body = self.cache[key]
+        status = VMMigrationStatus.model_validate(body.get("status") or {})
+        node = status.target_node or ""
+        downtime = await self._downtime(uid, target)
+        for _ in range(10):
+            try:
+                vm = await self.kube.get("VirtualMachine", *vm_key)
+            except NotFound:
+                break
+            meta = vm["metadata"]
+            try:
+                if (vm.get("status") or {}).get("nodeName") != node:
+                    vm = await self.kube.patch_status(
+                        "VirtualMachine",
+                        *vm_key,
+                        {"nodeName": node, "printableStatus": PrintableStatus.RUNNING.value},
+                        resource_version=str(meta.get("resourceVersion")),
+                    )
+                    meta = vm["metadata"]
+                mine = self.settings.finalizer
+                finalizers = [f for f in meta.get("finalizers") or [] if f != mine]
+                if node_finalizer(node) not in finalizers:
+                    finalizers.append(node_finalizer(node))
+                await self.kube.patch(
+                    "VirtualMachine",
+                    *vm_key,
+                    {
+                        "metadata": {
+                            "labels": {NODE_LABEL: node},
+                            "finalizers": finalizers,
+                            "resourceVersion": meta.get("resourceVersion"),
+                        }
+                    },
+                )
+                break
+            except Conflict:
+                await asyncio.sleep(0.2)
+        self.agent.forget(vm_key)
+        deleted = await self._delete_local_volumes(uid)
+        log.info("migration succeeded", target=node, downtime_ms=downtime, deleted=deleted)
+        now = _now()
+        wanted = succeeded_status(status, int(body["metadata"].get("generation", 1)), downtime, now)
+        await self._write_status(key, wanted)
+
+    async def _downtime(self, uid: str, target: Hypervisor) -> int | None:
+        """The measured downtime, from the target's record of the completed incoming job."""
+        import libvirt
+
+        guest = await target.lookup(uid)
+        if guest is None:
+            return None
+        try:
+            stats = await guest.executors.run(
+                guest.handle.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+            )
+        except hv_errors.HypervisorError:
+            return None
+        value = stats.get("downtime")
+        return int(value) if isinstance(value, int) else None
+
+    async def _delete_local_volumes(self, uid: str) -> list[str]:
+        deleted = []
+        for pool in self.settings.pools:
+            if pool in self.settings.shared_pools:
+                continue  # the target uses these very files now
+            try:
+                volumes = await storage.list_volumes(self.hv, pool)
+            except hv_errors.HypervisorError:
+                continue
+            for volume in volumes:
+                if volume.name.startswith(f"{uid}-"):
+                    with contextlib.suppress(hv_errors.HypervisorError):
+                        await storage.delete_volume(self.hv, pool, volume.name)
+                        deleted.append(f"{pool}/{volume.name}")
+        return deleted
+
+    # --- writing ----------------------------------------------------------------------
+
+    async def _adopt(self, key: Key) -> bool:
+        """Node label and this agent's finalizer: deleting the object now cancels the job."""
+        body = self.cache[key]
+        meta = body["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if (
+            self.settings.finalizer in finalizers
+            and (meta.get("labels") or {}).get(NODE_LABEL) == self.node
+        ):
+            return True
+        if self.settings.finalizer not in finalizers:
+            finalizers.append(self.settings.finalizer)
+        try:
+            updated = await self.kube.patch(
+                "VMMigration",
+                *key,
+                {
+                    "metadata": {
+                        "labels": {NODE_LABEL: self.node},
+                        "finalizers": finalizers,
+                        "resourceVersion": meta.get("resourceVersion"),
+                    }
+                },
+            )
+        except (Conflict, NotFound):
+            return False
+        self.cache[key] = dict(updated)
+        return True
+
+    async def _finish(self, key: Key, reason: str, message: str, *, cancel: bool = False) -> None:
+        body = self.cache.get(key)
+        if body is None:
+            return
+        status = VMMigrationStatus.model_validate(body.get("status") or {})
+        phase = MigrationPhase.CANCELLED if cancel else MigrationPhase.FAILED
+        wanted = failed_status(
+            status, int(body["metadata"].get("generation", 1)), reason, message, _now(), phase=phase
+        )
+        await self._write_status(key, wanted)
+
+    async def _write_status(
+        self, key: Key, status: VMMigrationStatus, *, cas: bool = False
+    ) -> bool:
+        body = self.cache.get(key)
+        if body is None:
+            return False
+        patch = status_patch(body.get("status"), status.to_wire())
+        if patch is None:
+            return True
+        version = str(body["metadata"].get("resourceVersion")) if cas else None
+        try:
+            updated = await self.kube.patch_status(
+                "VMMigration", *key, patch, resource_version=version
+            )
+        except Conflict:
+            with contextlib.suppress(KubeError):
+                self.cache[key] = dict(await self.kube.get("VMMigration", *key))
+            return False
+        except NotFound:
+            return False
+        self.cache[key] = dict(updated)
+        return True
+
+    async def _vm_printable(self, vm_key: Key, printable: PrintableStatus) -> None:
+        """``Migrating`` while the job runs (the VM loop is locked out meanwhile)."""
+        with contextlib.suppress(KubeError):
+            updated = await self.kube.patch_status(
+                "VirtualMachine", *vm_key, {"printableStatus": printable.value}
+            )
+            if vm_key in self.agent.cache:
+                self.agent.cache[vm_key] = dict(updated)
+
+    async def _vm_released(self, vm_key: Key) -> None:
+        """The VM stays here: let its loop look again (and report Running)."""
+        self.agent.queue.add(vm_key)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- kopf wiring -----------------------------------------------------------------------
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    settings: AgentSettings,
+    get: Callable[[], MigrationAgent],
+) -> None:
+    """Watch every VMMigration; hold this node's finalizer on those it adopted (cancel)."""
+    on_node = {NODE_LABEL: settings.node_name}
+
+    @kopf.on.event(API_GROUP, API_VERSION, "vmmigrations", registry=registry)  # type: ignore[arg-type]
+    def vmmigration_event(event: dict[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if isinstance(obj, dict):
+            get().on_event(event.get("type"), copy.deepcopy(obj))
+
+    @kopf.on.delete(API_GROUP, API_VERSION, "vmmigrations", labels=on_node, registry=registry)
+    async def vmmigration_delete(body: Any, **_: Any) -> None:
+        if not await get().cancel(key_of(body), DELETE_WAIT_SECONDS):
+            raise kopf.TemporaryError("cancelling the migration", delay=1)
+
+
+def start(
+    agent: Agent, locks: VmLocks, snaps: SnapshotAgent
+) -> tuple[MigrationAgent, list[asyncio.Task[None]]]:
+    migrations = MigrationAgent(agent, locks, snaps)
+    tasks = [
+        asyncio.create_task(migrations.queue.run(migrations.reconcile), name="vmmigration-queue"),
+        asyncio.create_task(_resync(migrations), name="vmmigration-resync"),
+    ]
+    return migrations, tasks
+
+
+async def _resync(migrations: MigrationAgent) -> None:
+    while True:
+        await asyncio.sleep(migrations.settings.resync_seconds)
+        migrations.resync()

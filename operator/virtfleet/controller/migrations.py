@@ -1,0 +1,140 @@
+"""The controller's part of a VMMigration: validate it and pick (or check) the target.
+
+Thin: the watch keeps a cache of VMMigrations; one reconcile per migration reads the
+controller's fleet cache, asks :func:`virtfleet.reconcile.migration.decide_schedule`,
+and writes ``Scheduled`` (source, target) or ``Failed`` with a reason — with a
+resourceVersion precondition, so two deciders (or a decider and the agent) never both
+write. Only unscheduled migrations are looked at: from ``Scheduled`` on, the source
+node's agent owns the object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from virtfleet.api.migration import MigrationPhase, VMMigrationSpec, VMMigrationStatus
+from virtfleet.api.resources import VM_MIGRATION
+from virtfleet.controller.views import Key, parse_time
+from virtfleet.logs import get_logger
+from virtfleet.reconcile.migration import (
+    MigrationRef,
+    Refused,
+    VmFacts,
+    competing,
+    decide_schedule,
+    failed_status,
+    scheduled_status,
+)
+from virtfleet.runtime.kube import Conflict, NotFound
+from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.status import status_patch
+
+if TYPE_CHECKING:
+    from virtfleet.controller.controller import Controller
+
+
+def _phase(body: Mapping[str, Any]) -> MigrationPhase | None:
+    raw = (body.get("status") or {}).get("phase")
+    try:
+        return MigrationPhase(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _ref(body: Mapping[str, Any]) -> MigrationRef:
+    meta = body.get("metadata") or {}
+    created = parse_time(meta.get("creationTimestamp")) or datetime.now(UTC)
+    return MigrationRef(name=str(meta.get("name")), created=created, phase=_phase(body))
+
+
+class MigrationScheduler:
+    """VMMigration scheduling inside one :class:`Controller` (shares its fleet cache)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.cache: dict[Key, dict[str, Any]] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(name="vmmigrations", workers=2)
+        self.log = get_logger("virtfleet.controller.migrations")
+
+    def event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        if event_type == "DELETED":
+            self.cache.pop(key, None)
+            self.queue.forget(key)
+        else:
+            self.cache[key] = dict(body)
+        # A migration that ends (or goes) may unblock another one of the same VM.
+        vm_name = (body.get("spec") or {}).get("vmName")
+        for other, obj in self.cache.items():
+            same_vm = other[0] == key[0] and (obj.get("spec") or {}).get("vmName") == vm_name
+            if same_vm and _phase(obj) in (None, MigrationPhase.PENDING):
+                self.queue.add(other)
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.cache.get(key)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        if _phase(body) not in (None, MigrationPhase.PENDING):
+            return None  # scheduled (or over): the source agent's business from here on
+        meta = body["metadata"]
+        generation = int(meta.get("generation") or 1)
+        status = VMMigrationStatus.model_validate(body.get("status") or {})
+        log = self.log.bind(namespace=key[0], vmmigration=key[1])
+        now = self.controller.clock()
+        try:
+            spec = VMMigrationSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            outcome: Any = Refused("InvalidSpec", str(exc).splitlines()[0])
+        else:
+            vm = self.controller.cache.vms.get((key[0], spec.vm_name))
+            facts = (
+                None
+                if vm is None
+                else VmFacts(vm.name, vm.node_name, vm.request, deleting=vm.deleting)
+            )
+            others = [
+                _ref(obj)
+                for other, obj in self.cache.items()
+                if other[0] == key[0] and (obj.get("spec") or {}).get("vmName") == spec.vm_name
+            ]
+            settings = self.controller.settings
+            allocated = self.controller.cache.allocated()
+            outcome = decide_schedule(
+                spec,
+                facts,
+                competing(_ref(body), others),
+                allocated,
+                self.controller.cache.hosts,
+                self.controller.cache.nodes,
+                now=now,
+                heartbeat_timeout=settings.heartbeat_timeout,
+                overcommit=settings.overcommit,
+            )
+        if isinstance(outcome, Refused):
+            wanted = failed_status(status, generation, outcome.reason, outcome.message, now)
+            log.info("migration refused", reason=outcome.reason, message=outcome.message)
+        else:
+            wanted = scheduled_status(status, generation, outcome, now)
+            log.info("migration scheduled", source=outcome.source, target=outcome.target)
+        patch = status_patch(body.get("status"), wanted.to_wire())
+        if patch is None:
+            return None
+        try:
+            updated = await self.controller.kube.patch_status(
+                VM_MIGRATION.kind,
+                key[0],
+                key[1],
+                patch,
+                resource_version=str(meta.get("resourceVersion")),
+            )
+        except Conflict:
+            return 1.0
+        except NotFound:
+            return None
+        self.cache[key] = dict(updated)
+        return None

@@ -1,0 +1,308 @@
+"""Pure decisions of a VMMigration: scheduling, progress, and the end of the job.
+
+No I/O here. The controller asks :func:`decide_schedule` where a migration goes (or why
+it cannot go anywhere) and writes :func:`scheduled_status` / :func:`refused_status`;
+the source node's agent turns ``jobStats()`` into :func:`progress_of` and decides with
+:func:`should_publish` whether a status write is worth it, and with :func:`job_outcome`
+whether a finished job succeeded — by where the domain is, not by the job type, which
+reads ``NONE`` right after a job ended (DESIGN §6, Nova's ``libvirt/migration.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from virtfleet.api.conditions import ConditionStatus
+from virtfleet.api.migration import (
+    MigrationMode,
+    MigrationPhase,
+    MigrationProgress,
+    VMMigrationSpec,
+    VMMigrationStatus,
+)
+from virtfleet.controller.placement import Placement, Unschedulable, place
+from virtfleet.controller.views import HostView, NodeView, VmRequest
+from virtfleet.hypervisor.jobs import JobProgress
+from virtfleet.reconcile.snapshot import MIGRATION_DONE_PHASES, _kstatus
+
+#: Phases in which the source agent may still start, run or finish the job.
+ACTIVE_PHASES = frozenset(p for p in MigrationPhase if p.value not in MIGRATION_DONE_PHASES)
+#: Publish progress at most this often (each publication is one status PATCH).
+PROGRESS_INTERVAL_SECONDS = 1.5
+
+
+@dataclass(frozen=True)
+class MigrationRef:
+    """Another VMMigration of the same VM, as far as the one-at-a-time rule needs it."""
+
+    name: str
+    created: datetime
+    phase: MigrationPhase | None
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    """What scheduling needs from the VM being migrated."""
+
+    name: str
+    node: str | None
+    request: VmRequest | None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+    message: str
+
+
+def _order(ref: MigrationRef) -> tuple[datetime, str]:
+    return ref.created, ref.name
+
+
+def competing(me: MigrationRef, others: Sequence[MigrationRef]) -> list[str]:
+    """Other active migrations of the VM that come first: one migration per VM at a time.
+
+    One that the controller has already scheduled (or that runs) always comes first;
+    among unscheduled ones, the oldest (then the name) wins, so two migrations created at
+    once never both go.
+    """
+    ahead = []
+    for other in others:
+        if other.name == me.name or (other.phase and other.phase.value in MIGRATION_DONE_PHASES):
+            continue
+        if other.phase not in (None, MigrationPhase.PENDING) or _order(other) < _order(me):
+            ahead.append(other.name)
+    return sorted(ahead)
+
+
+def decide_schedule(
+    spec: VMMigrationSpec,
+    vm: VmFacts | None,
+    ahead: Sequence[str],
+    vms_on_nodes: Mapping[str, int],
+    hosts: Mapping[str, HostView],
+    nodes: Mapping[str, NodeView],
+    *,
+    now: datetime,
+    heartbeat_timeout: float,
+    overcommit: float = 1.0,
+) -> Scheduled | Refused:
+    """Where the migration goes, or why it goes nowhere (then it is ``Failed``, for good).
+
+    The target passes the same rules as a first placement (:mod:`controller.placement`:
+    Node exists and is not cordoned, ``nodeSelector``, live agent, free memory), but the
+    source node is never a candidate and ``spec.nodeName`` is replaced by the
+    migration's ``targetNode``.
+    """
+    if spec.mode is not MigrationMode.LIVE:
+        return Refused("Unsupported", "mode Offline is not implemented yet; use mode Live")
+    if spec.policy.post_copy:
+        return Refused("Unsupported", "policy.postCopy is not implemented yet")
+    if vm is None:
+        return Refused("VMNotFound", f"VirtualMachine {spec.vm_name!r} does not exist")
+    if vm.deleting:
+        return Refused("VMDeleting", f"VirtualMachine {vm.name!r} is being deleted")
+    if vm.node is None:
+        return Refused("VMNotPlaced", f"VirtualMachine {vm.name!r} is not placed on a node")
+    if vm.request is None:
+        return Refused("InvalidSpec", f"VirtualMachine {vm.name!r} has an unreadable spec")
+    if ahead:
+        return Refused(
+            "MigrationInProgress",
+            f"another migration of VirtualMachine {vm.name!r} is active: {', '.join(ahead)}",
+        )
+    if spec.target_node == vm.node:
+        return Refused("TargetIsSource", f"the VM already runs on {vm.node}")
+    request = replace(vm.request, node_name=spec.target_node)
+    candidates = {k: v for k, v in nodes.items() if k != vm.node}
+    outcome: Placement | Unschedulable = place(
+        request,
+        vms_on_nodes,
+        {k: v for k, v in hosts.items() if k != vm.node},
+        candidates,
+        now=now,
+        heartbeat_timeout=heartbeat_timeout,
+        overcommit=overcommit,
+    )
+    if isinstance(outcome, Unschedulable):
+        reason = "NoTarget" if spec.target_node is None else "TargetUnsuitable"
+        return Refused(reason, outcome.message)
+    return Scheduled(source=vm.node, target=outcome.node)
+
+
+def _ts(moment: datetime) -> str:
+    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def scheduled_status(
+    status: VMMigrationStatus, generation: int, outcome: Scheduled, now: datetime
+) -> VMMigrationStatus:
+    message = f"scheduled from {outcome.source} to {outcome.target}"
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": MigrationPhase.SCHEDULED,
+            "source_node": outcome.source,
+            "target_node": outcome.target,
+            "conditions": _kstatus(
+                status.conditions,
+                generation,
+                ready=(ConditionStatus.FALSE, "Scheduled", message),
+                reconciling=("Scheduled", message),
+                stalled=None,
+                now=now,
+            ),
+        }
+    )
+
+
+def failed_status(
+    status: VMMigrationStatus,
+    generation: int,
+    reason: str,
+    message: str,
+    now: datetime,
+    *,
+    phase: MigrationPhase = MigrationPhase.FAILED,
+) -> VMMigrationStatus:
+    """``Failed`` (or ``Cancelled``) for good: ``Stalled`` with the reason, and why."""
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": phase,
+            "failure_reason": f"{reason}: {message}",
+            "completion_time": status.completion_time or _ts(now),
+            "conditions": _kstatus(
+                status.conditions,
+                generation,
+                ready=(ConditionStatus.FALSE, reason, message),
+                reconciling=None,
+                stalled=(reason, message),
+                now=now,
+            ),
+        }
+    )
+
+
+def running_status(status: VMMigrationStatus, generation: int, now: datetime) -> VMMigrationStatus:
+    """The commitment the source agent stores (compare-and-swap) before it starts the job."""
+    message = f"migrating from {status.source_node} to {status.target_node}"
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": MigrationPhase.RUNNING,
+            "start_time": status.start_time or _ts(now),
+            "conditions": _kstatus(
+                status.conditions,
+                generation,
+                ready=(ConditionStatus.FALSE, "Running", message),
+                reconciling=("Running", message),
+                stalled=None,
+                now=now,
+            ),
+        }
+    )
+
+
+def succeeded_status(
+    status: VMMigrationStatus, generation: int, downtime_ms: int | None, now: datetime
+) -> VMMigrationStatus:
+    message = f"the VM runs on {status.target_node}"
+    progress = (status.progress or MigrationProgress()).model_copy(
+        update={"percent": 100, "data_remaining_bytes": 0}
+    )
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": MigrationPhase.SUCCEEDED,
+            "completion_time": status.completion_time or _ts(now),
+            "downtime_ms": downtime_ms,
+            "progress": progress,
+            "conditions": _kstatus(
+                status.conditions,
+                generation,
+                ready=(ConditionStatus.TRUE, "Succeeded", message),
+                reconciling=None,
+                stalled=None,
+                now=now,
+            ),
+        }
+    )
+
+
+def progress_of(job: JobProgress) -> MigrationProgress:
+    """``status.progress`` from one ``jobStats()`` sample."""
+    percent = job.percent
+    return MigrationProgress(
+        percent=None if percent is None else int(percent),
+        data_total_bytes=job.data_total,
+        data_processed_bytes=job.data_processed,
+        data_remaining_bytes=job.data_remaining,
+        dirty_rate_bytes_per_second=job.dirty_rate_bytes_per_second,
+        iteration=job.memory_iteration,
+    )
+
+
+def should_publish(
+    last: MigrationProgress | None,
+    new: MigrationProgress,
+    seconds_since_last: float,
+    interval: float = PROGRESS_INTERVAL_SECONDS,
+) -> bool:
+    """Publish when something changed and the previous write is at least ``interval`` old."""
+    if last == new:
+        return False
+    return last is None or seconds_since_last >= interval
+
+
+@dataclass(frozen=True)
+class DomainWhere:
+    """Where the VM's domain is after a job ended (or after a restart found no job)."""
+
+    on_source: bool
+    source_active: bool
+    on_target: bool
+    target_active: bool
+
+
+def job_outcome(where: DomainWhere) -> str:
+    """``succeeded`` | ``failed`` | ``unclear``, decided by where the domain runs.
+
+    With ``UNDEFINE_SOURCE`` and ``PERSIST_DEST`` a finished migration leaves the domain
+    running on the target only; an aborted or failed one leaves it running on the
+    source. Anything else (both, neither) is not safe to call either way.
+    """
+    if where.target_active and not where.source_active:
+        return "succeeded"
+    if where.source_active and not where.target_active:
+        return "failed"
+    return "unclear"
+
+
+__all__ = [
+    "ACTIVE_PHASES",
+    "PROGRESS_INTERVAL_SECONDS",
+    "DomainWhere",
+    "MigrationRef",
+    "Refused",
+    "Scheduled",
+    "VmFacts",
+    "competing",
+    "decide_schedule",
+    "failed_status",
+    "job_outcome",
+    "progress_of",
+    "running_status",
+    "scheduled_status",
+    "should_publish",
+    "succeeded_status",
+]

@@ -1,0 +1,146 @@
+"""Pure VMMigration decisions: scheduling refusals, one migration per VM, progress, outcome."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from tests.controller.fleet_builders import GI, NOW, host, node, request
+
+from virtfleet.api.migration import (
+    MigrationPhase,
+    MigrationProgress,
+    VMMigrationSpec,
+    VMMigrationStatus,
+)
+from virtfleet.hypervisor.jobs import JobType, parse_job_stats
+from virtfleet.reconcile.migration import (
+    DomainWhere,
+    MigrationRef,
+    Refused,
+    Scheduled,
+    VmFacts,
+    competing,
+    decide_schedule,
+    failed_status,
+    job_outcome,
+    progress_of,
+    running_status,
+    scheduled_status,
+    should_publish,
+    succeeded_status,
+)
+
+HOSTS = {"a": host("a"), "b": host("b"), "c": host("c", memory_gi=0.5)}
+NODES = {"a": node("a", pool="x"), "b": node("b", pool="x"), "c": node("c", pool="y")}
+
+
+def spec(**kw: object) -> VMMigrationSpec:
+    return VMMigrationSpec.model_validate({"vmName": "vm1", **kw})
+
+
+def vm(node_name: str | None = "a", **selector: str) -> VmFacts:
+    return VmFacts("vm1", node_name, request("1Gi", **selector))
+
+
+def schedule(s: VMMigrationSpec, facts: VmFacts | None, ahead: list[str] | None = None) -> object:
+    return decide_schedule(
+        s, facts, ahead or [], {"a": GI}, HOSTS, NODES, now=NOW, heartbeat_timeout=40
+    )
+
+
+def test_target_given_and_fitting_is_scheduled() -> None:
+    assert schedule(spec(targetNode="b"), vm()) == Scheduled("a", "b")
+
+
+def test_no_target_picks_the_node_with_most_room_but_never_the_source() -> None:
+    assert schedule(spec(), vm()) == Scheduled("a", "b")
+
+
+def test_refusals_name_the_reason() -> None:
+    cases = {
+        "no-such": (spec(targetNode="zz"), vm(), "no such Node"),
+        "itself": (spec(targetNode="a"), vm(), "already runs on a"),
+        "small": (spec(targetNode="c"), vm(), "requested"),
+        "selector": (spec(targetNode="c"), vm(pool="x"), "does not match nodeSelector pool=x"),
+        "gone": (spec(targetNode="b"), None, "does not exist"),
+        "unplaced": (spec(targetNode="b"), vm(None), "not placed"),
+        "offline": (spec(mode="Offline"), vm(), "Offline"),
+    }
+    for case, (s, facts, text) in cases.items():
+        outcome = schedule(s, facts)
+        assert isinstance(outcome, Refused), case
+        assert text in outcome.message, (case, outcome)
+
+
+def test_another_active_migration_refuses() -> None:
+    outcome = schedule(spec(targetNode="b"), vm(), ["m0"])
+    assert isinstance(outcome, Refused)
+    assert outcome.reason == "MigrationInProgress"
+    assert "m0" in outcome.message
+
+
+def test_competing_oldest_unscheduled_wins_and_scheduled_always_wins() -> None:
+    old = MigrationRef("m1", NOW, None)
+    new = MigrationRef("m2", NOW + timedelta(seconds=1), None)
+    done = MigrationRef("m0", NOW - timedelta(seconds=9), MigrationPhase.SUCCEEDED)
+    assert competing(new, [old, new, done]) == ["m1"]
+    assert competing(old, [old, new, done]) == []
+    running_new = MigrationRef("m3", NOW + timedelta(seconds=5), MigrationPhase.RUNNING)
+    assert competing(old, [old, running_new]) == ["m3"]
+
+
+def test_status_transitions_keep_kstatus_conditions() -> None:
+    st = scheduled_status(VMMigrationStatus(), 1, Scheduled("a", "b"), NOW)
+    assert (st.phase, st.source_node, st.target_node) == (MigrationPhase.SCHEDULED, "a", "b")
+    assert {c.type for c in st.conditions} == {"Ready", "Reconciling"}
+    st = running_status(st, 1, NOW)
+    assert st.phase is MigrationPhase.RUNNING
+    assert st.start_time == "2026-01-01T12:00:00Z"
+    done = succeeded_status(st, 1, 42, NOW)
+    assert done.phase is MigrationPhase.SUCCEEDED
+    assert done.downtime_ms == 42
+    assert done.progress is not None
+    assert done.progress.percent == 100
+    assert [c.type for c in done.conditions] == ["Ready"]
+    failed = failed_status(st, 1, "Nope", "because", NOW, phase=MigrationPhase.CANCELLED)
+    assert failed.phase is MigrationPhase.CANCELLED
+    assert failed.failure_reason == "Nope: because"
+    assert {c.type for c in failed.conditions} == {"Ready", "Stalled"}
+
+
+def test_progress_from_job_stats() -> None:
+    job = parse_job_stats(
+        {
+            "type": JobType.UNBOUNDED,
+            "data_total": 200,
+            "data_processed": 50,
+            "data_remaining": 150,
+            "memory_dirty_rate": 10,
+            "memory_page_size": 4096,
+            "memory_iteration": 2,
+        }
+    )
+    assert progress_of(job) == MigrationProgress(
+        percent=25,
+        data_total_bytes=200,
+        data_processed_bytes=50,
+        data_remaining_bytes=150,
+        dirty_rate_bytes_per_second=40960,
+        iteration=2,
+    )
+
+
+def test_progress_is_published_when_changed_and_not_too_often() -> None:
+    a, b = MigrationProgress(percent=1), MigrationProgress(percent=2)
+    assert should_publish(None, a, 0.0)
+    assert not should_publish(a, a, 10.0)
+    assert not should_publish(a, b, 0.5)
+    assert should_publish(a, b, 1.5)
+
+
+def test_outcome_is_decided_by_where_the_domain_runs() -> None:
+    assert job_outcome(DomainWhere(False, False, True, True)) == "succeeded"
+    assert job_outcome(DomainWhere(True, True, True, False)) == "failed"
+    assert job_outcome(DomainWhere(True, True, False, False)) == "failed"
+    assert job_outcome(DomainWhere(True, True, True, True)) == "unclear"
+    assert job_outcome(DomainWhere(False, False, False, False)) == "unclear"
