@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import cluster as local_system
-from harness import nodes, operators
+from harness import nodes, operators, rbac
 from harness.testing import Cluster, wait_for
 
 
@@ -49,7 +49,9 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 
 @pytest.fixture(scope="session")
 def system(cluster: Cluster) -> Cluster:
-    """The cluster with virtfleet running: an agent per node and the controller."""
+    """The cluster with virtfleet running: an agent per node and the controller, each with
+    the Helm chart's ServiceAccount and RBAC (not admin), so every test proves the RBAC."""
+    cluster.env.update(rbac.chart_identities(cluster.state_dir, cluster.env))
     operators.start(cluster.state_dir, cluster.env)
 
     def hosts_ready() -> bool:

@@ -215,3 +215,87 @@ def test_progress_concurrent_refusal_and_cancel(system: Cluster, namespace: str)
     )
     vm = system.get("vm", "slow", namespace)
     assert vm["status"]["nodeName"] == src.name
+
+
+def test_completion_timeout_aborts_and_the_vm_stays(system: Cluster, namespace: str) -> None:
+    src, dst = running_vm(system, namespace, "hasty", disks=DATA_DISK)
+    dom = domain_name(namespace, "hasty")
+    policy = {"bandwidthMiBps": 1, "completionTimeoutPerGiB": 1}
+    system.apply(migration("hasty-1", namespace, "hasty", targetNode=dst.name, policy=policy))
+    mig = wait_phase(system, namespace, "hasty-1", ("Succeeded", "Failed"), timeout=120)
+    assert mig["status"]["phase"] == "Failed", mig["status"]
+    assert "completion timeout" in mig["status"]["failureReason"], mig["status"]
+    before = max(uptimes(src, dom), default=0)
+    wait_for(lambda: max(uptimes(src, dom)) >= before + 2, 60, what="still running on source")
+    wait_for(
+        lambda: (
+            (st := system.get("vm", "hasty", namespace)["status"]).get("printableStatus")
+            == "Running"
+            and st.get("nodeName") == src.name
+        ),
+        60,
+        0.3,
+        "VM Running on the source",
+    )
+    assert not has_domain(dst, dom) or "running" not in virsh(dst, "domstate", dom, check=False)
+    print(f"\n[migration] completion timeout: {mig['status']['failureReason']}")
+
+
+def running_domains(system: Cluster, dom: str) -> list[str]:
+    return [n.name for n in system.nodes if dom in virsh(n, "list", "--name").split()]
+
+
+def test_source_agent_killed_mid_migration(system: Cluster, namespace: str) -> None:
+    import signal
+
+    from harness import operators
+
+    src, dst = running_vm(system, namespace, "crashy", disks=DATA_DISK)
+    dom = domain_name(namespace, "crashy")
+    policy = {"bandwidthMiBps": 4}
+    system.apply(migration("crashy-1", namespace, "crashy", targetNode=dst.name, policy=policy))
+    wait_phase(system, namespace, "crashy-1", ("Running",), timeout=60)
+    time.sleep(3)
+    agent = f"agent-{src.name}"
+    operators.kill(system.state_dir, agent, signal.SIGKILL)
+    try:
+        time.sleep(2)
+    finally:
+        operators.start_agent(system.state_dir, system.env, src)
+    mig = wait_phase(system, namespace, "crashy-1", ("Succeeded", "Failed"), timeout=180)
+
+    def settled() -> str | None:
+        st = system.get("vm", "crashy", namespace).get("status") or {}
+        where = running_domains(system, dom)
+        one = len(where) == 1 and where[0] == st.get("nodeName")
+        return where[0] if one and st.get("printableStatus") == "Running" else None
+
+    node = wait_for(settled, 120, 0.5, "exactly one running domain, where status says")
+    time.sleep(5)
+    assert running_domains(system, dom) == [node]
+    print(f"\n[migration] agent killed mid-migration: {mig['status']['phase']}, VM on {node}")
+
+
+def test_counter_disk_continues_on_the_target(system: Cluster, namespace: str) -> None:
+    from harness.guest import guest_cmdline
+
+    src, dst = running_vm(
+        system, namespace, "tally", disks=DATA_DISK, cmdline=guest_cmdline(counter=True)
+    )
+    dom = domain_name(namespace, "tally")
+    hn.wait_for_serial(src, dom, r"^VF-COUNTER 3\s*$", timeout=60)
+    system.apply(migration("tally-1", namespace, "tally", targetNode=dst.name))
+    mig = wait_phase(system, namespace, "tally-1", ("Succeeded", "Failed"), timeout=120)
+    assert mig["status"]["phase"] == "Succeeded", mig["status"]
+    counter = re.compile(r"^VF-COUNTER (\d+)\s*$", re.MULTILINE)
+
+    def counts(node: hn.Node) -> list[int]:
+        return [int(m.group(1)) for m in counter.finditer(hn.serial_log(node, dom))]
+
+    last_on_source = max(counts(src))
+    wait_for(lambda: len(counts(dst)) >= 3, 60, what="three counts on the target")
+    after = counts(dst)
+    assert last_on_source - 1 <= after[0] <= last_on_source + 3, (last_on_source, after[:3])
+    assert all(b == a + 1 for a, b in itertools.pairwise(after)), after
+    assert "VF-COUNTER-BOOT" not in hn.serial_log(dst, dom)
+    print(f"\n[migration] counter: {last_on_source} on {src.name}, then {after[:3]} on {dst.name}")

@@ -95,8 +95,12 @@ def _spawn(state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, st
     return process.pid
 
 
-def _with_kubeconfig(env: Mapping[str, str], kubeconfig: Path | None) -> Mapping[str, str]:
-    return env if kubeconfig is None else {**env, "KUBECONFIG": str(kubeconfig)}
+def _with_kubeconfig(
+    env: Mapping[str, str], kubeconfig: Path | None, default_var: str
+) -> Mapping[str, str]:
+    """The identity to run with: given, else the suite's (``env[default_var]``), else admin."""
+    chosen = str(kubeconfig) if kubeconfig is not None else env.get(default_var)
+    return env if not chosen else {**env, "KUBECONFIG": chosen}
 
 
 def start_agent(
@@ -110,7 +114,12 @@ def start_agent(
 ) -> int:
     """Start the agent of ``node`` (admin kubeconfig unless ``kubeconfig`` is given)."""
     argv = [*agent_argv(node), *extra]
-    return _spawn(state_dir, name or f"agent-{node.name}", argv, _with_kubeconfig(env, kubeconfig))
+    return _spawn(
+        state_dir,
+        name or f"agent-{node.name}",
+        argv,
+        _with_kubeconfig(env, kubeconfig, "VIRTFLEET_AGENT_KUBECONFIG"),
+    )
 
 
 def start_controller(
@@ -123,7 +132,9 @@ def start_controller(
 ) -> int:
     """Start the controller (admin kubeconfig unless ``kubeconfig`` is given)."""
     argv = [*controller_argv(), *extra]
-    return _spawn(state_dir, name, argv, _with_kubeconfig(env, kubeconfig))
+    return _spawn(
+        state_dir, name, argv, _with_kubeconfig(env, kubeconfig, "VIRTFLEET_CONTROLLER_KUBECONFIG")
+    )
 
 
 def start(state_dir: Path, env: Mapping[str, str]) -> dict[str, int]:

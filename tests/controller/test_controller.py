@@ -59,10 +59,22 @@ class FakeKube:
         obj["metadata"]["labels"] = apply_merge_patch(obj["metadata"].get("labels") or {}, labels)
         return self._bump(obj)
 
+    async def create(self, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        if (meta["namespace"], meta["name"]) in self.objects:
+            raise Conflict("already exists", status=409)
+        self.calls.append(("create", meta["name"], dict(body)))
+        obj = copy.deepcopy(dict(body))
+        obj["kind"] = kind
+        obj["metadata"]["creationTimestamp"] = "2026-01-01T12:00:00Z"
+        self.objects[(meta["namespace"], meta["name"])] = obj
+        return self._bump(obj)
+
     async def record_event(
         self, obj: Mapping[str, Any], type: str, reason: str, message: str, component: str
     ) -> None:
-        self.events.append((obj["metadata"]["name"], type, reason))
+        name = obj["metadata"]["name"] if "metadata" in obj else obj["name"]
+        self.events.append((name, type, reason))
 
 
 def host_body(

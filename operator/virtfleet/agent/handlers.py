@@ -84,7 +84,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         await hv.open()
         holder["tasks"] = [
             asyncio.create_task(
-                the_agent.queue.run(locks.guard(the_agent.reconcile)), name="vm-queue"
+                the_agent.queue.run(locks.guard(holder["migrations"].guard(the_agent.reconcile))),
+                name="vm-queue",
             ),
             asyncio.create_task(_periodic(the_agent), name="node-periodic"),
             *snapshot_tasks,

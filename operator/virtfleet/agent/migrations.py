@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +55,14 @@ from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, node_finalize
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration import (
     DomainWhere,
+    completion_budget,
     failed_status,
     job_outcome,
     progress_of,
     running_status,
     should_publish,
     succeeded_status,
+    timed_out,
 )
 from virtfleet.reconcile.snapshot import SnapshotOnNode, snapshots_block_migration
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
@@ -72,6 +74,8 @@ if TYPE_CHECKING:
 
 #: jobStats() poll period while the job runs.
 POLL_SECONDS = 1.0
+#: The VM loop looks again this soon while an interrupted migration is being recovered.
+RECOVERY_WAIT_SECONDS = 2.0
 DELETE_WAIT_SECONDS = 20.0
 
 
@@ -120,6 +124,8 @@ class MigrationAgent:
         self.jobs: dict[Key, Guest] = {}
         self.cancelled: set[Key] = set()
         self.done: dict[Key, asyncio.Event] = {}
+        #: Jobs this process aborted for exceeding ``completionTimeoutPerGiB``: their budget.
+        self.timed_out: dict[Key, float] = {}
         self.log = get_logger("virtfleet.agent.migrations", node=self.node)
 
     # --- signals ----------------------------------------------------------------------
@@ -157,6 +163,59 @@ class MigrationAgent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout)
         return done.is_set()
+
+    # --- the VM loop's guard ----------------------------------------------------------
+
+    def _unrecovered(self, vm_key: Key) -> list[Key]:
+        """Migrations of the VM out of this node that run with no job in this process."""
+        return [
+            key
+            for key, body in self.cache.items()
+            if key[0] == vm_key[0]
+            and (body.get("spec") or {}).get("vmName") == vm_key[1]
+            and (body.get("status") or {}).get("sourceNode") == self.node
+            and (body.get("status") or {}).get("phase") == MigrationPhase.RUNNING.value
+            and key not in self.jobs
+        ]
+
+    def guard(
+        self, handler: Callable[[Key], Awaitable[float | None]]
+    ) -> Callable[[Key], Awaitable[float | None]]:
+        """The VM loop waits while a migration of the VM is ``Running`` but not (yet) ours.
+
+        After a restart mid-migration, libvirtd may still run the job (or have finished
+        it and undefined the domain here): "healing" the VM then would start a second
+        copy of it. :meth:`_recover` decides first; the VM loop goes on afterwards.
+        """
+
+        async def run(key: Key) -> float | None:
+            body = self.agent.cache.get(key)
+            migrating = (body or {}).get("status", {}).get(
+                "printableStatus"
+            ) == PrintableStatus.MIGRATING.value
+            pending = self._unrecovered(key)
+            if not pending and migrating:
+                pending = await self._list_unrecovered(key)
+            if pending:
+                for mig in pending:
+                    self.queue.add(mig)
+                return RECOVERY_WAIT_SECONDS
+            return await handler(key)
+
+        return run
+
+    async def _list_unrecovered(self, vm_key: Key) -> list[Key]:
+        """At start-up the VM watch may be ahead of the VMMigration watch: ask the API."""
+        try:
+            items = await self.kube.list("VMMigration", vm_key[0])
+        except KubeError:
+            return []
+        for item in items:
+            key = key_of(item)
+            cached = self.cache.get(key)
+            if cached is None or _resource_version(cached) < _resource_version(item):
+                self.cache[key] = dict(item)
+        return self._unrecovered(vm_key)
 
     # --- the reconcile ----------------------------------------------------------------
 
@@ -277,7 +336,7 @@ class MigrationAgent:
         target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
         try:
             await target.open()
-            copy_paths, shared = await self._prepare_target(target, vm_body, vm_spec, uid)
+            copy_paths, shared, copied = await self._prepare_target(target, vm_body, vm_spec, uid)
             request = hv_migration.MigrationRequest(
                 dest_uri=dest_uri,
                 data_uri=_data_uri(dest_uri),
@@ -287,7 +346,10 @@ class MigrationAgent:
                 max_downtime_ms=spec.policy.max_downtime_ms,
                 auto_converge=spec.policy.auto_converge,
             )
-            error = await self._migrate(key, guest, request, log)
+            budget = completion_budget(
+                spec.policy.completion_timeout_per_gib, vm_spec.memory.size.bytes, copied
+            )
+            error = await self._migrate(key, guest, request, log, budget=budget)
             where = await self._where(uid, target)
             outcome = job_outcome(where)
             log.info("migration job ended", outcome=outcome, error=error)
@@ -295,6 +357,16 @@ class MigrationAgent:
                 await self._handoff(key, (key[0], spec.vm_name), uid, target, log)
             elif key in self.cancelled:
                 await self._finish(key, "Cancelled", "deleted while running", cancel=True)
+                await self._vm_released((key[0], spec.vm_name))
+            elif key in self.timed_out:
+                limit = self.timed_out.pop(key)
+                await self._finish(
+                    key,
+                    "CompletionTimeout",
+                    f"completion timeout of {limit:.2f}s exceeded "
+                    f"({spec.policy.completion_timeout_per_gib}s per GiB of RAM and copied "
+                    "disk): job aborted, the VM stays on the source",
+                )
                 await self._vm_released((key[0], spec.vm_name))
             else:
                 await self._finish(key, "MigrationFailed", error or "the job ended; VM stays")
@@ -311,13 +383,15 @@ class MigrationAgent:
 
     async def _prepare_target(
         self, target: Hypervisor, vm_body: Mapping[str, Any], vm_spec: VirtualMachineSpec, uid: str
-    ) -> tuple[dict[str, str], bool]:
+    ) -> tuple[dict[str, str], bool, int]:
         """Node-local volumes made on the target (same pool, same name, so the same path).
 
-        Returns the source paths of the disks to copy, and whether any disk is shared.
+        Returns the source paths of the disks to copy, whether any disk is shared, and
+        the bytes to copy (the copied volumes' capacities).
         """
         copy_paths: dict[str, str] = {}
         shared = False
+        copied = 0
         for disk in vm_spec.disks:
             pool = disk.pool or self.settings.default_pool
             name = volume_name(uid, disk.name)
@@ -330,6 +404,7 @@ class MigrationAgent:
                     "VolumeMissing", f"disk {disk.name!r} has no volume on {self.node}"
                 )
             copy_paths[disk.name] = source.path
+            copied += source.capacity
             if await storage.lookup_volume(target, pool, name) is not None:
                 continue  # made by an earlier attempt: same name, same size
             if disk.source.image is not None:
@@ -358,19 +433,40 @@ class MigrationAgent:
             await storage.upload(
                 target, self.settings.default_pool, seed_volume_name(uid), build_iso(files)
             )
-        return copy_paths, shared
+        return copy_paths, shared, copied
 
     async def _migrate(
-        self, key: Key, guest: Guest, request: hv_migration.MigrationRequest, log: Any
+        self,
+        key: Key,
+        guest: Guest,
+        request: hv_migration.MigrationRequest,
+        log: Any,
+        *,
+        budget: float | None = None,
     ) -> str | None:
-        """Run the job, publishing progress; the job's error message, if it failed."""
+        """Run the job, publishing progress; the job's error message, if it failed.
+
+        Past ``budget`` seconds (``completionTimeoutPerGiB``) the job is aborted once.
+        """
+        started = time.monotonic()
         job = asyncio.create_task(hv_migration.migrate(guest, request))
         last: MigrationProgress | None = None
         last_at = 0.0
+        poll = POLL_SECONDS if budget is None else max(0.1, min(POLL_SECONDS, budget / 2))
+        aborted = False
         while True:
-            done, _ = await asyncio.wait({job}, timeout=POLL_SECONDS)
+            done, _ = await asyncio.wait({job}, timeout=poll)
             if done:
                 break
+            if not aborted and timed_out(budget, time.monotonic() - started):
+                # Retried each poll until libvirt accepts it (no job yet: nothing to abort).
+                self.timed_out[key] = budget or 0.0
+                try:
+                    await hv_migration.abort(guest)
+                    aborted = True
+                    log.warning("completion timeout: job aborted", budget=budget)
+                except hv_errors.HypervisorError as exc:
+                    log.debug("abort not accepted yet", error=str(exc))
             try:
                 sample = await guest.job_progress()
             except hv_errors.HypervisorError:
@@ -428,7 +524,9 @@ class MigrationAgent:
             await target.open()
             async with self.locks.lock(vm_key):
                 outcome = job_outcome(await self._where(uid, target))
-                log.info("recovering an interrupted migration", outcome=outcome)
+                (log.debug if outcome == "unclear" else log.info)(
+                    "recovering an interrupted migration", outcome=outcome
+                )
                 if outcome == "succeeded":
                     await self._handoff(key, vm_key, uid, target, log)
                 elif outcome == "failed":

@@ -60,6 +60,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="placeable memory = host memory x RATIO",
     )
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument(
+        "--max-migrations-per-node",
+        type=int,
+        default=defaults.max_migrations_per_node,
+        help="parallel migrations out of one node",
+    )
+    parser.add_argument(
+        "--max-migrations-cluster",
+        type=int,
+        default=defaults.max_migrations_cluster,
+        help="parallel migrations in the cluster",
+    )
     parser.add_argument("--log-format", choices=["json", "console", "auto"], default="auto")
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(func=run)
@@ -77,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             heartbeat_check_interval=args.heartbeat_check_interval,
             overcommit=args.overcommit,
             workers=args.workers,
+            max_migrations_per_node=args.max_migrations_per_node,
+            max_migrations_cluster=args.max_migrations_cluster,
         )
     except ValueError as exc:
         print(f"virtfleet controller: {exc}", file=sys.stderr)

@@ -10,7 +10,12 @@ finalizers on VirtualMachines from the controller (DESIGN §6). The reconcile of
    precondition so two deciders cannot both place it), then the ``virtfleet.io/node``
    label. A crash between the two writes is repaired on the next pass, which also fixes
    any label that disagrees with ``status.nodeName``;
-2. placed → label repair, and ``Unknown`` when the node's agent stopped beating.
+2. placed → label repair, and ``Unknown`` when the node's agent stopped beating;
+3. placed on a cordoned Node (``spec.unschedulable``) → drain: a running VM with
+   ``evictionStrategy: LiveMigrate`` gets a VMMigration ``<vm>-evict-<node>`` (labelled
+   ``virtfleet.io/eviction=<node>``; the deterministic name makes a restart find it
+   rather than create another), every other VM stays where it is and a Warning Event
+   on the VM (and on the Node) says so.
 
 The controller never writes ``spec`` (DESIGN §3.1) and writes status only when it
 changes (§3.4).
@@ -37,8 +42,14 @@ from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.views import Key, VmView
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
 from virtfleet.logs import LogFormat, get_logger
+from virtfleet.reconcile.migration import (
+    EVICTION_LABEL,
+    EvictionCandidate,
+    eviction_name,
+    plan_eviction,
+)
 from virtfleet.runtime.kopfsettings import configure_kopf
-from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
+from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
@@ -77,6 +88,8 @@ class Controller:
         self._log = get_logger("virtfleet.controller")
         #: VMMigration scheduling (validation, target choice); reads this fleet cache.
         self.migrations = MigrationScheduler(self)
+        #: (VM key, node) pairs whose drain outcome was already said (one Event each).
+        self._drain_noted: set[tuple[Key, str]] = set()
 
     # --- intake (called from kopf's on.event handlers) ------------------------------------
 
@@ -111,6 +124,11 @@ class Controller:
             new = self.cache.upsert_node(body)
             if old == new:
                 return  # kubelet status churn: nothing placement reads changed
+            if new.unschedulable:
+                for vm in self.cache.placed_on(name):
+                    self.queue.add(vm.key)  # drain
+            else:
+                self._drain_noted = {n for n in self._drain_noted if n[1] != name}
         self._enqueue_unplaced()
 
     def _enqueue_unplaced(self) -> None:
@@ -164,7 +182,75 @@ class Controller:
         log = log.bind(node=node)
         if vm.node_label != node:
             await self._write_label(vm, node, log)
+        host_node = self.cache.nodes.get(node)
+        if host_node is not None and host_node.unschedulable:
+            await self._drain(key, node, log)
         return await self._check_node(key, log)
+
+    async def _drain(self, key: Key, node: str, log: Any) -> None:
+        """The VM's node is cordoned: migrate it live, or say that it stays."""
+        vm = self.cache.vms.get(key)
+        if vm is None:
+            return
+        plan = plan_eviction(
+            [
+                EvictionCandidate(
+                    vm.name,
+                    vm.eviction_strategy,
+                    vm.status.get("printableStatus"),
+                    deleting=vm.deleting,
+                )
+            ]
+        )
+        noted = (key, node)
+        if plan.report and noted not in self._drain_noted:
+            self._drain_noted.add(noted)
+            message = (
+                f"node {node} is cordoned but evictionStrategy is None: the VM stays on "
+                f"{node} (set evictionStrategy: LiveMigrate, or stop or migrate it by hand)"
+            )
+            log.warning("drain: VM not migratable", message=message)
+            await self.kube.record_event(vm.body, "Warning", "EvictionBlocked", message, COMPONENT)
+            node_ref = {"apiVersion": "v1", "kind": "Node", "name": node}
+            await self.kube.record_event(
+                node_ref,
+                "Warning",
+                "EvictionBlocked",
+                f"VirtualMachine {vm.namespace}/{vm.name} stays on cordoned node {node} "
+                "(evictionStrategy None)",
+                COMPONENT,
+            )
+        if not plan.migrate:
+            return
+        name = eviction_name(vm.name, node)
+        if (vm.namespace, name) in self.migrations.cache:
+            return
+        body = {
+            "metadata": {
+                "name": name,
+                "namespace": vm.namespace,
+                "labels": {EVICTION_LABEL: node},
+            },
+            "spec": {"vmName": vm.name, "mode": "Live"},
+        }
+        try:
+            created = await self.kube.create("VMMigration", body)
+        except Conflict:
+            return  # made before (by us, before a restart): the name is the record
+        except KubeError as exc:
+            log.warning("drain: cannot create the VMMigration", error=str(exc))
+            return
+        self.migrations.event("ADDED", created)
+        log.info("drain: migrating the VM away", vmmigration=name)
+        if noted not in self._drain_noted:
+            self._drain_noted.add(noted)
+            await self.kube.record_event(
+                vm.body,
+                "Normal",
+                "Evicting",
+                f"node {node} is cordoned: live migration {name} created",
+                COMPONENT,
+            )
 
     async def _schedule(self, key: Key, log: Any) -> float | None:
         async with self._placing:

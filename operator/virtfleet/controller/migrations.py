@@ -10,6 +10,7 @@ node's agent owns the object.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -21,13 +22,17 @@ from virtfleet.api.resources import VM_MIGRATION
 from virtfleet.controller.views import Key, parse_time
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration import (
+    SLOT_PHASES,
     MigrationRef,
     Refused,
+    Scheduled,
     VmFacts,
     competing,
     decide_schedule,
     failed_status,
     scheduled_status,
+    slot_wait,
+    waiting_status,
 )
 from virtfleet.runtime.kube import Conflict, NotFound
 from virtfleet.runtime.queue import WorkQueue
@@ -59,6 +64,20 @@ class MigrationScheduler:
         self.cache: dict[Key, dict[str, Any]] = {}
         self.queue: WorkQueue[Key] = WorkQueue(name="vmmigrations", workers=2)
         self.log = get_logger("virtfleet.controller.migrations")
+        #: Decisions one at a time, so two never both take the last free slot.
+        self._deciding = asyncio.Lock()
+
+    #: A migration waiting for a slot looks again this often (ends also wake it at once).
+    WAIT_RETRY = 5.0
+
+    def active_sources(self, exclude: Key) -> dict[str, str]:
+        """Migrations holding a slot (scheduled, preparing, running) → their source node."""
+        out = {}
+        for key, obj in self.cache.items():
+            if key == exclude or _phase(obj) not in SLOT_PHASES:
+                continue
+            out[f"{key[0]}/{key[1]}"] = str((obj.get("status") or {}).get("sourceNode") or "")
+        return out
 
     def event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -68,14 +87,20 @@ class MigrationScheduler:
             self.queue.forget(key)
         else:
             self.cache[key] = dict(body)
-        # A migration that ends (or goes) may unblock another one of the same VM.
+        # A migration that ends (or goes) may unblock another one of the same VM, or free
+        # a slot that a waiting one (of any VM) needs.
         vm_name = (body.get("spec") or {}).get("vmName")
+        ended = event_type == "DELETED" or _phase(body) not in SLOT_PHASES
         for other, obj in self.cache.items():
             same_vm = other[0] == key[0] and (obj.get("spec") or {}).get("vmName") == vm_name
-            if same_vm and _phase(obj) in (None, MigrationPhase.PENDING):
+            if (same_vm or ended) and _phase(obj) in (None, MigrationPhase.PENDING):
                 self.queue.add(other)
 
     async def reconcile(self, key: Key) -> float | None:
+        async with self._deciding:
+            return await self._reconcile(key)
+
+    async def _reconcile(self, key: Key) -> float | None:
         body = self.cache.get(key)
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return None
@@ -115,7 +140,22 @@ class MigrationScheduler:
                 heartbeat_timeout=settings.heartbeat_timeout,
                 overcommit=settings.overcommit,
             )
-        if isinstance(outcome, Refused):
+        retry: float | None = None
+        if isinstance(outcome, Scheduled):
+            settings = self.controller.settings
+            wait = slot_wait(
+                outcome.source,
+                self.active_sources(key),
+                per_node=settings.max_migrations_per_node,
+                per_cluster=settings.max_migrations_cluster,
+            )
+            if wait is not None:
+                outcome, retry = wait, self.WAIT_RETRY
+        if retry is not None:
+            wanted = waiting_status(status, generation, outcome, now)
+            if status.phase is not MigrationPhase.PENDING:
+                log.info("migration waits for a slot", message=outcome.message)
+        elif isinstance(outcome, Refused):
             wanted = failed_status(status, generation, outcome.reason, outcome.message, now)
             log.info("migration refused", reason=outcome.reason, message=outcome.message)
         else:
@@ -123,7 +163,7 @@ class MigrationScheduler:
             log.info("migration scheduled", source=outcome.source, target=outcome.target)
         patch = status_patch(body.get("status"), wanted.to_wire())
         if patch is None:
-            return None
+            return retry
         try:
             updated = await self.controller.kube.patch_status(
                 VM_MIGRATION.kind,
@@ -137,4 +177,4 @@ class MigrationScheduler:
         except NotFound:
             return None
         self.cache[key] = dict(updated)
-        return None
+        return retry

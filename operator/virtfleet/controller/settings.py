@@ -28,6 +28,10 @@ class ControllerSettings:
     #: Concurrent reconciles. Placement decisions are serialised regardless, so that
     #: rapid placements see each other.
     workers: int = 4
+    #: Migrations running out of one node at once (the rest wait in ``Pending``).
+    max_migrations_per_node: int = 2
+    #: Migrations running in the whole cluster at once.
+    max_migrations_cluster: int = 5
 
     def __post_init__(self) -> None:
         for name in ("retry_interval", "resync_interval", "heartbeat_timeout"):
@@ -37,5 +41,8 @@ class ControllerSettings:
             raise ValueError("heartbeat_check_interval must be positive")
         if self.overcommit <= 0:
             raise ValueError("overcommit must be positive")
+        for name in ("max_migrations_per_node", "max_migrations_cluster"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.workers < 1:
             raise ValueError("workers must be at least 1")

@@ -51,6 +51,8 @@ class VmView:
     labels: Mapping[str, str]
     deleting: bool
     run_strategy: str
+    #: ``spec.evictionStrategy``: what a cordon of the VM's node does (``None``/``LiveMigrate``).
+    eviction_strategy: str
     #: ``None`` when the spec cannot be read (then ``spec_error`` says why).
     request: VmRequest | None
     spec_error: str | None
@@ -89,6 +91,7 @@ class VmView:
             labels=dict(meta.get("labels") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
             run_strategy=str(spec.get("runStrategy") or "Always"),
+            eviction_strategy=str(spec.get("evictionStrategy") or "None"),
             request=request,
             spec_error=error,
             status=dict(body.get("status") or {}),

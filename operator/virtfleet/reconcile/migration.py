@@ -10,6 +10,7 @@ reads ``NONE`` right after a job ended (DESIGN §6, Nova's ``libvirt/migration.p
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -137,6 +138,131 @@ def decide_schedule(
         reason = "NoTarget" if spec.target_node is None else "TargetUnsuitable"
         return Refused(reason, outcome.message)
     return Scheduled(source=vm.node, target=outcome.node)
+
+
+# --- node drain ----------------------------------------------------------------------
+
+#: Label on the VMMigrations a drain created: the cordoned node's name.
+EVICTION_LABEL = "virtfleet.io/eviction"
+_MAX_NAME = 253
+
+
+def eviction_name(vm: str, node: str) -> str:
+    """``<vm>-evict-<node>``: deterministic, so a restarted controller finds its own.
+
+    Too long for a name (253) → shortened with a hash of the full name, still unique.
+    """
+    name = f"{vm}-evict-{node}"
+    if len(name) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"{name[: _MAX_NAME - 11].rstrip('-.')}-{digest}"
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    """A VM on a cordoned node, as far as the drain decision needs it."""
+
+    name: str
+    strategy: str
+    printable: str | None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class EvictionPlan:
+    migrate: tuple[str, ...]
+    #: VMs that stay: ``evictionStrategy: None`` (reported, never touched).
+    report: tuple[str, ...]
+
+
+def plan_eviction(vms: Sequence[EvictionCandidate]) -> EvictionPlan:
+    """Which VMs of a cordoned node get a ``LiveMigrate`` VMMigration, which are reported.
+
+    Only running VMs migrate live; a stopped one has nothing to move (and a VM in any
+    other state is looked at again when its status changes). Deleting ones are skipped.
+    """
+    migrate, report = [], []
+    for vm in vms:
+        if vm.deleting:
+            continue
+        if vm.strategy != "LiveMigrate":
+            report.append(vm.name)
+        elif vm.printable == "Running":
+            migrate.append(vm.name)
+    return EvictionPlan(tuple(sorted(migrate)), tuple(sorted(report)))
+
+
+# --- parallelism limits ----------------------------------------------------------------
+
+#: Phases that hold a slot: the controller committed a source and a target.
+SLOT_PHASES = frozenset(
+    {MigrationPhase.SCHEDULED, MigrationPhase.PREPARING_TARGET, MigrationPhase.RUNNING}
+)
+
+
+def slot_wait(
+    source: str,
+    active: Mapping[str, str],
+    *,
+    per_node: int,
+    per_cluster: int,
+) -> Refused | None:
+    """Why a migration out of ``source`` must wait, or ``None`` when a slot is free.
+
+    ``active`` maps every other migration that holds a slot (:data:`SLOT_PHASES`) to
+    its source node.
+    """
+    if len(active) >= per_cluster:
+        return Refused(
+            "ClusterLimitReached",
+            f"{len(active)} migrations run in the cluster (limit {per_cluster}); waiting",
+        )
+    out_of_source = sum(1 for node in active.values() if node == source)
+    if out_of_source >= per_node:
+        return Refused(
+            "NodeLimitReached",
+            f"{out_of_source} migrations run out of {source} (limit {per_node}); waiting",
+        )
+    return None
+
+
+def waiting_status(
+    status: VMMigrationStatus, generation: int, wait: Refused, now: datetime
+) -> VMMigrationStatus:
+    """``Pending`` with the reason it waits (not stalled: it starts when a slot frees)."""
+    return status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": MigrationPhase.PENDING,
+            "conditions": _kstatus(
+                status.conditions,
+                generation,
+                ready=(ConditionStatus.FALSE, wait.reason, wait.message),
+                reconciling=(wait.reason, wait.message),
+                stalled=None,
+                now=now,
+            ),
+        }
+    )
+
+
+# --- completion timeout ----------------------------------------------------------------
+
+GIB = 2**30
+
+
+def completion_budget(
+    per_gib: int | None, memory_bytes: int, copied_disk_bytes: int
+) -> float | None:
+    """Seconds the job may take: ``completionTimeoutPerGiB * (RAM + copied disks) GiB``."""
+    if per_gib is None:
+        return None
+    return per_gib * (memory_bytes + copied_disk_bytes) / GIB
+
+
+def timed_out(budget: float | None, elapsed: float) -> bool:
+    return budget is not None and elapsed > budget
 
 
 def _ts(moment: datetime) -> str:
@@ -290,19 +416,30 @@ def job_outcome(where: DomainWhere) -> str:
 
 __all__ = [
     "ACTIVE_PHASES",
+    "EVICTION_LABEL",
+    "GIB",
     "PROGRESS_INTERVAL_SECONDS",
+    "SLOT_PHASES",
     "DomainWhere",
+    "EvictionCandidate",
+    "EvictionPlan",
     "MigrationRef",
     "Refused",
     "Scheduled",
     "VmFacts",
     "competing",
+    "completion_budget",
     "decide_schedule",
+    "eviction_name",
     "failed_status",
     "job_outcome",
+    "plan_eviction",
     "progress_of",
     "running_status",
     "scheduled_status",
     "should_publish",
+    "slot_wait",
     "succeeded_status",
+    "timed_out",
+    "waiting_status",
 ]
