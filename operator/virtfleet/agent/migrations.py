@@ -41,6 +41,7 @@ from virtfleet.agent.driver import seed_volume_name, volume_name
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.migration import (
+    MigrationMode,
     MigrationPhase,
     MigrationProgress,
     VMMigrationSpec,
@@ -57,7 +58,11 @@ from virtfleet.reconcile.migration import (
     DomainWhere,
     completion_budget,
     failed_status,
+    handoff_printable,
     job_outcome,
+    offline_outcome,
+    postcopy_due,
+    postcopy_failure_message,
     progress_of,
     running_status,
     should_publish,
@@ -77,6 +82,12 @@ POLL_SECONDS = 1.0
 #: The VM loop looks again this soon while an interrupted migration is being recovered.
 RECOVERY_WAIT_SECONDS = 2.0
 DELETE_WAIT_SECONDS = 20.0
+#: ``failureReason`` prefix of a job that failed after the switch to post-copy.
+POSTCOPY_FAILED = "PostCopyFailed"
+
+
+class _CancelledError(Exception):
+    """The VMMigration was deleted during an offline job (checked between its steps)."""
 
 
 class RefusalError(Exception):
@@ -126,6 +137,8 @@ class MigrationAgent:
         self.done: dict[Key, asyncio.Event] = {}
         #: Jobs this process aborted for exceeding ``completionTimeoutPerGiB``: their budget.
         self.timed_out: dict[Key, float] = {}
+        #: Jobs this process switched to post-copy (a failure then loses the guest).
+        self.post_copied: set[Key] = set()
         self.log = get_logger("virtfleet.agent.migrations", node=self.node)
 
     # --- signals ----------------------------------------------------------------------
@@ -133,8 +146,12 @@ class MigrationAgent:
     def on_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         key = key_of(body)
         if event_type == "DELETED":
-            self.cache.pop(key, None)
+            gone = self.cache.pop(key, None) or body
             self.queue.forget(key)
+            reason = str((gone.get("status") or {}).get("failureReason") or "")
+            vm_name = (gone.get("spec") or {}).get("vmName")
+            if reason.startswith(f"{POSTCOPY_FAILED}:") and vm_name:
+                self.agent.queue.add((key[0], str(vm_name)))  # the VM loop may act again
             return
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
@@ -193,6 +210,8 @@ class MigrationAgent:
             migrating = (body or {}).get("status", {}).get(
                 "printableStatus"
             ) == PrintableStatus.MIGRATING.value
+            if self._postcopy_lost(key):
+                return None  # the guest is lost: nobody touches it until the VMMigration goes
             pending = self._unrecovered(key)
             if not pending and migrating:
                 pending = await self._list_unrecovered(key)
@@ -203,6 +222,19 @@ class MigrationAgent:
             return await handler(key)
 
         return run
+
+    def _postcopy_lost(self, vm_key: Key) -> bool:
+        """A migration of the VM out of this node failed after the switch to post-copy."""
+        return any(
+            key[0] == vm_key[0]
+            and (body.get("spec") or {}).get("vmName") == vm_key[1]
+            and (body.get("status") or {}).get("sourceNode") == self.node
+            and (body.get("status") or {}).get("phase") == MigrationPhase.FAILED.value
+            and str((body.get("status") or {}).get("failureReason") or "").startswith(
+                f"{POSTCOPY_FAILED}:"
+            )
+            for key, body in self.cache.items()
+        )
 
     async def _list_unrecovered(self, vm_key: Key) -> list[Key]:
         """At start-up the VM watch may be ahead of the VMMigration watch: ask the API."""
@@ -251,7 +283,10 @@ class MigrationAgent:
                 if vm_body is None or not self.agent.is_mine(vm_body):
                     raise RefusalError("VMNotOnSource", f"the VM is not on {self.node}")
                 guest = await self.hv.lookup(str(vm_body["metadata"]["uid"]))
-                if guest is None or not (await guest.status()).state.active:
+                if spec.mode is MigrationMode.OFFLINE:
+                    if guest is None:
+                        raise RefusalError("VMNotDefined", f"the VM has no domain on {self.node}")
+                elif guest is None or not (await guest.status()).state.active:
                     raise RefusalError("VMNotRunning", "a live migration needs a running VM")
                 vm_spec = VirtualMachineSpec.model_validate(vm_body.get("spec") or {})
                 self._check_snapshots(key[0], spec.vm_name, vm_spec)
@@ -270,7 +305,10 @@ class MigrationAgent:
             await self._vm_printable(vm_key, PrintableStatus.MIGRATING)
             self.jobs[key] = guest
             try:
-                await self._run(key, spec, vm_body, vm_spec, guest, dest_uri, log)
+                if spec.mode is MigrationMode.OFFLINE:
+                    await self._run_offline(key, spec, vm_body, vm_spec, guest, dest_uri, log)
+                else:
+                    await self._run(key, spec, vm_body, vm_spec, guest, dest_uri, log)
             finally:
                 self.jobs.pop(key, None)
                 self.cancelled.discard(key)
@@ -345,6 +383,7 @@ class MigrationAgent:
                 bandwidth_mibps=spec.policy.bandwidth_mibps,
                 max_downtime_ms=spec.policy.max_downtime_ms,
                 auto_converge=spec.policy.auto_converge,
+                post_copy=spec.policy.post_copy,
             )
             budget = completion_budget(
                 spec.policy.completion_timeout_per_gib, vm_spec.memory.size.bytes, copied
@@ -355,6 +394,11 @@ class MigrationAgent:
             log.info("migration job ended", outcome=outcome, error=error)
             if outcome == "succeeded":
                 await self._handoff(key, (key[0], spec.vm_name), uid, target, log)
+            elif key in self.post_copied:
+                # Memory is split between both nodes: never resume or restart it anywhere.
+                log.error("post-copy migration failed: the guest is lost", error=error)
+                await self._finish(key, POSTCOPY_FAILED, postcopy_failure_message(error))
+                await self._vm_printable((key[0], spec.vm_name), PrintableStatus.FAILED)
             elif key in self.cancelled:
                 await self._finish(key, "Cancelled", "deleted while running", cancel=True)
                 await self._vm_released((key[0], spec.vm_name))
@@ -378,8 +422,89 @@ class MigrationAgent:
             await self._finish(key, "TargetUnavailable", str(exc))
             await self._vm_released((key[0], spec.vm_name))
         finally:
+            self.post_copied.discard(key)
             with contextlib.suppress(Exception):
                 await target.close()
+
+    async def _run_offline(
+        self,
+        key: Key,
+        spec: VMMigrationSpec,
+        vm_body: Mapping[str, Any],
+        vm_spec: VirtualMachineSpec,
+        guest: Guest,
+        dest_uri: str,
+        log: Any,
+    ) -> None:
+        """Mode ``Offline``: stop here, copy node-local volumes, define there, hand over.
+
+        Graceful stop (ACPI, destroy after ``terminationGracePeriodSeconds``); the target's
+        volumes are made like for a live migration and then overwritten with the source's
+        bytes (download/upload streams over the two connections); the domain is defined
+        on the target with the same XML before it is undefined here, so an interruption
+        never leaves the VM without a definition (:func:`offline_outcome`). The target's
+        VM loop starts it per ``runStrategy`` after the hand-over.
+        """
+        uid = str(vm_body["metadata"]["uid"])
+        vm_key = (key[0], spec.vm_name)
+        target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
+        defined = False
+        try:
+            await target.open()
+            stop = await self.hv.graceful_stop(guest, vm_spec.termination_grace_period_seconds)
+            log.info("offline migration: stopped on the source", path=str(stop.path))
+            self._check_cancelled(key)
+            copy_paths, _, _ = await self._prepare_target(target, vm_body, vm_spec, uid)
+            copied = 0
+            for disk in vm_spec.disks:
+                if disk.name in copy_paths:
+                    pool = disk.pool or self.settings.default_pool
+                    copied += await storage.copy_volume(
+                        self.hv, target, pool, volume_name(uid, disk.name)
+                    )
+                    self._check_cancelled(key)
+            xml = await guest.xml(inactive=True)
+            await target.define(xml)
+            defined = True
+            try:
+                await guest.undefine()
+            except hv_errors.HypervisorError as exc:
+                log.warning("cannot undefine the source domain", error=str(exc))
+            log.info("offline migration: defined on the target", copied_bytes=copied)
+            await self._handoff(key, vm_key, uid, target, log, mode=MigrationMode.OFFLINE)
+        except (RefusalError, hv_errors.HypervisorError, _CancelledError) as exc:
+            if not defined:
+                await self._delete_target_volumes(target, vm_spec, uid)
+            if isinstance(exc, _CancelledError):
+                await self._finish(key, "Cancelled", "deleted while running", cancel=True)
+            elif isinstance(exc, RefusalError):
+                await self._finish(key, exc.reason, exc.message)
+            else:
+                await self._finish(key, "MigrationFailed", f"{exc}; the VM stays on the source")
+            await self._vm_released(vm_key)
+        finally:
+            with contextlib.suppress(Exception):
+                await target.close()
+
+    def _check_cancelled(self, key: Key) -> None:
+        if key in self.cancelled:
+            raise _CancelledError
+
+    async def _delete_target_volumes(
+        self, target: Hypervisor, vm_spec: VirtualMachineSpec, uid: str
+    ) -> None:
+        """Best effort: the node-local volumes an unfinished offline job made there."""
+        for disk in vm_spec.disks:
+            pool = disk.pool or self.settings.default_pool
+            if pool in self.settings.shared_pools:
+                continue
+            with contextlib.suppress(Exception):
+                await storage.delete_volume(target, pool, volume_name(uid, disk.name))
+        if vm_spec.cloud_init is not None:
+            with contextlib.suppress(Exception):
+                await storage.delete_volume(
+                    target, self.settings.default_pool, seed_volume_name(uid)
+                )
 
     async def _prepare_target(
         self, target: Hypervisor, vm_body: Mapping[str, Any], vm_spec: VirtualMachineSpec, uid: str
@@ -454,6 +579,7 @@ class MigrationAgent:
         last_at = 0.0
         poll = POLL_SECONDS if budget is None else max(0.1, min(POLL_SECONDS, budget / 2))
         aborted = False
+        samples: list[tuple[int, int]] = []
         while True:
             done, _ = await asyncio.wait({job}, timeout=poll)
             if done:
@@ -473,6 +599,15 @@ class MigrationAgent:
                 continue
             if not sample.active:
                 continue
+            if request.post_copy and key not in self.post_copied and not aborted:
+                samples.append((sample.memory_iteration, sample.memory_remaining))
+                if postcopy_due(samples):
+                    try:
+                        await hv_migration.start_post_copy(guest)
+                        self.post_copied.add(key)
+                        log.warning("pre-copy stalled: switched to post-copy", samples=samples[-3:])
+                    except hv_errors.HypervisorError as exc:
+                        log.debug("post-copy not accepted yet", error=str(exc))
             progress = progress_of(sample)
             if should_publish(last, progress, time.monotonic() - last_at):
                 body = self.cache.get(key)
@@ -523,12 +658,18 @@ class MigrationAgent:
         try:
             await target.open()
             async with self.locks.lock(vm_key):
-                outcome = job_outcome(await self._where(uid, target))
+                where = await self._where(uid, target)
+                offline = spec.mode is MigrationMode.OFFLINE
+                outcome = offline_outcome(where) if offline else job_outcome(where)
                 (log.debug if outcome == "unclear" else log.info)(
                     "recovering an interrupted migration", outcome=outcome
                 )
                 if outcome == "succeeded":
-                    await self._handoff(key, vm_key, uid, target, log)
+                    if offline and where.on_source:
+                        leftover = await self.hv.lookup(uid)
+                        if leftover is not None:
+                            await leftover.undefine()
+                    await self._handoff(key, vm_key, uid, target, log, mode=spec.mode)
                 elif outcome == "failed":
                     await self._finish(key, "Interrupted", "the agent restarted during the job")
                     await self._vm_released(vm_key)
@@ -544,11 +685,20 @@ class MigrationAgent:
 
     # --- hand-over --------------------------------------------------------------------
 
-    async def _handoff(self, key: Key, vm_key: Key, uid: str, target: Hypervisor, log: Any) -> None:
+    async def _handoff(
+        self,
+        key: Key,
+        vm_key: Key,
+        uid: str,
+        target: Hypervisor,
+        log: Any,
+        *,
+        mode: MigrationMode = MigrationMode.LIVE,
+    ) -> None:
         body = self.cache[key]
         status = VMMigrationStatus.model_validate(body.get("status") or {})
         node = status.target_node or ""
-        downtime = await self._downtime(uid, target)
+        downtime = await self._downtime(uid, target) if mode is MigrationMode.LIVE else None
         for _ in range(10):
             try:
                 vm = await self.kube.get("VirtualMachine", *vm_key)
@@ -560,7 +710,7 @@ class MigrationAgent:
                     vm = await self.kube.patch_status(
                         "VirtualMachine",
                         *vm_key,
-                        {"nodeName": node, "printableStatus": PrintableStatus.RUNNING.value},
+                        {"nodeName": node, "printableStatus": handoff_printable(mode)},
                         resource_version=str(meta.get("resourceVersion")),
                     )
                     meta = vm["metadata"]

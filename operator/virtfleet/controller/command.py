@@ -17,6 +17,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="no kopf peering (the default)")
+    parser.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
     mode.add_argument(
         "--peering", metavar="NAME", help="kopf peering object for an HA pair (needs its CRD)"
     )
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             namespaces=args.namespace or (),
             log_format=args.log_format,
             log_level=args.log_level,
+            liveness_endpoint=args.liveness,
         )
 
     asyncio.run(main())

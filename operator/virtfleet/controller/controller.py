@@ -401,6 +401,7 @@ class Controller:
         stop_flag: asyncio.Event | None = None,
         log_format: LogFormat = "auto",
         log_level: str = "INFO",
+        liveness_endpoint: str | None = None,
     ) -> None:
         """Run kopf, the work queue and the periodic passes until kopf exits."""
         background = [
@@ -418,6 +419,7 @@ class Controller:
                 clusterwide=not namespaces,
                 namespaces=list(namespaces),
                 stop_flag=stop_flag,
+                liveness_endpoint=liveness_endpoint,
             )
         finally:
             await self.queue.stop()

@@ -18,7 +18,7 @@ import libvirt
 
 from virtfleet.hypervisor.guest import Guest
 
-__all__ = ["MigrationRequest", "abort", "migrate", "migration_flags"]
+__all__ = ["MigrationRequest", "abort", "migrate", "migration_flags", "start_post_copy"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class MigrationRequest:
     bandwidth_mibps: int | None = None
     max_downtime_ms: int | None = None
     auto_converge: bool = False
+    #: Allow a switch to post-copy (``VIR_MIGRATE_POSTCOPY``); :func:`start_post_copy` does it.
+    post_copy: bool = False
 
 
 def migration_flags(request: MigrationRequest) -> int:
@@ -51,6 +53,8 @@ def migration_flags(request: MigrationRequest) -> int:
         flags |= libvirt.VIR_MIGRATE_UNSAFE
     if request.auto_converge:
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if request.post_copy:
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
     return int(flags)
 
 
@@ -62,8 +66,6 @@ def migration_params(request: MigrationRequest) -> dict[str, object]:
         params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = list(request.copy_disks)
     if request.bandwidth_mibps:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(request.bandwidth_mibps)
-    if request.max_downtime_ms:
-        params[libvirt.VIR_MIGRATE_PARAM_DOWNTIME] = int(request.max_downtime_ms)
     return params
 
 
@@ -72,9 +74,18 @@ async def migrate(guest: Guest, request: MigrationRequest) -> None:
     flags = migration_flags(request)
     params = migration_params(request)
     dom = guest.handle
+    if request.max_downtime_ms:
+        # No migration parameter for it: QEMU takes it as a setting before the job starts.
+        await guest.executors.run(dom.migrateSetMaxDowntime, int(request.max_downtime_ms), 0)
     await guest.executors.run_long(dom.migrateToURI3, request.dest_uri, params, flags)
 
 
 async def abort(guest: Guest) -> None:
     """Cancel the domain's running job; the guest keeps running on the source."""
     await guest.executors.run(guest.handle.abortJob)
+
+
+async def start_post_copy(guest: Guest) -> None:
+    """Switch the running job to post-copy: the guest runs on the target from now on and
+    pulls missing pages from the source. A failure after this loses the guest."""
+    await guest.executors.run(guest.handle.migrateStartPostCopy, 0)

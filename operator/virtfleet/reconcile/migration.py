@@ -104,10 +104,6 @@ def decide_schedule(
     source node is never a candidate and ``spec.nodeName`` is replaced by the
     migration's ``targetNode``.
     """
-    if spec.mode is not MigrationMode.LIVE:
-        return Refused("Unsupported", "mode Offline is not implemented yet; use mode Live")
-    if spec.policy.post_copy:
-        return Refused("Unsupported", "policy.postCopy is not implemented yet")
     if vm is None:
         return Refused("VMNotFound", f"VirtualMachine {spec.vm_name!r} does not exist")
     if vm.deleting:
@@ -414,10 +410,77 @@ def job_outcome(where: DomainWhere) -> str:
     return "unclear"
 
 
+def offline_outcome(where: DomainWhere) -> str:
+    """``succeeded`` | ``failed`` | ``unclear`` of an interrupted *offline* migration.
+
+    The offline job defines the domain on the target only after every volume was
+    copied, and undefines it here only after that: a definition on the target with
+    nothing running here means the copy is complete (the source definition, if still
+    there, is a left-over to undefine). No definition on the target means the job
+    stopped before its end: the VM stays here (its VM loop starts it per run strategy).
+    """
+    if where.on_target and not where.source_active and not where.target_active:
+        return "succeeded"
+    if where.on_target and where.target_active and not where.source_active:
+        return "succeeded"  # the target agent already started it
+    if where.on_source and not where.on_target:
+        return "failed"
+    return "unclear"
+
+
+# --- post-copy -----------------------------------------------------------------------
+
+#: Pre-copy gets this many memory iterations before a stall can switch it to post-copy.
+POSTCOPY_AFTER_ITERATION = 3
+
+
+def postcopy_due(
+    samples: Sequence[tuple[int, int]], *, after_iteration: int = POSTCOPY_AFTER_ITERATION
+) -> bool:
+    """Switch to post-copy now? ``samples`` are ``(iteration, memory remaining bytes)``
+    from ``jobStats()`` in time order.
+
+    The bytes left at the *start* of an iteration are what the guest dirtied during the
+    previous one: pre-copy converges while that shrinks. It stalls when the current
+    iteration is past ``after_iteration`` and its start is not smaller than the previous
+    iteration's start. Iteration 0 (storage copy, before memory moves) never counts.
+    """
+    starts: dict[int, int] = {}
+    for iteration, remaining in samples:
+        if iteration > 0 and iteration not in starts:
+            starts[iteration] = remaining
+    if not starts:
+        return False
+    current = max(starts)
+    if current <= after_iteration:
+        return False
+    earlier = [i for i in starts if i < current]
+    if not earlier:
+        return False
+    return starts[current] >= starts[max(earlier)]
+
+
+def postcopy_failure_message(error: str | None) -> str:
+    """``Failed`` text of a job that broke after the switch to post-copy."""
+    return (
+        "the migration failed after switching to post-copy: the guest's memory is split "
+        "between the source and the target, so the guest is lost; it is not restarted "
+        f"on either node (delete this VMMigration to let the source node recover the VM). "
+        f"libvirt: {error or 'unknown error'}"
+    )
+
+
+def handoff_printable(mode: MigrationMode) -> str:
+    """What the VM reads right after the hand-over: a live one runs; an offline one is
+    stopped until the target's VM loop starts it (per ``runStrategy``)."""
+    return "Running" if mode is MigrationMode.LIVE else "Stopped"
+
+
 __all__ = [
     "ACTIVE_PHASES",
     "EVICTION_LABEL",
     "GIB",
+    "POSTCOPY_AFTER_ITERATION",
     "PROGRESS_INTERVAL_SECONDS",
     "SLOT_PHASES",
     "DomainWhere",
@@ -432,8 +495,12 @@ __all__ = [
     "decide_schedule",
     "eviction_name",
     "failed_status",
+    "handoff_printable",
     "job_outcome",
+    "offline_outcome",
     "plan_eviction",
+    "postcopy_due",
+    "postcopy_failure_message",
     "progress_of",
     "running_status",
     "scheduled_status",
