@@ -7,6 +7,7 @@ from datetime import timedelta
 from tests.controller.fleet_builders import GI, NOW, host, node, request
 
 from virtfleet.api.migration import (
+    MigrationMode,
     MigrationPhase,
     MigrationProgress,
     VMMigrationSpec,
@@ -22,7 +23,11 @@ from virtfleet.reconcile.migration import (
     competing,
     decide_schedule,
     failed_status,
+    handoff_printable,
     job_outcome,
+    offline_outcome,
+    postcopy_due,
+    postcopy_failure_message,
     progress_of,
     running_status,
     scheduled_status,
@@ -64,12 +69,77 @@ def test_refusals_name_the_reason() -> None:
         "selector": (spec(targetNode="c"), vm(pool="x"), "does not match nodeSelector pool=x"),
         "gone": (spec(targetNode="b"), None, "does not exist"),
         "unplaced": (spec(targetNode="b"), vm(None), "not placed"),
-        "offline": (spec(mode="Offline"), vm(), "Offline"),
     }
     for case, (s, facts, text) in cases.items():
         outcome = schedule(s, facts)
         assert isinstance(outcome, Refused), case
         assert text in outcome.message, (case, outcome)
+
+
+def test_offline_mode_is_scheduled_like_live() -> None:
+    assert schedule(spec(mode="Offline", targetNode="b"), vm()) == Scheduled("a", "b")
+    assert isinstance(schedule(spec(mode="Offline", targetNode="c"), vm()), Refused)
+
+
+def test_offline_outcome_is_decided_by_where_the_definition_is() -> None:
+    def where(on_s: bool, act_s: bool, on_t: bool, act_t: bool) -> str:
+        return offline_outcome(DomainWhere(on_s, act_s, on_t, act_t))
+
+    # Defined on the target (after every copy): done, even before the source undefine.
+    assert where(False, False, True, False) == "succeeded"
+    assert where(True, False, True, False) == "succeeded"
+    assert where(False, False, True, True) == "succeeded"
+    # Not (yet) defined there: the job stopped early, the VM stays here.
+    assert where(True, False, False, False) == "failed"
+    assert where(True, True, False, False) == "failed"
+    # Nowhere, or running here while defined there: never guess.
+    assert where(False, False, False, False) == "unclear"
+    assert where(True, True, True, False) == "unclear"
+
+
+def test_postcopy_waits_for_iterations_and_a_stall() -> None:
+    mib = 2**20
+    # Storage copy (iteration 0) and the first iterations never switch.
+    assert not postcopy_due([(0, 128 * mib), (1, 128 * mib), (2, 40 * mib), (3, 40 * mib)])
+    # Past iteration 3 with the dirty set still shrinking: pre-copy converges.
+    converging = [(1, 128 * mib), (2, 60 * mib), (3, 30 * mib), (4, 10 * mib)]
+    assert not postcopy_due(converging)
+    # Past iteration 3, the start of the iteration not smaller than the previous: stall.
+    stalled = [(1, 128 * mib), (2, 60 * mib), (3, 30 * mib), (3, 5 * mib), (4, 30 * mib)]
+    assert postcopy_due(stalled)
+    assert postcopy_due([*stalled, (4, 1 * mib)])  # later samples of the iteration: same start
+    # Growing counts as stalled too; the threshold is a parameter.
+    assert postcopy_due([(1, 10 * mib), (2, 20 * mib)], after_iteration=1)
+    assert not postcopy_due([])
+    assert not postcopy_due([(5, mib)])  # no earlier iteration seen: nothing to compare
+
+
+def test_postcopy_failure_message_says_the_guest_is_lost() -> None:
+    text = postcopy_failure_message("connection reset")
+    assert "lost" in text
+    assert "not restarted" in text
+    assert "connection reset" in text
+
+
+def test_postcopy_request_sets_the_libvirt_flag() -> None:
+    import libvirt
+
+    from virtfleet.hypervisor.migration import MigrationRequest, migration_flags
+
+    plain = migration_flags(MigrationRequest(dest_uri="qemu+tcp://b/system"))
+    assert not plain & libvirt.VIR_MIGRATE_POSTCOPY
+    flags = migration_flags(MigrationRequest(dest_uri="qemu+tcp://b/system", post_copy=True))
+    assert flags & libvirt.VIR_MIGRATE_POSTCOPY
+    assert flags & libvirt.VIR_MIGRATE_LIVE
+
+
+def test_post_copy_is_scheduled() -> None:
+    assert schedule(spec(targetNode="b", policy={"postCopy": True}), vm()) == Scheduled("a", "b")
+
+
+def test_handoff_printable_depends_on_the_mode() -> None:
+    assert handoff_printable(MigrationMode.LIVE) == "Running"
+    assert handoff_printable(MigrationMode.OFFLINE) == "Stopped"
 
 
 def test_another_active_migration_refuses() -> None:
