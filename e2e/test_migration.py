@@ -244,6 +244,33 @@ def test_refusals(system: Cluster, namespace: str) -> None:
     assert "does not match nodeSelector" in mig["status"]["failureReason"], mig["status"]
 
 
+def test_target_without_capacity_is_refused(system: Cluster, namespace: str) -> None:
+    src, dst = running_vm(system, namespace, "small")
+    # A halted VM still reserves its memory on its node: fill the target with one, once
+    # VMs of earlier tests (namespaces being deleted) have left it.
+    wait_for(
+        lambda: system.get("vmhost", dst.name)["status"].get("allocatedMemoryBytes") == 0,
+        120, 0.5, f"{dst.name} to hold no VM",
+    )  # fmt: skip
+    host = system.get("vmhost", dst.name)
+    filler = max(host["status"]["memoryBytes"] // 2**20 - 64, 128)
+    system.apply(
+        vm_manifest(
+            "filler", namespace, nodeName=dst.name, runStrategy="Halted",
+            memory={"size": f"{filler}Mi"},
+        )
+    )  # fmt: skip
+    wait_for(
+        lambda: (system.get("vm", "filler", namespace).get("status") or {}).get("nodeName"),
+        60, 0.2, "the filler placed",
+    )  # fmt: skip
+    system.apply(migration("too-full", namespace, "small", targetNode=dst.name))
+    mig = wait_phase(system, namespace, "too-full", ("Failed", "Succeeded"), timeout=30)
+    assert mig["status"]["phase"] == "Failed", mig["status"]
+    assert "free" in mig["status"]["failureReason"], mig["status"]
+    assert has_domain(src, domain_name(namespace, "small"))
+
+
 def test_progress_concurrent_refusal_and_cancel(system: Cluster, namespace: str) -> None:
     src, dst = running_vm(system, namespace, "slow", disks=DATA_DISK)
     dom = domain_name(namespace, "slow")
