@@ -269,6 +269,13 @@ def test_target_without_capacity_is_refused(system: Cluster, namespace: str) -> 
     assert mig["status"]["phase"] == "Failed", mig["status"]
     assert "free" in mig["status"]["failureReason"], mig["status"]
     assert has_domain(src, domain_name(namespace, "small"))
+    # Give the room back before the next test schedules migrations to that node.
+    system.kubectl("delete", "vm", "filler", "-n", namespace, "--timeout=90s")
+    wait_for(
+        lambda: system.get("vmhost", dst.name)["status"].get("allocatedMemoryBytes", 0)
+        < 2**30,
+        60, 0.5, f"{dst.name} to be free again",
+    )  # fmt: skip
 
 
 def test_progress_concurrent_refusal_and_cancel(system: Cluster, namespace: str) -> None:
