@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from virtfleet.agent.agent import Agent
-from virtfleet.api.conditions import ConditionStatus, set_condition
+from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import PoolStatus, VMHostStatus
 from virtfleet.hypervisor import errors as hv_errors
@@ -15,10 +15,6 @@ from virtfleet.hypervisor import storage
 from virtfleet.runtime.kube import NotFound
 
 _UID_PREFIX = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
-
-
-def _ts(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus:
@@ -45,7 +41,7 @@ async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStat
             allocated += VirtualMachineSpec.model_validate(body.get("spec") or {}).memory.size.bytes
         except ValueError:
             continue
-    now = _ts(datetime.now(UTC))
+    now = rfc3339(datetime.now(UTC))
     conditions = set_condition(
         previous.conditions if previous else [],
         type="Ready",

@@ -32,6 +32,7 @@ from virtfleet import manifests
 from virtfleet.agent.agent import COMPONENT, Agent, Key, _resource_version, key_of
 from virtfleet.agent.driver import power_of, volume_name
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.conditions import parse_rfc3339
 from virtfleet.api.snapshot import (
     RestorePhase,
     SnapshotPhase,
@@ -118,7 +119,7 @@ def _created(body: Mapping[str, Any]) -> datetime:
     raw = (body.get("metadata") or {}).get("creationTimestamp")
     if not raw:
         return datetime.now(UTC)
-    return datetime.strptime(str(raw), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return parse_rfc3339(str(raw))
 
 
 def _invalid(exc: ValidationError) -> str:

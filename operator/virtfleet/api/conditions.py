@@ -59,9 +59,22 @@ class Condition(StatusModel):
     )
 
 
+#: Kubernetes timestamps: UTC, whole seconds, ``Z``.
+_RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def rfc3339(moment: datetime) -> str:
+    """``moment`` as Kubernetes writes timestamps."""
+    return moment.astimezone(UTC).replace(microsecond=0).strftime(_RFC3339)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """A Kubernetes timestamp as an aware UTC datetime."""
+    return datetime.strptime(text, _RFC3339).replace(tzinfo=UTC)
+
+
 def now_rfc3339() -> str:
-    """Kubernetes timestamps: UTC, whole seconds, ``Z``."""
-    return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(datetime.now(UTC))
 
 
 def set_condition(

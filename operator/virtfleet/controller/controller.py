@@ -32,6 +32,7 @@ from typing import Any
 
 import kopf
 
+from virtfleet.api.conditions import rfc3339
 from virtfleet.api.resources import VIRTUAL_MACHINE, VM_HOST, VM_MIGRATION
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions
@@ -63,10 +64,6 @@ Clock = Callable[[], datetime]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Controller:
@@ -299,7 +296,7 @@ class Controller:
             self.cache.hosts.get(vm.node_name),
             now=now,
             heartbeat_timeout=self.settings.heartbeat_timeout,
-            timestamp=_rfc3339(now),
+            timestamp=rfc3339(now),
         )
         if wanted is None:
             return None

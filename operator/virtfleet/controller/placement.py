@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from virtfleet.api.conditions import rfc3339
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.controller.views import HostView, NodeView, VmRequest
 
@@ -137,7 +138,7 @@ def stale_heartbeat(host: HostView) -> str:
     """A stable phrase (no "N seconds ago", so status does not change every pass)."""
     if host.heartbeat is None:
         return "agent has not sent a heartbeat"
-    return f"agent heartbeat stale since {host.heartbeat.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"agent heartbeat stale since {rfc3339(host.heartbeat)}"
 
 
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
-from virtfleet.api.conditions import ConditionStatus
+from virtfleet.api.conditions import ConditionStatus, rfc3339
 from virtfleet.api.migration import (
     MigrationMode,
     MigrationPhase,
@@ -261,10 +261,6 @@ def timed_out(budget: float | None, elapsed: float) -> bool:
     return budget is not None and elapsed > budget
 
 
-def _ts(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def scheduled_status(
     status: VMMigrationStatus, generation: int, outcome: Scheduled, now: datetime
 ) -> VMMigrationStatus:
@@ -302,7 +298,7 @@ def failed_status(
             "observed_generation": generation,
             "phase": phase,
             "failure_reason": f"{reason}: {message}",
-            "completion_time": status.completion_time or _ts(now),
+            "completion_time": status.completion_time or rfc3339(now),
             "conditions": _kstatus(
                 status.conditions,
                 generation,
@@ -322,7 +318,7 @@ def running_status(status: VMMigrationStatus, generation: int, now: datetime) ->
         update={
             "observed_generation": generation,
             "phase": MigrationPhase.RUNNING,
-            "start_time": status.start_time or _ts(now),
+            "start_time": status.start_time or rfc3339(now),
             "conditions": _kstatus(
                 status.conditions,
                 generation,
@@ -346,7 +342,7 @@ def succeeded_status(
         update={
             "observed_generation": generation,
             "phase": MigrationPhase.SUCCEEDED,
-            "completion_time": status.completion_time or _ts(now),
+            "completion_time": status.completion_time or rfc3339(now),
             "downtime_ms": downtime_ms,
             "progress": progress,
             "conditions": _kstatus(

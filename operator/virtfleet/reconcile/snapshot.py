@@ -42,6 +42,7 @@ from virtfleet.api.conditions import (
     ConditionStatus,
     ConditionType,
     remove_condition,
+    rfc3339,
     set_condition,
 )
 from virtfleet.api.quantity import parse_duration
@@ -360,7 +361,7 @@ def _snapshot_done(
         update={
             "phase": SnapshotPhase.READY,
             "ready_to_use": True,
-            "creation_time": _ts(created),
+            "creation_time": rfc3339(created),
             "memory_included": memory,
             "domain_state": info.state,
             "disks": disks,
@@ -442,7 +443,7 @@ def _snapshot_failed(
         update={
             "phase": SnapshotPhase.FAILED,
             "ready_to_use": False,
-            "error": SnapshotError(message=message, time=_ts(now)) if first else status.error,
+            "error": SnapshotError(message=message, time=rfc3339(now)) if first else status.error,
         }
     )
     status = status.model_copy(
@@ -579,7 +580,7 @@ def decide_restore(
         update={
             "phase": RestorePhase.IN_PROGRESS,
             "complete": False,
-            "start_time": _ts(now),
+            "start_time": rfc3339(now),
             "vm_uid": vm.uid,
             "snapshot_name": snapshot.libvirt_name,
             "memory_restored": memory,
@@ -693,7 +694,7 @@ def _restore_in_progress(
             actions.append(StartDomain(f"runStrategy {vm.run_strategy.value}"))
             return RestoreDecision(tuple(actions), status)
     status = status.model_copy(
-        update={"phase": RestorePhase.SUCCEEDED, "complete": True, "restore_time": _ts(now)}
+        update={"phase": RestorePhase.SUCCEEDED, "complete": True, "restore_time": rfc3339(now)}
     )
     how = "resumed at the snapshot's moment" if status.memory_restored else "disks reverted"
     message = f"restored from {restore.spec.snapshot_name if restore.spec else name}: {how}"
@@ -733,7 +734,7 @@ def _restore_failed(
         update={
             "phase": RestorePhase.FAILED,
             "complete": False,
-            "error": SnapshotError(message=message, time=_ts(now)),
+            "error": SnapshotError(message=message, time=rfc3339(now)),
         }
     )
     status = status.model_copy(
@@ -857,7 +858,7 @@ def _kstatus(
     stalled: tuple[str, str] | None,
     now: datetime,
 ) -> list[Condition]:
-    when = _ts(now)
+    when = rfc3339(now)
     out = set_condition(
         conditions,
         type=ConditionType.READY,
@@ -894,10 +895,6 @@ def _failed_conditions(
         stalled=(reason, message),
         now=now,
     )
-
-
-def _ts(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 __all__ = [

@@ -16,14 +16,16 @@ is harmless: the next pass sees where things really are.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from virtfleet.api.conditions import (
     Condition,
     ConditionStatus,
     ConditionType,
+    parse_rfc3339,
     remove_condition,
+    rfc3339,
     set_condition,
 )
 from virtfleet.api.virtualmachine import (
@@ -387,7 +389,7 @@ def _crash_loop(
     delay = _backoff(failures)
     status = status.model_copy(update={"consecutive_failures": failures})
     if delay > 0:
-        retry = _ts(now + timedelta(seconds=delay))
+        retry = rfc3339(now + timedelta(seconds=delay))
         return status.model_copy(update={"crash_loop_retry_time": retry}), False, delay
     return _started(status, now, restarted=wish.restart), True, None
 
@@ -397,7 +399,7 @@ def _started(
 ) -> VirtualMachineStatus:
     return status.model_copy(
         update={
-            "last_start_time": _ts(now),
+            "last_start_time": rfc3339(now),
             "crash_loop_retry_time": None,
             "restart_count": status.restart_count + (1 if restarted else 0),
         }
@@ -573,7 +575,7 @@ def _conditions(
     stalled: tuple[bool, str, str] = (False, "Converged", ""),
     now: datetime,
 ) -> list[Condition]:
-    when = _ts(now)
+    when = rfc3339(now)
     out = set_condition(
         conditions,
         type=ConditionType.READY,
@@ -615,7 +617,7 @@ def _restart_required(
             message=f"{_names(observed.restart_changes)} take effect at the next start; "
             "the running guest keeps its current configuration",
             observed_generation=generation,
-            now=_ts(now),
+            now=rfc3339(now),
         )
     return remove_condition(conditions, ConditionType.RESTART_REQUIRED)
 
@@ -631,7 +633,7 @@ def _paused(
             reason="Paused",
             message="the domain is paused",
             observed_generation=generation,
-            now=_ts(now),
+            now=rfc3339(now),
         )
     return remove_condition(conditions, ConditionType.PAUSED)
 
@@ -639,14 +641,8 @@ def _paused(
 # --- Small helpers ------------------------------------------------------------------------
 
 
-def _ts(moment: datetime) -> str:
-    return moment.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _parse_ts(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    return parse_rfc3339(text) if text else None
 
 
 def _soon_after_start(status: VirtualMachineStatus, now: datetime) -> bool:

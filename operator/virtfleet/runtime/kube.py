@@ -23,7 +23,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -31,6 +30,7 @@ import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
+from virtfleet.api.conditions import now_rfc3339
 from virtfleet.api.resources import KINDS, Kind
 from virtfleet.identity import API_GROUP, API_VERSION
 from virtfleet.logs import get_logger
@@ -196,10 +196,6 @@ def load_configuration() -> k8s_client.Configuration:
 
 
 # --- the client -----------------------------------------------------------------------
-
-
-def _utcnow() -> str:
-    return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class KubeApi:
@@ -488,7 +484,7 @@ class KubeApi:
         component: str,
     ) -> None:
         namespace, name = key
-        now = _utcnow()
+        now = now_rfc3339()
         count = self._events.get(key)
         if count is not None:
             try:
