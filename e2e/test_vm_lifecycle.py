@@ -101,9 +101,13 @@ def test_apply_runs_the_guest_and_kubectl_says_so(
 
 def test_halted_vm_is_ready_and_stopped(system: Cluster, namespace: str, node_a: hn.Node) -> None:
     system.apply(vm_manifest("parked", namespace, nodeName="node-a", runStrategy="Halted"))
-    obj = wait_status(system, namespace, "parked", "Stopped")
+    wait_status(system, namespace, "parked", "Stopped")
+    # The controller already says Stopped (Ready=False, WaitingForAgent) when it places
+    # the VM; Ready turns True once the agent has defined the domain.
     system.kubectl("wait", "--for=condition=Ready", "vm/parked", "-n", namespace, "--timeout=30s")
-    assert condition(obj, "Ready")["status"] == "True"  # type: ignore[index]
+    obj = vm(system, namespace, "parked")
+    assert obj["status"]["printableStatus"] == "Stopped"
+    assert condition(obj, "Ready")["reason"] == "Stopped"  # type: ignore[index]
     assert domains(node_a)[domain_name(namespace, "parked")] == "shut off"
 
 

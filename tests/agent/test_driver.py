@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,26 +11,11 @@ from virtfleet.agent.driver import ActionError, NodeDriver, power_of, volume_nam
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec, VirtualMachineStatus
-from virtfleet.hypervisor import GuestState, Hypervisor, HypervisorSettings, storage
+from virtfleet.hypervisor import GuestState, Hypervisor, storage
 from virtfleet.reconcile.vm import Decision, Power, StopCause, VmView, decide
 
 UID = "11111111-2222-4333-8444-555555555555"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def hv(tmp_path: Path) -> AsyncIterator[Hypervisor]:
-    node = tmp_path / "node.xml"
-    node.write_text("<node/>")
-    hypervisor = Hypervisor(HypervisorSettings(uri=f"test://{node}", executor_workers=2))
-    await hypervisor.open()
-    await storage.ensure_pool(hypervisor, "virtfleet-images", "/images")
-    await storage.ensure_pool(hypervisor, "virtfleet-local", "/local")
-    await storage.create_blank(hypervisor, "virtfleet-images", "guest-vmlinuz", 2**20, fmt="raw")
-    try:
-        yield hypervisor
-    finally:
-        await hypervisor.close()
 
 
 @pytest.fixture

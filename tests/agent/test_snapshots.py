@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from virtfleet.agent.agent import Agent
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
-from virtfleet.hypervisor import Hypervisor, HypervisorSettings, snapshots, storage
+from virtfleet.hypervisor import Hypervisor, snapshots
 from virtfleet.identity import NODE_LABEL
 from virtfleet.runtime.kube import Conflict, NotFound
 from virtfleet.runtime.status import apply_merge_patch
@@ -73,21 +72,6 @@ class FakeKube:
 
     async def record_event(self, obj: Any, type: str, reason: str, *_: Any) -> None:
         self.events.append((obj["metadata"]["name"], reason))
-
-
-@pytest.fixture
-async def hv(tmp_path: Path) -> AsyncIterator[Hypervisor]:
-    node = tmp_path / "node.xml"
-    node.write_text("<node/>")
-    hypervisor = Hypervisor(HypervisorSettings(uri=f"test://{node}", executor_workers=2))
-    await hypervisor.open()
-    await storage.ensure_pool(hypervisor, "virtfleet-images", "/images")
-    await storage.ensure_pool(hypervisor, "virtfleet-local", "/local")
-    await storage.create_blank(hypervisor, "virtfleet-images", "guest-vmlinuz", 2**20, fmt="raw")
-    try:
-        yield hypervisor
-    finally:
-        await hypervisor.close()
 
 
 @pytest.fixture
