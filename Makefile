@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 
-.PHONY: bootstrap demo down test unit e2e lint crds gitops
+.PHONY: bootstrap demo down test unit e2e lint crds gitops chaos soak bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -24,6 +24,21 @@ unit: bootstrap
 
 e2e: bootstrap
 	$(VENV)/pytest e2e
+
+## The long chaos run: VIRTFLEET_CHAOS_SECONDS (default 900) of SIGKILLs under a workload;
+## VIRTFLEET_CHAOS_SEED=<printed seed> replays a schedule.
+chaos: bootstrap
+	VIRTFLEET_CHAOS_SECONDS=$${VIRTFLEET_CHAOS_SECONDS:-900} $(VENV)/pytest -m chaos -s e2e/test_chaos.py
+
+## The full benchmark run against raw libvirt: bench/results/<date>.{json,md} + plots.
+bench: bootstrap
+	bench/run
+
+## The long churn/soak run on a test-driver node: VIRTFLEET_CHURN_VMS (default 300) VMs
+## created, halted and deleted for VIRTFLEET_CHURN_ROUNDS (default 20) rounds; prints the
+## agent's RSS slope and fails on growth beyond VIRTFLEET_CHURN_RSS_LIMIT_MIB (default 16).
+soak: bootstrap
+	VIRTFLEET_CHURN_VMS=$${VIRTFLEET_CHURN_VMS:-300} VIRTFLEET_CHURN_ROUNDS=$${VIRTFLEET_CHURN_ROUNDS:-20} $(VENV)/pytest -s e2e/test_churn.py
 
 lint:
 	$(VENV)/ruff check .

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from harness import controlplane, operators
+from harness import controlplane, operators, rbac
 from harness import helm as hh
 from harness import nodes as hn
 from harness.testing import Cluster, domain_name, vm_manifest, wait_for
@@ -121,6 +121,7 @@ def chart_system(
         operators.kill(state, name)
 
     started: list[str] = []
+    agents = tmp_path_factory.mktemp("agents")
     try:
         for index, node in enumerate(cluster.nodes):
             name = f"chart-agent-{node.name}"
@@ -129,7 +130,10 @@ def chart_system(
                 state,
                 cluster.env,
                 node,
-                kubeconfig=system.kubeconfigs["virtfleet-agent"],
+                # Each agent's own token, bound to its Node (the node-restriction policy).
+                kubeconfig=rbac.agent_kubeconfig(
+                    state, cluster.env, node.name, folder=agents, namespace=system.agent_sa[1]
+                ),
                 name=name,
                 extra=extra,
             )

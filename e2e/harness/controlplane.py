@@ -739,6 +739,37 @@ def down(state_dir: Path, wipe: bool = False) -> None:
         shutil.rmtree(layout.etcd_data, ignore_errors=True)
 
 
+def kill_apiserver(state_dir: Path, sig: int = signal.SIGKILL) -> int | None:
+    """Crash the kube-apiserver alone (etcd and the controller manager keep running).
+
+    Chaos and watch-health tests use it to prove clients survive an apiserver restart;
+    :func:`start_apiserver` (or ``up``) brings it back. Returns the killed pid, if any.
+    """
+    layout = _Layout(state_dir.resolve())
+    pid = _running_pid(layout, "kube-apiserver")
+    if pid is None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _running(pid, "kube-apiserver") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pid
+
+
+def start_apiserver(state_dir: Path) -> None:
+    """Start the kube-apiserver again (after :func:`kill_apiserver`) and wait for /readyz."""
+    layout = _Layout(state_dir.resolve())
+    ports = Ports.from_env()
+    with _locked(state_dir.resolve() / "controlplane" / ".lock"):
+        health = _health("kube-apiserver", ports, layout.pki)
+        if _running_pid(layout, "kube-apiserver") is None:
+            binary = ensure_binaries()["kube-apiserver"]
+            kcm = layout.kubeconfigs / "controller-manager.yaml"
+            _start(layout, "kube-apiserver", _argv("kube-apiserver", binary, layout, ports, kcm))
+        _wait_ready(layout, "kube-apiserver", health.url, health.tls)
+
+
 def ca_file(state_dir: Path) -> Path:
     """The CA that signs the apiserver's serving cert (for ``kubeconfig_for_token``)."""
     return _Layout(state_dir.resolve()).pki / "ca.crt"

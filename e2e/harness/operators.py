@@ -103,6 +103,11 @@ def _with_kubeconfig(
     return env if not chosen else {**env, "KUBECONFIG": chosen}
 
 
+def agent_kubeconfig_var(node: str) -> str:
+    """The env entry naming the kubeconfig of ``node``'s agent (a token bound to its Node)."""
+    return "VIRTFLEET_AGENT_KUBECONFIG_" + node.upper().replace("-", "_")
+
+
 def start_agent(
     state_dir: Path,
     env: Mapping[str, str],
@@ -118,7 +123,7 @@ def start_agent(
         state_dir,
         name or f"agent-{node.name}",
         argv,
-        _with_kubeconfig(env, kubeconfig, "VIRTFLEET_AGENT_KUBECONFIG"),
+        _with_kubeconfig(env, kubeconfig, agent_kubeconfig_var(node.name)),
     )
 
 

@@ -89,11 +89,13 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from virtfleet import logs
     from virtfleet.agent.handlers import run
     from virtfleet.agent.settings import AgentSettings
+    from virtfleet.runtime.memory import limit_malloc_arenas
 
     if not args.node:
         print("virtfleet agent: --node (or $NODE_NAME) is required", file=sys.stderr)
         return 2
     logs.configure(args.log_format, args.log_level)
+    limit_malloc_arenas()
     settings = AgentSettings(
         node_name=args.node,
         libvirt_uri=args.libvirt_uri,
@@ -106,6 +108,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         workers=args.workers,
         resync_seconds=args.resync_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
+        http_max_bytes=args.http_max_bytes,
+        download_dir=args.download_dir,
+        watch_server_timeout=args.watch_server_timeout,
+        watch_stale_seconds=args.watch_stale_seconds,
     )
     asyncio.run(run(settings, liveness_endpoint=args.liveness))
     return 0
@@ -171,6 +177,31 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--workers", type=int, default=8)
     agent.add_argument("--resync-seconds", type=float, default=60.0)
     agent.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    agent.add_argument(
+        "--http-max-bytes",
+        type=int,
+        default=16 * 2**30,
+        metavar="BYTES",
+        help="largest download of a disk's source.http (a disk's own size lowers it)",
+    )
+    agent.add_argument(
+        "--download-dir",
+        metavar="DIR",
+        help="local scratch directory where source.http downloads are verified (default: TMPDIR)",
+    )
+    agent.add_argument(
+        "--watch-server-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest watch request before it is re-established (default: the apiserver's)",
+    )
+    agent.add_argument(
+        "--watch-stale-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="liveness fails when the agent's own VMHost heartbeat was not seen through the "
+        "watch for this long (default: max(60, 6 heartbeats))",
+    )
     agent.add_argument(
         "--liveness",
         metavar="URL",

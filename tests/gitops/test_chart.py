@@ -61,6 +61,8 @@ def test_default_objects(default: list[dict[str, Any]]) -> None:
         ("Namespace", "virtfleet-system"),
         ("ServiceAccount", "virtfleet-agent"),
         ("ServiceAccount", "virtfleet-controller"),
+        ("ValidatingAdmissionPolicy", "virtfleet-agent-node-restriction"),
+        ("ValidatingAdmissionPolicyBinding", "virtfleet-agent-node-restriction"),
     ]
 
 
@@ -207,3 +209,28 @@ def test_argocd_health_configmap_carries_every_script() -> None:
     for path in (CHART / "health").glob("*/*/health.lua"):
         key = f"resource.customizations.health.{path.parent.parent.name}_{path.parent.name}"
         assert cm["data"][key] == path.read_text()
+
+
+def test_agent_node_restriction_policy(default: list[dict[str, Any]]) -> None:
+    """The policy matches exactly the agent's ServiceAccount and can be switched off."""
+    policy = one(default, "ValidatingAdmissionPolicy", "virtfleet-agent-node-restriction")
+    (condition,) = policy["spec"]["matchConditions"]
+    sa = one(default, "ServiceAccount", "virtfleet-agent")["metadata"]
+    subject = f"system:serviceaccount:{sa['namespace']}:{sa['name']}"
+    assert condition["expression"] == f'request.userInfo.username == "{subject}"'
+    binding = one(default, "ValidatingAdmissionPolicyBinding", "virtfleet-agent-node-restriction")
+    assert binding["spec"] == {
+        "policyName": policy["metadata"]["name"],
+        "validationActions": ["Deny"],
+    }
+    guarded = set(policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"])
+    agent_role = one(default, "ClusterRole", "virtfleet-agent")
+    writable = {
+        resource
+        for rule in agent_role["rules"]
+        if rule["apiGroups"] == ["virtfleet.io"] and {"patch", "create"} & set(rule["verbs"])
+        for resource in rule["resources"]
+    }
+    assert writable <= guarded  # every virtfleet.io object the agent may write is guarded
+    off = render("agent.nodeRestriction.enabled=false")
+    assert by_kind(off, "ValidatingAdmissionPolicy") == []

@@ -66,10 +66,7 @@ class Agent:
         """A watch event of a VM placed on this node (kopf ``on.event``; never retried)."""
         key = key_of(body)
         if event_type == "DELETED":
-            old = self.cache.pop(key, None)
-            if old is not None:
-                self.by_uid.pop(old["metadata"]["uid"], None)
-            self.queue.forget(key)
+            self.forget(key)
             return
         if not self.is_mine(body):
             return
@@ -97,6 +94,7 @@ class Agent:
         if old is not None:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
         self.queue.forget(key)
+        self.finalized.pop(key, None)  # a later VM of the same name starts afresh
 
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)

@@ -8,13 +8,16 @@ asking libvirt where a pool's volume lives.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import posixpath
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
+from virtfleet.api.virtualmachine import Disk, HttpSource, VirtualMachineSpec
 from virtfleet.domain import (
     DiskBacking,
     DomainInputs,
@@ -29,7 +32,7 @@ from virtfleet.domain import (
 from virtfleet.domain.config import BandwidthConfig
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.observe import observe_config
-from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, storage
+from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, download, images, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.reconcile.vm import (
     Action,
@@ -84,6 +87,11 @@ class Snapshot:
 def volume_name(uid: str, disk: str) -> str:
     """Volumes are named by the VM's uid: never reused by another VM of the same name."""
     return f"{uid}-{disk}.qcow2"
+
+
+def http_base_volume_name(uid: str, disk: str) -> str:
+    """The downloaded image under an ``http`` disk (the disk is an overlay on it)."""
+    return f"{uid}-{disk}.http-base"
 
 
 def seed_volume_name(uid: str) -> str:
@@ -360,15 +368,15 @@ class NodeDriver:
                         f"{self.settings.node_name}'s image store",
                         permanent=True,
                     ) from exc
+                except hv_errors.UnsafeImage as exc:
+                    raise ActionError(
+                        "UnsafeImage", f"disk {disk.name!r}: {exc}", permanent=True
+                    ) from exc
             elif source.blank is not None:
                 assert size is not None  # the API requires a size for blank disks
                 await storage.create_blank(self.hv, pool, name, size)
-            else:
-                raise ActionError(
-                    "HttpSourceUnsupported",
-                    f"disk {disk.name!r}: http sources are not supported by this agent yet",
-                    permanent=True,
-                )
+            elif source.http is not None:
+                await self._import_http(vm.uid, disk, pool, name, source.http, size)
         if SEED in names and spec.cloud_init is not None:
             files = seed_files(
                 uid=vm.uid,
@@ -383,6 +391,50 @@ class NodeDriver:
                 build_iso(files),
                 replace=True,
             )
+
+    async def _import_http(
+        self, uid: str, disk: Disk, pool: str, name: str, source: HttpSource, size: int | None
+    ) -> None:
+        """Download, verify and inspect the image, store it as the disk's base volume,
+        then make the disk an overlay on it. The overlay is made last: its existence is
+        what says the disk is complete, so a crash before it only leaves a base that the
+        next attempt replaces (and that deleting the VM removes, like every uid- volume).
+        """
+        limit = min(self.settings.http_max_bytes, size) if size else self.settings.http_max_bytes
+        loop = asyncio.get_running_loop()
+        spool = Path(self.settings.download_dir or tempfile.gettempdir())
+        try:
+            got = await loop.run_in_executor(
+                None, lambda: download.fetch(source.url, source.sha256, spool, limit)
+            )
+        except download.DownloadError as exc:
+            raise ActionError(
+                exc.reason, f"disk {disk.name!r}: {exc.message}", permanent=True
+            ) from exc
+        try:
+            info = await loop.run_in_executor(
+                None, lambda: images.inspect(str(got.path), name=source.url.rsplit("/", 1)[-1])
+            )
+            if size is not None and info.virtual_size > size:
+                raise ActionError(
+                    download.SOURCE_TOO_LARGE,
+                    f"disk {disk.name!r}: the image's virtual size {info.virtual_size} is larger "
+                    f"than the disk's size {size}",
+                    permanent=True,
+                )
+            base = http_base_volume_name(uid, disk.name)
+            stored = await storage.upload_file(self.hv, pool, base, str(got.path))
+            if stored.format != info.format or stored.backing_path is not None:
+                await storage.delete_volume(self.hv, pool, base)
+                raise hv_errors.UnsafeImage(
+                    f"libvirt sees the download as {stored.format} "
+                    f"(backing: {stored.backing_path or 'none'}), not a plain {info.format}"
+                )
+            await storage.create_overlay(self.hv, pool, name, VolumeRef(pool, base), size)
+        except hv_errors.UnsafeImage as exc:
+            raise ActionError("UnsafeImage", f"disk {disk.name!r}: {exc}", permanent=True) from exc
+        finally:
+            got.path.unlink(missing_ok=True)
 
     async def delete_volumes(self, uid: str) -> list[str]:
         """Every volume of the VM with ``uid`` in the agent's pools (also half-made ones)."""

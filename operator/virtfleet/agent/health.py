@@ -11,7 +11,8 @@ nor a libvirtd that died under the agent. Two probes close that gap:
 * ``watch`` is a self-echo: the agent renews its ``VMHost`` every ``heartbeat_seconds``,
   and a watch on its own VMHost must deliver that change back. When no echo arrived for
   ``stale_after`` seconds, either the heartbeat or the watch stream is stuck — a restart
-  (what the kubelet does on a failed liveness probe) fixes both.
+  (what the kubelet does on a failed liveness probe) fixes both. ``--watch-stale-seconds``
+  sets that limit (the e2e tests use a short one).
 
 Wiring without touching :mod:`virtfleet.agent.handlers`: :func:`run` builds the agent's
 registry, adds these probes and starts kopf with ``liveness_endpoint``; the CLI calls it
@@ -70,6 +71,9 @@ class WatchEcho:
 
 
 def stale_after(settings: AgentSettings) -> float:
+    """The configured staleness, else a margin of heartbeats generous enough for a busy node."""
+    if settings.watch_stale_seconds is not None:
+        return settings.watch_stale_seconds
     return max(MIN_STALE_SECONDS, STALE_HEARTBEATS * settings.heartbeat_seconds)
 
 

@@ -79,6 +79,8 @@ if TYPE_CHECKING:
 
 #: jobStats() poll period while the job runs.
 POLL_SECONDS = 1.0
+#: Pause before re-reading the VM when a hand-over write met a conflict.
+CONFLICT_RETRY_SECONDS = 0.01
 #: The VM loop looks again this soon while an interrupted migration is being recovered.
 RECOVERY_WAIT_SECONDS = 2.0
 DELETE_WAIT_SECONDS = 20.0
@@ -116,6 +118,22 @@ def _disk_targets(xml: str, paths: Mapping[str, str]) -> list[str]:
         if source is not None and target is not None and source.get("file") in wanted:
             out.append(str(target.get("dev")))
     return out
+
+
+def handoff_finalizers(
+    finalizers: list[str], source: str, target: str, *, deleting: bool
+) -> list[str]:
+    """The VM's finalizers once the source hands it to the target.
+
+    A VM deleted while it migrated cannot take a new finalizer (the apiserver forbids
+    adding one during deletion, so the hand-over would fail forever and the deletion
+    hang): the source lets go and the VM goes away; the target's orphan sweep removes
+    the domain that arrived there.
+    """
+    kept = [f for f in finalizers if f != source]
+    if not deleting and target not in kept:
+        kept.append(target)
+    return kept
 
 
 class MigrationAgent:
@@ -372,9 +390,11 @@ class MigrationAgent:
     ) -> None:
         uid = str(vm_body["metadata"]["uid"])
         target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
+        started = time.monotonic()
         try:
             await target.open()
             copy_paths, shared, copied = await self._prepare_target(target, vm_body, vm_spec, uid)
+            prepared = time.monotonic()
             request = hv_migration.MigrationRequest(
                 dest_uri=dest_uri,
                 data_uri=_data_uri(dest_uri),
@@ -388,10 +408,18 @@ class MigrationAgent:
             budget = completion_budget(
                 spec.policy.completion_timeout_per_gib, vm_spec.memory.size.bytes, copied
             )
+            job_started = time.monotonic()
             error = await self._migrate(key, guest, request, log, budget=budget)
+            job_seconds = time.monotonic() - job_started
             where = await self._where(uid, target)
             outcome = job_outcome(where)
-            log.info("migration job ended", outcome=outcome, error=error)
+            log.info(
+                "migration job ended",
+                outcome=outcome,
+                error=error,
+                prepare_s=round(prepared - started, 3),
+                job_s=round(job_seconds, 3),
+            )
             if outcome == "succeeded":
                 await self._handoff(key, (key[0], spec.vm_name), uid, target, log)
             elif key in self.post_copied:
@@ -714,10 +742,19 @@ class MigrationAgent:
                         resource_version=str(meta.get("resourceVersion")),
                     )
                     meta = vm["metadata"]
-                mine = self.settings.finalizer
-                finalizers = [f for f in meta.get("finalizers") or [] if f != mine]
-                if node_finalizer(node) not in finalizers:
-                    finalizers.append(node_finalizer(node))
+                finalizers = handoff_finalizers(
+                    meta.get("finalizers") or [],
+                    self.settings.finalizer,
+                    node_finalizer(node),
+                    deleting=bool(meta.get("deletionTimestamp")),
+                )
+                if (meta.get("labels") or {}).get(NODE_LABEL) == node and (
+                    self.settings.finalizer not in (meta.get("finalizers") or [])
+                ):
+                    # Let go already (a recovery, or kopf dropped the finalizer once the
+                    # controller relabelled the VM): not this node's to write any more,
+                    # and the target's agent adds its own finalizer.
+                    break
                 await self.kube.patch(
                     "VirtualMachine",
                     *vm_key,
@@ -731,7 +768,9 @@ class MigrationAgent:
                 )
                 break
             except Conflict:
-                await asyncio.sleep(0.2)
+                # Another writer (a VM status update) got in between: read again at once;
+                # the guest already runs on the target, so every millisecond here is visible.
+                await asyncio.sleep(CONFLICT_RETRY_SECONDS)
         self.agent.forget(vm_key)
         deleted = await self._delete_local_volumes(uid)
         log.info("migration succeeded", target=node, downtime_ms=downtime, deleted=deleted)
@@ -748,7 +787,9 @@ class MigrationAgent:
             return None
         try:
             stats = await guest.executors.run(
-                guest.handle.jobStats, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                guest.handle.jobStats,
+                libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED,
             )
         except hv_errors.HypervisorError:
             return None

@@ -33,8 +33,17 @@ class AgentSettings:
     resync_seconds: float = 60.0
     #: How often VMHost's heartbeat is renewed.
     heartbeat_seconds: float = 10.0
-    #: Largest download for ``source.http`` disks.
+    #: Largest download for ``source.http`` disks (a disk's own ``size`` lowers it).
     http_max_bytes: int = 16 * 2**30
+    #: Local directory where ``source.http`` downloads are spooled and verified before
+    #: they are streamed into the pool (None: the system's temporary directory).
+    download_dir: str | None = None
+    #: Longest watch request (the apiserver picks 30-60 min when None); shorter means
+    #: the agent re-establishes its watches more often.
+    watch_server_timeout: float | None = None
+    #: Seconds without the VMHost echo before the liveness probe says "deaf"
+    #: (None: :func:`virtfleet.agent.health.stale_after` derives it from the heartbeat).
+    watch_stale_seconds: float | None = None
 
     @property
     def finalizer(self) -> str:

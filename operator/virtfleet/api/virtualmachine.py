@@ -165,15 +165,20 @@ class DiskSource(ApiModel):
     )
 
 
+#: Largest I/O limit QEMU takes (THROTTLE_VALUE_MAX; libvirt's QEMU_BLOCK_IOTUNE_MAX): a
+#: larger one would be accepted here and fail only when the domain starts.
+IOTUNE_MAX = 10**15
+
+
 class IoTune(ApiModel):
     """Disk I/O limits (libvirt ``<iotune>``); total and read/write limits exclude each other."""
 
-    total_bytes_sec: int | None = Field(default=None, ge=0)
-    read_bytes_sec: int | None = Field(default=None, ge=0)
-    write_bytes_sec: int | None = Field(default=None, ge=0)
-    total_iops_sec: int | None = Field(default=None, ge=0)
-    read_iops_sec: int | None = Field(default=None, ge=0)
-    write_iops_sec: int | None = Field(default=None, ge=0)
+    total_bytes_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
+    read_bytes_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
+    write_bytes_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
+    total_iops_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
+    read_iops_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
+    write_iops_sec: int | None = Field(default=None, ge=0, le=IOTUNE_MAX)
 
     cel_rules = (
         CelRule(

@@ -85,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from virtfleet.controller.controller import Controller
     from virtfleet.runtime.kube import KubeApi
+    from virtfleet.runtime.memory import limit_malloc_arenas
 
     try:
         settings = ControllerSettings(
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"virtfleet controller: {exc}", file=sys.stderr)
         return 2
     logs.configure(args.log_format, args.log_level)
+    limit_malloc_arenas()
 
     async def main() -> None:
         controller = Controller(KubeApi(field_manager="virtfleet-controller"), settings)

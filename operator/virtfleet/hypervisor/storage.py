@@ -11,14 +11,16 @@ crafted qcow2 could otherwise point QEMU at any host file).
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import libvirt
 from lxml import etree
 
-from virtfleet.hypervisor import errors
+from virtfleet.hypervisor import errors, images
 from virtfleet.hypervisor.names import validate_name
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ __all__ = [
     "lookup_volume",
     "pool_info",
     "upload",
+    "upload_file",
     "validate_name",
     "volume_xml",
 ]
@@ -278,6 +281,7 @@ async def create_overlay(
             raise errors.UnsafeImage(f"image {backing.name!r} has a backing file; refused")
         if image.format not in FORMATS:
             raise errors.UnsafeImage(f"image {backing.name!r} has format {image.format!r}")
+        images.check_name_matches_format(backing.name, image.format)
         capacity = image.capacity if size_bytes is None else size_bytes
         if capacity < image.capacity:
             raise errors.OperationInvalid(
@@ -329,6 +333,60 @@ async def upload(
                 vol.delete(0)
             raise
         return _parse_volume(pool, vol)
+
+    return await hv.call_long(call)
+
+
+def _refresh(pool: Any, attempts: int = 20) -> None:
+    """Worker thread: refresh a pool, waiting out "pool busy" (another volume job)."""
+    for attempt in range(attempts):
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
+
+
+async def upload_file(hv: Hypervisor, pool: str, name: str, path: str) -> Volume:
+    """Create volume ``name`` holding exactly the bytes of local file ``path``.
+
+    Streams through libvirt (``virStorageVolUpload``), so the pool may be on a remote
+    libvirtd. The volume is made as a raw file of the exact length, then the pool is
+    refreshed, so the returned :class:`Volume` carries libvirt's own probe of the content
+    (``format``, ``backing_path``): a second opinion the caller compares with its own
+    inspection (:mod:`virtfleet.hypervisor.images`). An existing volume of that name (a
+    crashed earlier try) is replaced; on failure the new volume is deleted again.
+    """
+    validate_name(name)
+    length = os.path.getsize(path)
+    if length <= 0:
+        raise ValueError("refusing to upload an empty volume")
+
+    def call(conn: Any) -> Volume:
+        p = _pool(conn, pool)
+        existing = _lookup(p, name)
+        if existing is not None:
+            existing.delete(0)
+        vol = p.createXML(volume_xml(name, length, "raw"), 0)
+        stream = conn.newStream(0)
+        try:
+            vol.upload(stream, 0, length, 0)
+            with open(path, "rb") as source:
+                while chunk := source.read(_UPLOAD_CHUNK):
+                    sent = 0
+                    while sent < len(chunk):
+                        sent += stream.send(chunk[sent:])
+            stream.finish()
+            _refresh(p)  # libvirt probes the header it did not write
+            return _parse_volume(pool, p.storageVolLookupByName(name))
+        except BaseException:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            with contextlib.suppress(libvirt.libvirtError):
+                vol.delete(0)
+            raise
 
     return await hv.call_long(call)
 

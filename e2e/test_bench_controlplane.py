@@ -1,0 +1,62 @@
+"""Smoke run of the control-plane benchmarks (small N), so the suite cannot rot.
+
+Each scenario runs against the session's system on a test-driver node and must produce
+a sane result: every VM reached Running, the counters counted something, a restart
+touched no domain. No timing is asserted (the machine is shared; ``bench/run`` reports
+the figures).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.result import BenchContext, ScenarioResult  # noqa: E402
+from bench.scenarios import (  # noqa: E402
+    resync_testdriver,
+    scale_testdriver,
+    start_latency_testdriver,
+)
+
+from harness.testing import Cluster  # noqa: E402
+
+
+@pytest.fixture
+def ctx(system: Cluster, tmp_path: Path) -> BenchContext:
+    return BenchContext(state_dir=system.state_dir, env=system.env, out_dir=tmp_path, small=True)
+
+
+def row(result: ScenarioResult, metric: str) -> float | None:
+    return next(r.virtfleet for r in result.rows if r.metric == metric)
+
+
+def test_start_latency_smoke(ctx: BenchContext) -> None:
+    result = start_latency_testdriver.run(ctx)
+    reached = row(result, "VMs that reached Running")
+    assert reached == len(result.samples["raw libvirt"]) > 0
+    assert len(result.samples["virtfleet"]) == reached
+    assert all(latency > 0 for latency in result.samples["virtfleet"])
+    assert result.to_json()["rows"]
+
+
+def test_scale_smoke(ctx: BenchContext) -> None:
+    result = scale_testdriver.run(ctx)
+    assert row(result, "VMs Running and Ready") == 50
+    assert row(result, "all Ready") is not None
+    assert (row(result, "agent peak RSS") or 0) > 0
+    assert (row(result, "apiserver writes per VM (virtfleet, VM object)") or 0) > 0
+    assert result.timelines["agent RSS"]
+
+
+def test_resync_smoke(ctx: BenchContext) -> None:
+    result = resync_testdriver.run(ctx)
+    assert row(result, "VMs fresh again") == 30
+    assert row(result, "resync: restart → every status fresh") is not None
+    assert row(result, "domains restarted") == 0
+    assert row(result, "domains touched (any action)") == 0

@@ -1,0 +1,51 @@
+"""The agent's per-VM memory is dropped with the VM: churn must not grow it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from virtfleet.agent.agent import Agent
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.hypervisor import Hypervisor
+from virtfleet.runtime.kube import KubeApi
+
+KEY = ("ns", "web")
+
+
+def vm(uid: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": "ns",
+            "name": "web",
+            "uid": uid,
+            "resourceVersion": "1",
+            "labels": {"virtfleet.io/node": "node-a"},
+        },
+        "spec": {"memory": {"size": "64Mi"}},
+    }
+
+
+async def test_a_deleted_vm_leaves_nothing_behind(hv: Hypervisor) -> None:
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
+    agent.on_vm_event("ADDED", vm("u1"))
+    assert KEY in agent.cache
+    agent.finalized[KEY] = asyncio.Event()
+    agent.finalized[KEY].set()  # the first VM was cleaned up
+
+    agent.on_vm_event("DELETED", vm("u1"))
+
+    assert KEY not in agent.cache
+    assert "u1" not in agent.by_uid
+    assert KEY not in agent.finalized
+
+
+async def test_a_new_vm_of_the_same_name_is_not_finalized_by_the_old_one(hv: Hypervisor) -> None:
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
+    agent.on_vm_event("ADDED", vm("u1"))
+    agent.finalized.setdefault(KEY, asyncio.Event()).set()
+    agent.on_vm_event("DELETED", vm("u1"))
+    agent.on_vm_event("ADDED", vm("u2"))
+
+    # kopf's deletion handler of the new VM must wait for the new VM's own cleanup.
+    assert not await agent.wait_finalized(KEY, 0.05)
