@@ -317,3 +317,26 @@ def test_deletion_retain_and_lost_metadata(
         what="the VM's snapshots to be garbage-collected",
     )
     assert dom not in virsh(node_a, "list", "--all", "--name")
+
+
+def test_snapshot_and_restore_of_a_missing_vm_wait_visibly(system: Cluster, namespace: str) -> None:
+    """No agent owns these (no VM, no node): the controller says why they wait."""
+    system.apply(snapshot_manifest("early", namespace, "later"))
+    system.apply(snapshot_manifest("impatient", namespace, "later", failureDeadline="3s"))
+    system.apply(restore_manifest("undo-early", namespace, "later", "early"))
+
+    def reason(kind: str, name: str) -> tuple[Any, Any]:
+        obj = system.get(kind, name, namespace)
+        ready = condition(obj, "Ready") or {}
+        return (obj.get("status") or {}).get("phase"), ready.get("reason")
+
+    wait_for(lambda: reason("vmsnapshot", "early") == ("Pending", "VMNotFound"), 30)
+    wait_for(lambda: reason("vmrestore", "undo-early") == ("Pending", "VMNotFound"), 30)
+    wait_for(lambda: reason("vmsnapshot", "impatient") == ("Failed", "DeadlineExceeded"), 30)
+
+    # The VM arrives (as in a Git sync that applied the snapshot first): its agent takes over.
+    system.apply(
+        vm_manifest("later", namespace, nodeName="node-a", runStrategy="Halted", disks=DATA_DISK)
+    )
+    wait_for(lambda: reason("vmsnapshot", "early")[0] == "Ready", 90, what="snapshot taken")
+    assert reason("vmsnapshot", "impatient")[0] == "Failed"  # a failed snapshot stays failed

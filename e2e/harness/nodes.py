@@ -447,26 +447,32 @@ def _supervise(node_root: str, shared_dir: str) -> None:
         nonlocal stopping
         stopping = True
 
-    restart_requested = False
+    restart_requested: int | None = None  # the signal that asked for it
 
     def on_usr1(signum: int, frame: object) -> None:
         nonlocal restart_requested
-        restart_requested = True
+        restart_requested = signum
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.signal(signal.SIGUSR2, on_usr1)
     virtlogd = subprocess.Popen(["virtlogd", "-p", "/run/virtlogd.pid"])
     libvirtd = subprocess.Popen(["libvirtd", "--listen", "-p", "/run/libvirtd.pid"])
     Path("/run/supervisor.pid").write_text(f"{os.getpid()}\n")
     daemons = {virtlogd.pid: "virtlogd", libvirtd.pid: "libvirtd"}
     while not stopping:
-        if restart_requested:
-            # SIGUSR1: restart libvirtd alone; running QEMUs are left alone, as in production.
-            restart_requested = False
-            print("supervisor: restarting libvirtd", flush=True)
+        if restart_requested is not None:
+            # SIGUSR1: restart libvirtd alone (SIGTERM); SIGUSR2: SIGKILL it first, as a
+            # crash would. Running QEMUs are left alone either way, as in production.
+            crash = restart_requested == signal.SIGUSR2
+            restart_requested = None
+            print(f"supervisor: restarting libvirtd (crash={crash})", flush=True)
             del daemons[libvirtd.pid]
-            libvirtd.terminate()
+            if crash:
+                libvirtd.kill()
+            else:
+                libvirtd.terminate()
             deadline = time.monotonic() + 30
             while libvirtd.pid not in _reap_any() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -781,12 +787,15 @@ def nodes_from_env(env: Mapping[str, str] | None = None) -> list[Node]:
     return result
 
 
-def restart_libvirtd(node: Node, timeout: float = 30.0) -> None:
-    """Restart the node's libvirtd (not its guests) and wait until it answers again."""
+def restart_libvirtd(node: Node, timeout: float = 30.0, *, crash: bool = False) -> None:
+    """Restart the node's libvirtd (not its guests) and wait until it answers again.
+
+    ``crash``: SIGKILL instead of SIGTERM, so libvirtd gets no chance to tidy up.
+    """
     import libvirt
 
     pidfile = node.root / "run" / "supervisor.pid"
-    os.kill(int(pidfile.read_text().strip()), signal.SIGUSR1)
+    os.kill(int(pidfile.read_text().strip()), signal.SIGUSR2 if crash else signal.SIGUSR1)
     time.sleep(0.5)
     deadline = time.monotonic() + timeout
     while True:

@@ -223,4 +223,5 @@ def test_the_registry_holds_event_handlers_only() -> None:
     registry = controller.registry()
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
-    assert len(registry._watching.get_all_handlers()) == 4  # VMs, VMHosts, VMMigrations, Nodes
+    # VMs, VMHosts, VMMigrations, VMSnapshots, VMRestores, Nodes
+    assert len(registry._watching.get_all_handlers()) == 6

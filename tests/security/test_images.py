@@ -74,7 +74,7 @@ def test_encrypted_qcow2_is_refused(tmp_path: Path) -> None:
     secret = tmp_path / "secret.qcow2"
     qemu_img(
         "create", "-f", "qcow2", "--object", "secret,id=s0,data=abc",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(secret), "1M",
+        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", str(secret), "1M",
     )  # fmt: skip
     with pytest.raises(UnsafeImage, match="encrypted"):
         images.inspect(str(secret))

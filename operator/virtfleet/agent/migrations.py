@@ -391,6 +391,7 @@ class MigrationAgent:
         uid = str(vm_body["metadata"]["uid"])
         target = Hypervisor(HypervisorSettings(uri=dest_uri, reboot_events=False, job_events=False))
         started = time.monotonic()
+        job_began = False
         try:
             await target.open()
             copy_paths, shared, copied = await self._prepare_target(target, vm_body, vm_spec, uid)
@@ -409,6 +410,7 @@ class MigrationAgent:
                 spec.policy.completion_timeout_per_gib, vm_spec.memory.size.bytes, copied
             )
             job_started = time.monotonic()
+            job_began = True
             error = await self._migrate(key, guest, request, log, budget=budget)
             job_seconds = time.monotonic() - job_started
             where = await self._where(uid, target)
@@ -427,6 +429,11 @@ class MigrationAgent:
                 log.error("post-copy migration failed: the guest is lost", error=error)
                 await self._finish(key, POSTCOPY_FAILED, postcopy_failure_message(error))
                 await self._vm_printable((key[0], spec.vm_name), PrintableStatus.FAILED)
+            elif outcome == "unclear":
+                # Running on both nodes or on neither (a libvirtd restarted under the job):
+                # neither a hand-over nor a release is safe yet; _recover looks again.
+                log.warning("migration outcome unclear; recovering", error=error)
+                self.queue.add(key)
             elif key in self.cancelled:
                 await self._finish(key, "Cancelled", "deleted while running", cancel=True)
                 await self._vm_released((key[0], spec.vm_name))
@@ -447,6 +454,14 @@ class MigrationAgent:
             await self._finish(key, exc.reason, exc.message)
             await self._vm_released((key[0], spec.vm_name))
         except hv_errors.HypervisorError as exc:
+            if job_began:
+                # libvirt went away while (or just after) the job ran: it may have finished
+                # and undefined the domain here. Calling it failed would let the VM loop
+                # start a second copy; stay Running so that _recover decides by where the
+                # domain runs once both libvirtds answer (the VM loop waits until then).
+                log.warning("migration outcome unknown; recovering", error=str(exc))
+                self.queue.add(key)
+                return
             await self._finish(key, "TargetUnavailable", str(exc))
             await self._vm_released((key[0], spec.vm_name))
         finally:

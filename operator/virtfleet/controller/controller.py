@@ -33,13 +33,20 @@ from typing import Any
 import kopf
 
 from virtfleet.api.conditions import rfc3339
-from virtfleet.api.resources import VIRTUAL_MACHINE, VM_HOST, VM_MIGRATION
+from virtfleet.api.resources import (
+    VIRTUAL_MACHINE,
+    VM_HOST,
+    VM_MIGRATION,
+    VM_RESTORE,
+    VM_SNAPSHOT,
+)
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions
 from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.migrations import MigrationScheduler
 from virtfleet.controller.placement import INVALID_SPEC, Placement, Unschedulable, place
 from virtfleet.controller.settings import ControllerSettings
+from virtfleet.controller.unclaimed import UnclaimedWatcher
 from virtfleet.controller.views import Key, VmView
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
 from virtfleet.logs import LogFormat, get_logger
@@ -85,6 +92,8 @@ class Controller:
         self._log = get_logger("virtfleet.controller")
         #: VMMigration scheduling (validation, target choice); reads this fleet cache.
         self.migrations = MigrationScheduler(self)
+        #: Status of snapshots and restores whose VM is missing or unplaced.
+        self.unclaimed = UnclaimedWatcher(self)
         #: (VM key, node) pairs whose drain outcome was already said (one Event each).
         self._drain_noted: set[tuple[Key, str]] = set()
 
@@ -93,6 +102,7 @@ class Controller:
     def vm_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        self.unclaimed.vm_changed(*key)
         if event_type == "DELETED":
             gone = self.cache.remove_vm(key)
             self.queue.forget(key)
@@ -153,6 +163,7 @@ class Controller:
     def resync(self) -> None:
         for key in list(self.cache.vms):
             self.queue.add(key)
+        self.unclaimed.resync()
 
     async def periodic(self) -> None:
         """Heartbeat checks every few seconds, a full resync every ``resync_interval``."""
@@ -383,6 +394,14 @@ class Controller:
         async def _migration(event: Mapping[str, Any], **_: Any) -> None:
             self.migrations.event(event.get("type"), event["object"])
 
+        @kopf.on.event(API_GROUP, API_VERSION, VM_SNAPSHOT.plural, registry=registry)
+        async def _snapshot(event: Mapping[str, Any], **_: Any) -> None:
+            self.unclaimed.event(VM_SNAPSHOT.kind, event.get("type"), event["object"])
+
+        @kopf.on.event(API_GROUP, API_VERSION, VM_RESTORE.plural, registry=registry)
+        async def _restore(event: Mapping[str, Any], **_: Any) -> None:
+            self.unclaimed.event(VM_RESTORE.kind, event.get("type"), event["object"])
+
         @kopf.on.event("v1", "nodes", registry=registry)
         async def _node(event: Mapping[str, Any], **_: Any) -> None:
             self.node_event(event.get("type"), event["object"])
@@ -407,6 +426,9 @@ class Controller:
             asyncio.create_task(
                 self.migrations.queue.run(self.migrations.reconcile), name="migration-queue"
             ),
+            asyncio.create_task(
+                self.unclaimed.queue.run(self.unclaimed.reconcile), name="unclaimed-queue"
+            ),
         ]
         try:
             await kopf.operator(
@@ -421,6 +443,7 @@ class Controller:
         finally:
             await self.queue.stop()
             await self.migrations.queue.stop()
+            await self.unclaimed.queue.stop()
             for task in background:
                 task.cancel()
             for task in background:
