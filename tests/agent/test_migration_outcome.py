@@ -1,0 +1,109 @@
+"""A live migration whose outcome cannot be seen is recovered, never called failed.
+
+Found by the chaos run: libvirtd on the source was SIGKILLed the moment the job
+finished. Looking where the domain runs then raised "not connected", the job was
+reported failed and the VM released — and the VM loop started a second copy of a guest
+that was already running on the target.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from virtfleet.agent import migrations as migration_module
+from virtfleet.agent.migrations import MigrationAgent
+from virtfleet.api.migration import VMMigrationSpec
+from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.reconcile.migration import DomainWhere
+
+KEY = ("ns", "m1")
+VM_BODY = {"metadata": {"name": "vm1", "namespace": "ns", "uid": "u-1"}}
+
+
+class FakeTarget:
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeGuest:
+    async def xml(self) -> str:
+        return "<domain><devices/></domain>"
+
+
+def make(monkeypatch: pytest.MonkeyPatch, where: Any) -> tuple[MigrationAgent, list[str]]:
+    monkeypatch.setattr(migration_module, "Hypervisor", FakeTarget)
+    agent = SimpleNamespace(kube=None, hv=None, settings=SimpleNamespace(node_name="node-a"))
+    migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
+    said: list[str] = []
+
+    async def prepare(*_: Any) -> tuple[dict[str, str], list[str], int]:
+        return {}, [], 0
+
+    async def migrate(*_: Any, **__: Any) -> str | None:
+        return "connection lost"
+
+    async def where_now(*_: Any) -> DomainWhere:
+        if isinstance(where, Exception):
+            raise where
+        return where  # type: ignore[no-any-return]
+
+    async def finish(key: Any, reason: str, message: str, **_: Any) -> None:
+        said.append(f"finish {reason}")
+
+    async def released(vm_key: Any) -> None:
+        said.append("released")
+
+    async def handoff(*_: Any, **__: Any) -> None:
+        said.append("handoff")
+
+    monkeypatch.setattr(migrations, "_prepare_target", prepare)
+    monkeypatch.setattr(migrations, "_migrate", migrate)
+    monkeypatch.setattr(migrations, "_where", where_now)
+    monkeypatch.setattr(migrations, "_finish", finish)
+    monkeypatch.setattr(migrations, "_vm_released", released)
+    monkeypatch.setattr(migrations, "_handoff", handoff)
+    return migrations, said
+
+
+async def run(migrations: MigrationAgent) -> None:
+    spec = VMMigrationSpec.model_validate({"vmName": "vm1"})
+    vm_spec = VirtualMachineSpec.model_validate({"memory": {"size": "64Mi"}})
+    log = SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None)
+    await migrations._run(KEY, spec, VM_BODY, vm_spec, FakeGuest(), "qemu+tcp://b/system", log)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        hv_errors.ConnectionLost("not connected to qemu+tcp://a/system"),
+        DomainWhere(False, False, False, False),  # neither runs it (yet)
+        DomainWhere(True, True, True, True),  # both do: never pick one blindly
+    ],
+    ids=["source-libvirtd-gone", "neither", "both"],
+)
+async def test_an_unknown_outcome_is_left_to_the_recovery(
+    monkeypatch: pytest.MonkeyPatch, where: Any
+) -> None:
+    migrations, said = make(monkeypatch, where)
+    await run(migrations)
+    assert said == []  # neither failed nor released: the VM loop keeps waiting
+    assert KEY in migrations.queue._dirty  # the recovery looks again
+
+
+async def test_a_clear_outcome_is_acted_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    migrations, said = make(monkeypatch, DomainWhere(True, True, False, False))
+    await run(migrations)
+    assert said == ["finish MigrationFailed", "released"]
+    migrations, said = make(monkeypatch, DomainWhere(False, False, True, True))
+    await run(migrations)
+    assert said == ["handoff"]
