@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from harness import operators
 from harness.testing import Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,6 +118,10 @@ def controller(
     cluster: Cluster, fleet: FakeFleet, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     log = tmp_path_factory.mktemp("controller") / "controller.log"
+    # The suite's own controller (started by earlier tests' `system` fixture) serves every
+    # namespace: two deciders would race on these VMs. It rests while this module runs.
+    suite_controller = operators.pid_of(cluster.state_dir, "controller") is not None
+    operators.kill(cluster.state_dir, "controller", signal.SIGTERM)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [
@@ -139,6 +144,8 @@ def controller(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        if suite_controller:
+            operators.start_controller(cluster.state_dir, cluster.env)
         print(log.read_text()[-6000:])  # shown by pytest when a test failed
 
 
