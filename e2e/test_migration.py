@@ -307,7 +307,9 @@ def test_progress_concurrent_refusal_and_cancel(system: Cluster, namespace: str)
     before = max(uptimes(src, dom))
     system.kubectl("delete", "vmmig", "slow-1", "-n", namespace, "--wait=true", "--timeout=60s")
     assert has_domain(src, dom)
-    wait_for(lambda: max(uptimes(src, dom)) >= before + 3, 30, what="still running on source")
+    wait_for(
+        lambda: max(uptimes(src, dom), default=0) >= before + 3, 30, what="still running on source"
+    )
     assert not has_domain(dst, dom) or "running" not in virsh(dst, "domstate", dom, check=False)
     wait_for(
         lambda: system.get("vm", "slow", namespace)["status"].get("printableStatus") == "Running",
@@ -328,7 +330,9 @@ def test_completion_timeout_aborts_and_the_vm_stays(system: Cluster, namespace: 
     assert mig["status"]["phase"] == "Failed", mig["status"]
     assert "completion timeout" in mig["status"]["failureReason"], mig["status"]
     before = max(uptimes(src, dom), default=0)
-    wait_for(lambda: max(uptimes(src, dom)) >= before + 2, 60, what="still running on source")
+    wait_for(
+        lambda: max(uptimes(src, dom), default=0) >= before + 2, 60, what="still running on source"
+    )
     wait_for(
         lambda: (
             (st := system.get("vm", "hasty", namespace)["status"]).get("printableStatus")
