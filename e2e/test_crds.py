@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,19 @@ def test_one_shot_specs_are_immutable(cluster: Cluster, namespace: str) -> None:
     assert "spec is immutable; create a new object instead" in result.stderr
 
 
+def dry_run_status_patch(
+    cluster: Cluster, resource: str, name: str, namespace: str, patch: dict[str, Any]
+) -> dict[str, Any]:
+    """What the apiserver would store for a status-subresource merge patch (nothing is stored,
+    so operators running meanwhile cannot race the answer)."""
+    out = cluster.kubectl(
+        "patch", resource, name, "-n", namespace, "--subresource=status", "--type=merge",
+        "--dry-run=server", "-o", "json", "-p", json.dumps(patch),
+    ).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
 def test_status_is_a_subresource(cluster: Cluster, namespace: str) -> None:
     # Server-side dry runs: the apiserver answers with what it would store, and the
     # operators (running when other tests started them) cannot race the answer.
@@ -129,40 +143,18 @@ def test_status_is_a_subresource(cluster: Cluster, namespace: str) -> None:
     stored = json.loads(cluster.apply(manifest, "--dry-run=server", "-o", "json").stdout)
     assert "printableStatus" not in (stored.get("status") or {})  # status ignored on create
     cluster.apply(manifest)
-    patched = json.loads(
-        cluster.kubectl(
-            "patch",
-            "vm",
-            "sub",
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "--dry-run=server",
-            "-o",
-            "json",
-            "-p",
-            '{"status": {"printableStatus": "Stopped", "nodeName": "node-a"}}',
-        ).stdout
+    patched = dry_run_status_patch(
+        cluster,
+        "vm",
+        "sub",
+        namespace,
+        {"status": {"printableStatus": "Stopped", "nodeName": "node-a"}},
     )
     assert patched["status"]["printableStatus"] == "Stopped"
     assert patched["status"]["nodeName"] == "node-a"
     assert patched["metadata"]["generation"] == 1  # status writes never bump generation
-    spec_via_status = json.loads(
-        cluster.kubectl(
-            "patch",
-            "vm",
-            "sub",
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "--dry-run=server",
-            "-o",
-            "json",
-            "-p",
-            '{"spec": {"runStrategy": "Always"}}',
-        ).stdout
+    spec_via_status = dry_run_status_patch(
+        cluster, "vm", "sub", namespace, {"spec": {"runStrategy": "Always"}}
     )
     assert spec_via_status["spec"]["runStrategy"] == "Halted"  # spec is not writable there
 
@@ -178,20 +170,13 @@ def test_unknown_status_fields_are_pruned(cluster: Cluster, namespace: str) -> N
     )
     # A server-side dry run answers with what would be stored; the controller (which gives
     # a snapshot of a missing VM a waiting status) cannot race the answer.
-    patched = cluster.kubectl(
-        "patch",
+    patched = dry_run_status_patch(
+        cluster,
         "vmsnap",
         "snap",
-        "-n",
         namespace,
-        "--subresource=status",
-        "--type=merge",
-        "--dry-run=server",
-        "-o",
-        "json",
-        "-p",
-        '{"status": {"phase": "Ready", "handlerResult": {"x": 1}}}',
-    ).stdout
-    status = json.loads(patched)["status"]
+        {"status": {"phase": "Ready", "handlerResult": {"x": 1}}},
+    )
+    status = patched["status"]
     assert status["phase"] == "Ready"
     assert "handlerResult" not in status

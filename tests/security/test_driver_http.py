@@ -12,7 +12,7 @@ import hashlib
 import http.server
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import pytest
 from virtfleet.agent.driver import ActionError, NodeDriver
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
-from virtfleet.hypervisor import Hypervisor, HypervisorSettings, storage
+from virtfleet.hypervisor import Hypervisor, storage
 from virtfleet.reconcile.vm import VmView, decide
 
 UID = "11111111-2222-4333-8444-555555555555"
@@ -57,21 +57,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     yield f"http://127.0.0.1:{httpd.server_address[1]}", sums
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture
-async def hv(tmp_path: Path) -> AsyncIterator[Hypervisor]:
-    node = tmp_path / "node.xml"
-    node.write_text("<node/>")
-    hypervisor = Hypervisor(HypervisorSettings(uri=f"test://{node}", executor_workers=2))
-    await hypervisor.open()
-    await storage.ensure_pool(hypervisor, "virtfleet-images", "/images")
-    await storage.ensure_pool(hypervisor, "virtfleet-local", "/local")
-    await storage.create_blank(hypervisor, "virtfleet-images", "guest-vmlinuz", MiB, fmt="raw")
-    try:
-        yield hypervisor
-    finally:
-        await hypervisor.close()
 
 
 def view(url: str, sha: str, size: str | None = None) -> VmView:
