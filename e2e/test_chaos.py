@@ -50,9 +50,11 @@ def test_chaos_keeps_every_invariant(system: Cluster, namespace: str) -> None:
 
     converge_started = time.monotonic()
     deadline = converge_started + CONVERGE_TIMEOUT_S
+    operator = chaos_invariants.StuckJobOperator(system, namespace)
     problems = chaos_invariants.violations(system, workload)
     while problems and time.monotonic() < deadline:
         time.sleep(3)
+        operator.step(time.monotonic())
         problems = chaos_invariants.violations(system, workload)
     converged = time.monotonic() - converge_started
 
@@ -63,9 +65,14 @@ def test_chaos_keeps_every_invariant(system: Cluster, namespace: str) -> None:
     print(f"[chaos] operations: {sum(operations.values())} {operations}")
     print(f"[chaos] operations given up (apiserver away > 60s): {dict(workload.failures)}")
     print(f"[chaos] outcomes: {chaos_invariants.acted(system, workload)}")
+    print(f"[chaos] libvirtd restarted for {chaos_invariants.JOB_STUCK}: {dict(operator.restarts)}")
     print(f"[chaos] violations: {len(problems)}")
     for line in problems:
         print(f"[chaos]   {line}")
+    if problems:
+        print("[chaos] what the operators logged about them:")
+        for line in chaos_invariants.evidence(system, problems):
+            print(f"[chaos]   {line}")
     assert not injector.errors, injector.errors
     assert not workload.errors, workload.errors
     assert sum(operations.values()) >= 10

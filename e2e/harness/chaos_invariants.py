@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,8 @@ def violations(cluster: Cluster, workload: Workload) -> list[str]:
         dom = domain_name(ns, record.name)
         where = [d for d in doms if d.name == dom]
         if [d.node for d in where] != [node]:
-            found.append(f"vm/{record.name}: status on {node}, domain on {[d.node for d in where]}")
+            homes = [f"{d.node} ({d.state})" for d in where]
+            found.append(f"vm/{record.name}: status on {node}, domain on {homes}")
         for d in where:
             if d.node == node and d.state != state:
                 found.append(f"vm/{record.name}: domain {d.state} on {d.node}, want {state}")
@@ -256,3 +258,56 @@ def acted(cluster: Cluster, workload: Workload) -> dict[str, int]:
         for node in cluster.nodes
     )
     return {"memory reverts seen": reverts, "incoming migrations seen": moves}
+
+
+def evidence(cluster: Cluster, problems: list[str], per_object: int = 40) -> list[str]:
+    """The operators' last log lines about each object a violation names: what CI keeps."""
+    names = {m.group(1) for line in problems if (m := re.match(r"^\w+/([\w.-]+):", line))}
+    out: list[str] = []
+    for name in sorted(names):
+        pattern = re.compile(rf'"{re.escape(name)}"')
+        for log in sorted((cluster.state_dir / "operators").glob("*.log")):
+            lines = [
+                line.rstrip()
+                for line in log.read_text(errors="replace").splitlines()
+                if pattern.search(line)
+            ]
+            out.extend(f"{log.stem}: {line}" for line in lines[-per_object:])
+    return out
+
+
+#: The agent's Ready reason while libvirtd keeps a domain's job lock (agent/driver.py).
+JOB_STUCK = "HypervisorJobStuck"
+
+
+@dataclass
+class StuckJobOperator:
+    """What the docs tell an operator to do when a VM says ``HypervisorJobStuck``.
+
+    libvirt 9 keeps a job without owner when libvirtd is killed while it starts a
+    domain or reverts a snapshot (the chaos does that); every later call on the domain
+    then times out, and virtfleet says so on the VM. Once a VM has said it for
+    ``patience`` seconds, restart libvirtd on its node, as the message asks.
+    """
+
+    cluster: Cluster
+    namespace: str
+    patience: float = 45.0
+    first_seen: dict[str, float] = field(default_factory=dict)
+    restarts: Counter[str] = field(default_factory=Counter)
+
+    def step(self, now: float) -> None:
+        stuck = {}
+        for name, vm in objects(self.cluster, self.namespace)["vm"].items():
+            ready = condition(vm, "Ready") or {}
+            node = (vm.get("status") or {}).get("nodeName")
+            if ready.get("reason") == JOB_STUCK and node:
+                stuck[name] = str(node)
+        self.first_seen = {n: self.first_seen.get(n, now) for n in stuck}
+        due = {stuck[n] for n, seen in self.first_seen.items() if now - seen >= self.patience}
+        for node in sorted(due):
+            print(f"[chaos] operator: VMs on {node} say {JOB_STUCK}; restarting its libvirtd")
+            hn.restart_libvirtd(next(n for n in self.cluster.nodes if n.name == node))
+            self.restarts[node] += 1
+        if due:
+            self.first_seen = {}

@@ -8,6 +8,7 @@ that was already running on the target.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +18,9 @@ from virtfleet.agent import migrations as migration_module
 from virtfleet.agent.migrations import MigrationAgent
 from virtfleet.api.migration import VMMigrationSpec
 from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.hypervisor import Hypervisor
 from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration import DomainWhere
 
 KEY = ("ns", "m1")
@@ -107,3 +110,20 @@ async def test_a_clear_outcome_is_acted_on(monkeypatch: pytest.MonkeyPatch) -> N
     migrations, said = make(monkeypatch, DomainWhere(False, False, True, True))
     await run(migrations)
     assert said == ["handoff"]
+
+
+@pytest.mark.parametrize("left", ["paused", "defined"])
+async def test_the_hand_over_removes_what_the_source_libvirtd_left(
+    hv: Hypervisor, domain_xml: Callable[..., str], left: str
+) -> None:
+    """A source libvirtd killed before it confirmed the job leaves a paused or stopped copy."""
+    uid = "00000000-0000-4000-8000-000000000001"
+    guest = await hv.define(domain_xml("ns_vm1", uid, namespace="ns", vm_name="vm1"))
+    if left == "paused":
+        await guest.start()
+        await guest.suspend()
+    agent = SimpleNamespace(kube=None, hv=hv, settings=SimpleNamespace(node_name="node-a"))
+    migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
+    await migrations._remove_source_leftover(uid, get_logger("test"))
+    assert await hv.lookup(uid) is None
+    await migrations._remove_source_leftover(uid, get_logger("test"))  # nothing left: no-op

@@ -9,16 +9,14 @@ see returned by ``list_owned`` nor touched.
 
 from __future__ import annotations
 
-import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from lxml import etree
 
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings, storage
 from virtfleet.hypervisor.storage import PoolInfo
-from virtfleet.identity import METADATA_ELEMENT, METADATA_NAMESPACE, METADATA_PREFIX
+from virtfleet.identity import METADATA_NAMESPACE
 
 FOREIGN_PLAIN = "foreign-plain"
 FOREIGN_OTHER_NS = "foreign-other-ns"
@@ -45,41 +43,6 @@ NODE_XML = f"""<node>
   </domain>
 </node>
 """
-
-DomainXmlFactory = Callable[..., str]
-
-
-def owned_domain_xml(
-    name: str,
-    uid: str | None = None,
-    *,
-    namespace: str = "default",
-    vm_name: str | None = None,
-    generation: int = 1,
-    vcpus: int = 1,
-    max_vcpus: int = 2,
-    memory_kib: int = 131072,
-) -> str:
-    """A minimal test-driver domain with the ownership element the domain layer writes."""
-    uid = uid or str(uuidlib.uuid4())
-    domain = etree.Element("domain", type="test")
-    etree.SubElement(domain, "name").text = name
-    etree.SubElement(domain, "uuid").text = uid
-    metadata = etree.SubElement(domain, "metadata")
-    etree.SubElement(
-        metadata,
-        f"{{{METADATA_NAMESPACE}}}{METADATA_ELEMENT}",
-        nsmap={METADATA_PREFIX: METADATA_NAMESPACE},
-        namespace=namespace,
-        name=vm_name or name,
-        uid=uid,
-        generation=str(generation),
-    )
-    etree.SubElement(domain, "memory", unit="KiB").text = str(memory_kib)
-    etree.SubElement(domain, "vcpu", current=str(vcpus)).text = str(max_vcpus)
-    os_ = etree.SubElement(domain, "os")
-    etree.SubElement(os_, "type").text = "hvm"
-    return etree.tostring(domain, encoding="unicode")
 
 
 @pytest.fixture
@@ -112,12 +75,6 @@ async def hv(settings: HypervisorSettings) -> AsyncIterator[Hypervisor]:
         yield hypervisor
     finally:
         await hypervisor.close()
-
-
-@pytest.fixture
-def domain_xml() -> DomainXmlFactory:
-    """Factory for owned domain XML (see :func:`owned_domain_xml`)."""
-    return owned_domain_xml
 
 
 @pytest.fixture

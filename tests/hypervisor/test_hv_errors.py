@@ -60,6 +60,12 @@ class FakeLibvirtError:
         # An internal error of a driver is not a transport problem.
         (libvirt.VIR_ERR_INTERNAL_ERROR, libvirt.VIR_FROM_QEMU, "x", errors.HypervisorError),
         (libvirt.VIR_ERR_OPERATION_FAILED, libvirt.VIR_FROM_QEMU, "x", errors.HypervisorError),
+        (
+            libvirt.VIR_ERR_OPERATION_TIMEOUT,
+            libvirt.VIR_FROM_QEMU,
+            "Timed out during operation: cannot acquire state change lock",
+            errors.JobStuck,
+        ),
     ],
 )
 def test_translate_maps_codes_to_classes(

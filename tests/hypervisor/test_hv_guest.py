@@ -18,6 +18,7 @@ from virtfleet.hypervisor import (
     NotFound,
     StopPath,
     Unsupported,
+    errors,
 )
 from virtfleet.identity import METADATA_NAMESPACE
 
@@ -232,6 +233,23 @@ async def test_graceful_stop_destroys_after_grace(
     assert outcome.waited_seconds >= 0.2
     status = await guest.status()
     assert (status.state, status.reason) == (GuestState.SHUTOFF, "destroyed")
+
+
+async def test_graceful_stop_destroys_when_the_job_lock_is_stuck(
+    hv: Hypervisor, domain_xml: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt kept an ownerless job: no ACPI request gets through, destroy kills QEMU."""
+    guest = await hv.define(domain_xml("vm1", UID))
+    await guest.start()
+
+    async def stuck_shutdown() -> None:
+        raise errors.JobStuck("Timed out during operation: cannot acquire state change lock")
+
+    monkeypatch.setattr(guest, "shutdown", stuck_shutdown)
+    outcome = await hv.graceful_stop(guest, grace_seconds=30, poll_interval=0.02)
+    assert outcome.path is StopPath.DESTROYED
+    assert outcome.waited_seconds < 5
+    assert (await guest.status()).state is GuestState.SHUTOFF
 
 
 async def test_graceful_stop_guest_stops_late_within_grace(

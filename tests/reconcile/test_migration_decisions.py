@@ -214,3 +214,18 @@ def test_outcome_is_decided_by_where_the_domain_runs() -> None:
     assert job_outcome(DomainWhere(True, True, False, False)) == "failed"
     assert job_outcome(DomainWhere(True, True, True, True)) == "unclear"
     assert job_outcome(DomainWhere(False, False, False, False)) == "unclear"
+
+
+def test_a_source_left_paused_after_the_switch_over_is_a_success() -> None:
+    """libvirtd killed between switch-over and confirmation leaves the source paused."""
+    left_paused = DomainWhere(
+        True, True, True, True, source_paused_by_migration=True, target_running=True
+    )
+    assert job_outcome(left_paused) == "succeeded"
+    # The target still paused (incoming, or post-copy not started): nothing is settled.
+    incoming = DomainWhere(
+        True, True, True, True, source_paused_by_migration=True, target_running=False
+    )
+    assert job_outcome(incoming) == "unclear"
+    # Paused for another reason (post-copy, a user): both copies may matter.
+    assert job_outcome(DomainWhere(True, True, True, True, target_running=True)) == "unclear"

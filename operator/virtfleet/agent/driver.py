@@ -9,6 +9,7 @@ asking libvirt where a pool's volume lives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import posixpath
 import tempfile
@@ -34,6 +35,7 @@ from virtfleet.domain.errors import DomainError
 from virtfleet.domain.observe import observe_config
 from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, download, images, storage
 from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.logs import get_logger
 from virtfleet.reconcile.vm import (
     Action,
     ApplyLive,
@@ -62,6 +64,25 @@ _STOP_CAUSES = {
     "saved": StopCause.SAVED,
     "from-snapshot": StopCause.SNAPSHOT,
 }
+
+
+#: Ready/Reconciling reason while libvirtd keeps the domain's job lock (see ``JobStuck``).
+JOB_STUCK = "HypervisorJobStuck"
+
+
+def job_stuck_message(error: str, node: str) -> str:
+    """What the user reads in ``kubectl describe``: what is wrong, and what clears it."""
+    return (
+        f"{error}: libvirtd on {node} holds a job on this domain. If it lasts, libvirtd "
+        "kept a job without owner after it crashed during a start or a snapshot revert "
+        f"(libvirt 9); restarting libvirtd on {node} clears it (virtfleet retries)"
+    )
+
+
+_log = get_logger("virtfleet.agent.driver")
+
+#: Pause reasons of a domain libvirt was starting or reverting when its job got stuck.
+HALF_STARTED = frozenset({"starting-up", "from-snapshot"})
 
 
 class ActionError(Exception):
@@ -296,8 +317,30 @@ class NodeDriver:
             raise ActionError("InvalidDefinition", str(exc), permanent=True) from exc
         except hv_errors.ConnectionLost as exc:
             raise ActionError("HypervisorUnavailable", str(exc), permanent=False) from exc
+        except hv_errors.JobStuck as exc:
+            await self._kill_half_started(vm)
+            raise ActionError(
+                JOB_STUCK, job_stuck_message(str(exc), vm.node), permanent=False
+            ) from exc
         except hv_errors.HypervisorError as exc:
             raise ActionError(type(exc).__name__, str(exc), permanent=False) from exc
+
+    async def _kill_half_started(self, vm: VmView) -> None:
+        """A domain stuck paused half-way through a start or revert is no guest: kill it.
+
+        libvirtd's destroy kills QEMU *before* it waits for the job lock, so even when
+        the call then times out the process is gone, and the libvirtd restart the
+        message asks for finds nothing to reconnect to and frees the domain. A running
+        guest, or one a user paused, is never killed here.
+        """
+        with contextlib.suppress(hv_errors.HypervisorError):
+            guest = await self.hv.lookup(vm.uid)
+            if guest is None:
+                return
+            status = await guest.status()
+            if status.state is GuestState.PAUSED and status.reason in HALF_STARTED:
+                _log.warning("killing a half-started domain", namespace=vm.namespace, vm=vm.name)
+                await guest.destroy()
 
     async def _execute(self, vm: VmView, snap: Snapshot, action: Action) -> None:
         match action:

@@ -8,10 +8,12 @@ from typing import Any
 
 from virtfleet.agent.agent import Agent
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
+from virtfleet.api.migration import MigrationPhase
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import PoolStatus, VMHostStatus
+from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.hypervisor import storage
+from virtfleet.reconcile.leftovers import unwanted_domain
 from virtfleet.runtime.kube import NotFound
 
 _UID_PREFIX = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
@@ -74,11 +76,12 @@ async def heartbeat(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus
 
 
 async def sweep_orphans(agent: Agent) -> list[str]:
-    """Remove domains and volumes virtfleet made for VMs that no longer exist.
+    """Remove domains and volumes virtfleet made for VMs that no longer want them.
 
-    Domains and volumes are listed *before* the VMs, so anything created for a VM after
-    the listing started belongs to a VM the listing sees; and a domain is only removed
-    after a direct read confirms its VM is gone (DESIGN §3.3). Domains without the
+    Domains and volumes are listed *before* the migrations, and those before the VMs, so
+    anything created for a VM after the listing started belongs to a VM the listing
+    sees, and a hand-over finished meanwhile is seen as finished; a domain is only
+    removed after a direct read of its VM agrees (DESIGN §3.3). Domains without the
     virtfleet owner marker are never listed, hence never touched.
     """
     owned = await agent.hv.list_owned()
@@ -91,29 +94,63 @@ async def sweep_orphans(agent: Agent) -> list[str]:
                     volumes.append((pool, volume.name, match.group(1)))
         except hv_errors.NotFound:
             continue
-    live_uids = {str(vm["metadata"]["uid"]) for vm in await agent.kube.list("VirtualMachine")}
+    migrating = {
+        (str(m["metadata"]["namespace"]), str((m.get("spec") or {}).get("vmName")))
+        for m in await agent.kube.list("VMMigration")
+        if (m.get("status") or {}).get("phase") in _UNFINISHED_MIGRATION
+    }
+    vms = {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
 
     removed: list[str] = []
     for item in owned:
         uid = item.guest.uuid
-        if uid in live_uids:
-            continue
         attributes: dict[str, Any] = dict(item.attributes)
-        namespace, name = attributes.get("namespace"), attributes.get("name")
+        namespace, name = str(attributes.get("namespace", "")), str(attributes.get("name", ""))
+        if not await _unwanted(agent, item.guest, vms.get(uid), uid, migrating):
+            continue
+        vm = None
         if namespace and name:
             try:
-                vm = await agent.kube.get("VirtualMachine", str(namespace), str(name))
+                vm = await agent.kube.get("VirtualMachine", namespace, name)
             except NotFound:
                 vm = None
-            if vm is not None and vm["metadata"]["uid"] == uid:
-                continue
-        await agent.hv.graceful_stop(item.guest, 0)
-        await item.guest.undefine()
-        agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid)
+        reason = await _unwanted(agent, item.guest, vm, uid, migrating)
+        if reason is None:
+            continue
+        try:
+            await agent.hv.graceful_stop(item.guest, 0)
+            await item.guest.undefine()
+        except hv_errors.NotFound:
+            continue
+        agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid, why=reason)
         removed.append(f"domain/{item.guest.name}")
     for pool, volume_name, uid in volumes:
-        if uid not in live_uids:
+        if uid not in vms:
             await storage.delete_volume(agent.hv, pool, volume_name)
             agent.log.warning("removed orphan volume", pool=pool, volume=volume_name)
             removed.append(f"volume/{pool}/{volume_name}")
     return removed
+
+
+#: VMMigration phases during which a domain may rightly sit on a node the VM is not on.
+_UNFINISHED_MIGRATION = frozenset({MigrationPhase.SCHEDULED.value, MigrationPhase.RUNNING.value})
+
+
+async def _unwanted(
+    agent: Agent,
+    guest: Guest,
+    vm: dict[str, Any] | None,
+    uid: str,
+    migrating: set[tuple[str, str]],
+) -> str | None:
+    """:func:`unwanted_domain`, reading the domain's state only when it matters."""
+    node = agent.settings.node_name
+    first = unwanted_domain(vm, uid, node, domain_active=False, migrating=False)
+    if first is None or vm is None or str(vm["metadata"].get("uid")) != uid:
+        return first  # kept, or its VM is gone: the domain's state does not matter
+    vm_key = (str(vm["metadata"].get("namespace")), str(vm["metadata"].get("name")))
+    try:
+        active = (await guest.status()).state.active
+    except hv_errors.NotFound:
+        return None
+    return unwanted_domain(vm, uid, node, domain_active=active, migrating=vm_key in migrating)

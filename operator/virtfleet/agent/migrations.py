@@ -49,7 +49,15 @@ from virtfleet.api.migration import (
 )
 from virtfleet.api.snapshot import RestorePhase, SnapshotPhase, VMSnapshotStatus
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec
-from virtfleet.hypervisor import Guest, Hypervisor, HypervisorSettings, VolumeRef, storage
+from virtfleet.hypervisor import (
+    Guest,
+    GuestState,
+    GuestStatus,
+    Hypervisor,
+    HypervisorSettings,
+    VolumeRef,
+    storage,
+)
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor import migration as hv_migration
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, node_finalizer
@@ -666,18 +674,47 @@ class MigrationAgent:
         return None
 
     async def _where(self, uid: str, target: Hypervisor) -> DomainWhere:
-        async def state(hv: Hypervisor) -> tuple[bool, bool]:
+        async def state(hv: Hypervisor) -> GuestStatus | None:
             guest = await hv.lookup(uid)
             if guest is None:
-                return False, False
+                return None
             try:
-                return True, (await guest.status()).state.active
+                return await guest.status()
             except hv_errors.NotFound:
-                return False, False
+                return None
 
-        on_source, source_active = await state(self.hv)
-        on_target, target_active = await state(target)
-        return DomainWhere(on_source, source_active, on_target, target_active)
+        source, dest = await state(self.hv), await state(target)
+        return DomainWhere(
+            on_source=source is not None,
+            source_active=source is not None and source.state.active,
+            on_target=dest is not None,
+            target_active=dest is not None and dest.state.active,
+            source_paused_by_migration=source is not None
+            and source.state is GuestState.PAUSED
+            and source.reason == "migration",
+            target_running=dest is not None and dest.state is GuestState.RUNNING,
+        )
+
+    async def _remove_source_leftover(self, uid: str, log: Any) -> None:
+        """Whatever of the domain is still here once the guest runs on the target.
+
+        A source libvirtd killed near the end of the job never confirms it: its copy
+        stays paused, or stopped but defined (``UNDEFINE_SOURCE`` never ran). Left alone
+        it would look like a second home of the VM and could be started again. A failure
+        here does not undo the hand-over: the orphan sweep removes what is left.
+        """
+        try:
+            leftover = await self.hv.lookup(uid)
+            if leftover is None:
+                return
+            if (await leftover.status()).state.active:
+                await leftover.destroy()
+            await leftover.undefine()
+            log.warning("removed the source's left-over copy of the migrated domain")
+        except hv_errors.NotFound:
+            return
+        except hv_errors.HypervisorError as exc:
+            log.warning("cannot remove the source's left-over copy yet", error=str(exc))
 
     async def _recover(
         self, key: Key, spec: VMMigrationSpec, status: VMMigrationStatus, log: Any
@@ -708,10 +745,6 @@ class MigrationAgent:
                     "recovering an interrupted migration", outcome=outcome
                 )
                 if outcome == "succeeded":
-                    if offline and where.on_source:
-                        leftover = await self.hv.lookup(uid)
-                        if leftover is not None:
-                            await leftover.undefine()
                     await self._handoff(key, vm_key, uid, target, log, mode=spec.mode)
                 elif outcome == "failed":
                     await self._finish(key, "Interrupted", "the agent restarted during the job")
@@ -742,6 +775,7 @@ class MigrationAgent:
         status = VMMigrationStatus.model_validate(body.get("status") or {})
         node = status.target_node or ""
         downtime = await self._downtime(uid, target) if mode is MigrationMode.LIVE else None
+        await self._remove_source_leftover(uid, log)
         for _ in range(10):
             try:
                 vm = await self.kube.get("VirtualMachine", *vm_key)

@@ -18,6 +18,7 @@ __all__ = [
     "HypervisorError",
     "InvalidDefinition",
     "InvalidName",
+    "JobStuck",
     "NotFound",
     "OperationInvalid",
     "UnsafeImage",
@@ -67,6 +68,15 @@ class InvalidDefinition(HypervisorError):  # noqa: N818 - names read as outcomes
 
 class InvalidName(HypervisorError, ValueError):  # noqa: N818 - names read as outcomes
     """A pool/volume/snapshot name that could escape its directory or is otherwise unsafe."""
+
+
+class JobStuck(HypervisorError):  # noqa: N818 - names read as outcomes
+    """libvirtd timed out waiting for the domain's job lock ("cannot acquire state change lock").
+
+    Usually brief (another call is busy), but libvirt 9 keeps a job *without owner* when
+    libvirtd dies while it starts a domain or reverts a snapshot: then every later call
+    on that domain times out until libvirtd is restarted.
+    """
 
 
 class UnsafeImage(HypervisorError):  # noqa: N818 - names read as outcomes
@@ -123,6 +133,8 @@ def _class_for(code: int | None, domain: int | None, message: str) -> type[Hyper
         return InvalidDefinition
     if code in _OPERATION_INVALID:
         return OperationInvalid
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return JobStuck
     if code in _CONNECTION_CODES or (code in _TRANSPORT_CODES and domain in _TRANSPORT_DOMAINS):
         return ConnectionLost
     return HypervisorError

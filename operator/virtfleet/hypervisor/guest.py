@@ -393,6 +393,10 @@ async def graceful_stop(
         await guest.shutdown()
     except errors.ConnectionLost:
         raise
+    except errors.JobStuck:
+        # No ACPI request gets through a stuck job; destroy kills QEMU before it waits.
+        await _destroy_if_running(guest)
+        return StopOutcome(StopPath.DESTROYED, waited())
     except errors.HypervisorError:
         # Drivers differ in how they say "not running" (OPERATION_INVALID on QEMU, an
         # internal error on the test driver): decide by the state, not by the code.

@@ -390,6 +390,11 @@ class DomainWhere:
     source_active: bool
     on_target: bool
     target_active: bool
+    #: The source is paused because its migration completed (reason ``migration``, not
+    #: post-copy): QEMU stopped its vCPUs at the switch-over.
+    source_paused_by_migration: bool = False
+    #: The target's vCPUs run (not an incoming domain still paused).
+    target_running: bool = False
 
 
 def job_outcome(where: DomainWhere) -> str:
@@ -397,9 +402,15 @@ def job_outcome(where: DomainWhere) -> str:
 
     With ``UNDEFINE_SOURCE`` and ``PERSIST_DEST`` a finished migration leaves the domain
     running on the target only; an aborted or failed one leaves it running on the
-    source. Anything else (both, neither) is not safe to call either way.
+    source. A source libvirtd that died between the switch-over and the confirmation
+    leaves its copy paused (libvirt's ``perform3_done`` recovery waits for "a third
+    party"): the target runs the guest, so that is a success too, and the paused
+    left-over is the hand-over's to remove. Anything else (both, neither) is not safe
+    to call either way.
     """
     if where.target_active and not where.source_active:
+        return "succeeded"
+    if where.target_running and where.source_paused_by_migration:
         return "succeeded"
     if where.source_active and not where.target_active:
         return "failed"

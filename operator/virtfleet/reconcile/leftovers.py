@@ -1,0 +1,41 @@
+"""Which of the node's owned domains nobody wants: the orphan sweep's decision.
+
+Pure: the agent lists domains, then the active migrations, then the VMs (in that order,
+so a hand-over that completes while it lists is seen as done), and asks this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from virtfleet.identity import NODE_LABEL
+
+
+def unwanted_domain(
+    vm: Mapping[str, Any] | None,
+    uid: str,
+    node: str,
+    *,
+    domain_active: bool,
+    migrating: bool,
+) -> str | None:
+    """Why the domain ``uid`` on ``node`` is a left-over to remove, or None to keep it.
+
+    ``vm`` is the VM named in the domain's ownership element (None if there is none).
+    A domain is unwanted when its VM is gone (or is a new VM of the same name), or when
+    its VM lives on another node — say both its label and ``status.nodeName`` — no
+    migration of it is under way, and the domain is shut off: a copy a crashed libvirtd
+    never undefined, which the VM loop of this node would otherwise never look at again.
+    A *running* copy elsewhere is never killed from here: only the migration's
+    recovery, which looks at both nodes, may decide which copy is the VM.
+    """
+    if vm is None or str(vm["metadata"].get("uid")) != uid:
+        return "its VM is gone"
+    label = (vm["metadata"].get("labels") or {}).get(NODE_LABEL)
+    placed = (vm.get("status") or {}).get("nodeName")
+    if not label or not placed or node in (label, placed):
+        return None
+    if migrating or domain_active:
+        return None
+    return f"its VM lives on {placed}"

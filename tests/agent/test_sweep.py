@@ -1,0 +1,84 @@
+"""The orphan sweep on a test-driver node: what it removes, and what it never touches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+from virtfleet.agent.host import sweep_orphans
+from virtfleet.hypervisor import Hypervisor, storage
+from virtfleet.identity import NODE_LABEL
+from virtfleet.logs import get_logger
+from virtfleet.runtime.kube import NotFound
+
+NODE = "node-a"
+LOCAL_POOL = "virtfleet-local"
+
+
+class FakeKube:
+    """The two reads the sweep makes, over fixed VMs and VMMigrations."""
+
+    def __init__(self, vms: list[dict[str, Any]], migrations: list[dict[str, Any]]) -> None:
+        self.objects = {"VirtualMachine": vms, "VMMigration": migrations}
+
+    async def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        return self.objects[kind]
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        for body in self.objects[kind]:
+            if body["metadata"]["namespace"] == namespace and body["metadata"]["name"] == name:
+                return body
+        raise NotFound(f"{kind} {namespace}/{name}", status=404)
+
+
+def vm(name: str, uid: str, node: str) -> dict[str, Any]:
+    meta = {"name": name, "namespace": "ns", "uid": uid, "labels": {NODE_LABEL: node}}
+    return {"metadata": meta, "status": {"nodeName": node}}
+
+
+def migration(vm_name: str, phase: str) -> dict[str, Any]:
+    meta = {"name": f"mig-{vm_name}", "namespace": "ns"}
+    return {"metadata": meta, "spec": {"vmName": vm_name}, "status": {"phase": phase}}
+
+
+def agent(hv: Hypervisor, kube: FakeKube) -> Any:
+    settings = SimpleNamespace(node_name=NODE, pools=[LOCAL_POOL])
+    return SimpleNamespace(hv=hv, kube=kube, settings=settings, log=get_logger("test"))
+
+
+UIDS = {
+    name: f"00000000-0000-4000-8000-{n:012d}"
+    for n, name in enumerate(["here", "gone", "moved", "moved-running", "migrating"], start=1)
+}
+
+
+async def test_sweep_removes_what_no_vm_wants_and_keeps_the_rest(
+    hv: Hypervisor, domain_xml: Callable[..., str]
+) -> None:
+    for name, uid in UIDS.items():
+        guest = await hv.define(domain_xml(f"ns_{name}", uid, namespace="ns", vm_name=name))
+        if name in ("here", "moved-running"):  # "migrating": defined, not started (offline)
+            await guest.start()
+        await storage.create_blank(hv, LOCAL_POOL, f"{uid}-root", 2**20, fmt="raw")
+    kube = FakeKube(
+        vms=[
+            vm("here", UIDS["here"], NODE),
+            vm("moved", UIDS["moved"], "node-b"),
+            vm("moved-running", UIDS["moved-running"], "node-b"),
+            vm("migrating", UIDS["migrating"], "node-b"),
+        ],
+        migrations=[migration("migrating", "Running"), migration("moved", "Succeeded")],
+    )
+    removed = await sweep_orphans(agent(hv, kube))
+
+    assert sorted(removed) == [
+        "domain/ns_gone",
+        "domain/ns_moved",
+        f"volume/{LOCAL_POOL}/{UIDS['gone']}-root",
+    ]
+    left = sorted(item.guest.name for item in await hv.list_owned())
+    assert left == ["ns_here", "ns_migrating", "ns_moved-running"]
+    volumes = {v.name for v in await storage.list_volumes(hv, LOCAL_POOL)}
+    assert f"{UIDS['gone']}-root" not in volumes
+    assert f"{UIDS['here']}-root" in volumes
