@@ -83,8 +83,9 @@ def run(ctx: BenchContext) -> ScenarioResult:
         "Latency = client monotonic clock at the VM's first watch event with "
         "printableStatus=Running minus the same clock right before its POST "
         "(metadata.creationTimestamp has whole seconds only).",
-        "Raw libvirt: libvirt-python defineXMLFlags(VALIDATE)+create() of the same domain XML "
-        "(the agent's renderer) on a fresh test:/// driver, same spacing, same run.",
-        "The machine is shared (2 cores, other suites running): figures are noisy.",
+        "Raw libvirt: the agent's schema check (libvirt's domain.rng, parsed once) + "
+        "libvirt-python defineXML+create() of the same domain XML (the agent's renderer) on a "
+        "fresh test:/// driver, same spacing, same run.",
+        "One run on 2 cores (the header gives the load average at its start): figures are noisy.",
     ]
     return result

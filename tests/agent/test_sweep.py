@@ -43,7 +43,7 @@ def migration(vm_name: str, phase: str) -> dict[str, Any]:
 
 
 def agent(hv: Hypervisor, kube: FakeKube) -> Any:
-    settings = SimpleNamespace(node_name=NODE, pools=[LOCAL_POOL])
+    settings = SimpleNamespace(node_name=NODE, pools=[LOCAL_POOL], shared_pools=[])
     return SimpleNamespace(hv=hv, kube=kube, settings=settings, log=get_logger("test"))
 
 
@@ -76,9 +76,9 @@ async def test_sweep_removes_what_no_vm_wants_and_keeps_the_rest(
         "domain/ns_gone",
         "domain/ns_moved",
         f"volume/{LOCAL_POOL}/{UIDS['gone']}-root",
+        f"volume/{LOCAL_POOL}/{UIDS['moved']}-root",
     ]
     left = sorted(item.guest.name for item in await hv.list_owned())
     assert left == ["ns_here", "ns_migrating", "ns_moved-running"]
-    volumes = {v.name for v in await storage.list_volumes(hv, LOCAL_POOL)}
-    assert f"{UIDS['gone']}-root" not in volumes
-    assert f"{UIDS['here']}-root" in volumes
+    volumes = sorted(v.name for v in await storage.list_volumes(hv, LOCAL_POOL))
+    assert volumes == [f"{UIDS[n]}-root" for n in ("here", "moved-running", "migrating")]

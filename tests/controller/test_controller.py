@@ -51,12 +51,16 @@ class FakeKube:
         obj["status"] = apply_merge_patch(obj.get("status") or {}, patch)
         return self._bump(obj)
 
-    async def patch_metadata(
-        self, kind: str, namespace: str, name: str, *, labels: Mapping[str, str | None]
+    async def patch(
+        self, kind: str, namespace: str, name: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
         obj = self.objects[(namespace, name)]
-        self.calls.append(("labels", name, dict(labels)))
-        obj["metadata"]["labels"] = apply_merge_patch(obj["metadata"].get("labels") or {}, labels)
+        patch = dict(body["metadata"])
+        expected = patch.pop("resourceVersion", None)
+        if expected is not None and expected != obj["metadata"]["resourceVersion"]:
+            raise Conflict("changed", status=409)
+        self.calls.append(("metadata", name, patch))
+        obj["metadata"] = apply_merge_patch(obj["metadata"], patch)
         return self._bump(obj)
 
     async def create(self, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,9 +117,13 @@ async def test_placement_writes_status_first_then_the_label() -> None:
     controller, kube = make()
     add_vm(controller, kube, name="a")
     assert await controller.reconcile(("ns", "a")) is None
-    assert [c[0] for c in kube.calls] == ["status", "labels"]
+    assert [c[0] for c in kube.calls] == ["status", "metadata"]
     assert kube.calls[0][2]["nodeName"] == "node-a"
-    assert kube.calls[1][2] == {NODE_LABEL: "node-a"}
+    # The label and the node agent's finalizer in one write: one apiserver write less.
+    assert kube.calls[1][2] == {
+        "labels": {NODE_LABEL: "node-a"},
+        "finalizers": ["virtfleet.io/agent-node-a"],
+    }
     assert kube.events == [("a", "Normal", "Scheduled")]
     cached = controller.cache.vms[("ns", "a")]
     assert cached.node_name == "node-a"
@@ -156,7 +164,25 @@ async def test_a_crash_between_the_two_writes_is_repaired() -> None:
     add_vm(controller, kube, name="a", status={"nodeName": "node-b"},
            labels={NODE_LABEL: "node-a"})  # fmt: skip
     await controller.reconcile(("ns", "a"))
-    assert kube.calls == [("labels", "a", {NODE_LABEL: "node-b"})]
+    # A relabel (a migration's hand-over) leaves the finalizers to the agents.
+    assert kube.calls == [("metadata", "a", {"labels": {NODE_LABEL: "node-b"}})]
+
+
+async def test_the_first_placement_keeps_other_finalizers_and_loses_a_race() -> None:
+    controller, kube = make()
+    add_vm(controller, kube, name="a", status={"nodeName": "node-a"})
+    kube.objects[("ns", "a")]["metadata"]["finalizers"] = ["example.com/keep"]
+    controller.vm_event(None, kube.objects[("ns", "a")])
+    await controller.reconcile(("ns", "a"))
+    assert kube.objects[("ns", "a")]["metadata"]["finalizers"] == [
+        "example.com/keep",
+        "virtfleet.io/agent-node-a",
+    ]
+    # The finalizer list is replaced as a whole: a stale view must not win.
+    add_vm(controller, kube, name="b", status={"nodeName": "node-a"})
+    kube.objects[("ns", "b")]["metadata"]["resourceVersion"] = "999"
+    assert await controller.reconcile(("ns", "b")) == CONFLICT_RETRY
+    assert not kube.objects[("ns", "b")]["metadata"].get("labels")
 
 
 async def test_a_silent_host_marks_its_vms_unknown_once() -> None:

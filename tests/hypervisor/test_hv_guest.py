@@ -18,6 +18,7 @@ from virtfleet.hypervisor import (
     NotFound,
     StopPath,
     Unsupported,
+    connection,
     errors,
 )
 from virtfleet.identity import METADATA_NAMESPACE
@@ -45,9 +46,36 @@ async def test_define_is_idempotent_and_updates(hv: Hypervisor, domain_xml: Any)
     assert etree.fromstring(metadata).get("generation") == "2"
 
 
-async def test_define_falls_back_only_when_validate_flag_is_unsupported(
+async def test_define_checks_the_schema_itself_and_spares_libvirt_the_reparse(
     hv: Hypervisor, domain_xml: Any
 ) -> None:
+    assert hv._reg is not None
+    real = hv._reg.conn
+    flags_seen: list[int] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def defineXMLFlags(self, xml: str, flags: int) -> Any:  # noqa: N802 - libvirt's name
+            flags_seen.append(flags)
+            return real.defineXMLFlags(xml, flags)
+
+    hv._reg.conn = Recording()
+    try:
+        await hv.define(domain_xml("vm1", UID))
+        with pytest.raises(InvalidDefinition, match="bogus"):
+            await hv.define(domain_xml("vm2").replace("<os>", "<bogus/><os>"))
+    finally:
+        hv._reg.conn = real
+    assert flags_seen == [0]  # the invalid one never reached libvirt
+
+
+async def test_define_falls_back_only_when_validate_flag_is_unsupported(
+    hv: Hypervisor, domain_xml: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host without libvirt's schema file asks libvirt to validate, if it can."""
+    monkeypatch.setattr(connection, "check_domain_xml", lambda xml: False)
     assert hv._reg is not None
     real = hv._reg.conn
     # A genuine "unsupported flags" libvirtError from the driver, to replay.

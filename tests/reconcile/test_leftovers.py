@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from virtfleet.identity import NODE_LABEL
-from virtfleet.reconcile.leftovers import unwanted_domain
+from virtfleet.reconcile.leftovers import unwanted_domain, unwanted_volume
 
 UID = "3f1e0c52-5a64-4a4f-9d0e-0123456789ab"
 
@@ -53,3 +53,22 @@ def test_a_running_copy_elsewhere_or_a_migrating_vm_is_never_touched_from_here()
     elsewhere = vm("node-b", "node-b")
     assert unwanted_domain(elsewhere, UID, "node-a", domain_active=True, migrating=False) is None
     assert unwanted_domain(elsewhere, UID, "node-a", domain_active=False, migrating=True) is None
+
+
+def test_local_volumes_of_a_vm_that_lives_elsewhere_are_left_overs() -> None:
+    """What a hand-over that reported success first had no time to delete."""
+    elsewhere = vm("node-b", "node-b")
+
+    def verdict(**kwargs: bool) -> str | None:
+        flags = {"shared_pool": False, "migrating": False, "domain_here": False, **kwargs}
+        return unwanted_volume(elsewhere, "node-a", **flags)
+
+    assert verdict() == "its VM lives on node-b"
+    assert verdict(shared_pool=True) is None  # the VM's disk wherever it runs
+    assert verdict(migrating=True) is None  # a target's volumes come before the guest
+    assert verdict(domain_here=True) is None
+    assert unwanted_volume(None, "node-a", shared_pool=True, migrating=False, domain_here=False)
+    here = vm("node-a", "node-a")
+    assert not unwanted_volume(
+        here, "node-a", shared_pool=False, migrating=False, domain_here=False
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +14,7 @@ from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import PoolStatus, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.reconcile.leftovers import unwanted_domain
+from virtfleet.reconcile.leftovers import unwanted_domain, unwanted_volume
 from virtfleet.runtime.kube import NotFound
 
 _UID_PREFIX = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
@@ -102,6 +103,7 @@ async def sweep_orphans(agent: Agent) -> list[str]:
     vms = {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
 
     removed: list[str] = []
+    domains_here = {item.guest.uuid for item in owned}
     for item in owned:
         uid = item.guest.uuid
         attributes: dict[str, Any] = dict(item.attributes)
@@ -124,11 +126,23 @@ async def sweep_orphans(agent: Agent) -> list[str]:
             continue
         agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid, why=reason)
         removed.append(f"domain/{item.guest.name}")
+        domains_here.discard(uid)
     for pool, volume_name, uid in volumes:
-        if uid not in vms:
+        vm = vms.get(uid)
+        vm_key = (str(vm["metadata"]["namespace"]), str(vm["metadata"]["name"])) if vm else None
+        reason = unwanted_volume(
+            vm,
+            agent.settings.node_name,
+            shared_pool=pool in agent.settings.shared_pools,
+            migrating=vm_key in migrating,
+            domain_here=uid in domains_here,
+        )
+        if reason is None:
+            continue
+        with contextlib.suppress(hv_errors.NotFound):
             await storage.delete_volume(agent.hv, pool, volume_name)
-            agent.log.warning("removed orphan volume", pool=pool, volume=volume_name)
-            removed.append(f"volume/{pool}/{volume_name}")
+        agent.log.warning("removed orphan volume", pool=pool, volume=volume_name, why=reason)
+        removed.append(f"volume/{pool}/{volume_name}")
     return removed
 
 

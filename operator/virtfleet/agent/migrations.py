@@ -821,11 +821,13 @@ class MigrationAgent:
                 # the guest already runs on the target, so every millisecond here is visible.
                 await asyncio.sleep(CONFLICT_RETRY_SECONDS)
         self.agent.forget(vm_key)
-        deleted = await self._delete_local_volumes(uid)
-        log.info("migration succeeded", target=node, downtime_ms=downtime, deleted=deleted)
         now = _now()
         wanted = succeeded_status(status, int(body["metadata"].get("generation", 1)), downtime, now)
+        # Success first: the guest already runs on the target. The node-local volumes left
+        # here are clean-up; if this process dies before it, the orphan sweep deletes them.
         await self._write_status(key, wanted)
+        deleted = await self._delete_local_volumes(uid)
+        log.info("migration succeeded", target=node, downtime_ms=downtime, deleted=deleted)
 
     async def _downtime(self, uid: str, target: Hypervisor) -> int | None:
         """The measured downtime, from the target's record of the completed incoming job."""

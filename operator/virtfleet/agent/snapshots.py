@@ -432,7 +432,7 @@ class SnapshotAgent:
             if decision.finalized:
                 self.finalized.setdefault(key, asyncio.Event()).set()
                 return None
-            if not decision.write_status_first:
+            if not decision.write_status_first and not decision.transient:
                 await self._write_status("VMSnapshot", key, body, decision.status)
             requeue = decision.requeue_after
             if not decision.actions and not decision.write_status_first:

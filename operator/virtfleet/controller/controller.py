@@ -48,7 +48,7 @@ from virtfleet.controller.placement import INVALID_SPEC, Placement, Unschedulabl
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.unclaimed import UnclaimedWatcher
 from virtfleet.controller.views import Key, VmView
-from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
+from virtfleet.identity import API_GROUP, API_VERSION
 from virtfleet.logs import LogFormat, get_logger
 from virtfleet.reconcile.migration import (
     EVICTION_LABEL,
@@ -188,8 +188,8 @@ class Controller:
         if node is None:
             return await self._schedule(key, log)
         log = log.bind(node=node)
-        if vm.node_label != node:
-            await self._write_label(vm, node, log)
+        if vm.node_label != node and not await self._write_label(vm, node, log):
+            return CONFLICT_RETRY
         host_node = self.cache.nodes.get(node)
         if host_node is not None and host_node.unschedulable:
             await self._drain(key, node, log)
@@ -290,7 +290,8 @@ class Controller:
         note = decisions.scheduling_note(old_status, outcome)
         if isinstance(outcome, Placement):
             log.info("placed", node=outcome.node, free_after=outcome.free_after_bytes)
-            await self._write_label(vm, outcome.node, log.bind(node=outcome.node))
+            if not await self._write_label(vm, outcome.node, log.bind(node=outcome.node)):
+                return CONFLICT_RETRY
         else:
             log.info("not placed", reason=outcome.reason, message=outcome.message)
         if note is not None:
@@ -343,17 +344,29 @@ class Controller:
         )
         return self.cache.upsert_vm(body) or VmView.from_body(body)
 
-    async def _write_label(self, vm: VmView, node: str, log: Any) -> None:
-        if vm.node_label == node:
-            return
+    async def _write_label(self, vm: VmView, node: str, log: Any) -> bool:
+        """The node label, and at first placement the node's finalizer, in one write.
+
+        False when the VM changed meanwhile (its next watch event brings it back here).
+        """
+        metadata = decisions.placement_metadata(
+            vm.labels, vm.body.get("metadata", {}).get("finalizers") or [], node
+        )
+        if metadata is None:
+            return True
+        if "finalizers" in metadata:
+            metadata["resourceVersion"] = vm.resource_version  # never drop another's
         try:
-            body = await self.kube.patch_metadata(
-                VIRTUAL_MACHINE.kind, vm.namespace, vm.name, labels={NODE_LABEL: node}
+            body = await self.kube.patch(
+                VIRTUAL_MACHINE.kind, vm.namespace, vm.name, {"metadata": metadata}
             )
         except NotFound:
-            return
+            return True
+        except Conflict:
+            return False
         self.cache.upsert_vm(body)
-        log.info("node label set", was=vm.node_label)
+        log.info("node label set", was=vm.node_label, finalizer="finalizers" in metadata)
+        return True
 
     # --- kopf wiring ------------------------------------------------------------------------
 

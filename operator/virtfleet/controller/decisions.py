@@ -20,7 +20,7 @@ Messages are stable (no "N seconds ago") for the same reason.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,6 +37,7 @@ from virtfleet.api.conditions import (
 from virtfleet.api.virtualmachine import PrintableStatus, RunStrategy
 from virtfleet.controller.placement import Placement, Unschedulable, stale_heartbeat
 from virtfleet.controller.views import HostView, VmView
+from virtfleet.identity import NODE_LABEL, node_finalizer
 
 WAITING_FOR_AGENT = "WaitingForAgent"
 NODE_UNREACHABLE = "NodeUnreachable"
@@ -170,3 +171,23 @@ def unreachable_note(old_status: Mapping[str, Any], new_status: Mapping[str, Any
         return None
     ready = next((c for c in read_conditions(new_status) if c.type == ConditionType.READY), None)
     return Note("Warning", NODE_UNREACHABLE, ready.message if ready else NODE_UNREACHABLE)
+
+
+def placement_metadata(
+    labels: Mapping[str, str], finalizers: Sequence[str], node: str
+) -> dict[str, Any] | None:
+    """The metadata merge patch that puts a placed VM on ``node``; None if it is there.
+
+    At the first placement (no node label yet) the node agent's finalizer comes in the
+    same write: the agent would add it as its first act anyway, so the VM costs one
+    apiserver write less, and a VM deleted before its agent saw it still waits for the
+    agent to clean up (as KubeVirt's VMIs wait for virt-handler). A relabel (the
+    hand-over of a migration) leaves finalizers to the agents, which swap them.
+    """
+    if labels.get(NODE_LABEL) == node:
+        return None
+    metadata: dict[str, Any] = {"labels": {NODE_LABEL: node}}
+    wanted = node_finalizer(node)
+    if NODE_LABEL not in labels and wanted not in finalizers:
+        metadata["finalizers"] = [*finalizers, wanted]
+    return metadata

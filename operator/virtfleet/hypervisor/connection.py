@@ -32,6 +32,7 @@ from virtfleet.hypervisor.events import DomainEvent, EventKind, lifecycle_event
 from virtfleet.hypervisor.executor import Executors
 from virtfleet.hypervisor.guest import Guest, OwnedGuest, StopOutcome, graceful_stop
 from virtfleet.hypervisor.jobs import parse_job_stats
+from virtfleet.hypervisor.schema import check_domain_xml
 from virtfleet.identity import METADATA_ELEMENT, METADATA_NAMESPACE
 
 __all__ = ["HostFacts", "Hypervisor", "HypervisorSettings", "backoff_delays"]
@@ -269,10 +270,13 @@ class Hypervisor:
     async def define(self, xml: str) -> Guest:
         """Define (or redefine) a persistent domain, validating against libvirt's schema.
 
-        Falls back to defining without ``VIR_DOMAIN_DEFINE_VALIDATE`` only when the driver
-        rejects the flag itself; a schema error raises
-        :class:`~virtfleet.hypervisor.errors.InvalidDefinition`.
+        The schema is checked here with the schema parsed once (:mod:`.schema`); only a
+        host without the schema file asks libvirt (``VIR_DOMAIN_DEFINE_VALIDATE``), and
+        falls back to no validation when the driver rejects that flag itself. A schema
+        error raises :class:`~virtfleet.hypervisor.errors.InvalidDefinition`.
         """
+        if check_domain_xml(xml):
+            return self.guest(await self.call(lambda conn: conn.defineXMLFlags(xml, 0)))
 
         def call(conn: Any) -> Any:
             try:

@@ -32,10 +32,40 @@ def unwanted_domain(
     """
     if vm is None or str(vm["metadata"].get("uid")) != uid:
         return "its VM is gone"
+    elsewhere = _lives_elsewhere(vm, node)
+    if elsewhere is None or migrating or domain_active:
+        return None
+    return f"its VM lives on {elsewhere}"
+
+
+def unwanted_volume(
+    vm: Mapping[str, Any] | None,
+    node: str,
+    *,
+    shared_pool: bool,
+    migrating: bool,
+    domain_here: bool,
+) -> str | None:
+    """Why a VM's volume on ``node`` is a left-over to delete, or None to keep it.
+
+    Node-local volumes of a VM that lives elsewhere are what a hand-over had no time to
+    delete (it reports success first: the guest already runs on the target). Kept while
+    a migration of the VM is under way (a target's volumes are made before the guest
+    arrives) or while a domain of the VM is still here; shared-pool volumes are the
+    VM's disks wherever it runs.
+    """
+    if vm is None:
+        return "its VM is gone"
+    if shared_pool or migrating or domain_here:
+        return None
+    elsewhere = _lives_elsewhere(vm, node)
+    return None if elsewhere is None else f"its VM lives on {elsewhere}"
+
+
+def _lives_elsewhere(vm: Mapping[str, Any], node: str) -> str | None:
+    """The other node a VM lives on — by its label *and* ``status.nodeName`` — or None."""
     label = (vm["metadata"].get("labels") or {}).get(NODE_LABEL)
     placed = (vm.get("status") or {}).get("nodeName")
     if not label or not placed or node in (label, placed):
         return None
-    if migrating or domain_active:
-        return None
-    return f"its VM lives on {placed}"
+    return str(placed)

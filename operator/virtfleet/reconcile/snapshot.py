@@ -237,6 +237,8 @@ class SnapshotDecision:
     write_status_first: bool = False
     #: Deletion is complete: the node's finalizer may go.
     finalized: bool = False
+    #: ``status`` is a step the next pass (right away) replaces: not worth a write.
+    transient: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,7 +315,7 @@ def decide_snapshot(
         # Finalizer first: a snapshot taken before it could be orphaned by a quick delete.
         status = status.model_copy(update={"phase": SnapshotPhase.PENDING, "ready_to_use": False})
         status = _snapshot_conditions(status, snap.generation, "Pending", "adopting", now)
-        return SnapshotDecision(tuple(actions), status, requeue_after=0.0)
+        return SnapshotDecision(tuple(actions), status, requeue_after=0.0, transient=True)
     if blocked_by is not None and snap.status.phase is not SnapshotPhase.IN_PROGRESS:
         return _snapshot_waiting(snap, status, "Waiting", blocked_by, now)
 
