@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from virtfleet.agent.agent import Agent
+from virtfleet.agent.agent import LAST_APPLIED, Agent, slim
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.runtime.kube import KubeApi
@@ -49,3 +49,14 @@ async def test_a_new_vm_of_the_same_name_is_not_finalized_by_the_old_one(hv: Hyp
 
     # kopf's deletion handler of the new VM must wait for the new VM's own cleanup.
     assert not await agent.wait_finalized(KEY, 0.05)
+
+
+def test_the_cache_keeps_no_managed_fields_and_no_kubectl_copy() -> None:
+    body = vm("u-1")
+    body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    body["metadata"]["annotations"] = {LAST_APPLIED: '{"spec": {}}', "keep": "me"}
+    slimmed = slim(body)
+    assert "managedFields" not in slimmed["metadata"]
+    assert slimmed["metadata"]["annotations"] == {"keep": "me"}
+    assert slimmed["metadata"]["uid"] == "u-1"
+    assert "managedFields" in body["metadata"]  # the event's own body is left as it was

@@ -41,6 +41,22 @@ def key_of(body: Mapping[str, Any]) -> Key:
     return str(meta["namespace"]), str(meta["name"])
 
 
+#: What ``kubectl apply`` keeps on every object: a second copy of the spec.
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The object without what the agent never reads: ``managedFields`` and kubectl's copy.
+
+    Together they are most of a small VM's size, and the cache holds every VM of the node.
+    """
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**body, "metadata": meta}
+
+
 def _resource_version(body: Mapping[str, Any]) -> int:
     raw = body.get("metadata", {}).get("resourceVersion", "0")
     return int(raw) if str(raw).isdigit() else 0
@@ -73,7 +89,7 @@ class Agent:
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
             return  # our own newer write is already cached; this event is older
-        self.cache[key] = dict(body)
+        self.cache[key] = slim(body)
         self.by_uid[str(body["metadata"]["uid"])] = key
         self.queue.add(key)
 
@@ -227,7 +243,7 @@ class Agent:
             return
         key = (namespace, name)
         if key in self.cache:
-            self.cache[key] = dict(updated)
+            self.cache[key] = slim(updated)
 
     async def _events(self, body: Mapping[str, Any], events: tuple[EventNote, ...]) -> None:
         for note in events:
