@@ -36,7 +36,7 @@ import kopf
 from lxml import etree
 from pydantic import ValidationError
 
-from virtfleet.agent.agent import Agent, Key, _resource_version, key_of
+from virtfleet.agent.agent import Agent, Key, _resource_version, key_of, slim
 from virtfleet.agent.driver import seed_volume_name, volume_name
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
@@ -165,6 +165,8 @@ class MigrationAgent:
         self.timed_out: dict[Key, float] = {}
         #: Jobs this process switched to post-copy (a failure then loses the guest).
         self.post_copied: set[Key] = set()
+        #: The VM's ``Migrating`` status write of a job that just started.
+        self.marking: dict[Key, asyncio.Task[None]] = {}
         self.log = get_logger("virtfleet.agent.migrations", node=self.node)
 
     # --- signals ----------------------------------------------------------------------
@@ -328,7 +330,11 @@ class MigrationAgent:
             if not await self._write_status(key, wanted, cas=True):
                 return 1.0  # changed meanwhile (deleted, or another writer): decide again
             log.info("migration started", target=status.target_node, uri=dest_uri)
-            await self._vm_printable(vm_key, PrintableStatus.MIGRATING)
+            # The VM says Migrating while the target is prepared (one write less on the
+            # job's path); awaited before anything else writes the VM (see _vm_marked).
+            self.marking[key] = asyncio.create_task(
+                self._vm_printable(vm_key, PrintableStatus.MIGRATING)
+            )
             self.jobs[key] = guest
             try:
                 if spec.mode is MigrationMode.OFFLINE:
@@ -336,10 +342,18 @@ class MigrationAgent:
                 else:
                     await self._run(key, spec, vm_body, vm_spec, guest, dest_uri, log)
             finally:
+                await self._vm_marked(key)
                 self.jobs.pop(key, None)
                 self.cancelled.discard(key)
                 self.done.setdefault(key, asyncio.Event()).set()
         return None
+
+    async def _vm_marked(self, key: Key) -> None:
+        """Wait for the VM's ``Migrating`` write: no later VM write may land before it."""
+        task = self.marking.pop(key, None)
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
 
     def _check_snapshots(self, namespace: str, vm_name: str, vm_spec: VirtualMachineSpec) -> None:
         snaps = []
@@ -421,6 +435,7 @@ class MigrationAgent:
             job_began = True
             error = await self._migrate(key, guest, request, log, budget=budget)
             job_seconds = time.monotonic() - job_started
+            await self._vm_marked(key)
             where = await self._where(uid, target)
             outcome = job_outcome(where)
             log.info(
@@ -515,6 +530,7 @@ class MigrationAgent:
                     )
                     self._check_cancelled(key)
             xml = await guest.xml(inactive=True)
+            await self._vm_marked(key)
             await target.define(xml)
             defined = True
             try:
@@ -935,7 +951,7 @@ class MigrationAgent:
                 "VirtualMachine", *vm_key, {"printableStatus": printable.value}
             )
             if vm_key in self.agent.cache:
-                self.agent.cache[vm_key] = dict(updated)
+                self.agent.cache[vm_key] = slim(updated)
 
     async def _vm_released(self, vm_key: Key) -> None:
         """The VM stays here: let its loop look again (and report Running)."""

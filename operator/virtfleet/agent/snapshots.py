@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import copy
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -510,6 +510,7 @@ class SnapshotAgent:
     async def _reconcile_restores(self, vm_key: Key) -> float | None:
         namespace, vm_name = vm_key
         requeue: float | None = None
+        listed: dict[str, list[str]] = {}
         for _ in range(MAX_PASSES):
             vm_body = self._vm_body(namespace, vm_name)
             if vm_body is None:
@@ -534,7 +535,7 @@ class SnapshotAgent:
             again = False
             for view in restore_order(open_):
                 key = (namespace, view.name)
-                result = await self._restore_one(key, bodies[key], view, vm, holder)
+                result = await self._restore_one(key, bodies[key], view, vm, holder, listed)
                 if result == 0.0:
                     again = True
                 elif result is not None:
@@ -556,15 +557,22 @@ class SnapshotAgent:
         view: RestoreView,
         vm: VmRef,
         chosen: str | None,
+        listed: dict[str, list[str]],
     ) -> float | None:
-        """One decide-act pass for one restore: 0.0 means "look again right away"."""
+        """One decide-act pass for one restore: 0.0 means "look again right away".
+
+        ``listed``: the VM's active migrations as read (fresh) earlier in the same
+        reconcile, milliseconds ago, under the VM's lock.
+        """
         log = self.log.bind(namespace=key[0], vmrestore=key[1], vm=vm.name)
         snapshot = self._snapshot_ref(key[0], view.spec.snapshot_name) if view.spec else None
         busy_with = chosen if chosen is not None and chosen != view.name else None
         migrations: list[str] = []
         if busy_with is None and view.status.phase in (None, RestorePhase.PENDING):
             try:
-                migrations = await self._active_migrations(key[0], vm.name)
+                if vm.name not in listed:
+                    listed[vm.name] = await self._active_migrations(key[0], vm.name)
+                migrations = listed[vm.name]
             except KubeError as exc:
                 log.warning("could not list migrations", error=str(exc))
                 return 5.0
@@ -590,8 +598,7 @@ class SnapshotAgent:
         if decision.actions:
             log.info("acting", actions=[type(a).__name__ for a in decision.actions])
         try:
-            for action in decision.actions:
-                await self._act_restore(key, guest, action)
+            await self._act_restore_all(key, guest, decision.actions)
         except ActError as exc:
             log.warning("restore action failed", reason=exc.reason, error=exc.message)
             if not exc.permanent:
@@ -600,7 +607,7 @@ class SnapshotAgent:
             await self._events(body, (EventNote("Warning", exc.reason, exc.message),))
             await self._write_status("VMRestore", key, body, failed)
             return None
-        if not decision.write_status_first:
+        if not decision.write_status_first and not decision.transient:
             await self._write_status("VMRestore", key, body, decision.status)
         if decision.actions or decision.write_status_first:
             return 0.0
@@ -615,6 +622,32 @@ class SnapshotAgent:
             if (m.get("spec") or {}).get("vmName") == vm_name
             and (m.get("status") or {}).get("phase") not in MIGRATION_DONE_PHASES
         ]
+
+    async def _act_restore_all(
+        self, key: Key, guest: Guest | None, actions: Sequence[RestoreAction]
+    ) -> None:
+        """In order, except that the adoption (API) and the marker (libvirt) go together.
+
+        Both are idempotent and independent: a marker set without the adoption is found
+        set on the next pass; an adoption without the marker marks again.
+        """
+        index = 0
+        if (
+            len(actions) >= 2
+            and isinstance(actions[0], Adopt)
+            and isinstance(actions[1], MarkDomain)
+        ):
+            results = await asyncio.gather(
+                self._act_restore(key, guest, actions[0]),
+                self._act_restore(key, guest, actions[1]),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            index = 2
+        for action in actions[index:]:
+            await self._act_restore(key, guest, action)
 
     async def _act_restore(self, key: Key, guest: Guest | None, action: RestoreAction) -> None:
         if isinstance(action, Adopt):

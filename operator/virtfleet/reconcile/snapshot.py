@@ -248,6 +248,8 @@ class RestoreDecision:
     events: tuple[EventNote, ...] = ()
     requeue_after: float | None = None
     write_status_first: bool = False
+    #: ``status`` is a step the next pass (right away) replaces: not worth a write.
+    transient: bool = False
 
 
 # --- VMSnapshot ---------------------------------------------------------------------------
@@ -626,7 +628,7 @@ def decide_restore(
             "marking the domain before the revert",
             now,
         )
-        return RestoreDecision(tuple(actions), status, requeue_after=0.0)
+        return RestoreDecision(tuple(actions), status, requeue_after=0.0, transient=True)
 
     memory = snapshot.memory_included and vm.run_strategy is not RunStrategy.HALTED
     status = status.model_copy(
