@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -463,6 +464,7 @@ class SnapshotAgent:
                 if guest is None:
                     return
                 try:
+                    started = time.monotonic()
                     plan = snapshots.disk_plan(await guest.xml())
                     await snapshots.create_snapshot(
                         guest,
@@ -473,6 +475,12 @@ class SnapshotAgent:
                         description=json.dumps(
                             {"vmsnapshot": f"{view.namespace}/{view.name}", "uid": view.uid}
                         ),
+                    )
+                    self.log.info(
+                        "snapshot taken",
+                        namespace=view.namespace,
+                        vmsnapshot=view.name,
+                        seconds=round(time.monotonic() - started, 3),
                     )
                 except hv_errors.AlreadyExists:
                     return  # taken by a run that died before it could say so: done
