@@ -21,6 +21,7 @@ from kubernetes import client, config, watch
 from bench import report
 from bench.result import Row
 from harness import nodes as hn
+from harness.testing import poll
 
 GROUP, VERSION = "virtfleet.io", "v1alpha1"
 VMS = "virtualmachines"
@@ -35,14 +36,10 @@ class BenchError(RuntimeError):
 
 def wait(predicate: Callable[[], Any], timeout: float, interval: float, what: str) -> Any:
     """Poll until ``predicate`` returns something truthy; BenchError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return value
 
 
 def api_client(env: Mapping[str, str]) -> client.ApiClient:

@@ -9,15 +9,14 @@ stores it in the node's pool and boots a guest from it. The guest printing
 from __future__ import annotations
 
 import hashlib
-import http.server
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from harness import nodes as hn
 from harness.guest import guest_cmdline
+from harness.httpserve import serve_folder
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 
 IMAGE = "base-counter-1000.qcow2"
@@ -30,19 +29,8 @@ def image_server(cluster: Cluster) -> Iterator[tuple[str, str]]:
     path = folder / IMAGE
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(folder), **kwargs)  # type: ignore[arg-type]
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/{IMAGE}", sha
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(folder) as base:
+        yield f"{base}/{IMAGE}", sha
 
 
 def http_vm(name: str, namespace: str, url: str, sha: str) -> dict[str, object]:

@@ -40,7 +40,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from harness import cluster as local_system
-from harness import fleet, nodes, operators, rbac
+from harness import fleet, nodes, operators, rbac, testing
 
 NODE_NAME = "td-0"
 VM_MEMORY_MIB = 16
@@ -212,12 +212,7 @@ def vm_manifest(
         "terminationGracePeriodSeconds": 0,
         **spec,
     }
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
+    return testing.vm_object(name, namespace, body)
 
 
 # --- the agent process, from the outside ---------------------------------------------------

@@ -50,18 +50,26 @@ def load_yaml(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` otherwise."""
+def poll(predicate: Callable[[], Any], timeout: float, interval: float) -> Any:
+    """``predicate``'s first truthy value within ``timeout`` seconds, else None."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
+            return None
         time.sleep(interval)
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = ""
+) -> Any:
+    """Poll until ``predicate`` returns something truthy; fail with ``what`` otherwise."""
+    value = poll(predicate, timeout, interval)
+    if not value:
+        pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
+    return value
 
 
 def vm_manifest(
@@ -81,11 +89,16 @@ def vm_manifest(
         "terminationGracePeriodSeconds": 5,
         **spec,
     }
+    return vm_object(name, namespace, body)
+
+
+def vm_object(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A VirtualMachine object around ``spec``."""
     return {
         "apiVersion": "virtfleet.io/v1alpha1",
         "kind": "VirtualMachine",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
+        "spec": spec,
     }
 
 

@@ -9,15 +9,14 @@ driver has no volume upload, so the accepted path is proven by e2e/test_http_sou
 from __future__ import annotations
 
 import hashlib
-import http.server
 import subprocess
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from harness.httpserve import serve_folder
 from virtfleet.agent.driver import ActionError, NodeDriver
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -45,18 +44,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     (folder / "liar.qcow2").write_bytes(b"\1" * MiB)
     sums = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(folder), **kwargs)  # type: ignore[arg-type]
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", sums
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(folder) as base:
+        yield base, sums
 
 
 def view(url: str, sha: str, size: str | None = None) -> VmView:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from harness.httpserve import serve
 from virtfleet.hypervisor import download
 
 BODY = b"virtfleet" * 10_000
@@ -61,12 +61,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(Handler) as base:
+        yield base
 
 
 def leftovers(directory: Path) -> list[str]:

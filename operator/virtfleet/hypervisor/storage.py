@@ -14,6 +14,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -316,25 +317,37 @@ async def upload(
                 raise errors.AlreadyExists(f"volume {name!r} exists in pool {pool!r}")
             existing.delete(0)
         vol = p.createXML(volume_xml(name, len(data), "raw"), 0)
-        stream = conn.newStream(0)
-        try:
-            vol.upload(stream, 0, len(data), 0)
-            view = memoryview(data)
-            for offset in range(0, len(data), _UPLOAD_CHUNK):
-                chunk = view[offset : offset + _UPLOAD_CHUNK].tobytes()
-                sent = 0
-                while sent < len(chunk):
-                    sent += stream.send(chunk[sent:])
-            stream.finish()
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            with contextlib.suppress(libvirt.libvirtError):
-                vol.delete(0)
-            raise
+        view = memoryview(data)
+        chunks = (
+            view[offset : offset + _UPLOAD_CHUNK].tobytes()
+            for offset in range(0, len(data), _UPLOAD_CHUNK)
+        )
+        _stream_into(conn, vol, len(data), chunks)
         return _parse_volume(pool, vol)
 
     return await hv.call_long(call)
+
+
+def _stream_into(conn: Any, vol: Any, length: int, chunks: Iterable[bytes]) -> None:
+    """Worker thread: write ``chunks`` into new volume ``vol`` through a libvirt stream.
+
+    On any failure the stream is aborted and the volume deleted: a half-written volume
+    never stays behind.
+    """
+    stream = conn.newStream(0)
+    try:
+        vol.upload(stream, 0, length, 0)
+        for chunk in chunks:
+            sent = 0
+            while sent < len(chunk):
+                sent += stream.send(chunk[sent:])
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        with contextlib.suppress(libvirt.libvirtError):
+            vol.delete(0)
+        raise
 
 
 def _refresh(pool: Any, attempts: int = 20) -> None:
@@ -369,21 +382,13 @@ async def upload_file(hv: Hypervisor, pool: str, name: str, path: str) -> Volume
         existing = _lookup(p, name)
         if existing is not None:
             existing.delete(0)
-        vol = p.createXML(volume_xml(name, length, "raw"), 0)
-        stream = conn.newStream(0)
+        with open(path, "rb") as source:
+            vol = p.createXML(volume_xml(name, length, "raw"), 0)
+            _stream_into(conn, vol, length, iter(lambda: source.read(_UPLOAD_CHUNK), b""))
         try:
-            vol.upload(stream, 0, length, 0)
-            with open(path, "rb") as source:
-                while chunk := source.read(_UPLOAD_CHUNK):
-                    sent = 0
-                    while sent < len(chunk):
-                        sent += stream.send(chunk[sent:])
-            stream.finish()
             _refresh(p)  # libvirt probes the header it did not write
             return _parse_volume(pool, p.storageVolLookupByName(name))
         except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
             with contextlib.suppress(libvirt.libvirtError):
                 vol.delete(0)
             raise
