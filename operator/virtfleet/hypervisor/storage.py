@@ -328,11 +328,13 @@ async def upload(
     return await hv.call_long(call)
 
 
-def _stream_into(conn: Any, vol: Any, length: int, chunks: Iterable[bytes]) -> None:
-    """Worker thread: write ``chunks`` into new volume ``vol`` through a libvirt stream.
+def _stream_into(
+    conn: Any, vol: Any, length: int, chunks: Iterable[bytes], *, new_volume: bool = True
+) -> None:
+    """Worker thread: write ``chunks`` into volume ``vol`` through a libvirt stream.
 
-    On any failure the stream is aborted and the volume deleted: a half-written volume
-    never stays behind.
+    On any failure the stream is aborted and a ``new_volume`` deleted: a half-written
+    volume never stays behind (an existing one is left to its owner).
     """
     stream = conn.newStream(0)
     try:
@@ -345,8 +347,9 @@ def _stream_into(conn: Any, vol: Any, length: int, chunks: Iterable[bytes]) -> N
     except BaseException:
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
-        with contextlib.suppress(libvirt.libvirtError):
-            vol.delete(0)
+        if new_volume:
+            with contextlib.suppress(libvirt.libvirtError):
+                vol.delete(0)
         raise
 
 
@@ -435,19 +438,9 @@ async def copy_volume(source: Hypervisor, target: Hypervisor, pool: str, name: s
         vol = _lookup(_pool(conn, pool), name)
         if vol is None:
             raise errors.NotFound(f"volume {name!r} not in pool {pool!r} on the target")
-        stream = conn.newStream(0)
-        try:
-            vol.upload(stream, 0, length, 0)
-            spool.seek(0)
-            while chunk := spool.read(_UPLOAD_CHUNK):
-                sent = 0
-                while sent < len(chunk):
-                    sent += stream.send(chunk[sent:])
-            stream.finish()
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            raise
+        spool.seek(0)
+        chunks = iter(lambda: spool.read(_UPLOAD_CHUNK), b"")
+        _stream_into(conn, vol, length, chunks, new_volume=False)
 
     try:
         length = await source.call_long(download)
