@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
@@ -46,28 +48,40 @@ async def test_define_is_idempotent_and_updates(hv: Hypervisor, domain_xml: Any)
     assert etree.fromstring(metadata).get("generation") == "2"
 
 
-async def test_define_checks_the_schema_itself_and_spares_libvirt_the_reparse(
-    hv: Hypervisor, domain_xml: Any
-) -> None:
+@contextlib.contextmanager
+def spying_on_defines(
+    hv: Hypervisor, refuse_validate: Exception | None = None
+) -> Iterator[list[int]]:
+    """The flags of every ``defineXMLFlags`` on ``hv``'s connection, in order; with
+    ``refuse_validate``, a define asking for ``VIR_DOMAIN_DEFINE_VALIDATE`` raises it."""
     assert hv._reg is not None
     real = hv._reg.conn
     flags_seen: list[int] = []
 
-    class Recording:
+    class Spy:
         def __getattr__(self, name: str) -> Any:
             return getattr(real, name)
 
         def defineXMLFlags(self, xml: str, flags: int) -> Any:  # noqa: N802 - libvirt's name
             flags_seen.append(flags)
+            if refuse_validate is not None and flags & libvirt.VIR_DOMAIN_DEFINE_VALIDATE:
+                raise refuse_validate
             return real.defineXMLFlags(xml, flags)
 
-    hv._reg.conn = Recording()
+    hv._reg.conn = Spy()
     try:
+        yield flags_seen
+    finally:
+        hv._reg.conn = real
+
+
+async def test_define_checks_the_schema_itself_and_spares_libvirt_the_reparse(
+    hv: Hypervisor, domain_xml: Any
+) -> None:
+    with spying_on_defines(hv) as flags_seen:
         await hv.define(domain_xml("vm1", UID))
         with pytest.raises(InvalidDefinition, match="bogus"):
             await hv.define(domain_xml("vm2").replace("<os>", "<bogus/><os>"))
-    finally:
-        hv._reg.conn = real
     assert flags_seen == [0]  # the invalid one never reached libvirt
 
 
@@ -77,30 +91,16 @@ async def test_define_falls_back_only_when_validate_flag_is_unsupported(
     """A host without libvirt's schema file asks libvirt to validate, if it can."""
     monkeypatch.setattr(connection, "check_domain_xml", lambda xml: False)
     assert hv._reg is not None
-    real = hv._reg.conn
     # A genuine "unsupported flags" libvirtError from the driver, to replay.
-    foreign = real.lookupByName("foreign-plain")
+    foreign = hv._reg.conn.lookupByName("foreign-plain")
     try:
         foreign.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     except libvirt.libvirtError as exc:
         unsupported = exc
-    flags_seen: list[int] = []
-
-    class NoValidate:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        def defineXMLFlags(self, xml: str, flags: int) -> Any:  # noqa: N802 - libvirt's name
-            flags_seen.append(flags)
-            if flags & libvirt.VIR_DOMAIN_DEFINE_VALIDATE:
-                raise unsupported
-            return real.defineXMLFlags(xml, flags)
-
-    hv._reg.conn = NoValidate()
-    guest = await hv.define(domain_xml("vm1", UID))
+    with spying_on_defines(hv, refuse_validate=unsupported) as flags_seen:
+        guest = await hv.define(domain_xml("vm1", UID))
     assert guest.uuid == UID
     assert flags_seen == [libvirt.VIR_DOMAIN_DEFINE_VALIDATE, 0]
-    hv._reg.conn = real
 
 
 async def test_lookup(hv: Hypervisor, domain_xml: Any) -> None:
