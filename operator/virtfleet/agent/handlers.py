@@ -101,6 +101,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             HypervisorSettings(uri=settings.libvirt_uri, long_executor_workers=settings.workers)
         )
         the_agent = Agent(settings, hv, KubeApi())
+        await the_agent.kube.wait_until_served()
         holder["agent"] = the_agent
         hv.on_event(the_agent.on_domain_event)
         hv.on_reconnect(the_agent.on_reconnect)

@@ -394,6 +394,7 @@ class Controller:
             )
             # kopf logs every successful on.event call at INFO: one line per heartbeat.
             logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+            await self.kube.wait_until_served()
 
         @kopf.on.event(API_GROUP, API_VERSION, VIRTUAL_MACHINE.plural, registry=registry)
         async def _vm(event: Mapping[str, Any], **_: Any) -> None:

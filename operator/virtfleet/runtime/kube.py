@@ -399,6 +399,48 @@ class KubeApi:
             metadata["resourceVersion"] = resource_version
         return await self.patch(kind, namespace, name, {"metadata": metadata})
 
+    # --- discovery -----------------------------------------------------------------------
+
+    async def wait_until_served(self, interval: float = 1.0, log_every: float = 10.0) -> None:
+        """Return once API discovery lists every virtfleet kind (``/apis`` and the version).
+
+        kopf reads discovery once when it starts watching and afterwards only when a CRD
+        changes: an operator started while the apiserver is (re)starting, before it serves
+        the CRDs' APIs again, would never watch them. Call from a startup handler (kopf
+        starts watching after those).
+        """
+        wanted = {kind.plural for kind in KINDS}
+        loop = asyncio.get_running_loop()
+        waited_since = loop.time()
+        logged = waited_since
+        while True:
+            try:
+                groups = await self.request("GET", "/apis", what="API discovery")
+                listed = any(g.get("name") == API_GROUP for g in groups.get("groups") or [])
+                served: set[str] = set()
+                if listed:
+                    resources = await self.request(
+                        "GET", f"/apis/{API_GROUP}/{API_VERSION}", what="API discovery"
+                    )
+                    served = {str(r.get("name")) for r in resources.get("resources") or []}
+                missing = wanted - served
+            except KubeError as exc:
+                missing, listed = wanted, False
+                reason = str(exc)
+            else:
+                reason = "not served yet"
+            if not missing:
+                return
+            if loop.time() - logged >= log_every:
+                logged = loop.time()
+                _log.warning(
+                    "waiting for the apiserver to serve virtfleet's APIs",
+                    missing=sorted(missing),
+                    reason=reason,
+                    waited_s=round(logged - waited_since),
+                )
+            await asyncio.sleep(interval)
+
     # --- VMHost --------------------------------------------------------------------------
 
     async def upsert_vmhost_status(self, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
