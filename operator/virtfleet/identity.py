@@ -16,6 +16,8 @@ API_VERSION = "v1alpha1"
 METADATA_NAMESPACE = "https://virtfleet.io/xmlns/domain/v1"
 METADATA_PREFIX = "virtfleet"
 METADATA_ELEMENT = "owner"
+#: ``<metadata>`` namespace of a restore's marker (``hypervisor.snapshots.set_restore_marker``).
+RESTORE_MARKER_NAMESPACE = "https://virtfleet.io/xmlns/restore/v1"
 
 #: Label on every placed object; agents filter on it (DESIGN §2).
 NODE_LABEL = f"{API_GROUP}/node"
@@ -27,8 +29,11 @@ POWER_ACTIONS = ("start", "stop", "restart", "pause", "unpause")
 #: Finalizers are per node, so that one agent never strips another's (DESIGN §6).
 FINALIZER_PREFIX = f"{API_GROUP}/agent-"
 
-#: Locally administered, unicast OUI-like prefix for derived MACs (02:xx is "local").
-MAC_PREFIX = (0x02, 0x56, 0x46)  # 02:56:46 — "VF"
+#: Derived MACs are locally administered unicast addresses whose first octet ends in ``e``
+#: (``0e``, ``1e`` … ``fe``): 44 bits from the uid, so a fleet of 10,000 NICs on one L2
+#: has a duplicate with probability ~3·10⁻⁶ (24 bits made one almost certain). The API
+#: refuses explicit MACs in that range, so an explicit MAC never equals a derived one.
+DERIVED_MAC_LOW_NIBBLE = 0x0E
 
 
 def node_finalizer(node_name: str) -> str:
@@ -43,5 +48,10 @@ def derive_mac(uid: str, interface_name: str) -> str:
     and the same VM gets the same MACs on every node and after every restore.
     """
     digest = hashlib.sha256(f"{uid}/{interface_name}".encode()).digest()
-    octets = [*MAC_PREFIX, digest[0], digest[1], digest[2]]
+    octets = [(digest[0] & 0xF0) | DERIVED_MAC_LOW_NIBBLE, *digest[1:6]]
     return ":".join(f"{octet:02x}" for octet in octets)
+
+
+def is_derived_range(mac: str) -> bool:
+    """True for MACs virtfleet derives (an explicit MAC there could copy a derived one)."""
+    return len(mac) >= 2 and mac[1].lower() == "e"

@@ -6,6 +6,7 @@ reports each problem as one line naming the file, the object and the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from virtfleet.api.base import PATTERN_HINTS
+from virtfleet.api.base import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, PATTERN_HINTS
 from virtfleet.api.resources import KINDS_BY_NAME, Kind, Resource, resource_model
 from virtfleet.api.virtualmachine import PRINTABLE_PATTERN
 from virtfleet.identity import API_GROUP
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def _message(error: Any) -> str:
         kind == "string_pattern_mismatch"
         and error.get("ctx", {}).get("pattern") == PRINTABLE_PATTERN
     ):
-        return "must not contain control characters (newlines, tabs, NUL, ...)"
+        return "must not contain control characters (newlines, tabs, NUL, ...) or U+FFFE, U+FFFF"
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern", "")
         hint = PATTERN_HINTS.get(pattern)
@@ -108,7 +111,9 @@ def describe(body: Any) -> str:
         return "<not an object>"
     meta = body.get("metadata") or {}
     name = meta.get("name") or meta.get("generateName") or "<unnamed>"
-    return f"{body.get('kind', '<no kind>')}/{name}"
+    described = f"{body.get('kind', '<no kind>')}/{name}"
+    # One problem per line: a name with a newline must not split (or forge) a line.
+    return described if described.isprintable() else repr(described)
 
 
 def is_virtfleet(body: Any) -> bool:
@@ -117,6 +122,26 @@ def is_virtfleet(body: Any) -> bool:
         and isinstance(body.get("apiVersion"), str)
         and body["apiVersion"].split("/")[0] == API_GROUP
     )
+
+
+def _metadata_problems(doc: Document, obj: str, meta: Any) -> list[Problem]:
+    """The apiserver's own name rules, which every kind's objects must meet."""
+    if not isinstance(meta, dict):
+        return []
+    found = []
+    name = meta.get("name")
+    if isinstance(name, str) and not (len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name)):
+        found.append(
+            Problem(doc.source, obj, "metadata.name", PATTERN_HINTS[DNS_SUBDOMAIN_PATTERN])
+        )
+    namespace = meta.get("namespace")
+    if isinstance(namespace, str) and not (
+        len(namespace) <= 63 and _DNS_LABEL.fullmatch(namespace)
+    ):
+        found.append(
+            Problem(doc.source, obj, "metadata.namespace", PATTERN_HINTS[DNS_LABEL_PATTERN])
+        )
+    return found
 
 
 def check_document(doc: Document) -> tuple[Checked | None, list[Problem]]:
@@ -141,7 +166,7 @@ def check_document(doc: Document) -> tuple[Checked | None, list[Problem]]:
         ]
         return None, problems
 
-    problems = []
+    problems = _metadata_problems(doc, obj, body.get("metadata"))
     if kind.spec_required and resource.spec is None:
         problems.append(Problem(doc.source, obj, "spec", "required field is missing"))
     if not kind.namespaced and resource.metadata.namespace:
@@ -158,6 +183,16 @@ def check_document(doc: Document) -> tuple[Checked | None, list[Problem]]:
     return Checked(doc.source, kind, resource), []
 
 
+def _internal_error(doc: Document, exc: Exception) -> Problem:
+    return Problem(
+        doc.source,
+        describe(doc.body),
+        "",
+        f"cannot be validated ({exc.__class__.__name__}: {exc}); this is a virtfleet bug, "
+        "the apiserver decides",
+    )
+
+
 def validate_paths(paths: Iterable[Path]) -> tuple[list[Checked], list[Problem]]:
     """Every virtfleet object under ``paths``: the valid ones and every problem found."""
     checked: list[Checked] = []
@@ -169,7 +204,11 @@ def validate_paths(paths: Iterable[Path]) -> tuple[list[Checked], list[Problem]]
             problems.append(Problem(str(path), "<file>", "", f"cannot read YAML: {exc}"))
             continue
         for doc in documents:
-            ok, found = check_document(doc)
+            try:
+                ok, found = check_document(doc)
+            except Exception as exc:  # one bad document must not hide the others
+                # Every refusal should be a ValidationError; reaching this is a bug, so say so.
+                ok, found = None, [_internal_error(doc, exc)]
             problems.extend(found)
             if ok is not None:
                 checked.append(ok)

@@ -78,3 +78,59 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+# --- hostile quantities and durations (security issue, item 1 and 7) -------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["1e100000000", "1e999999999", "1e5000", "1e100", "1" * 21, "0." + "1" * 21]
+)
+def test_too_many_digits_are_refused_with_a_readable_message(text: str) -> None:
+    with pytest.raises(QuantityError, match="too many digits"):
+        Quantity(text)
+
+
+def test_the_largest_bounded_quantity_is_exact() -> None:
+    assert Quantity("99999999999999999999.99999999999999999999Ei").bytes > 10**38
+    assert Quantity("1e99").bytes == 10**99
+    assert Quantity("1e-99").bytes == 1
+
+
+@pytest.mark.parametrize("text", [" 128Mi\n", "128Mi\n", " 128Mi", "128Mi "])
+def test_whitespace_is_refused_like_the_apiserver_does(text: str) -> None:
+    with pytest.raises(QuantityError, match="not a quantity"):
+        Quantity(text)
+
+
+@pytest.mark.parametrize("text", ["5m\n", " 5m", "999999999999h", "9999999s", "1h" * 17])
+def test_hostile_durations_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_the_longest_duration_fits_a_timedelta_from_now() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    longest = "999999h" * 4  # 28 characters, within the 32 allowed
+    assert datetime.now(UTC) + timedelta(seconds=parse_duration(longest)) > datetime.now(UTC)
+
+
+@given(st.text(max_size=64))
+def test_any_text_is_a_quantity_or_a_quantity_error(text: str) -> None:
+    try:
+        quantity = Quantity(text)
+    except QuantityError:
+        return
+    assert abs(quantity.value) < Decimal(10) ** 120
+    assert isinstance(quantity.bytes, int)
+
+
+@given(st.from_regex(r"[+-]?[0-9]{1,30}(\.[0-9]{0,30})?([eE][+-]?[0-9]{1,12})?", fullmatch=True))
+def test_any_number_shaped_text_is_a_quantity_or_a_quantity_error(text: str) -> None:
+    refusal: QuantityError | None = None
+    try:
+        Quantity(text)
+    except QuantityError as exc:
+        refusal = exc
+    assert refusal is None or "quantity" in str(refusal)

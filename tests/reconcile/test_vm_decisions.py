@@ -9,6 +9,7 @@ import pytest
 
 from virtfleet.api.conditions import Condition, ConditionStatus
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec, VirtualMachineStatus
+from virtfleet.identity import derive_mac, is_derived_range
 from virtfleet.reconcile.vm import (
     ApplyLive,
     Decision,
@@ -109,7 +110,9 @@ class TestCreation:
 
     def test_interfaces_report_derived_macs(self) -> None:
         d = decide(view(status=started(), interfaces=[{"name": "nic0"}]), RUNNING, NOW)
-        assert [(i.name, i.mac[:8]) for i in d.status.interfaces] == [("nic0", "02:56:46")]
+        # Derived MACs are in the range the API reserves for them (first octet x e).
+        assert [(i.name, i.mac) for i in d.status.interfaces] == [("nic0", derive_mac(UID, "nic0"))]
+        assert is_derived_range(d.status.interfaces[0].mac)
 
 
 class TestRunStrategies:

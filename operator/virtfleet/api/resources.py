@@ -81,7 +81,7 @@ _VM_NAME_RULE = CelRule(
     "digits and '-', starting and ending with a letter or digit",
     check=lambda obj: (
         obj.metadata.name is None
-        or (len(obj.metadata.name) <= 63 and _DNS_LABEL.match(obj.metadata.name) is not None)
+        or (len(obj.metadata.name) <= 63 and _DNS_LABEL.fullmatch(obj.metadata.name) is not None)
     ),
 )
 

@@ -17,10 +17,16 @@ from virtfleet.api.base import (
     no_dot_dot,
 )
 from virtfleet.api.conditions import Conditions
-from virtfleet.api.quantity import Quantity
+from virtfleet.api.quantity import QUANTITY_PATTERN, Quantity
+from virtfleet.identity import is_derived_range
 
 MIN_MEMORY = Quantity("16Mi")
+#: Far above any host here; bounded so a typo (or ``1e30``) is refused instead of being
+#: counted against a node's capacity.
+MAX_MEMORY = Quantity("16Ti")
 MIN_DISK = Quantity("1Mi")
+#: qcow2's own limit with 64 KiB clusters is 256 TiB.
+MAX_DISK = Quantity("256Ti")
 MAX_VCPUS = 512
 #: 16 would push the size rule (quantity parsing per disk) past the apiserver's CEL cost budget.
 MAX_DISKS = 12
@@ -31,7 +37,8 @@ MacAddress = Annotated[str, StringConstraints(pattern=MAC_PATTERN, max_length=17
 
 #: Printable text only: a control character in a kernel command line is never intended,
 #: and libvirt does not round-trip some of them (CR), which would look like drift forever.
-PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+#: U+FFFE and U+FFFF are not XML characters: libvirt would refuse the domain on the node.
+PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f\x{fffe}\x{ffff}]*$"
 
 #: The CRD has no defaults (DESIGN §3.1), so CEL treats an absent field as its default.
 _INTERFACE_TYPE = "(has(self.type) ? self.type : 'user')"
@@ -76,8 +83,18 @@ class InterfaceModel(StrEnum):
     RTL8139 = "rtl8139"
 
 
-def _quantity_at_least(minimum: Quantity) -> str:
-    return f"quantity(string(self.size)).compareTo(quantity('{minimum.text}')) >= 0"
+def _quantity_between(minimum: Quantity, maximum: Quantity) -> str:
+    """One CEL rule per field, guarded by the bounded pattern.
+
+    The apiserver runs CEL even when the field failed its pattern (only type errors stop
+    it), so without the guard ``quantity('1e100000000')`` would compute the number. The
+    field is a plain string (not int-or-string) so the cost estimator knows its length.
+    """
+    return (
+        f"!self.size.matches(r'{QUANTITY_PATTERN}') || "
+        f"(quantity(self.size).compareTo(quantity('{minimum.text}')) >= 0 && "
+        f"quantity(self.size).compareTo(quantity('{maximum.text}')) <= 0)"
+    )
 
 
 class Cpu(ApiModel):
@@ -110,13 +127,15 @@ class Cpu(ApiModel):
 
 
 class Memory(ApiModel):
-    size: Quantity = Field(description="Guest RAM, e.g. 512Mi or 2Gi. At least 16Mi.")
+    size: Quantity = Field(
+        description=f"Guest RAM, e.g. 512Mi or 2Gi. At least {MIN_MEMORY}, at most {MAX_MEMORY}."
+    )
 
     cel_rules = (
         CelRule(
-            rule=_quantity_at_least(MIN_MEMORY),
-            message="memory.size must be at least 16Mi",
-            check=lambda m: m.size.bytes >= MIN_MEMORY.bytes,
+            rule=_quantity_between(MIN_MEMORY, MAX_MEMORY),
+            message=f"memory.size must be at least {MIN_MEMORY} and at most {MAX_MEMORY}",
+            check=lambda m: MIN_MEMORY.bytes <= m.size.bytes <= MAX_MEMORY.bytes,
             field_path=".size",
         ),
     )
@@ -231,9 +250,9 @@ class Disk(ApiModel):
             check=lambda d: d.source.blank is None or d.size is not None,
         ),
         CelRule(
-            rule=f"!has(self.size) || {_quantity_at_least(MIN_DISK)}",
-            message="disk size must be at least 1Mi",
-            check=lambda d: d.size is None or d.size.bytes >= MIN_DISK.bytes,
+            rule=f"!has(self.size) || {_quantity_between(MIN_DISK, MAX_DISK)}",
+            message=f"disk size must be at least {MIN_DISK} and at most {MAX_DISK}",
+            check=lambda d: d.size is None or MIN_DISK.bytes <= d.size.bytes <= MAX_DISK.bytes,
             field_path=".size",
         ),
         CelRule(
@@ -348,6 +367,13 @@ class Interface(ApiModel):
             message="macAddress must be a unicast address (first octet even), "
             "e.g. 02:00:00:00:00:01",
             check=lambda i: i.mac_address is None or int(i.mac_address[:2], 16) % 2 == 0,
+            field_path=".macAddress",
+        ),
+        CelRule(
+            rule="!has(self.macAddress) || !self.macAddress.matches('^.[eE]')",
+            message="macAddress with a first octet ending in e (0e:, 1e:, ... fe:) is "
+            "reserved for derived MACs; use another (e.g. 02:...) or leave it unset",
+            check=lambda i: i.mac_address is None or not is_derived_range(i.mac_address),
             field_path=".macAddress",
         ),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from virtfleet.controller.macs import MacIndex, explicit_macs
 from virtfleet.controller.views import HostView, Key, NodeView, VmView
 
 
@@ -30,6 +31,8 @@ class FleetCache:
         self.vms: dict[Key, VmView] = {}
         self.hosts: dict[str, HostView] = {}
         self.nodes: dict[str, NodeView] = {}
+        #: Explicit MACs in use, so a placement checks uniqueness without a scan.
+        self.macs = MacIndex()
 
     def upsert_vm(self, body: Mapping[str, Any]) -> VmView | None:
         """Store a VM body; ``None`` (and no change) when it is older than what is cached."""
@@ -38,9 +41,11 @@ class FleetCache:
         if current is not None and _is_older(view.resource_version, current.resource_version):
             return None
         self.vms[view.key] = view
+        self.macs.update(view.key, explicit_macs(body.get("spec") or {}))
         return view
 
     def remove_vm(self, key: Key) -> VmView | None:
+        self.macs.remove(key)
         return self.vms.pop(key, None)
 
     def upsert_host(self, body: Mapping[str, Any]) -> HostView:

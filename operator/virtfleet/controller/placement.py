@@ -33,8 +33,10 @@ UNSCHEDULABLE = "Unschedulable"
 INSUFFICIENT_CAPACITY = "InsufficientCapacity"
 #: The controller cannot read the VM's spec (the apiserver normally refuses such specs).
 INVALID_SPEC = "InvalidSpec"
+#: An explicit MAC another VM already uses (``controller.macs``).
+MAC_ADDRESS_CONFLICT = "MacAddressConflict"
 #: Reasons that waiting will not fix: the VM is ``Stalled``.
-STALLED_REASONS = frozenset({INSUFFICIENT_CAPACITY, INVALID_SPEC})
+STALLED_REASONS = frozenset({INSUFFICIENT_CAPACITY, INVALID_SPEC, MAC_ADDRESS_CONFLICT})
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class Unschedulable:
-    reason: str  # Unschedulable | InsufficientCapacity | InvalidSpec
+    reason: str  # Unschedulable | InsufficientCapacity | InvalidSpec | MacAddressConflict
     message: str
 
     @property
