@@ -3,7 +3,9 @@
 A loopback HTTP server in this process serves the harness's counter image (a qcow2 whose
 first record is ``VFCOUNTER 1000``); the agent downloads it, checks its SHA-256 and format,
 stores it in the node's pool and boots a guest from it. The guest printing
-``VF-COUNTER-BOOT 1000`` proves the downloaded bytes are what the disk holds.
+``VF-COUNTER-BOOT 1000`` proves the downloaded bytes are what the disk holds. The
+harness's agents allow 127.0.0.0/8 explicitly (``--http-allow-cidr``); loopback is
+otherwise denied, as ``[::1]`` still is.
 """
 
 from __future__ import annotations
@@ -89,6 +91,30 @@ def test_wrong_checksum_is_reported_and_nothing_is_defined(
     uid = system.get("vm", "tampered", namespace)["metadata"]["uid"]
     assert uid not in virsh(node, "vol-list", hn.LOCAL_POOL)
     assert domain_name(namespace, "tampered") not in virsh(node, "list", "--all", "--name")
+
+
+def test_a_denied_loopback_address_is_refused(
+    system: Cluster, namespace: str, image_server: tuple[str, str]
+) -> None:
+    """The default deny-list holds: the harness's agents allow only 127.0.0.0/8, so the
+    same server's IPv6 loopback address is refused before any connection is made."""
+    url, sha = image_server
+    port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    system.apply(http_vm("denied", namespace, f"http://[::1]:{port}/{IMAGE}", sha))
+
+    def stalled() -> dict[str, object] | None:
+        cond = condition(system.get("vm", "denied", namespace), "Stalled")
+        return cond if cond and cond.get("reason") == "DestinationDenied" else None
+
+    cond = wait_for(stalled, 120, 1.0, "Stalled/DestinationDenied")
+    assert "may not download from" in str(cond["message"])
+    events = system.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=denied",
+        "-o", "jsonpath={.items[*].reason}",
+    ).stdout  # fmt: skip
+    assert "DestinationDenied" in events
+    node = system.node("node-a")
+    assert domain_name(namespace, "denied") not in virsh(node, "list", "--all", "--name")
 
 
 def virsh(node: hn.Node, *args: str) -> str:

@@ -42,6 +42,37 @@ _SNAPSHOT: dict[str, Any] = {
     "spec": {"vmName": "demo", "failureDeadline": "5m"},
 }
 
+
+def _set(body: dict[str, Any], path: tuple[str | int, ...], value: object) -> dict[str, Any]:
+    out = copy.deepcopy(body)
+    target: Any = out
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    return out
+
+
+_HTTP_VM = _set(
+    _VM,
+    ("spec", "disks", 0),
+    {
+        "name": "root",
+        "source": {"http": {"url": "http://images.example/a.qcow2", "sha256": "0" * 64}},
+    },
+)
+_URLS = [
+    "http://images.example/a.qcow2",
+    "https://[2001:db8::1]:8443/a.qcow2?x=1",
+    "HTTP://images.example",
+    "http://[::1/x",
+    "http://images.example:abc/x",
+    "http://user:pw@images.example/x",
+    "http://images.example/a b",
+    "http://images.example/\x07",
+    "http://images.example/é",
+    "ftp://images.example/a",
+    "file:///etc/passwd",
+]
 _QUANTITIES = [
     "128Mi",
     " 128Mi\n",
@@ -64,15 +95,6 @@ _TEXT = ["ok", "ok\n", "a\tb", "\ufffe", "\uffff", "\x7f", "\u2028", "é", "<x/>
 _NAMES = ["ok", "ok\n", "Ok", "-ok", "ok.example", "a" * 64, "ok\u00a0"]
 
 
-def _set(body: dict[str, Any], path: tuple[str | int, ...], value: object) -> dict[str, Any]:
-    out = copy.deepcopy(body)
-    target: Any = out
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
-    return out
-
-
 def corpus() -> Iterator[tuple[str, dict[str, Any]]]:
     for value in _QUANTITIES:
         yield f"memory={value!r}", _set(_VM, ("spec", "memory", "size"), value)
@@ -87,6 +109,8 @@ def corpus() -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"image={value!r}", _set(_VM, ("spec", "kernel", "image"), value)
         yield f"disk-name={value!r}", _set(_VM, ("spec", "disks", 0, "name"), value)
         yield f"vm-ref={value!r}", _set(_SNAPSHOT, ("spec", "vmName"), value)
+    for url in _URLS:
+        yield f"url={url!r}", _set(_HTTP_VM, ("spec", "disks", 0, "source", "http", "url"), url)
     for mac in [
         "02:00:00:00:00:01",
         "02:00:00:00:00:01\n",

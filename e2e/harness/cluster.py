@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -151,9 +152,28 @@ def up(state_dir: Path, *, with_operators: bool = False, demo: bool = False) -> 
 def down(state_dir: Path, *, wipe: bool = False) -> None:
     """Stop everything ``up`` started, by pid; idempotent."""
     operators.stop(state_dir)
+    nodes_dir = state_dir / "nodes"
+    names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
     nodes.down(state_dir, wipe=wipe)
+    _remove_guest_firewalls(names)
     controlplane.down(state_dir, wipe=wipe)
     env_file(state_dir).unlink(missing_ok=True)
+
+
+def _remove_guest_firewalls(names: Sequence[str]) -> None:
+    """The agents leave their nftables tables behind on purpose (running guests stay
+    fenced while an agent restarts); with the nodes gone, they go too."""
+    from virtfleet.agent.guestfirewall import removal
+
+    nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+    if nft is None:
+        return
+    for name in names:
+        result = subprocess.run(
+            [nft, "-f", "-"], input=removal(name), capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            print(f"could not remove the guest firewall of {name}: {result.stderr.strip()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

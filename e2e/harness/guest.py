@@ -4,13 +4,15 @@ Why this guest: it boots to init in a few seconds under QEMU TCG (nested KVM doe
 on the test machines), needs no disk image, no network and no credentials, and reports
 everything a test wants to know on its serial console (see ``e2e/guest/init``): a boot
 marker, a per-second uptime (proves a live migration did not restart it) and, optionally,
-a counter persisted on ``/dev/vda`` (proves disk contents survive storage migration).
+a counter persisted on ``/dev/vda`` (proves disk contents survive storage migration) and
+what its NIC can reach (``vf.probe``/``vf.fetch``: a DHCP lease, TCP connects, HTTP GETs).
 
 The kernel comes from the Debian package that ``linux-image-cloud-amd64`` depends on
-(``apt-get download``, no installation). Its virtio and ACPI-button drivers are modules,
-so the matching ``.ko`` files are copied into the initramfs and ``insmod``-ed by init in
-dependency order. Results are cached under ``${VIRTFLEET_CACHE:-~/.cache/virtfleet}/guest/``
-keyed by the kernel package version and a hash of the init script and of this builder.
+(``apt-get download``, no installation). Its virtio (block, net) and ACPI-button drivers
+are modules, so the matching ``.ko`` files are copied into the initramfs and ``insmod``-ed
+by init in dependency order. Results are cached under
+``${VIRTFLEET_CACHE:-~/.cache/virtfleet}/guest/`` keyed by the kernel package version and
+a hash of the init script and of this builder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +58,10 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_pci_modern_dev",
     "virtio_pci",
     "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "af_packet",
     "button",
     "evdev",
 )
@@ -91,18 +98,32 @@ def cache_root() -> Path:
 
 
 def guest_cmdline(
-    *, counter: bool = False, poweroff_after: int | None = None, extra: str = ""
+    *,
+    counter: bool = False,
+    poweroff_after: int | None = None,
+    probe: Sequence[str] = (),
+    fetch: Sequence[str] = (),
+    extra: str = "",
 ) -> str:
     """Kernel command line for the test guest.
 
     ``counter`` enables the persistent counter on /dev/vda (the domain needs a virtio
     disk); ``poweroff_after`` makes the guest power itself off after that many seconds.
+    ``probe`` (``host:port``) and ``fetch`` (``http://host:port/path``) bring up eth0 with
+    DHCP and report, on the console, whether each connection opened / what each GET
+    returned (``VF-PROBE``, ``VF-FETCH``; host ``gw`` is the DHCP router).
     """
     parts = [BASE_CMDLINE]
     if counter:
         parts.append("vf.counter=1")
     if poweroff_after is not None:
         parts.append(f"vf.poweroff={int(poweroff_after)}")
+    if probe or fetch:
+        parts.append("vf.net=1")
+    if probe:
+        parts.append("vf.probe=" + ",".join(probe))
+    if fetch:
+        parts.append("vf.fetch=" + ",".join(fetch))
     if extra:
         parts.append(extra)
     return " ".join(parts)

@@ -43,7 +43,11 @@ crashed harness, and ``down`` verifies that neither processes nor mounts are lef
 Settings that matter (see ``_prepare_dirs``): ``listen_tls = 0`` (else libvirtd wants
 certificates), ``security_driver = "none"`` and ``remember_owner = 0`` (root-only, files
 shared between nodes), ``cgroup_controllers = []`` (both libvirtds would share one cgroup
-tree and leave ``machine`` cgroups on the host), distinct ``migration_port_min/max``.
+tree and leave ``machine`` cgroups on the host), distinct ``migration_port_min/max``,
+and a distinct ``group`` for QEMU (``Node.qemu_gid``; QEMU stays root): on a real node the
+agent's guest firewall keeps the ``libvirt-qemu`` group's connections off the host, here
+each node's agent keys its table on its node's group. A node started by an older harness
+gets its libvirtd restarted by ``up`` when the config changed (guests keep running).
 libvirt refuses ``migration_host``/``migration_address`` = 127.0.0.1 ("must not be the
 address of the local machine"), so migrations must pass the URI ``tcp://127.0.0.1``
 (``--migrateuri`` / ``VIR_MIGRATE_PARAM_URI``).
@@ -99,6 +103,8 @@ DEFAULT_PORT_BASE = 16610
 #: Override with ``$VIRTFLEET_MIGRATION_PORT_BASE`` when another system on this machine
 #: migrates at the same time (QEMU would otherwise fail with "address in use").
 MIGRATION_PORT_BASE = 49152
+#: node i's QEMUs run with group QEMU_GID_BASE + i (no such group needs to exist).
+QEMU_GID_BASE = 64600
 
 IMAGES_POOL = "virtfleet-images"
 LOCAL_POOL = "virtfleet-local"
@@ -147,6 +153,10 @@ class Node:
     shared_dir: Path
     """Host directory of the ``virtfleet-shared`` pool (the same for every node)."""
     serial_dir_in_node: str = SERIAL_DIR_IN_NODE
+    qemu_gid: int | None = None
+    """Group this node's QEMUs run as (qemu.conf ``group``), unique per node: the agent's
+    guest firewall recognises them by it (the nodes share one network namespace).
+    ``None`` for a node without QEMU (the test-driver nodes)."""
 
     @property
     def env_prefix(self) -> str:
@@ -207,9 +217,16 @@ def nodes(
             port=base + i,
             root=state_dir / "nodes" / n,
             shared_dir=state_dir / "shared",
+            qemu_gid=QEMU_GID_BASE + i,
         )
         for i, n in enumerate(names)
     ]
+
+
+def migration_ports(count: int) -> tuple[int, int]:
+    """First and last QEMU migration/NBD port of ``count`` nodes (see ``_prepare_dirs``)."""
+    base = int(os.environ.get("VIRTFLEET_MIGRATION_PORT_BASE", MIGRATION_PORT_BASE))
+    return base, base + 32 * count - 1
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -304,17 +321,23 @@ def _port_free(port: int) -> bool:
 _CONF_MARKER = "# --- virtfleet e2e harness (harness/nodes.py) ---"
 
 
-def _set_conf(path: Path, values: Mapping[str, str]) -> None:
+def _set_conf(path: Path, values: Mapping[str, str]) -> bool:
     """Set ``key = value`` lines in a libvirt config file (replacing earlier harness
-    settings and active lines of the same keys; libvirt rejects duplicate keys)."""
-    lines = path.read_text().splitlines() if path.exists() else []
+    settings and active lines of the same keys; libvirt rejects duplicate keys).
+    Returns whether the file changed."""
+    old = path.read_text() if path.exists() else ""
+    lines = old.splitlines()
     if _CONF_MARKER in lines:
         lines = lines[: lines.index(_CONF_MARKER)]
     keys = set(values)
     kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in keys]
     kept.append(_CONF_MARKER)
     kept += [f"{k} = {v}" for k, v in values.items()]
-    path.write_text("\n".join(kept) + "\n")
+    new = "\n".join(kept) + "\n"
+    if new == old:
+        return False
+    path.write_text(new)
+    return True
 
 
 def _q(s: str) -> str:
@@ -331,7 +354,8 @@ def _stable_host_uuid(node: Node) -> str:
     return u
 
 
-def _prepare_dirs(node: Node, index: int) -> None:
+def _prepare_dirs(node: Node, index: int) -> bool:
+    """Directories and config of a node; returns whether a config file changed."""
     for sub in _BIND_DIRS.values():
         (node.root / sub).mkdir(parents=True, exist_ok=True)
     node.shared_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +369,7 @@ def _prepare_dirs(node: Node, index: int) -> None:
         if autostart.is_dir():
             for link in autostart.iterdir():
                 link.unlink()
-    _set_conf(
+    changed = _set_conf(
         etc / "libvirtd.conf",
         {
             "listen_tls": "0",
@@ -358,13 +382,16 @@ def _prepare_dirs(node: Node, index: int) -> None:
             "log_outputs": _q("3:file:/var/log/libvirt/libvirtd.log"),
         },
     )
-    base = int(os.environ.get("VIRTFLEET_MIGRATION_PORT_BASE", MIGRATION_PORT_BASE))
-    mig_min = base + 32 * index
-    _set_conf(
+    mig_min = migration_ports(index)[1] + 1  # right after the ports of the nodes before it
+    changed |= _set_conf(
         etc / "qemu.conf",
         {
             "user": _q("root"),
-            "group": _q("root"),
+            # A group of its own per node: the agent's guest firewall keeps connections of
+            # this group (user NICs) off the host; root's other processes are not QEMU.
+            "group": _q(f"+{node.qemu_gid}"),
+            # Files stay root:root, as with group root (QEMU is root and reads them all).
+            "dynamic_ownership": "0",
             "security_driver": _q("none"),
             # Both nodes share the host's files: ownership xattrs would be remembered twice.
             "remember_owner": "0",
@@ -378,7 +405,7 @@ def _prepare_dirs(node: Node, index: int) -> None:
             "migration_port_max": str(mig_min + 31),
         },
     )
-    _set_conf(
+    changed |= _set_conf(
         etc / "virtlogd.conf",
         {
             "log_outputs": _q("3:file:/var/log/libvirt/virtlogd.log"),
@@ -386,6 +413,7 @@ def _prepare_dirs(node: Node, index: int) -> None:
     )
     for in_node in (*POOL_PATHS.values(), SERIAL_DIR_IN_NODE):
         node.host_path(in_node).mkdir(parents=True, exist_ok=True)
+    return changed
 
 
 # ------------------------------------------------------------------------ supervisor
@@ -586,6 +614,10 @@ def _is_up(node: Node) -> bool:
 
 def _start_node(node: Node, index: int) -> None:
     if _is_up(node):
+        if _prepare_dirs(node, index):
+            # Started by an older harness: libvirtd reads its config at start only. The
+            # guests keep running (with the settings they started with).
+            restart_libvirtd(node)
         return
     _stop_node(node)  # half-started leftovers (e.g. virtlogd without libvirtd)
     _prepare_dirs(node, index)
@@ -783,7 +815,16 @@ def nodes_from_env(env: Mapping[str, str] | None = None) -> list[Node]:
     for n in nodes(state_dir, names):
         uri = env.get(f"{n.env_prefix}_URI", n.uri)
         port = int(uri.rsplit(":", 1)[1].split("/", 1)[0])
-        result.append(Node(name=n.name, uri=uri, port=port, root=n.root, shared_dir=n.shared_dir))
+        result.append(
+            Node(
+                name=n.name,
+                uri=uri,
+                port=port,
+                root=n.root,
+                shared_dir=n.shared_dir,
+                qemu_gid=n.qemu_gid,
+            )
+        )
     return result
 
 

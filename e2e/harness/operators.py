@@ -21,6 +21,8 @@ from pathlib import Path
 from harness import nodes
 
 STOP_TIMEOUT_S = 30.0
+#: Nodes whose migration ports the agents' firewall leaves open (the harness runs two).
+NODE_SLOTS = 4
 
 
 def _dir(state_dir: Path) -> Path:
@@ -71,7 +73,21 @@ def agent_argv(node: nodes.Node) -> list[str]:
         "--resync-seconds", "15",
         "--heartbeat-seconds", "5",
         "--log-format", "json",
+        # The http-source tests serve images on 127.0.0.1, which agents deny by default.
+        "--http-allow-cidr", "127.0.0.0/8",
+        *_guest_firewall(node),
     ]  # fmt: skip
+
+
+def _guest_firewall(node: nodes.Node) -> list[str]:
+    """The guest firewall knows this node's QEMUs by their group (nodes.py). A storage
+    copy's NBD stream goes from QEMU to the other node's port on 127.0.0.1: only where
+    nodes share a host, so only here an exception (docs/security.md). A node without
+    QEMU (test driver) fences nothing: its agent must not key a table on any group."""
+    if node.qemu_gid is None:
+        return ["--user-nic-host-access"]
+    ports = "{}-{}".format(*nodes.migration_ports(NODE_SLOTS))
+    return ["--qemu-gid", str(node.qemu_gid), "--user-nic-allow-local-port", ports]
 
 
 def controller_argv() -> list[str]:
@@ -143,11 +159,28 @@ def start_controller(
 
 
 def start(state_dir: Path, env: Mapping[str, str]) -> dict[str, int]:
-    """Start (or keep) the controller and an agent per node; returns name → pid."""
+    """Start (or keep) the controller and an agent per node; returns name → pid.
+
+    A running agent whose command line does not start with today's :func:`agent_argv`
+    (started by an older harness, e.g. without a flag a test relies on) is restarted.
+    """
     pids = {"controller": start_controller(state_dir, env)}
     for node in nodes.nodes_from_env(dict(env)):
-        pids[f"agent-{node.name}"] = start_agent(state_dir, env, node)
+        name = f"agent-{node.name}"
+        pid = pid_of(state_dir, name)
+        wanted = agent_argv(node)[1:]  # not the interpreter's path (python or python3)
+        if pid is not None and _cmdline(pid)[1 : len(wanted) + 1] != wanted:
+            kill(state_dir, name, signal.SIGTERM)
+        pids[name] = start_agent(state_dir, env, node)
     return pids
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []  # gone meanwhile: start_agent starts a new one
+    return raw.decode(errors="replace").split("\0")[:-1]
 
 
 def kill(state_dir: Path, name: str, sig: int = signal.SIGKILL) -> None:

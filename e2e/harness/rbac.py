@@ -6,6 +6,10 @@ least-privilege RBAC is enough for what it exercises (and a missing rule fails a
 The chart's node-restriction policy is installed too, and each agent gets its own token
 bound to its Node object (what a DaemonSet pod's token is on Kubernetes >= 1.30), so
 every test also proves that the policy admits everything an agent legitimately writes.
+So are the chart's tenant guards (``templates/admission.yaml``: only the two
+ServiceAccounts write status or the ``virtfleet.io/node`` label): every status write and
+placement of the suite passes them. The tests' own admin client is ``system:masters``,
+which the guards let through (``admission.trustedGroups``), so tests may still stage status.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def render(*extra: str) -> list[dict[str, Any]]:
 
 
 def apply_rbac(env: Mapping[str, str]) -> dict[str, str]:
-    """Apply the chart's identities, RBAC and node-restriction policy; ``{account: ns}``."""
+    """Apply the chart's identities, RBAC and admission policies; ``{account: ns}``."""
     docs = [d for d in render() if d["kind"] in RBAC_KINDS]
     local_system.kubectl(
         env,

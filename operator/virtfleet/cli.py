@@ -87,8 +87,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from virtfleet import logs
+    from virtfleet.agent import network as agent_network
     from virtfleet.agent.handlers import run
     from virtfleet.agent.settings import AgentSettings
+    from virtfleet.hypervisor.download import denied_cidrs
     from virtfleet.runtime.memory import limit_malloc_arenas
 
     if not args.node:
@@ -110,11 +112,28 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         heartbeat_seconds=args.heartbeat_seconds,
         http_max_bytes=args.http_max_bytes,
         download_dir=args.download_dir,
+        http_deny_cidrs=denied_cidrs(args.http_deny_cidr),
+        http_allow_cidrs=tuple(args.http_allow_cidr or ()),
+        cloud_init_secret_label=args.cloud_init_secret_label or None,
         watch_server_timeout=args.watch_server_timeout,
         watch_stale_seconds=args.watch_stale_seconds,
+        network=agent_network.policy_from_args(args),
     )
     asyncio.run(run(settings, liveness_endpoint=args.liveness))
     return 0
+
+
+def _cidr(text: str) -> str:
+    """An address range, checked when the flag is parsed (a typo must not start an agent)."""
+    import ipaddress
+
+    if text == "none":  # --http-deny-cidr=none: no range is denied
+        return text
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a CIDR: {text!r} ({exc})") from exc
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="local scratch directory where source.http downloads are verified (default: TMPDIR)",
     )
     agent.add_argument(
+        "--http-deny-cidr",
+        action="append",
+        type=_cidr,
+        metavar="CIDR",
+        help="an address range source.http downloads may not connect to (repeatable; "
+        "replaces the default: loopback, link-local and unspecified addresses; 'none': "
+        "no range)",
+    )
+    agent.add_argument(
+        "--http-allow-cidr",
+        action="append",
+        type=_cidr,
+        metavar="CIDR",
+        help="an exception to the denied ranges, e.g. 127.0.0.0/8 for a local image server "
+        "(repeatable)",
+    )
+    agent.add_argument(
+        "--cloud-init-secret-label",
+        metavar="KEY[=VALUE]",
+        help="only Secrets with this label may be a VM's cloudInit.userDataSecretRef "
+        "(default: any Secret of the VM's namespace)",
+    )
+    agent.add_argument(
         "--watch-server-timeout",
         type=float,
         metavar="SECONDS",
@@ -210,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     agent.add_argument("--log-level", default="INFO")
+    from virtfleet.agent import network as agent_network
+
+    agent_network.add_arguments(agent)
     agent.set_defaults(func=_cmd_agent)
 
     from virtfleet.controller import command as controller_command

@@ -17,12 +17,16 @@ from pydantic import ValidationError
 
 from virtfleet.api.base import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, PATTERN_HINTS
 from virtfleet.api.resources import KINDS_BY_NAME, Kind, Resource, resource_model
-from virtfleet.api.virtualmachine import PRINTABLE_PATTERN
+from virtfleet.api.virtualmachine import HTTP_URL_PATTERN, PRINTABLE_PATTERN
 from virtfleet.identity import API_GROUP
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 _DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
 _DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
+_MODEL_HINTS = {
+    HTTP_URL_PATTERN: "must be an http(s)://host[:port]/path URL in printable ASCII, "
+    "without credentials (percent-encode other characters)",
+}
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _message(error: Any) -> str:
         return "must not contain control characters (newlines, tabs, NUL, ...) or U+FFFE, U+FFFF"
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern", "")
-        hint = PATTERN_HINTS.get(pattern)
+        hint = PATTERN_HINTS.get(pattern) or _MODEL_HINTS.get(pattern)
         if hint:
             return f"{hint}; got {error['input']!r}"
     message: str = error["msg"]

@@ -23,6 +23,7 @@ def vm(uid: str) -> dict[str, Any]:
             "labels": {"virtfleet.io/node": "node-a"},
         },
         "spec": {"memory": {"size": "64Mi"}},
+        "status": {"nodeName": "node-a"},
     }
 
 

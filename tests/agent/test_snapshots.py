@@ -89,6 +89,7 @@ async def setup(hv: Hypervisor) -> tuple[Agent, SnapshotAgent, FakeKube]:
                 "generation": 1,
                 "labels": {NODE_LABEL: NODE},
             },
+            "status": {"nodeName": NODE},  # placed here by the controller
             "spec": {
                 "memory": {"size": "64Mi"},
                 "kernel": {"image": "guest-vmlinuz", "cmdline": "console=ttyS0"},

@@ -266,6 +266,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "domain/devices/interface/bandwidth/inbound": "average peak burst",
         "domain/devices/interface/bandwidth/outbound": "average peak burst",
         "domain/devices/interface/model": "type",
+        "domain/devices/interface/filterref": "filter",
         "domain/devices/interface/alias": "name",
         "domain/devices/serial": "type",
         "domain/devices/serial/source": "path append",

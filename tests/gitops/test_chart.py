@@ -62,7 +62,11 @@ def test_default_objects(default: list[dict[str, Any]]) -> None:
         ("ServiceAccount", "virtfleet-agent"),
         ("ServiceAccount", "virtfleet-controller"),
         ("ValidatingAdmissionPolicy", "virtfleet-agent-node-restriction"),
+        ("ValidatingAdmissionPolicy", "virtfleet-placement-label"),
+        ("ValidatingAdmissionPolicy", "virtfleet-status-writers"),
         ("ValidatingAdmissionPolicyBinding", "virtfleet-agent-node-restriction"),
+        ("ValidatingAdmissionPolicyBinding", "virtfleet-placement-label"),
+        ("ValidatingAdmissionPolicyBinding", "virtfleet-status-writers"),
     ]
 
 
@@ -233,4 +237,39 @@ def test_agent_node_restriction_policy(default: list[dict[str, Any]]) -> None:
     }
     assert writable <= guarded  # every virtfleet.io object the agent may write is guarded
     off = render("agent.nodeRestriction.enabled=false")
-    assert by_kind(off, "ValidatingAdmissionPolicy") == []
+    names = {d["metadata"]["name"] for d in by_kind(off, "ValidatingAdmissionPolicy")}
+    assert policy["metadata"]["name"] not in names
+
+
+def test_tenant_guards(default: list[dict[str, Any]]) -> None:
+    """Status of every virtfleet kind, and the node label, are the two ServiceAccounts'.
+
+    e2e/test_admission.py runs them on the real apiserver; here: what they match, whom
+    they let through, and that they can be switched off or trust other groups.
+    """
+    crds = {path.stem.split(".")[0] for path in (REPO / "crds").glob("*.yaml")}
+    accounts = {
+        f"system:serviceaccount:{d['metadata']['namespace']}:{d['metadata']['name']}"
+        for d in by_kind(default, "ServiceAccount")
+    }
+    status = one(default, "ValidatingAdmissionPolicy", "virtfleet-status-writers")["spec"]
+    (rule,) = status["matchConstraints"]["resourceRules"]
+    assert set(rule["resources"]) == {f"{plural}/status" for plural in crds}
+    placement = one(default, "ValidatingAdmissionPolicy", "virtfleet-placement-label")["spec"]
+    (rule,) = placement["matchConstraints"]["resourceRules"]
+    assert set(rule["resources"]) == crds - {"vmhosts"}
+    assert set(rule["operations"]) == {"CREATE", "UPDATE"}
+    for spec in (status, placement):
+        conditions = {c["name"]: c["expression"] for c in spec["matchConditions"]}
+        assert all(account in conditions["not-virtfleet"] for account in accounts)
+        assert '["system:masters"]' in conditions["not-trusted"]
+        assert spec["failurePolicy"] == "Fail"
+    for name in ("virtfleet-status-writers", "virtfleet-placement-label"):
+        binding = one(default, "ValidatingAdmissionPolicyBinding", name)
+        assert binding["spec"] == {"policyName": name, "validationActions": ["Deny"]}
+    nobody = render(extra=("--set-json", "admission.trustedGroups=[]"))
+    spec = one(nobody, "ValidatingAdmissionPolicy", "virtfleet-status-writers")["spec"]
+    assert "g in []" in spec["matchConditions"][1]["expression"]
+    off = render("admission.enabled=false")
+    names = {d["metadata"]["name"] for d in by_kind(off, "ValidatingAdmissionPolicy")}
+    assert names == {"virtfleet-agent-node-restriction"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -106,13 +107,37 @@ async def test_export_and_redefine_after_metadata_loss(running: Guest) -> None:
     for name in ("next", "base"):
         await snapshots.delete(running, name)
 
-    await snapshots.redefine(running, exported[0])
-    restored = await snapshots.redefine(running, exported[1], make_current=True)
+    seen: list[tuple[str, list[str]]] = []
+
+    def check(xml: str, references: Sequence[str]) -> None:
+        seen.append((xml, list(references)))
+
+    await snapshots.redefine(running, exported[0], check=check)
+    restored = await snapshots.redefine(running, exported[1], check=check, make_current=True)
     assert restored.current
     after = await snapshots.list_snapshots(running)
     assert [(s.name, s.parent, s.creation_time, s.description) for s in after] == [
         (s.name, s.parent, s.creation_time, s.description) for s in before
     ]
+    # The check saw each XML with the domain as it is now: live and persistent definition.
+    assert [xml for xml, _ in seen] == exported
+    live, persistent = seen[0][1]
+    assert UID in live
+    assert UID in persistent
+
+
+async def test_a_refusing_check_stops_the_redefine(running: Guest) -> None:
+    """Whatever the check raises, libvirt never sees the XML (status is not trusted)."""
+    await snapshots.create_snapshot(running, "base", include_memory=True)
+    exported = await snapshots.export(running, "base")
+    await snapshots.delete(running, "base")
+
+    def refuse(xml: str, references: Sequence[str]) -> None:
+        raise ValueError("not ours")
+
+    with pytest.raises(ValueError, match="not ours"):
+        await snapshots.redefine(running, exported, check=refuse)
+    assert await snapshots.list_snapshots(running) == []
 
 
 async def test_disk_only_is_unsupported_on_test_driver(running: Guest) -> None:
@@ -133,7 +158,11 @@ async def test_snapshot_names_are_checked(running: Guest, name: str) -> None:
     with pytest.raises(InvalidName):
         await snapshots.revert(running, name)
     with pytest.raises(InvalidName):
-        await snapshots.redefine(running, f"<domainsnapshot><name>{name}</name></domainsnapshot>")
+        await snapshots.redefine(
+            running,
+            f"<domainsnapshot><name>{name}</name></domainsnapshot>",
+            check=lambda xml, references: None,
+        )
 
 
 def test_snapshot_xml_shape() -> None:

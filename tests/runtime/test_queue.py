@@ -189,6 +189,49 @@ async def test_failures_back_off_exponentially_and_reset_on_success(
     assert queue.failures("k") == 0
 
 
+async def test_a_failure_is_reported_to_the_hook_and_still_backs_off(
+    running: Callable[..., WorkQueue[str]],
+) -> None:
+    """An unexpected error must reach the object (via the hook), not only the log."""
+    runs: list[str] = []
+    reported: list[tuple[str, str]] = []
+
+    async def handler(key: str) -> None:
+        runs.append(key)
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    async def hook(key: str, exc: Exception) -> None:
+        reported.append((key, type(exc).__name__))
+
+    queue = running(handler, workers=1, backoff=Backoff(base=10, cap=10), on_error=hook)
+    queue.add("k")
+    await settle()
+    assert reported == [("k", "UnicodeDecodeError")]
+    assert queue.failures("k") == 1
+    assert queue.delayed == 1  # retried after the backoff, not at once
+    assert runs == ["k"]
+
+
+async def test_a_failing_hook_does_not_stop_the_retry(
+    running: Callable[..., WorkQueue[str]],
+) -> None:
+    runs: list[str] = []
+
+    async def handler(key: str) -> None:
+        runs.append(key)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+
+    async def hook(key: str, exc: Exception) -> None:
+        raise ConnectionError("the apiserver is away too")
+
+    queue = running(handler, workers=1, backoff=Backoff(base=0.02, cap=0.02), on_error=hook)
+    queue.add("k")
+    await settle(0.2)
+    assert runs == ["k", "k"]
+    assert queue.failures("k") == 0
+
+
 def test_backoff_is_capped() -> None:
     backoff = Backoff(base=1, cap=10)
     assert [backoff.delay(n) for n in range(6)] == [0, 1, 2, 4, 8, 10]

@@ -25,6 +25,8 @@ from virtfleet.reconcile.vm import VmView, decide
 
 UID = "11111111-2222-4333-8444-555555555555"
 MiB = 2**20
+#: The images are served on 127.0.0.1, which agents refuse unless told (as e2e agents are).
+LOOPBACK = ("127.0.0.0/8",)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ async def refusal(driver: NodeDriver, vm: VmView) -> ActionError:
 @pytest.mark.parametrize(
     ("file", "sha", "size", "reason", "words"),
     [
-        ("good.qcow2", "0" * 64, None, "ChecksumMismatch", "the spec expects 0000"),
+        ("good.qcow2", "0" * 64, None, "ChecksumMismatch", "the spec expects (0000"),
         ("good.qcow2", None, "32Mi", "SourceTooLarge", "virtual size 67108864 is larger"),
         ("liar.qcow2", None, "2Mi", "UnsafeImage", "named like a qcow2 image"),
         ("evil.qcow2", None, None, "UnsafeImage", "backing file (/etc/shadow)"),
@@ -104,7 +106,13 @@ async def test_http_disk_refusals(
     spool = tmp_path / "downloads"
     spool.mkdir()
     driver = NodeDriver(
-        hv, AgentSettings(node_name="node-a", serial_log_dir="/serial", download_dir=str(spool))
+        hv,
+        AgentSettings(
+            node_name="node-a",
+            serial_log_dir="/serial",
+            download_dir=str(spool),
+            http_allow_cidrs=LOOPBACK,
+        ),
     )
     error = await refusal(driver, view(f"{base}/{file}", sha or sums[file], size))
     assert (error.reason, error.permanent) == (reason, True)
@@ -123,7 +131,41 @@ async def test_agent_limit_applies_without_a_disk_size(
         serial_log_dir="/serial",
         http_max_bytes=1024,
         download_dir=str(tmp_path),
+        http_allow_cidrs=LOOPBACK,
     )
     error = await refusal(NodeDriver(hv, settings), view(f"{base}/liar.qcow2", sums["liar.qcow2"]))
     assert error.reason == "SourceTooLarge"
     assert "limit of 1024 bytes" in error.message
+
+
+async def test_a_loopback_url_is_refused_by_default(
+    hv: Hypervisor, tmp_path: Path, served: tuple[str, dict[str, str]]
+) -> None:
+    base, sums = served
+    spool = tmp_path / "downloads"
+    spool.mkdir()
+    settings = AgentSettings(node_name="node-a", serial_log_dir="/serial", download_dir=str(spool))
+    error = await refusal(NodeDriver(hv, settings), view(f"{base}/good.qcow2", sums["good.qcow2"]))
+    assert (error.reason, error.permanent) == ("DestinationDenied", True)
+    assert "disk 'root'" in error.message
+    assert "agent.httpSource.denyCIDRs" in error.message
+    assert await storage.list_volumes(hv, "virtfleet-local") == []
+    assert list(spool.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://h:abc/x", "http://h/a\x01b"])
+async def test_an_unfetchable_url_is_refused_before_anything_is_made(
+    hv: Hypervisor, url: str
+) -> None:
+    driver = NodeDriver(hv, AgentSettings(node_name="node-a", serial_log_dir="/serial"))
+    # The API refuses these URLs now; the agent must still refuse one that got past it
+    # (an older CRD, a stored object), so the model's check is bypassed here.
+    vm = view("http://placeholder.example/x", "0" * 64)
+    source = vm.spec.disks[0].source
+    assert source.http is not None
+    object.__setattr__(source.http, "url", url)
+    with pytest.raises(ActionError) as caught:
+        await driver.observe(vm)
+    assert (caught.value.reason, caught.value.permanent) == ("DownloadFailed", True)
+    assert "disk 'root': invalid URL" in caught.value.message
+    assert await storage.list_volumes(hv, "virtfleet-local") == []

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from virtfleet import manifests
-from virtfleet.agent.driver import ActionError, NodeDriver, Snapshot
+from virtfleet.agent.driver import NodeDriver, Snapshot
+from virtfleet.agent.errors import ActionError
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.hypervisor import DomainEvent, Hypervisor
-from virtfleet.identity import NODE_LABEL, POWER_REQUEST_ANNOTATION
+from virtfleet.identity import POWER_REQUEST_ANNOTATION
 from virtfleet.logs import get_logger
+from virtfleet.reconcile.claim import Claim, vm_claim
 from virtfleet.reconcile.vm import Decision, EventNote, PowerRequest, VmView, decide, failed
-from virtfleet.runtime.kube import KubeApi, NotFound
+from virtfleet.runtime.failures import error_reporter
+from virtfleet.runtime.kube import Forbidden, KubeApi, KubeError, NotFound, secret_value
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
@@ -57,6 +60,13 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     return {**body, "metadata": meta}
 
 
+def _labelled(obj: Mapping[str, Any], selector: str) -> bool:
+    """``selector`` is ``key=value`` (that value) or ``key`` (any value)."""
+    key, sep, value = selector.partition("=")
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return key in labels and (not sep or labels[key] == value)
+
+
 def _resource_version(body: Mapping[str, Any]) -> int:
     raw = body.get("metadata", {}).get("resourceVersion", "0")
     return int(raw) if str(raw).isdigit() else 0
@@ -70,10 +80,25 @@ class Agent:
         self.hv = hv
         self.kube = kube
         self.driver = NodeDriver(hv, settings)
-        self.queue: WorkQueue[Key] = WorkQueue(name="vms", workers=settings.workers)
+        self.queue: WorkQueue[Key] = WorkQueue(
+            name="vms",
+            workers=settings.workers,
+            on_error=error_reporter(
+                kube,
+                "VirtualMachine",
+                COMPONENT,
+                lookup=lambda key: [self.cache[key]] if key in self.cache else [],
+                store=lambda _, body: self._store(body),
+                cas=False,  # as every status write of the VM's agent
+            ),
+        )
         self.cache: dict[Key, dict[str, Any]] = {}
         self.by_uid: dict[str, Key] = {}
         self.finalized: dict[Key, asyncio.Event] = {}
+        #: Told when a VM leaves the node, so per-VM state elsewhere goes with it.
+        self._forget_hooks: list[Callable[[Key], None]] = []
+        #: uids of VMs labelled for this node without a placement (logged once each).
+        self.unplaced: set[str] = set()
         self.log = get_logger("virtfleet.agent", node=settings.node_name)
 
     # --- signals → keys ---------------------------------------------------------------
@@ -82,9 +107,13 @@ class Agent:
         """A watch event of a VM placed on this node (kopf ``on.event``; never retried)."""
         key = key_of(body)
         if event_type == "DELETED":
+            self.unplaced.discard(str(body["metadata"].get("uid")))
             self.forget(key)
             return
-        if not self.is_mine(body):
+        claim = vm_claim(body, self.settings.node_name)
+        if claim is not Claim.MINE:
+            if claim is Claim.UNPLACED:
+                self._note_unplaced(body)
             return
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
@@ -94,11 +123,36 @@ class Agent:
         self.queue.add(key)
 
     def is_mine(self, body: Mapping[str, Any]) -> bool:
-        """Placed here: the label says so and the placement in status does not disagree."""
-        node = self.settings.node_name
-        labelled = (body.get("metadata") or {}).get("labels", {}).get(NODE_LABEL)
-        placed = (body.get("status") or {}).get("nodeName")
-        return labelled == node and placed in (None, node)
+        """Placed here by the controller: label *and* ``status.nodeName`` (reconcile.claim)."""
+        return vm_claim(body, self.settings.node_name) is Claim.MINE
+
+    def never_placed(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """A VM labelled for this node that the agent never took (no placement, not cached).
+
+        Its deletion has nothing to wait for: no domain or volume was made for it here.
+        """
+        return key not in self.cache and vm_claim(body, self.settings.node_name) is Claim.UNPLACED
+
+    def _note_unplaced(self, body: Mapping[str, Any]) -> None:
+        """Say once per VM that its label alone does not make it this node's."""
+        uid = str(body["metadata"]["uid"])
+        if uid in self.unplaced:
+            return
+        self.unplaced.add(uid)
+        namespace, name = key_of(body)
+        self.log.warning(
+            "VM labelled for this node but not placed by the controller: ignored "
+            "(no status.nodeName; the label alone never makes a VM this node's)",
+            namespace=namespace,
+            vm=name,
+            uid=uid,
+        )
+
+    def _store(self, body: Mapping[str, Any]) -> None:
+        """A VM as just written, into the cache (if it is still this node's)."""
+        key = key_of(body)
+        if key in self.cache:
+            self.cache[key] = slim(body)
 
     def forget(self, key: Key) -> None:
         """Drop a VM that left this node (migrated away): no more reconciles of it here.
@@ -111,6 +165,22 @@ class Agent:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
         self.queue.forget(key)
         self.finalized.pop(key, None)  # a later VM of the same name starts afresh
+        for hook in self._forget_hooks:
+            hook(key)
+
+    def on_forget(self, hook: Callable[[Key], None]) -> None:
+        """Run ``hook(key)`` whenever a VM leaves the node (deleted, migrated away)."""
+        self._forget_hooks.append(hook)
+
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries per structure kept per VM (what must return to 0 with the VMs)."""
+        return {
+            "vms": len(self.cache),
+            "vm_uids": len(self.by_uid),
+            "vm_finalized": len(self.finalized),
+            "vm_unplaced": len(self.unplaced),
+            "vm_queue": self.queue.tracked,
+        }
 
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)
@@ -161,7 +231,8 @@ class Agent:
             except ActionError as exc:
                 return await self._failed(body, view, exc)
             if decision.finalized:
-                self.finalized.setdefault(key, asyncio.Event()).set()
+                if key in self.cache:  # not when its DELETED event came meanwhile
+                    self.finalized.setdefault(key, asyncio.Event()).set()
                 return None
         assert decision is not None
         await self._write_status(body, decision.status)
@@ -203,13 +274,40 @@ class Agent:
         ref = view.spec.cloud_init.user_data_secret_ref
         if ref is None:
             return None
+        where = f"cloudInit.userDataSecretRef: secret {ref.name!r}"
         try:
-            return (await self.kube.get_secret_key(view.namespace, ref.name, ref.key)).decode()
+            secret = await self.kube.get("Secret", view.namespace, ref.name)
+            required = self.settings.cloud_init_secret_label
+            if required is not None and not _labelled(secret, required):
+                raise ActionError(
+                    "SecretNotLabelled",
+                    f"{where} does not carry the label {required} that this cluster "
+                    "requires of Secrets used as cloud-init user-data (the Secret's owner "
+                    "opts in by labelling it)",
+                    permanent=True,
+                )
+            raw = secret_value(secret, ref.key)
         except NotFound as exc:
             raise ActionError(
-                "SecretNotFound",
-                f"cloudInit.userDataSecretRef: secret {ref.name!r} or key {ref.key!r} not found",
-                permanent=False,
+                "SecretNotFound", f"{where} or key {ref.key!r} not found", permanent=False
+            ) from exc
+        except Forbidden as exc:
+            raise ActionError(
+                "SecretForbidden",
+                f"{where}: this node's agent may not read it (the chart's "
+                "agent.rbac.readSecrets is off)",
+                permanent=True,
+            ) from exc
+        except KubeError as exc:
+            raise ActionError("SecretUnreadable", f"{where}: {exc}", permanent=False) from exc
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise ActionError(
+                "SecretNotUTF8",
+                f"{where}, key {ref.key!r}: not UTF-8 text (byte {exc.start}); cloud-init "
+                "user-data must be text",
+                permanent=True,
             ) from exc
 
     async def _failed(

@@ -8,17 +8,17 @@ asking libvirt where a pool's volume lives.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import posixpath
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from virtfleet.agent import httpdisk, network
+from virtfleet.agent.errors import ActionError as ActionError  # re-exported: tests, callers
+from virtfleet.agent.guestfirewall import GUEST_FIREWALL_UNAVAILABLE, GuestFirewall
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.api.virtualmachine import Disk, HttpSource, VirtualMachineSpec
+from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
 from virtfleet.domain import (
     DiskBacking,
     DomainInputs,
@@ -33,7 +33,7 @@ from virtfleet.domain import (
 from virtfleet.domain.config import BandwidthConfig
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.observe import observe_config
-from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, download, images, storage
+from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.vm import (
@@ -85,16 +85,6 @@ _log = get_logger("virtfleet.agent.driver")
 HALF_STARTED = frozenset({"starting-up", "from-snapshot"})
 
 
-class ActionError(Exception):
-    """An action could not be done; ``permanent`` when retrying cannot help (Stalled)."""
-
-    def __init__(self, reason: str, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.permanent = permanent
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """One observation: the reduced view for decisions and what is needed to act on it."""
@@ -110,11 +100,6 @@ def volume_name(uid: str, disk: str) -> str:
     return f"{uid}-{disk}.qcow2"
 
 
-def http_base_volume_name(uid: str, disk: str) -> str:
-    """The downloaded image under an ``http`` disk (the disk is an overlay on it)."""
-    return f"{uid}-{disk}.http-base"
-
-
 def seed_volume_name(uid: str) -> str:
     return f"{uid}-cidata.iso"
 
@@ -128,6 +113,15 @@ def _bandwidth_params(bandwidth: BandwidthConfig | None) -> dict[str, int]:
             params[f"{direction}.peak"] = limit.peak or 0
             params[f"{direction}.burst"] = limit.burst or 0
     return params
+
+
+def _hypervisor_failure(exc: hv_errors.HypervisorError) -> ActionError:
+    """A libvirt error as the reason the VM's conditions carry (the loop survives it)."""
+    if isinstance(exc, hv_errors.UnsafeImage | hv_errors.InvalidDefinition):
+        return ActionError(type(exc).__name__, str(exc), permanent=True)
+    if isinstance(exc, hv_errors.ConnectionLost):
+        return ActionError("HypervisorUnavailable", str(exc), permanent=False)
+    return ActionError(type(exc).__name__, str(exc), permanent=False)
 
 
 def power_of(state: GuestState, reason: str) -> tuple[Power, StopCause]:
@@ -150,16 +144,21 @@ class NodeDriver:
     def __init__(self, hv: Hypervisor, settings: AgentSettings) -> None:
         self.hv = hv
         self.settings = settings
+        self.http_policy = httpdisk.policy_of(settings)
+        self.firewall = GuestFirewall(settings.node_name, settings.network)
 
     # --- observing ------------------------------------------------------------------------
 
     async def observe(self, vm: VmView, user_data: str | None = None) -> Snapshot:
         """What is on the node for ``vm``; raises ActionError when the spec cannot be placed."""
         try:
-            snap = await self._observe(vm, user_data)
-        except hv_errors.NotFound:
-            # The domain went away between two calls (undefined meanwhile): look again.
-            snap = await self._observe(vm, user_data)
+            try:
+                snap = await self._observe(vm, user_data)
+            except hv_errors.NotFound:
+                # The domain went away between two calls (undefined meanwhile): look again.
+                snap = await self._observe(vm, user_data)
+        except hv_errors.HypervisorError as exc:
+            raise _hypervisor_failure(exc) from exc
         return dataclasses.replace(snap, secret_user_data=user_data)
 
     async def _observe(self, vm: VmView, user_data: str | None) -> Snapshot:
@@ -222,6 +221,7 @@ class NodeDriver:
         self, vm: VmView, spec: VirtualMachineSpec, user_data: str | None
     ) -> tuple[DomainInputs, tuple[str, ...]]:
         """Host paths for every name in the spec, and which volumes do not exist yet."""
+        self._check_network(vm, spec)
         disks: dict[str, DiskBacking] = {}
         missing: list[str] = []
         for disk in spec.disks:
@@ -231,6 +231,8 @@ class NodeDriver:
             path = volume.path if volume is not None else await self._path_in(pool, name)
             if volume is None:
                 missing.append(disk.name)
+                if disk.source.http is not None:
+                    httpdisk.check_url(disk)
             disks[disk.name] = DiskBacking(path=path, format="qcow2")
 
         kernel = initrd = seed = None
@@ -263,11 +265,27 @@ class NodeDriver:
                 spec=spec,
                 resources=resources,
                 domain_type=self.settings.domain_type,
+                nwfilter=self.settings.network.nwfilter,
             )
             build_domain(inputs)  # refuse what cannot be rendered before anything is made
         except DomainError as exc:
             raise ActionError("InvalidSpec", str(exc), permanent=True) from exc
         return inputs, tuple(missing)
+
+    def _check_network(self, vm: VmView, spec: VirtualMachineSpec) -> None:
+        """NICs the node admin does not allow, or that cannot be fenced yet, make nothing."""
+        why = network.refusal(vm.namespace, spec, self.settings.network)
+        if why is not None:
+            raise ActionError(network.NETWORK_NOT_ALLOWED, why, permanent=True)
+        if network.needs_firewall(spec, self.settings.network) and not self.firewall.ready:
+            raise ActionError(
+                GUEST_FIREWALL_UNAVAILABLE,
+                f"a user NIC needs the guest firewall, which is not in place on node "
+                f"{self.settings.node_name}: {self.firewall.error} (or the node admin opts in "
+                "with the agent's --user-nic-host-access, chart value "
+                "agent.network.userNicHostAccess)",
+                permanent=True,
+            )
 
     def _pool_for(self, disk: Disk) -> str:
         pool = disk.pool or self.settings.default_pool
@@ -311,19 +329,13 @@ class NodeDriver:
             await self._execute(vm, snap, action)
         except ActionError:
             raise
-        except hv_errors.UnsafeImage as exc:
-            raise ActionError("UnsafeImage", str(exc), permanent=True) from exc
-        except hv_errors.InvalidDefinition as exc:
-            raise ActionError("InvalidDefinition", str(exc), permanent=True) from exc
-        except hv_errors.ConnectionLost as exc:
-            raise ActionError("HypervisorUnavailable", str(exc), permanent=False) from exc
         except hv_errors.JobStuck as exc:
             await self._kill_half_started(vm)
             raise ActionError(
                 JOB_STUCK, job_stuck_message(str(exc), vm.node), permanent=False
             ) from exc
         except hv_errors.HypervisorError as exc:
-            raise ActionError(type(exc).__name__, str(exc), permanent=False) from exc
+            raise _hypervisor_failure(exc) from exc
 
     async def _kill_half_started(self, vm: VmView) -> None:
         """A domain stuck paused half-way through a start or revert is no guest: kill it.
@@ -419,7 +431,17 @@ class NodeDriver:
                 assert size is not None  # the API requires a size for blank disks
                 await storage.create_blank(self.hv, pool, name, size)
             elif source.http is not None:
-                await self._import_http(vm.uid, disk, pool, name, source.http, size)
+                await httpdisk.import_http(
+                    self.hv,
+                    self.settings,
+                    self.http_policy,
+                    uid=vm.uid,
+                    disk=disk,
+                    pool=pool,
+                    name=name,
+                    source=source.http,
+                    size=size,
+                )
         if SEED in names and spec.cloud_init is not None:
             files = seed_files(
                 uid=vm.uid,
@@ -434,50 +456,6 @@ class NodeDriver:
                 build_iso(files),
                 replace=True,
             )
-
-    async def _import_http(
-        self, uid: str, disk: Disk, pool: str, name: str, source: HttpSource, size: int | None
-    ) -> None:
-        """Download, verify and inspect the image, store it as the disk's base volume,
-        then make the disk an overlay on it. The overlay is made last: its existence is
-        what says the disk is complete, so a crash before it only leaves a base that the
-        next attempt replaces (and that deleting the VM removes, like every uid- volume).
-        """
-        limit = min(self.settings.http_max_bytes, size) if size else self.settings.http_max_bytes
-        loop = asyncio.get_running_loop()
-        spool = Path(self.settings.download_dir or tempfile.gettempdir())
-        try:
-            got = await loop.run_in_executor(
-                None, lambda: download.fetch(source.url, source.sha256, spool, limit)
-            )
-        except download.DownloadError as exc:
-            raise ActionError(
-                exc.reason, f"disk {disk.name!r}: {exc.message}", permanent=True
-            ) from exc
-        try:
-            info = await loop.run_in_executor(
-                None, lambda: images.inspect(str(got.path), name=source.url.rsplit("/", 1)[-1])
-            )
-            if size is not None and info.virtual_size > size:
-                raise ActionError(
-                    download.SOURCE_TOO_LARGE,
-                    f"disk {disk.name!r}: the image's virtual size {info.virtual_size} is larger "
-                    f"than the disk's size {size}",
-                    permanent=True,
-                )
-            base = http_base_volume_name(uid, disk.name)
-            stored = await storage.upload_file(self.hv, pool, base, str(got.path))
-            if stored.format != info.format or stored.backing_path is not None:
-                await storage.delete_volume(self.hv, pool, base)
-                raise hv_errors.UnsafeImage(
-                    f"libvirt sees the download as {stored.format} "
-                    f"(backing: {stored.backing_path or 'none'}), not a plain {info.format}"
-                )
-            await storage.create_overlay(self.hv, pool, name, VolumeRef(pool, base), size)
-        except hv_errors.UnsafeImage as exc:
-            raise ActionError("UnsafeImage", f"disk {disk.name!r}: {exc}", permanent=True) from exc
-        finally:
-            got.path.unlink(missing_ok=True)
 
     async def delete_volumes(self, uid: str) -> list[str]:
         """Every volume of the VM with ``uid`` in the agent's pools (also half-made ones)."""

@@ -19,13 +19,17 @@ from virtfleet.agent import health
 from virtfleet.agent import migrations as migration_loops
 from virtfleet.agent import snapshots as snapshot_loops
 from virtfleet.agent.agent import Agent, key_of
+from virtfleet.agent.bookkeeping import BookkeepingLog
 from virtfleet.agent.host import heartbeat, sweep_orphans
+from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.vmhost import VMHostStatus
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
 from virtfleet.logs import get_logger
+from virtfleet.runtime import apisession
 from virtfleet.runtime.kube import KubeApi
+from virtfleet.runtime.memory import release_free_memory
 
 #: How long one run of the deletion handler waits before kopf retries it.
 DELETE_WAIT_SECONDS = 20.0
@@ -85,10 +89,10 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     migration_loops.register(registry, settings, migrations)
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # A registry of our own has no default login handler: use the official client's.
-        info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
-        return info
+    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        # A registry of our own has no default login handler: use the official client's,
+        # on a session whose connection pool is bounded (kopf's is not: runtime.apisession).
+        return apisession.login(**kwargs)
 
     @kopf.on.startup(registry=registry)
     async def startup(**_: Any) -> None:
@@ -106,18 +110,22 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         hv.on_event(the_agent.on_domain_event)
         hv.on_reconnect(the_agent.on_reconnect)
         # One lock per VM, shared with the snapshot/restore loops (they must not interleave).
-        locks = snapshot_loops.VmLocks()
+        locks = VmLocks()
         holder["snapshots"], snapshot_tasks = snapshot_loops.start(the_agent, locks)
         holder["migrations"], migration_tasks = migration_loops.start(
             the_agent, locks, holder["snapshots"]
         )
         await hv.open()
+        # Before the first reconcile: a VM with a user NIC only starts behind it.
+        await the_agent.driver.firewall.ensure(hv)
         holder["tasks"] = [
             asyncio.create_task(
                 the_agent.queue.run(locks.guard(holder["migrations"].guard(the_agent.reconcile))),
                 name="vm-queue",
             ),
-            asyncio.create_task(_periodic(the_agent), name="node-periodic"),
+            asyncio.create_task(
+                _periodic(the_agent, _bookkeeping(the_agent, locks, holder)), name="node-periodic"
+            ),
             *snapshot_tasks,
             *migration_tasks,
         ]
@@ -148,6 +156,10 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     @kopf.on.delete(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)
     async def vm_delete(body: Any, **_: Any) -> None:
         key = key_of(body)
+        if agent().never_placed(key, body):
+            # kopf put this node's finalizer on for the label; nothing here to clean up.
+            log.info("VM never placed here is deleted: finalizer released", vm=f"{key[0]}/{key[1]}")
+            return
         if not await agent().wait_finalized(key, DELETE_WAIT_SECONDS):
             raise kopf.TemporaryError("stopping the domain and removing its volumes", delay=1)
 
@@ -155,8 +167,25 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     return registry
 
 
-async def _periodic(agent: Agent) -> None:
-    """Heartbeat every few seconds; resync and orphan sweep every ``resync_seconds``."""
+def _bookkeeping(agent: Agent, locks: VmLocks, holder: dict[str, Any]) -> BookkeepingLog:
+    def count() -> dict[str, int]:
+        return {
+            **agent.bookkeeping(),
+            "vm_locks": len(locks),
+            **holder["snapshots"].bookkeeping(),
+            **holder["migrations"].bookkeeping(),
+            **agent.kube.bookkeeping(),
+        }
+
+    return BookkeepingLog(count, agent.settings.node_name)
+
+
+async def _periodic(agent: Agent, books: BookkeepingLog | None = None) -> None:
+    """Heartbeat every few seconds; resync and orphan sweep every ``resync_seconds``.
+
+    With each heartbeat, the per-object bookkeeping is logged if it changed and freed
+    heap pages go back to the kernel (:func:`release_free_memory`).
+    """
     log = agent.log
     previous: VMHostStatus | None = None
     loop = asyncio.get_running_loop()
@@ -166,8 +195,12 @@ async def _periodic(agent: Agent) -> None:
             previous = await heartbeat(agent, previous)
         except Exception as exc:  # a missed beat is retried at the next one
             log.warning("heartbeat failed", error=str(exc))
+        if books is not None:
+            books.check()
+        await loop.run_in_executor(None, release_free_memory)
         if loop.time() >= next_resync:
             next_resync = loop.time() + agent.settings.resync_seconds
+            await agent.driver.firewall.ensure(agent.hv)  # heals a flushed ruleset
             agent.resync()
             try:
                 removed = await sweep_orphans(agent)

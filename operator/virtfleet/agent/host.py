@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Container
 from datetime import UTC, datetime
 from typing import Any
 
-from virtfleet.agent.agent import Agent
+from virtfleet.agent.agent import Agent, Key
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.migration import MigrationPhase
 from virtfleet.api.virtualmachine import VirtualMachineSpec
@@ -100,7 +101,9 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         for m in await agent.kube.list("VMMigration")
         if (m.get("status") or {}).get("phase") in _UNFINISHED_MIGRATION
     }
+    cached = {key: str(body["metadata"]["uid"]) for key, body in agent.cache.items()}
     vms = {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
+    _forget_vanished(agent, cached, vms)
 
     removed: list[str] = []
     domains_here = {item.guest.uuid for item in owned}
@@ -144,6 +147,26 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         agent.log.warning("removed orphan volume", pool=pool, volume=volume_name, why=reason)
         removed.append(f"volume/{pool}/{volume_name}")
     return removed
+
+
+def _forget_vanished(agent: Agent, cached: dict[Key, str], listed: Container[str]) -> None:
+    """Forget VMs that were cached before a full listing began and are not in it.
+
+    kopf lists again after a broken watch but reports nothing about the objects deleted
+    meanwhile: such a VM stayed in the cache (resynced, counted in the VMHost) until
+    the agent restarted. A VM cached before the list request cannot be missing from it
+    unless it was deleted.
+    """
+    for key, uid in cached.items():
+        body = agent.cache.get(key)
+        if uid not in listed and body is not None and str(body["metadata"]["uid"]) == uid:
+            agent.log.info(
+                "forgetting a VM deleted while the watch was away",
+                namespace=key[0],
+                vm=key[1],
+                uid=uid,
+            )
+            agent.forget(key)
 
 
 #: VMMigration phases during which a domain may rightly sit on a node the VM is not on.

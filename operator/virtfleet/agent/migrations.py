@@ -36,7 +36,7 @@ import kopf
 from lxml import etree
 from pydantic import ValidationError
 
-from virtfleet.agent.agent import Agent, Key, _resource_version, key_of, slim
+from virtfleet.agent.agent import COMPONENT, Agent, Key, _resource_version, key_of, slim
 from virtfleet.agent.driver import seed_volume_name, volume_name
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
@@ -78,12 +78,14 @@ from virtfleet.reconcile.migration import (
     timed_out,
 )
 from virtfleet.reconcile.snapshot import SnapshotOnNode, snapshots_block_migration
+from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
 if TYPE_CHECKING:
-    from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+    from virtfleet.agent.locks import VmLocks
+    from virtfleet.agent.snapshots import SnapshotAgent
 
 #: jobStats() poll period while the job runs.
 POLL_SECONDS = 1.0
@@ -156,10 +158,15 @@ class MigrationAgent:
         self.settings = agent.settings
         self.node = agent.settings.node_name
         self.cache: dict[Key, dict[str, Any]] = {}
-        self.queue: WorkQueue[Key] = WorkQueue(name="vmmigrations", workers=4)
+        self.queue: WorkQueue[Key] = WorkQueue(
+            name="vmmigrations",
+            workers=4,
+            on_error=cache_reporter(self.kube, "VMMigration", COMPONENT, self.cache, cas=True),
+        )
         #: Jobs running in this process: the guest (to abort) and whether it was cancelled.
         self.jobs: dict[Key, Guest] = {}
         self.cancelled: set[Key] = set()
+        #: Set (and dropped) when a job ends that a cancel() waits for.
         self.done: dict[Key, asyncio.Event] = {}
         #: Jobs this process aborted for exceeding ``completionTimeoutPerGiB``: their budget.
         self.timed_out: dict[Key, float] = {}
@@ -193,6 +200,15 @@ class MigrationAgent:
             if (body.get("status") or {}).get("sourceNode") == self.node:
                 self.queue.add(key)
 
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries per structure kept per migration (what must return to 0 with them)."""
+        return {
+            "migrations": len(self.cache),
+            "migration_queue": self.queue.tracked,
+            "migration_jobs": len(self.jobs) + len(self.marking) + len(self.post_copied),
+            "migration_waits": len(self.done) + len(self.cancelled) + len(self.timed_out),
+        }
+
     async def cancel(self, key: Key, timeout: float) -> bool:
         """For the kopf deletion handler: abort a running job; True once nothing runs."""
         guest = self.jobs.get(key)
@@ -200,11 +216,12 @@ class MigrationAgent:
             self.queue.add(key)
             phase = (self.cache.get(key, {}).get("status") or {}).get("phase")
             return phase not in (MigrationPhase.SCHEDULED.value, MigrationPhase.RUNNING.value)
+        # Made before the abort (which yields): the job's end sets and drops this one.
+        done = self.done.setdefault(key, asyncio.Event())
         self.cancelled.add(key)
         self.log.info("cancelling migration", namespace=key[0], vmmigration=key[1])
         with contextlib.suppress(hv_errors.HypervisorError):
             await hv_migration.abort(guest)
-        done = self.done.setdefault(key, asyncio.Event())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout)
         return done.is_set()
@@ -316,7 +333,12 @@ class MigrationAgent:
                         raise RefusalError("VMNotDefined", f"the VM has no domain on {self.node}")
                 elif guest is None or not (await guest.status()).state.active:
                     raise RefusalError("VMNotRunning", "a live migration needs a running VM")
-                vm_spec = VirtualMachineSpec.model_validate(vm_body.get("spec") or {})
+                try:
+                    vm_spec = VirtualMachineSpec.model_validate(vm_body.get("spec") or {})
+                except ValidationError as exc:
+                    raise RefusalError(
+                        "InvalidVMSpec", f"the VM's spec is not valid: {exc.errors()[0]['msg']}"
+                    ) from exc
                 self._check_snapshots(key[0], spec.vm_name, vm_spec)
                 dest_uri = await self._target_uri(status.target_node or "")
             except RefusalError as exc:
@@ -343,10 +365,18 @@ class MigrationAgent:
                     await self._run(key, spec, vm_body, vm_spec, guest, dest_uri, log)
             finally:
                 await self._vm_marked(key)
-                self.jobs.pop(key, None)
-                self.cancelled.discard(key)
-                self.done.setdefault(key, asyncio.Event()).set()
+                self._job_ended(key)
         return None
+
+    def _job_ended(self, key: Key) -> None:
+        """Nothing of a job outlives it: its guest, flags, and a waiting cancel()'s event."""
+        self.jobs.pop(key, None)
+        self.cancelled.discard(key)
+        self.timed_out.pop(key, None)
+        self.post_copied.discard(key)
+        ended = self.done.pop(key, None)  # only a cancel() waiting for the job made one
+        if ended is not None:
+            ended.set()
 
     async def _vm_marked(self, key: Key) -> None:
         """Wait for the VM's ``Migrating`` write: no later VM write may land before it."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from virtfleet.agent.network import NetworkPolicy
+from virtfleet.hypervisor.download import DEFAULT_DENIED_CIDRS
 from virtfleet.identity import node_finalizer
 
 
@@ -38,12 +40,27 @@ class AgentSettings:
     #: Local directory where ``source.http`` downloads are spooled and verified before
     #: they are streamed into the pool (None: the system's temporary directory).
     download_dir: str | None = None
+    #: Address ranges (CIDRs) ``source.http`` downloads may not connect to: every address
+    #: a host resolves to is checked, for the first request and each redirect, and the
+    #: connection goes to the checked address. Default: loopback, link-local, unspecified.
+    http_deny_cidrs: tuple[str, ...] = DEFAULT_DENIED_CIDRS
+    #: Exceptions carved out of ``http_deny_cidrs`` (e.g. a harness's image server on
+    #: 127.0.0.1).
+    http_allow_cidrs: tuple[str, ...] = ()
+    #: A label (``key=value``, or ``key`` for any value) a Secret must carry to be used as
+    #: ``cloudInit.userDataSecretRef``: its owner opts in, so a user who may create VMs
+    #: but not read Secrets cannot copy one into a guest. None: any Secret of the VM's
+    #: namespace (as KubeVirt).
+    cloud_init_secret_label: str | None = None
     #: Longest watch request (the apiserver picks 30-60 min when None); shorter means
     #: the agent re-establishes its watches more often.
     watch_server_timeout: float | None = None
     #: Seconds without the VMHost echo before the liveness probe says "deaf"
     #: (None: :func:`virtfleet.agent.health.stale_after` derives it from the heartbeat).
     watch_stale_seconds: float | None = None
+    #: What VMs' NICs may reach on this node (allowed bridges and networks, nwfilter,
+    #: the user-NIC firewall): see :mod:`virtfleet.agent.network`.
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     @property
     def finalizer(self) -> str:

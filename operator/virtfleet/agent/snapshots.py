@@ -22,7 +22,7 @@ import contextlib
 import copy
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +32,8 @@ from pydantic import ValidationError
 from virtfleet import manifests
 from virtfleet.agent.agent import COMPONENT, Agent, Key, _resource_version, key_of
 from virtfleet.agent.driver import power_of, volume_name
+from virtfleet.agent.locks import VmLocks as VmLocks  # re-exported for the loops
+from virtfleet.agent.redefine import redefine_checked
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.conditions import parse_rfc3339
 from virtfleet.api.snapshot import (
@@ -43,6 +45,7 @@ from virtfleet.api.snapshot import (
     VMSnapshotStatus,
 )
 from virtfleet.api.virtualmachine import RunStrategy, VirtualMachineSpec
+from virtfleet.domain.snapshot_check import UnsafeSnapshotError
 from virtfleet.hypervisor import Guest, snapshots, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
@@ -74,31 +77,14 @@ from virtfleet.reconcile.snapshot import (
     snapshot_action_failed,
 )
 from virtfleet.reconcile.vm import EventNote
+from virtfleet.runtime.failures import cache_reporter, error_reporter
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
 MAX_PASSES = 8
-Handler = Callable[[Key], Awaitable[float | None]]
-
-
-class VmLocks:
-    """One asyncio lock per VM key, shared by every loop that acts on the VM's domain."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Key, asyncio.Lock] = {}
-
-    def lock(self, key: Key) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
-
-    def guard(self, handler: Handler) -> Handler:
-        """``handler`` run under the key's lock (wraps the VM loop's reconcile)."""
-
-        async def run(key: Key) -> float | None:
-            async with self.lock(key):
-                return await handler(key)
-
-        return run
+#: Reason (Stalled condition, Event) of a stored snapshot XML that is refused.
+UNSAFE_SNAPSHOT_XML = "UnsafeSnapshotXML"
 
 
 class ActError(Exception):
@@ -153,11 +139,41 @@ class SnapshotAgent:
         self.node = agent.settings.node_name
         self.snapshots: dict[Key, dict[str, Any]] = {}
         self.restores: dict[Key, dict[str, Any]] = {}
-        self.snapshot_queue: WorkQueue[Key] = WorkQueue(name="vmsnapshots", workers=4)
+        self.snapshot_queue: WorkQueue[Key] = WorkQueue(
+            name="vmsnapshots",
+            workers=4,
+            on_error=cache_reporter(self.kube, "VMSnapshot", COMPONENT, self.snapshots, cas=True),
+        )
         #: Keyed by the *VM* (namespace, vm name): one restore of a VM at a time.
-        self.restore_queue: WorkQueue[Key] = WorkQueue(name="vmrestores", workers=4)
+        self.restore_queue: WorkQueue[Key] = WorkQueue(
+            name="vmrestores",
+            workers=4,
+            on_error=error_reporter(
+                self.kube,
+                "VMRestore",
+                COMPONENT,
+                lookup=self._open_restores,  # the error may be any of them: each says so
+                store=self._keep_restore,
+                cas=True,
+            ),
+        )
         self.finalized: dict[Key, asyncio.Event] = {}
         self.log = get_logger("virtfleet.agent.snapshots", node=self.node)
+
+    def _keep_restore(self, _: Key, body: Mapping[str, Any]) -> None:
+        if key_of(body) in self.restores:
+            self.restores[key_of(body)] = dict(body)
+
+    def _open_restores(self, vm_key: Key) -> list[dict[str, Any]]:
+        """The unfinished restores of one VM (what the restore queue's key stands for)."""
+        done = (RestorePhase.SUCCEEDED.value, RestorePhase.FAILED.value)
+        return [
+            body
+            for key, body in self.restores.items()
+            if key[0] == vm_key[0]
+            and (body.get("spec") or {}).get("vmName") == vm_key[1]
+            and (body.get("status") or {}).get("phase") not in done
+        ]
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -166,6 +182,7 @@ class SnapshotAgent:
         if event_type == "DELETED":
             self.snapshots.pop(key, None)
             self.snapshot_queue.forget(key)
+            self.finalized.pop(key, None)  # a later snapshot of the same name starts afresh
             self._restores_of(key[0], str((body.get("spec") or {}).get("vmName", "")))
             return
         if not _newer(self.snapshots.get(key), body):
@@ -189,6 +206,24 @@ class SnapshotAgent:
             if snap_key[0] == key[0] and (body.get("spec") or {}).get("vmName") == key[1]:
                 self.snapshot_queue.add(snap_key)
         self._restores_of(*key)
+
+    def forget_vm(self, key: Key) -> None:
+        """The VM left the node (deleted, migrated away): its restore queue state goes too.
+
+        The restore queue is keyed by the VM; its VMRestores themselves go with their own
+        DELETED events.
+        """
+        self.restore_queue.forget(key)
+
+    def bookkeeping(self) -> dict[str, int]:
+        """Entries per structure kept per object (what must return to 0 with the objects)."""
+        return {
+            "snapshots": len(self.snapshots),
+            "snapshot_finalized": len(self.finalized),
+            "snapshot_queue": self.snapshot_queue.tracked,
+            "restores": len(self.restores),
+            "restore_queue": self.restore_queue.tracked,
+        }
 
     def resync(self) -> None:
         for key, body in self.snapshots.items():
@@ -412,7 +447,6 @@ class SnapshotAgent:
             blocked = await self._snapshot_blocked(key[0], vm) if vm else None
             now = datetime.now(UTC)
             decision = decide_snapshot(view, vm, dom, self.node, now, blocked_by=blocked)
-            await self._events(body, decision.events)
             if decision.write_status_first and not await self._write_status(
                 "VMSnapshot", key, body, decision.status, cas=True
             ):
@@ -421,7 +455,7 @@ class SnapshotAgent:
                 log.info("acting", actions=[type(a).__name__ for a in decision.actions])
             try:
                 for action in decision.actions:
-                    await self._act_snapshot(key, guest, view, action)
+                    await self._act_snapshot(key, guest, view, action, vm)
             except ActError as exc:
                 log.warning("snapshot action failed", reason=exc.reason, error=exc.message)
                 if not exc.permanent:
@@ -430,8 +464,11 @@ class SnapshotAgent:
                 await self._events(body, (EventNote("Warning", exc.reason, exc.message),))
                 await self._write_status("VMSnapshot", key, body, failed)
                 return None
+            # After the actions: an Event such as SnapshotRedefined says what was done.
+            await self._events(body, decision.events)
             if decision.finalized:
-                self.finalized.setdefault(key, asyncio.Event()).set()
+                if key in self.snapshots:  # not when its DELETED event came meanwhile
+                    self.finalized.setdefault(key, asyncio.Event()).set()
                 return None
             if not decision.write_status_first and not decision.transient:
                 await self._write_status("VMSnapshot", key, body, decision.status)
@@ -455,7 +492,12 @@ class SnapshotAgent:
         return None
 
     async def _act_snapshot(
-        self, key: Key, guest: Guest | None, view: SnapshotView, action: SnapshotAction
+        self,
+        key: Key,
+        guest: Guest | None,
+        view: SnapshotView,
+        action: SnapshotAction,
+        vm: VmRef | None,
     ) -> None:
         match action:
             case Adopt():
@@ -486,8 +528,8 @@ class SnapshotAgent:
                     return  # taken by a run that died before it could say so: done
                 except hv_errors.HypervisorError as exc:
                     raise _hv_error(exc) from exc
-            case RedefineSnapshot(xml=xml):
-                await self._redefine(guest, xml)
+            case RedefineSnapshot():
+                await self._redefine(guest, action, key[0], vm)
             case DeleteSnapshot(name=name):
                 if guest is None:
                     return
@@ -498,11 +540,22 @@ class SnapshotAgent:
                 except hv_errors.HypervisorError as exc:
                     raise ActError(type(exc).__name__, str(exc), permanent=False) from exc
 
-    async def _redefine(self, guest: Guest | None, xml: str) -> None:
+    async def _redefine(
+        self, guest: Guest | None, action: RedefineSnapshot, namespace: str, vm: VmRef | None
+    ) -> None:
         if guest is None:
             return
+        if vm is None:
+            raise ActError("VMNotFound", "the VirtualMachine is gone", permanent=False)
         try:
-            await snapshots.redefine(guest, xml)
+            await redefine_checked(self.agent, guest, action, namespace, vm.name, vm.uid)
+        except UnsafeSnapshotError as exc:
+            raise ActError(
+                UNSAFE_SNAPSHOT_XML,
+                f"status.snapshotXML of {action.name} is not a snapshot virtfleet took of "
+                f"VirtualMachine {vm.name}; it was not redefined: {exc}",
+                permanent=True,
+            ) from exc
         except hv_errors.AlreadyExists:
             return
         except hv_errors.HypervisorError as exc:
@@ -606,7 +659,7 @@ class SnapshotAgent:
         if decision.actions:
             log.info("acting", actions=[type(a).__name__ for a in decision.actions])
         try:
-            await self._act_restore_all(key, guest, decision.actions)
+            await self._act_restore_all(key, guest, decision.actions, vm)
         except ActError as exc:
             log.warning("restore action failed", reason=exc.reason, error=exc.message)
             if not exc.permanent:
@@ -632,7 +685,7 @@ class SnapshotAgent:
         ]
 
     async def _act_restore_all(
-        self, key: Key, guest: Guest | None, actions: Sequence[RestoreAction]
+        self, key: Key, guest: Guest | None, actions: Sequence[RestoreAction], vm: VmRef
     ) -> None:
         """In order, except that the adoption (API) and the marker (libvirt) go together.
 
@@ -646,8 +699,8 @@ class SnapshotAgent:
             and isinstance(actions[1], MarkDomain)
         ):
             results = await asyncio.gather(
-                self._act_restore(key, guest, actions[0]),
-                self._act_restore(key, guest, actions[1]),
+                self._act_restore(key, guest, actions[0], vm),
+                self._act_restore(key, guest, actions[1], vm),
                 return_exceptions=True,
             )
             for result in results:
@@ -655,9 +708,11 @@ class SnapshotAgent:
                     raise result
             index = 2
         for action in actions[index:]:
-            await self._act_restore(key, guest, action)
+            await self._act_restore(key, guest, action, vm)
 
-    async def _act_restore(self, key: Key, guest: Guest | None, action: RestoreAction) -> None:
+    async def _act_restore(
+        self, key: Key, guest: Guest | None, action: RestoreAction, vm: VmRef
+    ) -> None:
         if isinstance(action, Adopt):
             await self._adopt("VMRestore", key, action)
             return
@@ -665,8 +720,8 @@ class SnapshotAgent:
             raise ActError("DomainGone", "the VM's domain is not defined", permanent=False)
         try:
             match action:
-                case RedefineSnapshot(xml=xml):
-                    await self._redefine(guest, xml)
+                case RedefineSnapshot():
+                    await self._redefine(guest, action, key[0], vm)
                 case MarkDomain(token=token):
                     await snapshots.set_restore_marker(guest, token)
                 case Revert(name=name, running=running):
@@ -797,6 +852,7 @@ def start(agent: Agent, locks: VmLocks) -> tuple[SnapshotAgent, list[asyncio.Tas
     """The snapshot loops of a started agent: queues and a periodic resync."""
     snaps = SnapshotAgent(agent, locks)
     agent.hv.on_reconnect(snaps.on_reconnect)
+    agent.on_forget(snaps.forget_vm)
     tasks = [
         asyncio.create_task(
             snaps.snapshot_queue.run(snaps.reconcile_snapshot), name="vmsnapshot-queue"

@@ -149,9 +149,18 @@ class BlankSource(ApiModel):
     """An empty disk of ``size``."""
 
 
+#: What ``hypervisor.download.check_url`` accepts, at apply time: printable ASCII, a host
+#: (name, IPv4 or bracketed IPv6) without credentials, an optional numeric port.
+HTTP_URL_PATTERN = (
+    r"^[hH][tT][tT][pP][sS]?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%!$&'()*+,;=-]+)"
+    r"(:[0-9]{1,5})?([/?#][!-~]*)?$"
+)
+
+
 class HttpSource(ApiModel):
-    url: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)] = Field(
-        description="Where the node downloads the image from (http or https)."
+    url: Annotated[str, StringConstraints(pattern=HTTP_URL_PATTERN, max_length=2048)] = Field(
+        description="Where the node downloads the image from: http(s)://host[:port]/path, "
+        "printable ASCII, no credentials."
     )
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] = Field(
         description="Expected SHA-256 of the download, lowercase hex; a mismatch is refused."
@@ -327,14 +336,21 @@ class InterfaceBandwidth(ApiModel):
 class Interface(ApiModel):
     name: DnsLabel = Field(description="Unique among the VM's interfaces (a DNS label).")
     type: InterfaceType = Field(
-        default=InterfaceType.USER, description="user (default), bridge or network."
+        default=InterfaceType.USER,
+        description="user (default; QEMU's user-mode network, which cannot reach the node "
+        "itself unless the node admin allows it), bridge or network.",
     )
     bridge: (
         Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=15)]
         | None
-    ) = Field(default=None, description="Host bridge name, for type bridge.")
+    ) = Field(
+        default=None,
+        description="Host bridge name, for type bridge; the node admin allows bridges per "
+        "namespace (else Stalled: NetworkNotAllowed).",
+    )
     network: StoreName | None = Field(
-        default=None, description="libvirt network, for type network."
+        default=None,
+        description="libvirt network, for type network; allowed per namespace like bridges.",
     )
     model: InterfaceModel = Field(
         default=InterfaceModel.VIRTIO, description="NIC model. Default virtio."

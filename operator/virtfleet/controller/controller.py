@@ -44,7 +44,13 @@ from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions
 from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.migrations import MigrationScheduler
-from virtfleet.controller.placement import INVALID_SPEC, Placement, Unschedulable, place
+from virtfleet.controller.placement import (
+    INVALID_SPEC,
+    MAC_ADDRESS_CONFLICT,
+    Placement,
+    Unschedulable,
+    place,
+)
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.unclaimed import UnclaimedWatcher
 from virtfleet.controller.views import Key, VmView
@@ -56,6 +62,8 @@ from virtfleet.reconcile.migration import (
     eviction_name,
     plan_eviction,
 )
+from virtfleet.runtime import apisession
+from virtfleet.runtime.failures import cache_reporter, error_reporter
 from virtfleet.runtime.kopfsettings import configure_kopf
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
 from virtfleet.runtime.queue import WorkQueue
@@ -87,13 +95,34 @@ class Controller:
         self.settings = settings or ControllerSettings()
         self.clock = clock
         self.cache = FleetCache()
-        self.queue: WorkQueue[Key] = WorkQueue(name="vms", workers=self.settings.workers)
+        self.queue: WorkQueue[Key] = WorkQueue(
+            name="vms",
+            workers=self.settings.workers,
+            on_error=error_reporter(
+                kube,
+                VIRTUAL_MACHINE.kind,
+                COMPONENT,
+                lookup=lambda key: [self.cache.vms[key].body] if key in self.cache.vms else [],
+                store=lambda _, body: self.cache.upsert_vm(body),
+                cas=True,  # the agent writes the same status: never overwrite its newer one
+            ),
+        )
         self._placing = asyncio.Lock()
         self._log = get_logger("virtfleet.controller")
         #: VMMigration scheduling (validation, target choice); reads this fleet cache.
         self.migrations = MigrationScheduler(self)
+        self.migrations.queue.on_error = cache_reporter(
+            kube, VM_MIGRATION.kind, COMPONENT, self.migrations.cache, cas=True
+        )
         #: Status of snapshots and restores whose VM is missing or unplaced.
         self.unclaimed = UnclaimedWatcher(self)
+        self.unclaimed.queue.on_error = cache_reporter(
+            kube,
+            lambda key: key[0],  # the keys are (kind, namespace, name)
+            COMPONENT,
+            self.unclaimed.cache,
+            cas=True,
+        )
         #: (VM key, node) pairs whose drain outcome was already said (one Event each).
         self._drain_noted: set[tuple[Key, str]] = set()
 
@@ -266,8 +295,11 @@ class Controller:
             if vm is None or vm.deleting or vm.node_name is not None:
                 return None  # changed while we waited for the lock
             outcome: Placement | Unschedulable
+            mac_conflict = self.cache.macs.conflict(vm, self.cache.vms)
             if vm.request is None:
                 outcome = Unschedulable(INVALID_SPEC, vm.spec_error or "unreadable spec")
+            elif mac_conflict is not None:
+                outcome = Unschedulable(MAC_ADDRESS_CONFLICT, mac_conflict)
             else:
                 outcome = place(
                     vm.request,
@@ -377,11 +409,11 @@ class Controller:
         registry = kopf.OperatorRegistry()
 
         @kopf.on.login(registry=registry)
-        def _login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        async def _login(**kwargs: Any) -> kopf.AiohttpSession | None:
             # A registry of our own has no default login handler: use the official client's
-            # (KUBECONFIG or the in-cluster service account, as KubeApi does).
-            info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
-            return info
+            # (KUBECONFIG or the in-cluster service account, as KubeApi does), on a session
+            # whose connection pool is bounded (kopf's is not: runtime.apisession).
+            return apisession.login(**kwargs)
 
         @kopf.on.startup(registry=registry)
         async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -80,8 +80,9 @@ class VmView:
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> VmView:
         meta = body.get("metadata") or {}
-        spec = body.get("spec") or {}
-        request, error = _request(spec)
+        raw_spec = body.get("spec") or {}
+        request, error = _request(raw_spec)
+        spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
         return cls(
             namespace=str(meta.get("namespace") or ""),
             name=str(meta.get("name") or ""),
@@ -99,7 +100,11 @@ class VmView:
         )
 
 
-def _request(spec: Mapping[str, Any]) -> tuple[VmRequest | None, str | None]:
+def _request(spec: Any) -> tuple[VmRequest | None, str | None]:
+    # The schema guarantees the shapes; a body that lacks them is refused, not a crash
+    # of the watch handler (which would leave the VM out of the cache and silent).
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("memory") or {}, Mapping):
+        return None, "spec.memory must be an object"
     size = (spec.get("memory") or {}).get("size")
     if size is None:
         return None, "spec.memory.size is missing"

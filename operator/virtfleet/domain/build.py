@@ -85,7 +85,7 @@ def build_domain(inputs: DomainInputs) -> DomainConfig:
         emulator=resources.emulator,
         disks=disks,
         controllers=controllers,
-        interfaces=tuple(_interface(inputs.uid, nic) for nic in spec.interfaces),
+        interfaces=tuple(_interface(inputs, nic) for nic in spec.interfaces),
         serial=SerialConfig(path=resources.serial_log),
         console=ConsoleConfig(path=resources.serial_log),
         memballoon=MemballoonConfig(model="virtio"),
@@ -199,14 +199,17 @@ def _iotune(iotune: IoTune | None) -> IoTuneConfig | None:
     return config.in_force()
 
 
-def _interface(uid: str, nic: Interface) -> InterfaceConfig:
+def _interface(inputs: DomainInputs, nic: Interface) -> InterfaceConfig:
     source = {InterfaceType.BRIDGE: nic.bridge, InterfaceType.NETWORK: nic.network}
     return InterfaceConfig(
         type=nic.type.value,
         source=source.get(nic.type),
-        mac=(nic.mac_address or derive_mac(uid, nic.name)).lower(),
+        mac=(nic.mac_address or derive_mac(inputs.uid, nic.name)).lower(),
         model=nic.model.value,
         bandwidth=_bandwidth(nic),
+        # Bridge and network NICs share a segment with other hosts: libvirt filters what
+        # the guest may send (its own MAC and IP). A user NIC has no tap to filter.
+        filterref=inputs.nwfilter if nic.type != InterfaceType.USER else None,
         alias=interface_alias(nic.name),
     )
 

@@ -394,7 +394,7 @@ class BandwidthConfig(XmlConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class InterfaceConfig(XmlConfig):
-    """``<interface>`` of type user, bridge or network."""
+    """``<interface>`` of type user, bridge or network; ``filterref`` names an nwfilter."""
 
     tag: ClassVar[str] = "interface"
 
@@ -403,6 +403,7 @@ class InterfaceConfig(XmlConfig):
     mac: str | None = None
     model: str | None = None
     bandwidth: BandwidthConfig | None = None
+    filterref: str | None = None
     alias: str | None = None
 
     _SOURCE_ATTRIBUTE: ClassVar[dict[str, str]] = {"bridge": "bridge", "network": "network"}
@@ -421,6 +422,8 @@ class InterfaceConfig(XmlConfig):
             element.append(self.bandwidth.to_xml())
         if self.model is not None:
             _sub(element, "model", type=self.model)
+        if self.filterref is not None:
+            _sub(element, "filterref", filter=self.filterref)
         if self.alias is not None:
             _sub(element, "alias", name=self.alias)
         return element
@@ -434,6 +437,7 @@ class InterfaceConfig(XmlConfig):
         attribute = cls._SOURCE_ATTRIBUTE.get(kind)
         model = element.find("model")
         bandwidth = element.find("bandwidth")
+        filterref = element.find("filterref")
         alias = element.find("alias")
         return cls(
             type=kind,
@@ -441,6 +445,7 @@ class InterfaceConfig(XmlConfig):
             mac=mac.get("address") if mac is not None else None,
             model=model.get("type") if model is not None else None,
             bandwidth=BandwidthConfig.parse(bandwidth) if bandwidth is not None else None,
+            filterref=filterref.get("filter") if filterref is not None else None,
             alias=alias.get("name") if alias is not None else None,
         )
 

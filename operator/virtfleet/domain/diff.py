@@ -18,8 +18,9 @@ Everything else is ``restart``: the agent redefines the domain and the change ta
 effect at the next boot (status ``RestartRequired``). That includes memory (ballooning
 only moves the current size under a maximum that itself needs a reboot), CPU topology
 and model, machine, firmware, kernel, disks and NICs added or removed (hot-plug is
-possible but not worth its failure modes yet), boot order, read-only, NIC model, MAC
-and source.
+possible but not worth its failure modes yet), boot order, read-only, NIC model, MAC,
+source and the node's nwfilter (``interfaces[x].nwfilter``: the agent's setting, not the
+spec's).
 
 The owner marker is not compared: generation and spec hash are the reconciler's to
 update (``virDomainSetMetadata``), whatever the diff says.
@@ -194,6 +195,8 @@ def _interface_changes(
             yield Change(f"{base}.model", want.model, have.model, restart)
         if want.mac != have.mac:
             yield Change(f"{base}.macAddress", want.mac, have.mac, restart)
+        if want.nwfilter != have.nwfilter:
+            yield Change(f"{base}.nwfilter", want.nwfilter, have.nwfilter, restart)
         if want.bandwidth != have.bandwidth:
             live = want.type in _SHAPEABLE and have.type == want.type
             apply = Apply.LIVE if live else restart

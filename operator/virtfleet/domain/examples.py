@@ -10,7 +10,8 @@ user can see the XML a manifest turns into without a cluster:
   an overlay on an image or a download);
 * kernel and initrd: ``/var/lib/libvirt/virtfleet/images/<image>``;
 * cloud-init seed: ``/var/lib/libvirt/virtfleet/local/<domain>-cidata.iso``;
-* serial log: ``/var/log/libvirt/qemu/<domain>-serial.log``.
+* serial log: ``/var/log/libvirt/qemu/<domain>-serial.log``;
+* bridge and network NICs: the agent's default nwfilter (``clean-traffic``).
 
 Names come from the validated spec (``StoreName``: no ``/``, no ``..``), so even here a
 name cannot leave its directory.
@@ -23,7 +24,13 @@ import uuid
 from typing import Final
 
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.domain.inputs import DiskBacking, DomainInputs, DomainType, NodeResources
+from virtfleet.domain.inputs import (
+    DEFAULT_NWFILTER,
+    DiskBacking,
+    DomainInputs,
+    DomainType,
+    NodeResources,
+)
 from virtfleet.domain.ownership import domain_name
 
 __all__ = ["DEFAULT_POOL", "EXAMPLE_ROOT", "example_inputs", "example_node_resources"]
@@ -88,4 +95,5 @@ def example_inputs(
         spec=spec,
         resources=example_node_resources(spec, namespace=namespace, name=name),
         domain_type=domain_type,
+        nwfilter=DEFAULT_NWFILTER,
     )

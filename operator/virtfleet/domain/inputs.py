@@ -10,6 +10,7 @@ exactly one domain.
 from __future__ import annotations
 
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +29,8 @@ from virtfleet.domain.ownership import (
 )
 
 __all__ = [
+    "DEFAULT_NWFILTER",
+    "NWFILTER_NAME",
     "BackingKind",
     "CacheMode",
     "DiskBacking",
@@ -45,6 +48,10 @@ BackingKind = Literal["file", "block"]
 #: plus ``writeback`` for storage that cannot do O_DIRECT (tmpfs) — such domains then
 #: need ``--copy-storage-all`` or ``VIR_MIGRATE_UNSAFE`` to migrate.
 CacheMode = Literal["none", "directsync", "writeback"]
+
+#: libvirt's default anti-spoofing filter: the NIC's own MAC, one IP, ARP and IPv4 only.
+DEFAULT_NWFILTER: Final = "clean-traffic"
+NWFILTER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 _DOMAIN_TYPES: Final = frozenset(get_args(DomainType))
 _FORMATS: Final = frozenset(get_args(DiskFormat))
@@ -143,6 +150,9 @@ class DomainInputs:
     domain_type: DomainType = "qemu"
     #: Guest architecture; ``None`` lets libvirt use the host's.
     arch: str | None = None
+    #: libvirt nwfilter put on bridge and network NICs (they share an L2 segment with
+    #: other machines); ``None`` for none. A node setting, never the spec's.
+    nwfilter: str | None = None
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -158,6 +168,8 @@ class DomainInputs:
             )
         if self.arch is not None and not (self.arch.isascii() and self.arch.isidentifier()):
             raise InvalidInputError(f"arch {self.arch!r} is not an architecture name")
+        if self.nwfilter is not None and not NWFILTER_NAME.fullmatch(self.nwfilter):
+            raise InvalidInputError(f"nwfilter {self.nwfilter!r} is not an nwfilter name")
         self._check_resources()
 
     def _check_resources(self) -> None:

@@ -63,6 +63,8 @@ class ObservedInterface:
     mac: str | None
     model: str | None
     bandwidth: BandwidthConfig | None
+    #: The nwfilter libvirt applies to its traffic (``<filterref filter>``), if any.
+    nwfilter: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +193,7 @@ def _interface(nic: InterfaceConfig) -> ObservedInterface:
         mac=nic.mac.lower() if nic.mac is not None else None,
         model=nic.model,
         bandwidth=_bandwidth(nic.bandwidth),
+        nwfilter=nic.filterref,
     )
 
 

@@ -12,7 +12,7 @@ the metadata back.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +22,11 @@ from lxml import etree
 from virtfleet.hypervisor import errors
 from virtfleet.hypervisor.guest import Guest
 from virtfleet.hypervisor.names import validate_name
+from virtfleet.identity import RESTORE_MARKER_NAMESPACE
 
 __all__ = [
     "RESTORE_MARKER_NAMESPACE",
+    "SnapshotCheck",
     "SnapshotInfo",
     "barrier",
     "create_snapshot",
@@ -42,8 +44,6 @@ __all__ = [
     "snapshot_xml",
 ]
 
-#: ``<metadata>`` namespace of the restore marker (see :func:`set_restore_marker`).
-RESTORE_MARKER_NAMESPACE = "https://virtfleet.io/xmlns/restore/v1"
 _RESTORE_MARKER_KEY = "virtfleet-restore"
 #: A metadata namespace nobody writes: removing its (absent) element is a no-op that
 #: still needs the domain's modify job, which makes it a barrier (see :func:`barrier`).
@@ -269,16 +269,34 @@ async def delete(guest: Guest, name: str, *, metadata_only: bool = False) -> boo
     return await guest.executors.run_long(call)
 
 
-async def redefine(guest: Guest, xml: str, *, make_current: bool = False) -> SnapshotInfo:
+#: Raises unless a snapshot XML may be redefined on a domain whose current XMLs (live and
+#: persistent) are given: ``functools.partial(domain.snapshot_check.check_snapshot_xml, …)``.
+SnapshotCheck = Callable[[str, Sequence[str]], None]
+
+
+async def redefine(
+    guest: Guest, xml: str, *, check: SnapshotCheck, make_current: bool = False
+) -> SnapshotInfo:
     """Re-create a snapshot's metadata from :func:`export` output; the data must exist.
 
-    ``make_current`` marks it current again (``REDEFINE_CURRENT``).
+    A revert replaces the domain with the ``<domain>`` inside ``xml``, which came back from
+    storage (status): ``check`` sees it with the domain's definition as it is now, in the
+    same worker call, and whatever it raises stops the redefine. ``make_current`` marks it
+    current again (``REDEFINE_CURRENT``).
     """
     validate_name(parse_snapshot(xml).name, "snapshot name")
     flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE
     if make_current:
         flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT
-    return await guest.executors.run(lambda: _info(guest.handle.snapshotCreateXML(xml, flags)))
+
+    def call() -> SnapshotInfo:
+        references = [str(guest.handle.XMLDesc(0))]
+        if guest.handle.isPersistent():
+            references.append(str(guest.handle.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+        check(xml, references)
+        return _info(guest.handle.snapshotCreateXML(xml, flags))
+
+    return await guest.executors.run(call)
 
 
 async def set_restore_marker(guest: Guest, token: str) -> None:

@@ -34,6 +34,7 @@ from virtfleet.api.conditions import now_rfc3339
 from virtfleet.api.resources import KINDS, Kind
 from virtfleet.identity import API_GROUP, API_VERSION
 from virtfleet.logs import get_logger
+from virtfleet.runtime.locks import KeyedLocks
 
 T = TypeVar("T")
 
@@ -221,7 +222,7 @@ class KubeApi:
         # Event aggregation: (namespace, event name) → count, like client-go's correlator.
         self._events: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._event_cache_size = event_cache_size
-        self._event_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._event_locks: KeyedLocks[tuple[str, str]] = KeyedLocks()
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._client.close)
@@ -458,12 +459,7 @@ class KubeApi:
 
     async def get_secret_key(self, namespace: str, name: str, key: str) -> bytes:
         """The decoded value of ``key`` in Secret ``namespace/name``."""
-        secret = await self.get("Secret", namespace, name)
-        if key in (secret.get("data") or {}):
-            return base64.b64decode(secret["data"][key])
-        if key in (secret.get("stringData") or {}):  # never stored, but harmless
-            return str(secret["stringData"][key]).encode()
-        raise NotFound(f"Secret {namespace}/{name} has no key {key!r}", status=404)
+        return secret_value(await self.get("Secret", namespace, name), key)
 
     async def list_nodes(self, label_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         return await self.list("Node", label_selector=label_selector)
@@ -506,15 +502,11 @@ class KubeApi:
         ).hexdigest()[:16]
         name = f"{ref.get('name', 'object')[:200]}.{digest}"
         key = (namespace, name)
-        lock = self._event_locks.setdefault(key, asyncio.Lock())
         try:
-            async with lock:
+            async with self._event_locks.lock(key):
                 await self._record_event(key, ref, type, reason, message, component)
         except KubeError as exc:
             _log.warning("could not record an event", reason=reason, error=str(exc))
-        finally:
-            if not lock.locked() and len(self._event_locks) > self._event_cache_size:
-                self._event_locks.pop(key, None)
 
     async def _record_event(
         self,
@@ -564,6 +556,23 @@ class KubeApi:
         self._events.move_to_end(key)
         while len(self._events) > self._event_cache_size:
             self._events.popitem(last=False)
+
+    def bookkeeping(self) -> dict[str, int]:
+        """Event locks held (0 when idle) and aggregated Events (bounded by the cache size)."""
+        return {"event_locks": len(self._event_locks), "events_aggregated": len(self._events)}
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> bytes:
+    """The decoded value of ``key`` in a Secret object; NotFound when it has no such key."""
+    if key in (secret.get("data") or {}):
+        return base64.b64decode(secret["data"][key])
+    if key in (secret.get("stringData") or {}):  # never stored, but harmless
+        return str(secret["stringData"][key]).encode()
+    meta = secret.get("metadata") or {}
+    raise NotFound(
+        f"Secret {_nsname(meta.get('namespace'), meta.get('name'))} has no key {key!r}",
+        status=404,
+    )
 
 
 def _nsname(namespace: str | None, name: str | None) -> str:

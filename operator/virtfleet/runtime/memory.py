@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from collections.abc import Callable
+from typing import cast
 
 #: mallopt(3) parameter number of M_ARENA_MAX in glibc's <malloc.h>.
 _M_ARENA_MAX = -8
@@ -31,3 +34,31 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+def release_free_memory() -> bool:
+    """Give freed heap pages back to the kernel (glibc ``malloc_trim(0)``).
+
+    glibc returns only the top of a heap by itself; pages freed in its middle stay in
+    the RSS after every burst of work (the churn test saw 23 MiB free but resident once
+    a round's connections and bodies were gone), so the RSS shows the last peak rather
+    than what is in use. Trimming now and then (the agent does it after each heartbeat)
+    costs about a millisecond. False when not glibc.
+    """
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # musl and others have no malloc_trim
+        return None
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    malloc_trim.restype = ctypes.c_int
+    return cast(Callable[[int], int], malloc_trim)

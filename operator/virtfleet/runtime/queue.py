@@ -8,7 +8,9 @@ retried). The queue guarantees what level-triggered reconciliation needs:
 * per-key serialisation: two workers never hold one key; a key added while it runs
   runs again right after (so no change is lost);
 * delayed requeue (``add_after``), where the earliest pending time wins;
-* per-key exponential backoff after a failure, reset by a success;
+* per-key exponential backoff after a failure, reset by a success, and an optional
+  ``on_error`` hook that tells the object's owner (a condition, an Event) — an error
+  nobody anticipated must not leave the object silent while it is retried;
 * bounded concurrency (``workers``) and a graceful ``stop``.
 """
 
@@ -27,6 +29,8 @@ K = TypeVar("K", bound=Hashable)
 #: A handler reconciles one key; returning a number asks for another pass that many
 #: seconds later (controller-runtime's ``RequeueAfter``), ``None`` means done.
 Handler = Callable[[K], Awaitable[float | None]]
+#: Told about a handler's unexpected exception before the key is retried with backoff.
+ErrorHook = Callable[[K, Exception], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,14 @@ class WorkQueue(Generic[K]):
         name: str = "queue",
         workers: int = 4,
         backoff: Backoff | None = None,
+        on_error: ErrorHook[K] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a work queue needs at least one worker")
         self.name = name
         self.workers = workers
         self.backoff = backoff or Backoff()
+        self.on_error = on_error
         self._log = get_logger("virtfleet.runtime.queue", queue=name)
         self._ready: asyncio.Queue[K] | None = None
         self._dirty: set[K] = set()  # waiting to run (at most once each)
@@ -115,6 +121,11 @@ class WorkQueue(Generic[K]):
     @property
     def delayed(self) -> int:
         return len(self._timers)
+
+    @property
+    def tracked(self) -> int:
+        """Keys the queue holds any state for (waiting, running, delayed, backing off)."""
+        return len(self._dirty | self._processing | self._timers.keys() | self._failures.keys())
 
     def _fire(self, key: K) -> None:
         self._timers.pop(key, None)
@@ -191,19 +202,31 @@ class WorkQueue(Generic[K]):
             requeue_after = await handler(key)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             failures = self._failures.get(key, 0) + 1
             self._failures[key] = failures
             delay = self.backoff.delay(failures)
             self._log.exception(
                 "reconcile failed; retrying", key=_printable(key), failures=failures, retry_in=delay
             )
+            await self._report(key, exc)
             with contextlib.suppress(RuntimeError):  # loop closing
                 self.add_after(key, delay)
             return
         self._failures.pop(key, None)
         if requeue_after is not None:
             self.add_after(key, requeue_after)
+
+    async def _report(self, key: K, exc: Exception) -> None:
+        """Run the ``on_error`` hook; its own failure is logged, the retry happens anyway."""
+        if self.on_error is None:
+            return
+        try:
+            await self.on_error(key, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("could not report a failed reconcile", key=_printable(key))
 
 
 def _printable(key: object) -> str:

@@ -1,0 +1,185 @@
+"""Guests do not reach the host: proven from inside a real guest, on a real node.
+
+A ``type: user`` NIC (the default) is QEMU's slirp: 10.0.2.2 is the host's 127.0.0.1,
+as seen by the QEMU process. The guest (``e2e/guest/init``, ``vf.probe``/``vf.fetch``)
+gets a DHCP lease from slirp, tries TCP connections to 10.0.2.2 and prints what it
+found on its serial console. Targets: an HTTP server this test runs on the host's
+127.0.0.1, the kube-apiserver and the node's libvirtd (``auth_tcp = none``: a guest
+that reaches it owns the node). With the agent's default the three are closed (its
+nftables table rejects QEMU's connections to the host); with the admin's opt-in
+(``--user-nic-host-access``) the same guest fetches the page: the probe can see an open
+port, so "closed" is the firewall's doing. Every target is on loopback; a guard table
+drops anything the test's QEMUs would send elsewhere (nothing leaves the machine).
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from harness import nodes as hn
+from harness import operators
+from harness.guest import guest_cmdline
+from harness.httpserve import serve
+from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+
+NODE = "node-a"
+AGENT = f"agent-{NODE}"
+SLIRP_HOST = "10.0.2.2"
+NFT = shutil.which("nft") or "/usr/sbin/nft"
+GUARD = "inet virtfleet_e2e_guard"
+
+
+def nft(*args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [NFT, *args], input=script, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def guard(system: Cluster) -> Iterator[None]:
+    """Drop whatever the nodes' QEMUs would send off loopback (belt and braces: the
+    probes only target 10.0.2.2, which slirp maps to the host's loopback)."""
+    gids = ", ".join(str(n.qemu_gid) for n in system.nodes)
+    rules = (
+        f"table {GUARD}\ndelete table {GUARD}\ntable {GUARD} {{\n"
+        "  chain out {\n    type filter hook output priority filter - 10; policy accept;\n"
+        f'    meta skgid {{ {gids} }} oifname != "lo" counter drop\n  }}\n}}\n'
+    )
+    result = nft("-f", "-", script=rules)
+    assert result.returncode == 0, result.stderr
+    try:
+        yield
+    finally:
+        nft("delete", "table", *GUARD.split())
+
+
+@pytest.fixture(scope="module")
+def secret_page() -> Iterator[tuple[int, str]]:
+    """``(port, line)``: an HTTP server on the host's 127.0.0.1 that answers ``line``."""
+    line = f"VF-HOST-SECRET-{secrets.token_hex(4)}"
+    body = f"{line}\n".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    with serve(Handler) as base:
+        port = urlsplit(base).port
+        assert port is not None
+        yield port, line
+
+
+def targets(system: Cluster, page_port: int) -> dict[str, int]:
+    apiserver = urlsplit(system.env["KUBE_APISERVER"]).port
+    assert apiserver is not None
+    return {"page": page_port, "kube-apiserver": apiserver, "libvirtd": system.node(NODE).port}
+
+
+def probing_vm(name: str, namespace: str, ports: dict[str, int]) -> dict[str, object]:
+    return vm_manifest(
+        name,
+        namespace,
+        nodeName=NODE,
+        interfaces=[{"name": "default"}],  # type user, the default
+        cmdline=guest_cmdline(
+            probe=[f"{SLIRP_HOST}:{port}" for port in ports.values()],
+            fetch=[f"http://{SLIRP_HOST}:{ports['page']}/"],
+        ),
+    )
+
+
+def console(system: Cluster, namespace: str, name: str, prefix: str) -> str:
+    """The first console line of the guest that starts with ``prefix`` (waits for it)."""
+    pattern = rf"^{re.escape(prefix)}[^\r\n]*"
+    match = hn.wait_for_serial(
+        system.node(NODE), domain_name(namespace, name), pattern, timeout=180
+    )
+    return match.group(0).strip()
+
+
+def firewall_table(system: Cluster) -> str:
+    result = nft("list", "table", "inet", f"virtfleet_{NODE.replace('-', '_')}")
+    return result.stdout if result.returncode == 0 else ""
+
+
+def test_a_default_nic_cannot_reach_the_hosts_loopback(
+    system: Cluster, namespace: str, guard: None, secret_page: tuple[int, str]
+) -> None:
+    port, line = secret_page
+    ports = targets(system, port)
+    assert f"meta skgid {system.node(NODE).qemu_gid}" in firewall_table(system)
+    system.apply(probing_vm("fenced", namespace, ports))
+
+    # Positive control: the NIC works, slirp's DHCP server answered.
+    lease = console(system, namespace, "fenced", "VF-NET ")
+    assert lease == f"VF-NET eth0 10.0.2.15/24 gw {SLIRP_HOST}"
+    for what, target in ports.items():
+        seen = console(system, namespace, "fenced", f"VF-PROBE {SLIRP_HOST}:{target} ")
+        assert " closed" in seen, f"{what} on the host's loopback is reachable: {seen}"
+    fetched = console(system, namespace, "fenced", f"VF-FETCH http://{SLIRP_HOST}:{port}/ ")
+    assert fetched.endswith(" failed"), fetched
+    assert line not in hn.serial_log(system.node(NODE), domain_name(namespace, "fenced"))
+
+
+def test_with_the_admins_opt_in_the_same_guest_reaches_the_host(
+    system: Cluster, namespace: str, guard: None, secret_page: tuple[int, str]
+) -> None:
+    port, line = secret_page
+    ports = targets(system, port)
+    operators.kill(system.state_dir, AGENT, signal.SIGTERM)
+    operators.start_agent(
+        system.state_dir, system.env, system.node(NODE), extra=["--user-nic-host-access"]
+    )
+    try:
+        wait_for(lambda: not firewall_table(system), 60, 0.5, "the agent to remove its table")
+        system.apply(probing_vm("open", namespace, ports))
+        seen = console(system, namespace, "open", f"VF-PROBE {SLIRP_HOST}:{port} ")
+        assert seen.endswith(" open"), seen
+        fetched = console(system, namespace, "open", f"VF-FETCH http://{SLIRP_HOST}:{port}/ ")
+        assert fetched.endswith(f" {line}"), fetched
+        system.kubectl("delete", "vm", "open", "-n", namespace, "--wait=true", "--timeout=120s")
+    finally:
+        operators.kill(system.state_dir, AGENT, signal.SIGTERM)
+        operators.start_agent(system.state_dir, system.env, system.node(NODE))
+    wait_for(lambda: bool(firewall_table(system)), 60, 0.5, "the default agent's table back")
+
+
+def test_a_bridge_the_admin_did_not_allow_is_stalled_and_nothing_is_made(
+    system: Cluster, namespace: str
+) -> None:
+    system.apply(
+        vm_manifest(
+            "bridged",
+            namespace,
+            nodeName=NODE,
+            interfaces=[{"name": "lan", "type": "bridge", "bridge": "cni0"}],
+        )
+    )
+
+    def stalled() -> dict[str, object] | None:
+        cond = condition(system.get("vm", "bridged", namespace), "Stalled")
+        return cond if cond and cond.get("reason") == "NetworkNotAllowed" else None
+
+    cond = wait_for(stalled, 120, 1.0, "Stalled/NetworkNotAllowed")
+    assert "'cni0'" in str(cond["message"])
+    assert "agent.network.allowedBridges" in str(cond["message"])
+    listed = subprocess.run(
+        ["virsh", "-q", "-c", system.node(NODE).uri, "list", "--all", "--name"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert domain_name(namespace, "bridged") not in listed

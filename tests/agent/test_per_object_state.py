@@ -1,0 +1,273 @@
+"""Everything the agent keeps per VM (or per snapshot, restore, migration) goes with it.
+
+Churn creates and deletes thousands of objects on a node: one structure that keeps an
+entry per object ever seen is a leak. Each test proves one structure is empty again
+once its object is gone, counted the way the agent's bookkeeping log counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import pytest
+
+from virtfleet.agent import handlers
+from virtfleet.agent import migrations as migration_loops
+from virtfleet.agent import snapshots as snapshot_loops
+from virtfleet.agent.agent import Agent
+from virtfleet.agent.bookkeeping import PER_OBJECT, BookkeepingLog
+from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.hypervisor import Hypervisor
+from virtfleet.identity import NODE_LABEL
+from virtfleet.reconcile.snapshot import DomainFacts
+from virtfleet.reconcile.vm import Undefine
+from virtfleet.runtime import apisession
+from virtfleet.runtime.kube import KubeApi, NotFound
+from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.status import apply_merge_patch
+
+NODE = "node-a"
+KEY = ("ns", "web")
+UID = "11111111-2222-4333-8444-555555555555"
+
+
+class FakeKube:
+    """Just enough of KubeApi for the VM loop: objects by (namespace, name), merge patches."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.version = 100
+
+    def put(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(self.version)
+        self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
+        return copy.deepcopy(body)
+
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], **_: Any
+    ) -> dict[str, Any]:
+        try:
+            current = self.objects[(namespace, name)]
+        except KeyError:
+            raise NotFound(name, status=404) from None
+        return self.put(apply_merge_patch(current, {"status": dict(patch)}))
+
+    async def record_event(self, *_: Any) -> None:
+        return None
+
+    def bookkeeping(self) -> dict[str, int]:
+        return {"event_locks": 0}
+
+
+def vm_body(**spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "namespace": KEY[0],
+            "name": KEY[1],
+            "uid": UID,
+            "generation": 1,
+            "labels": {NODE_LABEL: NODE},
+        },
+        "spec": {"memory": {"size": "16Mi"}, "terminationGracePeriodSeconds": 0, **spec},
+        "status": {"nodeName": NODE},
+    }
+
+
+def per_object(counts: Mapping[str, int]) -> dict[str, int]:
+    return {name: value for name, value in counts.items() if name in PER_OBJECT and value}
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_deleted_vm_leaves_no_per_vm_state_anywhere(hv: Hypervisor) -> None:
+    kube = FakeKube()
+    agent = Agent(AgentSettings(node_name=NODE), hv, kube)  # type: ignore[arg-type]
+    locks = VmLocks()
+    snaps, tasks = snapshot_loops.start(agent, locks)
+    migrations = migration_loops.MigrationAgent(agent, locks, snaps)
+    books = handlers._bookkeeping(agent, locks, {"snapshots": snaps, "migrations": migrations})
+    tasks.append(asyncio.create_task(agent.queue.run(locks.guard(agent.reconcile))))
+    try:
+        agent.on_vm_event("ADDED", kube.put(vm_body()))
+        await eventually(
+            lambda: kube.objects[KEY].get("status", {}).get("printableStatus") == "Running"
+        )
+        # Restores are queued per VM: a retry pending when the VM goes must go with it.
+        snaps.restore_queue.add_after(KEY, 30.0)
+        assert per_object(books.check())["restore_queue"] == 1
+
+        # The VM's DELETED event arrives while its last reconcile still runs (the kopf
+        # handler saw the domain go and released the finalizer): that reconcile must
+        # not leave a finalization event behind.
+        execute = agent.driver.execute
+
+        async def undefine_then_deleted(view: Any, snap: Any, action: Any) -> None:
+            await execute(view, snap, action)
+            if isinstance(action, Undefine):
+                agent.on_vm_event("DELETED", kube.objects.pop(KEY))
+
+        agent.driver.execute = undefine_then_deleted  # type: ignore[method-assign]
+        deleting = copy.deepcopy(kube.objects[KEY])
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        agent.on_vm_event("MODIFIED", kube.put(deleting))
+        await eventually(lambda: KEY not in kube.objects and not per_object(books.check()))
+        assert await hv.lookup(UID) is None
+        assert per_object(books.check()) == {}
+    finally:
+        await agent.queue.stop()
+        await snapshot_loops.stop(snaps)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_vm_lock_lives_only_while_held_or_awaited() -> None:
+    locks = VmLocks()
+    async with locks.lock(KEY):
+        waiter = asyncio.create_task(_hold(locks))
+        await asyncio.sleep(0)
+        cancelled = asyncio.create_task(_hold(locks))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert len(locks) == 1  # the holder and the first waiter still use it
+    await waiter
+    assert len(locks) == 0
+
+
+async def _hold(locks: VmLocks) -> None:
+    async with locks.lock(KEY):
+        await asyncio.sleep(0)
+
+
+async def test_a_deleted_snapshot_leaves_no_finalization_event(hv: Hypervisor) -> None:
+    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())  # type: ignore[arg-type]
+    snaps = snapshot_loops.SnapshotAgent(agent, VmLocks())
+    body = {
+        "metadata": {
+            "namespace": "ns",
+            "name": "s1",
+            "uid": "00000000-0000-4000-8000-000000000001",
+            "labels": {NODE_LABEL: NODE},
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+            "resourceVersion": "7",
+        },
+        "spec": {"vmName": "gone"},
+    }
+    snaps.on_snapshot_event("MODIFIED", body)
+    # Its DELETED event arrives while the deletion's reconcile looks at libvirt.
+
+    async def observe(*_: Any, **__: Any) -> tuple[DomainFacts, None]:
+        snaps.on_snapshot_event("DELETED", body)
+        return DomainFacts(defined=False), None
+
+    snaps.observe = observe  # type: ignore[method-assign]
+    assert await snaps.reconcile_snapshot(("ns", "s1")) is None
+    assert (snaps.snapshots, snaps.finalized) == ({}, {})
+
+    # A deletion handler that waited for it: its event goes with the DELETED event.
+    snaps.on_snapshot_event("MODIFIED", body)
+    snaps.finalized.setdefault(("ns", "s1"), asyncio.Event()).set()
+    snaps.on_snapshot_event("DELETED", body)
+    assert (snaps.snapshots, snaps.finalized) == ({}, {})
+    assert snaps.snapshot_queue.failures(("ns", "s1")) == 0
+
+
+async def test_a_cancelled_migration_job_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def abort(_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(migration_loops.hv_migration, "abort", abort)
+    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), FakeKube())  # type: ignore[arg-type]
+    migrations = migration_loops.MigrationAgent(agent, VmLocks(), None)  # type: ignore[arg-type]
+    key = ("ns", "m1")
+    migrations.jobs[key] = object()  # type: ignore[assignment]
+    migrations.timed_out[key] = 20.0
+    cancel = asyncio.create_task(migrations.cancel(key, 5.0))
+    await asyncio.sleep(0.01)
+    assert per_object(migrations.bookkeeping()) != {}
+    migrations._job_ended(key)  # what the job's `finally` does
+    assert await cancel is True
+    assert per_object(migrations.bookkeeping()) == {}
+
+
+async def test_event_aggregation_locks_go_when_the_event_is_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kube = KubeApi(apisession_free_configuration())
+    written: list[str] = []
+
+    async def record(key: tuple[str, str], *_: Any) -> None:
+        await asyncio.sleep(0.01)
+        written.append(key[1])
+
+    monkeypatch.setattr(kube, "_record_event", record)
+    try:
+        ref = {"kind": "VirtualMachine", "metadata": {"namespace": "ns", "name": "web", "uid": UID}}
+        await asyncio.gather(
+            *(kube.record_event(ref, "Normal", "Started", "started", "agent") for _ in range(3))
+        )
+        assert len(written) == 3
+        assert kube.bookkeeping()["event_locks"] == 0
+    finally:
+        await kube.close()
+
+
+def apisession_free_configuration() -> Any:
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = "https://127.0.0.1:1"
+    return configuration
+
+
+async def test_queue_state_of_a_forgotten_key_is_gone() -> None:
+    queue: WorkQueue[str] = WorkQueue(name="t")
+    queue.add_after("vm", 60.0)
+    assert queue.tracked == 1
+    queue.forget("vm")
+    assert queue.tracked == 0
+
+
+def test_bookkeeping_is_logged_only_when_it_changed() -> None:
+    counts = {"vms": 1}
+    books = BookkeepingLog(lambda: counts, NODE)
+    logged: list[dict[str, Any]] = []
+    books.log = _Recorder(logged)  # type: ignore[assignment]
+    books.check()
+    books.check()
+    counts["vms"] = 0
+    books.check()
+    assert [entry["counts"] for entry in logged] == [{"vms": 1}, {"vms": 0}]
+
+
+class _Recorder:
+    def __init__(self, out: list[dict[str, Any]]) -> None:
+        self.out = out
+
+    def info(self, _event: str, **fields: Any) -> None:
+        self.out.append(fields)
+
+
+async def test_kopfs_session_gets_a_bounded_connection_pool() -> None:
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:1", insecure=True, token="t")
+    context = apisession.bounded_session(info)
+    try:
+        assert context.server == info.server
+        assert context.aiohttp_session.connector is not None
+        assert context.aiohttp_session.connector.limit == apisession.MAX_CONNECTIONS
+        assert context.aiohttp_session.headers["Authorization"] == "Bearer t"
+    finally:
+        await context.aiohttp_session.close()
