@@ -36,7 +36,8 @@ bench: bootstrap
 
 ## The long churn/soak run on a test-driver node: VIRTFLEET_CHURN_VMS (default 300) VMs
 ## created, halted and deleted for VIRTFLEET_CHURN_ROUNDS (default 20) rounds; prints the
-## agent's RSS slope and fails on growth beyond VIRTFLEET_CHURN_RSS_LIMIT_MIB (default 16).
+## agent's RSS slope after warm-up and fails beyond VIRTFLEET_CHURN_RSS_NOISE_MIB (default 4)
+## plus VIRTFLEET_CHURN_RSS_SLOPE_LIMIT (default 2) MiB per 1,000 operations.
 soak: bootstrap
 	VIRTFLEET_CHURN_VMS=$${VIRTFLEET_CHURN_VMS:-300} VIRTFLEET_CHURN_ROUNDS=$${VIRTFLEET_CHURN_ROUNDS:-20} $(VENV)/pytest -s e2e/test_churn.py
 

@@ -44,6 +44,8 @@ MAX_LIVE_VMS = 4
 #: A memory snapshot must be this old before it is restored, so the revert is visible as
 #: a jump back of the guest's uptime.
 RESTORE_MIN_AGE_S = 10.0
+#: Phases after which a VMMigration or VMRestore holds the VM no more (None: it is gone).
+FINISHED = ("Succeeded", "Failed", "Cancelled", None)
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
 
 
@@ -137,6 +139,20 @@ class VmRecord:
     """(VMMigration name, target node)."""
 
 
+@dataclass
+class Request:
+    """One snapshot, restore or migration the workload asked for (see chaos_outcomes)."""
+
+    kind: str
+    """``vmsnapshot``, ``vmrestore`` or ``vmmigration``."""
+    name: str
+    vm: str
+    quiet: bool
+    """Asked for after the last fault (``Workload.faults_over``)."""
+    detail: str = ""
+    """Snapshots: ``running``/``off``; restores: ``memory``/``disks``; ``Live``/``Offline``."""
+
+
 @dataclass(eq=False)  # a Thread must stay hashable
 class Workload(threading.Thread):
     """Creates, updates, deletes, snapshots, restores and migrates VMs in ``namespace``."""
@@ -151,6 +167,10 @@ class Workload(threading.Thread):
     deleted: list[tuple[str, str]] = field(default_factory=list)
     """(kind, name) of every object the workload deleted."""
     errors: list[str] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    faults_over: threading.Event = field(default_factory=threading.Event)
+    """Set by the test once the last fault is repaired: what is asked from then on must
+    succeed (the settling period of chaos_outcomes)."""
     _serial: int = 0
 
     def __post_init__(self) -> None:
@@ -195,7 +215,9 @@ class Workload(threading.Thread):
             if roll < 0.75:
                 return "snapshot", lambda: self.snapshot(target)
             return "restore", lambda: self.restore(target)
-        return "migrate", lambda: self.migrate(target)
+        # A stopped VM moves offline (a live migration of it is refused by design).
+        mode = "Live" if target.run_strategy == "Always" else "Offline"
+        return "migrate", lambda: self.migrate(target, mode)
 
     # ------------------------------------------------------------------ operations
 
@@ -241,32 +263,72 @@ class Workload(threading.Thread):
     def snapshot(self, vm: VmRecord) -> None:
         name = self._fresh_name(f"{vm.name}-s")
         vm.snapshots.append(name)
+        self._asked("vmsnapshot", name, vm, "running" if vm.run_strategy == "Always" else "off")
         self.apply_object("VMSnapshot", name, {"vmName": vm.name})
 
+    def _asked(self, kind: str, name: str, vm: VmRecord, detail: str) -> None:
+        self.requests.append(Request(kind, name, vm.name, self.faults_over.is_set(), detail))
+
     def restore(self, vm: VmRecord) -> str | None:
-        """Restore a Ready snapshot; take one instead when there is none to restore yet."""
-        ready = self.ready_snapshot(vm)
+        """Restore a Ready snapshot; take one instead when there is none to restore yet, or
+        while the VM's last restore runs (a second one would be refused by design:
+        ``RestoreInProgress``)."""
+        busy = vm.restores and self._phase("vmrestore", vm.restores[-1]) not in FINISHED
+        ready = None if busy else self.ready_snapshot(vm)
         if ready is None:
             self.snapshot(vm)
             return "snapshot"
+        snapshot, memory = ready
         name = self._fresh_name(f"{vm.name}-r")
         vm.restores.append(name)
-        self.apply_object("VMRestore", name, {"vmName": vm.name, "snapshotName": ready})
+        # The guest's memory comes back only if the VM is to run (else: disks only).
+        self._asked(
+            "vmrestore", name, vm, "memory" if memory and vm.run_strategy == "Always" else "disks"
+        )
+        self.apply_object("VMRestore", name, {"vmName": vm.name, "snapshotName": snapshot})
         return None
 
-    def migrate(self, vm: VmRecord) -> str | None:
+    def migrate(self, vm: VmRecord, mode: str = "Live") -> str | None:
+        """Migrate ``vm`` to the other node, unless that would only be refused by design.
+
+        A migration asked while the VM's last one still runs is refused
+        (``MigrationInProgress``), and so, for the same reason, is one aimed by a stale
+        ``status.nodeName`` (``TargetIsSource``, ``VMNotOnSource``); a live one of a VM not
+        running yet is (``VMNotRunning``). Once most migrations were such refusals.
+        """
         obj = json.loads(self.kubectl("get", "vm", vm.name, "-o", "json"))
-        here = (obj.get("status") or {}).get("nodeName")
+        status = obj.get("status") or {}
+        here = status.get("nodeName")
         if not here:
             return "migrate skipped (not placed yet)"
+        if vm.migrations and self._phase("vmmigration", vm.migrations[-1][0]) not in FINISHED:
+            return "migrate skipped (the last one is not finished)"
+        if status.get("printableStatus") != ("Running" if mode == "Live" else "Stopped"):
+            return f"migrate skipped ({status.get('printableStatus')}, not settled)"
         target = next(n.name for n in self.cluster.nodes if n.name != here)
         name = self._fresh_name(f"{vm.name}-m")
         vm.migrations.append((name, target))
-        self.apply_object("VMMigration", name, {"vmName": vm.name, "targetNode": target})
+        self._asked("vmmigration", name, vm, mode)
+        self.apply_object(
+            "VMMigration", name, {"vmName": vm.name, "targetNode": target, "mode": mode}
+        )
         return None
 
-    def ready_snapshot(self, vm: VmRecord) -> str | None:
-        """A Ready snapshot of ``vm`` old enough that its restore shows in the uptime."""
+    def _phase(self, kind: str, name: str) -> str | None:
+        """The object's phase: "" while it has none yet, None once it is gone."""
+        out = self.kubectl(
+            "get",
+            kind,
+            name,
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.metadata.name}/{.status.phase}",
+        )
+        return out.strip().partition("/")[2] if out.strip() else None
+
+    def ready_snapshot(self, vm: VmRecord) -> tuple[str, bool] | None:
+        """A Ready snapshot of ``vm`` old enough that its restore shows in the uptime,
+        and whether it holds memory."""
         items = json.loads(self.kubectl("get", "vmsnapshot", "-o", "json"))["items"]
         now = time.time()
         ready = [
@@ -279,7 +341,9 @@ class Workload(threading.Thread):
         ]
         # Memory snapshots first: their revert is what the guest's uptime shows.
         ready.sort(key=lambda item: not item["status"].get("memoryIncluded"))
-        return str(ready[0]["metadata"]["name"]) if ready else None
+        if not ready:
+            return None
+        return str(ready[0]["metadata"]["name"]), bool(ready[0]["status"].get("memoryIncluded"))
 
     def apply_object(self, kind: str, name: str, spec: dict[str, Any]) -> None:
         manifest = {

@@ -110,12 +110,30 @@ def revert_jumps(log: str) -> int:
 
 def incoming_starts(node: hn.Node, dom: str) -> int:
     """QEMU processes started for an incoming migration of ``dom`` on ``node`` (its log)."""
+    return _qemu_starts_with(node, dom, "-incoming")
+
+
+def loadvm_starts(node: hn.Node, dom: str) -> int:
+    """QEMU processes libvirt started to revert ``dom`` to a memory snapshot (``-loadvm``).
+
+    For the report: the reverts the guest cannot always show. A snapshot taken while the
+    guest still booted (the workload snapshots new VMs) brings back a booting guest,
+    whose log then reads like a reboot, not like a jump back of its uptime. Not an
+    "at most once" count: a libvirtd killed during a revert kills the ``-loadvm`` QEMU it
+    was starting when it comes back ("shutting down, reason=daemon"), and the agent
+    rightly reverts again, as the restore marker says the revert never completed (the
+    guest's uptime is what tells a second revert of a guest that ran).
+    """
+    return _qemu_starts_with(node, dom, "-loadvm")
+
+
+def _qemu_starts_with(node: hn.Node, dom: str, argument: str) -> int:
     try:
         text = (node.qemu_log_dir / f"{dom}.log").read_text(errors="replace")
     except FileNotFoundError:
         return 0
     # libvirt logs each QEMU command line one argument per line: ``-incoming defer \``.
-    return sum(1 for line in text.splitlines() if line.lstrip().startswith("-incoming"))
+    return sum(1 for line in text.splitlines() if line.lstrip().startswith(f"{argument} "))
 
 
 def spec_writers(obj: dict[str, Any]) -> list[str]:
@@ -247,17 +265,22 @@ def violations(cluster: Cluster, workload: Workload) -> list[str]:
 
 def acted(cluster: Cluster, workload: Workload) -> dict[str, int]:
     """How many restores reverted a guest and migrations moved one (for the report)."""
-    reverts = sum(
-        revert_jumps(hn.serial_log(cluster.node("node-a"), domain_name(workload.namespace, r.name)))
-        for r in workload.vms.values()
-        if r.role == "snap"
-    )
+    snap_domains = [
+        domain_name(workload.namespace, r.name) for r in workload.vms.values() if r.role == "snap"
+    ]
+    node_a = cluster.node("node-a")
+    reverts = sum(revert_jumps(hn.serial_log(node_a, dom)) for dom in snap_domains)
+    loads = sum(loadvm_starts(node_a, dom) for dom in snap_domains)
     moves = sum(
         incoming_starts(node, domain_name(workload.namespace, r.name))
         for r in workload.vms.values()
         for node in cluster.nodes
     )
-    return {"memory reverts seen": reverts, "incoming migrations seen": moves}
+    return {
+        "memory reverts seen (uptime back)": reverts,
+        "QEMU starts to revert (-loadvm)": loads,
+        "incoming migrations seen": moves,
+    }
 
 
 def evidence(cluster: Cluster, problems: list[str], per_object: int = 40) -> list[str]:

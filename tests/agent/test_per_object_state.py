@@ -59,6 +59,12 @@ class FakeKube:
             raise NotFound(name, status=404) from None
         return self.put(apply_merge_patch(current, {"status": dict(patch)}))
 
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        try:
+            return copy.deepcopy(self.objects[(namespace, name)])
+        except KeyError:
+            raise NotFound(name, status=404) from None
+
     async def record_event(self, *_: Any) -> None:
         return None
 
@@ -260,6 +266,8 @@ class _Recorder:
     def info(self, _event: str, **fields: Any) -> None:
         self.out.append(fields)
 
+    warning = info
+
 
 async def test_kopfs_session_gets_a_bounded_connection_pool() -> None:
     info = kopf.ConnectionInfo(server="https://127.0.0.1:1", insecure=True, token="t")
@@ -271,3 +279,50 @@ async def test_kopfs_session_gets_a_bounded_connection_pool() -> None:
         assert context.aiohttp_session.headers["Authorization"] == "Bearer t"
     finally:
         await context.aiohttp_session.close()
+
+
+async def test_the_agent_waits_for_a_restarting_libvirtd_instead_of_failing_its_startup(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kopf retries a failed startup only a minute later: the agent sat idle that long.
+    import libvirt
+
+    from virtfleet.hypervisor import HypervisorSettings
+    from virtfleet.hypervisor.errors import ConnectionLost
+
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>")
+    refusals = 3
+
+    def connect(uri: str, readonly: bool) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise ConnectionLost("unable to connect to server: Connection refused")
+        return libvirt.open(uri)
+
+    monkeypatch.setattr(handlers, "backoff_delays", lambda *_: iter(lambda: 0.01, None))
+    hv = Hypervisor(HypervisorSettings(uri=f"test://{node}"), connect=connect)
+    await asyncio.wait_for(handlers._open_when_libvirtd_answers(hv, _Recorder([])), 5)
+    try:
+        assert hv.connected
+        assert refusals == 0
+    finally:
+        await hv.close()
+
+
+async def test_a_migration_waits_while_the_vm_cache_is_behind_the_api() -> None:
+    # Right after a restart the VMMigration watch can deliver before the VM watch.
+    kube = FakeKube()
+    kube.put(vm_body())
+    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), kube)  # type: ignore[arg-type]
+    migrations = migration_loops.MigrationAgent(agent, VmLocks(), None)  # type: ignore[arg-type]
+    key = ("ns", "m1")
+    migrations.cache[key] = {
+        "metadata": {"namespace": "ns", "name": "m1", "resourceVersion": "3"},
+        "spec": {"vmName": KEY[1], "targetNode": "node-b"},
+        "status": {"phase": "Scheduled", "sourceNode": NODE, "targetNode": "node-b"},
+    }
+    assert await migrations.reconcile(key) == migration_loops.CACHE_BEHIND_RETRY_SECONDS
+    del kube.objects[KEY]  # gone from the API as well: refused, not retried
+    assert await migrations.reconcile(key) is None

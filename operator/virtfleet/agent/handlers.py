@@ -25,6 +25,8 @@ from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.vmhost import VMHostStatus
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.hypervisor.connection import backoff_delays
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
 from virtfleet.logs import get_logger
 from virtfleet.runtime import apisession
@@ -115,7 +117,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         holder["migrations"], migration_tasks = migration_loops.start(
             the_agent, locks, holder["snapshots"]
         )
-        await hv.open()
+        await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
         holder["tasks"] = [
@@ -165,6 +167,25 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
 
     health.register(registry, settings, lambda: holder.get("agent"))
     return registry
+
+
+async def _open_when_libvirtd_answers(hv: Hypervisor, log: Any) -> None:
+    """Connect to libvirtd, waiting for it with a short backoff.
+
+    A startup handler that fails is retried by kopf only after 60 s. An agent started
+    while its libvirtd restarts (a node boot, a crash, the chaos test) then sat idle
+    for that minute — no heartbeat, no reconcile — and the controller refused every
+    migration to the node meanwhile ("agent heartbeat stale").
+    """
+    delays = backoff_delays(0.5, 5.0)
+    while True:
+        try:
+            await hv.open()
+            return
+        except (hv_errors.HypervisorError, OSError) as exc:
+            delay = next(delays)
+            log.warning("libvirtd does not answer yet; retrying", error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
 
 
 def _bookkeeping(agent: Agent, locks: VmLocks, holder: dict[str, Any]) -> BookkeepingLog:
