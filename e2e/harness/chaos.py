@@ -131,6 +131,8 @@ class VmRecord:
     memory: str = "128Mi"
     node: str | None = None
     deleted: bool = False
+    deleted_at: float | None = None
+    """When the workload deleted it (monotonic)."""
     uncertain: bool = False
     """A write to it never got an answer: its spec is not checked."""
     snapshots: list[str] = field(default_factory=list)
@@ -151,6 +153,7 @@ class Request:
     """Asked for after the last fault (``Workload.faults_over``)."""
     detail: str = ""
     """Snapshots: ``running``/``off``; restores: ``memory``/``disks``; ``Live``/``Offline``."""
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(eq=False)  # a Thread must stay hashable
@@ -256,7 +259,7 @@ class Workload(threading.Thread):
             raise
 
     def delete(self, vm: VmRecord) -> None:
-        vm.deleted = True
+        vm.deleted, vm.deleted_at = True, time.monotonic()
         self.deleted.append(("vm", vm.name))
         self.kubectl("delete", "vm", vm.name, "--ignore-not-found", "--wait=false")
 

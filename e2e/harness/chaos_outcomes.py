@@ -9,8 +9,9 @@ what each said last; :func:`tally` then sorts every object the workload asked fo
 * ``succeeded``: Ready (snapshot), Succeeded (restore, migration);
 * ``refused``: the operator's answer by design to a request that cannot be done
   (:data:`REFUSALS`: the VM is being deleted, another migration of it runs...), or the
-  object went (or waits) with its VM, deleted before the operation could end;
-* ``failed``: any other Failed (a fault hit it: ``Interrupted``, libvirt errors...);
+  object went (or waits) with its VM, deleted less than ``VM_GRACE_S`` after the request;
+* ``failed``: any other Failed (a fault hit it: ``Interrupted``, libvirt errors...), and
+  what its VM's deletion found still undone ``VM_GRACE_S`` after it was asked;
 * ``unfinished``: in no final phase at the end (the invariants fail on those anyway),
 
 separately for what was asked while faults were injected and for what was asked in the
@@ -78,6 +79,13 @@ FLOOR = {
     "quiet": {"vmsnapshot": 0.8, "vmrestore": 0.8, "vmmigration": 0.8},
     "chaos": {"vmsnapshot": 0.5, "vmrestore": 0.5, "vmmigration": 0.5},
 }
+#: Refusals because the VM is (being) deleted: by design only when that came soon.
+VM_GONE = frozenset({"VMDeleting", "VMNotFound"})
+#: A request whose VM the workload deleted sooner than this after asking had no fair
+#: chance; one still undone after it had (a snapshot takes < 1 s here, a restore < 2 s,
+#: an agent comes back within ~5 s of a kill). Counting every request that went with its
+#: VM as refused once let a run in which no snapshot was ever taken pass.
+VM_GRACE_S = 20.0
 #: Fewer requests of a kind than this: too few for a share, at least one must work.
 MIN_FOR_FLOOR = 4
 
@@ -122,10 +130,14 @@ class Outcome:
     reason: str
 
 
-def outcome_of(request: Request, obj: dict[str, Any] | None, gone: bool) -> Outcome:
+def outcome_of(
+    request: Request, obj: dict[str, Any] | None, gone: bool, vm_deleted_at: float | None
+) -> Outcome:
     kind = request.kind
+    early = vm_deleted_at is not None and vm_deleted_at - request.at < VM_GRACE_S
+    undone = "refused" if early else "failed"
     if obj is None:
-        return Outcome(request, "refused", "never seen (its VM went first)")
+        return Outcome(request, undone, "never seen (its VM went)")
     status = obj.get("status") or {}
     phase = status.get("phase")
     reason = str((condition(obj, "Ready") or {}).get("reason") or phase or "no status")
@@ -134,11 +146,13 @@ def outcome_of(request: Request, obj: dict[str, Any] | None, gone: bool) -> Outc
             memory = status.get("memoryRestored")
             return Outcome(request, "succeeded", "memory" if memory else "disks")
         return Outcome(request, "succeeded", phase)
+    if phase in ("Failed", "Cancelled") and reason in VM_GONE:
+        return Outcome(request, undone, reason)  # refused because its VM went: when?
     if phase in ("Failed", "Cancelled"):
         refused = reason in REFUSALS[kind] or phase == "Cancelled"
         return Outcome(request, "refused" if refused else "failed", reason)
-    if gone or reason == "VMNotFound":
-        return Outcome(request, "refused", f"went with its VM ({reason})")
+    if (gone or reason == "VMNotFound") and vm_deleted_at is not None:
+        return Outcome(request, undone, f"went with its VM ({reason})")
     return Outcome(request, "unfinished", reason)
 
 
@@ -149,6 +163,7 @@ def tally(workload: Workload, observer: Observer) -> list[Outcome]:
             request,
             observer.last.get((request.kind, request.name)),
             (request.kind, request.name) in observer.gone,
+            workload.vms[request.vm].deleted_at if request.vm in workload.vms else None,
         )
         for request in workload.requests
     ]

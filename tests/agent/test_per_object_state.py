@@ -326,3 +326,21 @@ async def test_a_migration_waits_while_the_vm_cache_is_behind_the_api() -> None:
     assert await migrations.reconcile(key) == migration_loops.CACHE_BEHIND_RETRY_SECONDS
     del kube.objects[KEY]  # gone from the API as well: refused, not retried
     assert await migrations.reconcile(key) is None
+
+
+async def test_a_snapshot_of_a_busy_vm_gives_its_worker_back(hv: Hypervisor) -> None:
+    # Waiting for the VM's lock held one of the snapshot queue's 4 workers: the snapshots
+    # of one VM whose libvirt calls hang (a stuck job) starved every other VM's.
+    locks = VmLocks()
+    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())  # type: ignore[arg-type]
+    snaps = snapshot_loops.SnapshotAgent(agent, locks)
+    body = {
+        "metadata": {"namespace": "ns", "name": "s1", "uid": "u", "resourceVersion": "1"},
+        "spec": {"vmName": KEY[1]},
+    }
+    snaps.on_snapshot_event("ADDED", body)
+    async with locks.lock(KEY):
+        assert await asyncio.wait_for(snaps.reconcile_snapshot(("ns", "s1")), 1) == (
+            snapshot_loops.BUSY_RETRY_SECONDS
+        )
+    assert await snaps.reconcile_snapshot(("ns", "s1")) is None  # free: the VM is not here

@@ -83,6 +83,8 @@ from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
 MAX_PASSES = 8
+#: A snapshot whose VM's lock is taken looks again this soon.
+BUSY_RETRY_SECONDS = 0.5
 #: Reason (Stalled condition, Event) of a stored snapshot XML that is refused.
 UNSAFE_SNAPSHOT_XML = "UnsafeSnapshotXML"
 
@@ -418,8 +420,14 @@ class SnapshotAgent:
         body = self.snapshots.get(key)
         if body is None:
             return None
-        vm_name = str((body.get("spec") or {}).get("vmName", ""))
-        async with self.locks.lock((key[0], vm_name)):
+        vm_key = (key[0], str((body.get("spec") or {}).get("vmName", "")))
+        if self.locks.busy(vm_key):
+            # Another loop, or another snapshot of the VM, works on its domain: look again
+            # soon rather than hold one of the queue's few workers waiting for the lock. A
+            # VM whose libvirt job is stuck (each call waits 30 s) and that had several
+            # snapshots once held all of them, and no other VM's snapshot was taken.
+            return BUSY_RETRY_SECONDS
+        async with self.locks.lock(vm_key):
             return await self._reconcile_snapshot(key)
 
     async def _reconcile_snapshot(self, key: Key) -> float | None:

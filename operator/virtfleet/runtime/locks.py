@@ -33,6 +33,10 @@ class KeyedLocks(Generic[K]):
         """Keys whose lock is held or awaited right now."""
         return len(self._locks)
 
+    def busy(self, key: K) -> bool:
+        """Whether someone holds or awaits the key's lock (taking it now would wait)."""
+        return key in self._locks
+
     @contextlib.asynccontextmanager
     async def lock(self, key: K) -> AsyncIterator[None]:
         """Hold the key's lock for the ``async with`` block (waiting for it first)."""
