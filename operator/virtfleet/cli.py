@@ -124,16 +124,10 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cidr(text: str) -> str:
-    """An address range, checked when the flag is parsed (a typo must not start an agent)."""
-    import ipaddress
+    """The agent's one CIDR flag check (``none``: an empty list)."""
+    from virtfleet.agent.network import cidr_argument
 
-    if text == "none":  # --http-deny-cidr=none: no range is denied
-        return text
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a CIDR: {text!r} ({exc})") from exc
-    return text
+    return cidr_argument(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

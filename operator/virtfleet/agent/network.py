@@ -165,7 +165,8 @@ def _merged(pairs: Iterable[tuple[str, tuple[str, ...]]] | None) -> dict[str, se
     return merged
 
 
-def _cidr(text: str) -> str:
+def cidr_argument(text: str) -> str:
+    """An address range flag, checked when parsed (a typo must not start an agent)."""
     if text == "none":  # the chart's way to say "an empty list" (the flag replaces defaults)
         return text
     try:
@@ -233,7 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--user-nic-deny-cidr",
         action="append",
-        type=_cidr,
+        type=cidr_argument,
         metavar="CIDR",
         help="an address range user NICs may not reach besides the host's own addresses "
         f"(repeatable; replaces the default {', '.join(DEFAULT_USER_NIC_DENY)}; "
