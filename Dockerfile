@@ -15,10 +15,16 @@ RUN apt-get update \
         python3 python3-venv python3-dev gcc pkg-config libvirt-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The locked versions CI tested (requirements/runtime.txt, hash-checked; `make lock`),
+# then virtfleet itself without dependencies.
+COPY requirements/runtime.txt requirements/
+RUN python3 -m venv /opt/virtfleet \
+    && /opt/virtfleet/bin/pip install --no-cache-dir --no-compile --require-hashes \
+        -r requirements/runtime.txt
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-RUN python3 -m venv /opt/virtfleet \
-    && /opt/virtfleet/bin/pip install --no-cache-dir --no-compile /src \
+RUN /opt/virtfleet/bin/pip install --no-cache-dir --no-compile --no-deps /src \
+    && /opt/virtfleet/bin/pip check \
     && /opt/virtfleet/bin/virtfleet --version
 
 # --- runtime: python3 + libvirt client library + the venv; no compiler, no libvirt-dev ---

@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 
-.PHONY: bootstrap demo down test unit e2e lint crds gitops chaos soak bench
+.PHONY: bootstrap demo down test unit e2e lint crds gitops chaos soak bench coverage lock
 
 bootstrap:
 	@scripts/bootstrap
@@ -45,6 +45,7 @@ lint:
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+	$(VENV)/lint-imports
 	$(VENV)/virtfleet crds --check
 	$(VENV)/hadolint Dockerfile
 	$(VENV)/python gitops/argocd/generate.py --check
@@ -56,3 +57,20 @@ crds:
 ## Regenerate the Argo CD settings (gitops/argocd/) from the chart's Lua health checks.
 gitops:
 	$(VENV)/python gitops/argocd/generate.py
+
+## Re-resolve the locks from pyproject.toml: requirements/lock.txt (what scripts/bootstrap
+## and so CI install: the dev and bench extras) and requirements/runtime.txt (what the image
+## installs: the same versions, runtime dependencies only). Pinned versions stay unless
+## UPGRADE=1 (or UPGRADE="--upgrade-package NAME") asks for newer ones.
+LOCK := $(VENV)/uv pip compile --quiet --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-unknown-linux-gnu --custom-compile-command "make lock" \
+	$(if $(filter 1,$(UPGRADE)),--upgrade,$(UPGRADE))
+## Line coverage of operator/virtfleet by the unit tests alone (no libvirtd, no apiserver).
+coverage: bootstrap
+	$(VENV)/coverage run --source=operator/virtfleet -m pytest -q tests
+	$(VENV)/coverage report --skip-covered --sort=cover
+
+lock:
+	@test -x $(VENV)/uv || scripts/bootstrap || test -x $(VENV)/uv
+	$(LOCK) pyproject.toml --extra dev --extra bench -o requirements/lock.txt
+	$(LOCK) pyproject.toml -c requirements/lock.txt -o requirements/runtime.txt

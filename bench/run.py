@@ -25,13 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import report, scenarios
+from bench.result import BenchContext, ScenarioResult
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO / "e2e") not in sys.path:
-    sys.path.insert(0, str(REPO / "e2e"))
-
-from bench import report, scenarios  # noqa: E402
-from bench.result import BenchContext, ScenarioResult  # noqa: E402
-
 RESULTS_DIR = REPO / "bench" / "results"
 
 #: The order of a run: cheap control-plane scenarios first, the real-guest storms later.

@@ -99,7 +99,10 @@ def test_chaos_keeps_every_invariant(system: Cluster, namespace: str) -> None:
     for line in chaos_outcomes.summary(outcomes):
         print(f"[chaos] {line}")
     print(f"[chaos] seen in guests and QEMU logs: {chaos_invariants.acted(system, workload)}")
-    print(f"[chaos] libvirtd restarted for {chaos_invariants.JOB_STUCK}: {dict(operator.restarts)}")
+    print(
+        f"[chaos] {chaos_invariants.JOB_STUCK}: libvirtd restarted {dict(operator.restarts)}, "
+        f"QEMU killed {dict(operator.qemu_kills)}"
+    )
     print(f"[chaos] violations: {len(problems)}; kinds below their completion floor: {len(short)}")
     for line in problems + short:
         print(f"[chaos]   {line}")

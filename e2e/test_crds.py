@@ -29,7 +29,7 @@ def cel_messages() -> set[str]:
         for rule in model.__dict__.get("cel_rules", ()):
             if rule.rule is not None:
                 found.add(rule.message)
-        for info in model.model_fields.values():  # type: ignore[attr-defined]
+        for info in model.model_fields.values():
             for arg in _types(info.annotation):
                 visit(arg)
 

@@ -8,6 +8,7 @@ stays and gets a Warning Event. Every cordon is undone in a ``finally``.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from harness import nodes as hn
@@ -36,7 +37,7 @@ def test_cordon_migrates_live_migrate_vms_and_reports_the_others(
         )
         system.apply(vm_manifest("anchored", namespace, evictionStrategy="None"))
         for name in ("mobile", "anchored"):
-            wait_for(lambda n=name: running_on(system, namespace, n, a.name), 120, 0.3, n_run(name))
+            wait_for(partial(running_on, system, namespace, name, a.name), 120, 0.3, n_run(name))
         system.kubectl("uncordon", b.name)
         dom = domain_name(namespace, "mobile")
         hn.wait_for_serial(a, dom, BOOT_MARKER, timeout=60)

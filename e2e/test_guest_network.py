@@ -28,8 +28,8 @@ import pytest
 from harness import nodes as hn
 from harness import operators
 from harness.guest import guest_cmdline
-from harness.httpserve import serve
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from testkit.httpserve import serve
 
 NODE = "node-a"
 AGENT = f"agent-{NODE}"

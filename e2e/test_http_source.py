@@ -18,8 +18,8 @@ import pytest
 
 from harness import nodes as hn
 from harness.guest import guest_cmdline
-from harness.httpserve import serve_folder
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from testkit.httpserve import serve_folder
 
 IMAGE = "base-counter-1000.qcow2"
 
@@ -52,7 +52,7 @@ def test_http_disk_boots_with_the_downloaded_content(
     system.apply(http_vm("fetched", namespace, url, sha))
 
     def running() -> bool:
-        return (
+        return bool(
             system.get("vm", "fetched", namespace).get("status", {}).get("printableStatus")
             == "Running"
         )

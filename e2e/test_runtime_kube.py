@@ -1,4 +1,4 @@
-"""KubeApi against the real apiserver: reads, merge patches, errors, VMHost upsert, Events."""
+"""KubeClient against the real apiserver: reads, merge patches, errors, VMHost upsert, Events."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from harness.testing import Cluster
-from virtfleet.runtime.kube import Conflict, Invalid, KubeApi, NotFound
+from virtfleet.runtime.kube import Conflict, Invalid, KubeClient, NotFound
 
 
 @pytest.fixture
-async def kube(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KubeApi]:
+async def kube(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KubeClient]:
     monkeypatch.setenv("KUBECONFIG", cluster.env["KUBECONFIG"])
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    api = KubeApi(field_manager="virtfleet-e2e")
+    api = KubeClient(field_manager="virtfleet-e2e")
     yield api
     await api.close()
 
@@ -35,7 +35,9 @@ def vm(name: str) -> dict[str, object]:
     }
 
 
-async def test_get_list_and_merge_patches(cluster: Cluster, namespace: str, kube: KubeApi) -> None:
+async def test_get_list_and_merge_patches(
+    cluster: Cluster, namespace: str, kube: KubeClient
+) -> None:
     cluster.apply(vm("one"), "-n", namespace)
     cluster.apply(vm("two"), "-n", namespace)
     got = await kube.get("VirtualMachine", namespace, "one")
@@ -62,7 +64,7 @@ async def test_get_list_and_merge_patches(cluster: Cluster, namespace: str, kube
     assert [i["metadata"]["name"] for i in selected] == ["one"]
 
 
-async def test_errors_are_mapped(cluster: Cluster, namespace: str, kube: KubeApi) -> None:
+async def test_errors_are_mapped(cluster: Cluster, namespace: str, kube: KubeClient) -> None:
     with pytest.raises(NotFound):
         await kube.get("VirtualMachine", namespace, "missing")
     cluster.apply(vm("cas"), "-n", namespace)
@@ -77,7 +79,9 @@ async def test_errors_are_mapped(cluster: Cluster, namespace: str, kube: KubeApi
         await kube.patch_status("VirtualMachine", namespace, "cas", {"printableStatus": "Bogus"})
 
 
-async def test_upsert_vmhost_status_creates_then_patches(cluster: Cluster, kube: KubeApi) -> None:
+async def test_upsert_vmhost_status_creates_then_patches(
+    cluster: Cluster, kube: KubeClient
+) -> None:
     name = f"e2e-kube-{uuid.uuid4().hex[:6]}"
     try:
         first = await kube.upsert_vmhost_status(name, {"cpus": 4, "memoryBytes": 2**30})
@@ -89,7 +93,7 @@ async def test_upsert_vmhost_status_creates_then_patches(cluster: Cluster, kube:
         cluster.kubectl("delete", "vmhost", name, "--wait=false", check=False)
 
 
-async def test_secrets_and_nodes(cluster: Cluster, namespace: str, kube: KubeApi) -> None:
+async def test_secrets_and_nodes(cluster: Cluster, namespace: str, kube: KubeClient) -> None:
     cluster.kubectl(
         "create", "secret", "generic", "ci", "-n", namespace, "--from-literal=userdata=#cloud"
     )
@@ -104,7 +108,7 @@ async def test_secrets_and_nodes(cluster: Cluster, namespace: str, kube: KubeApi
 
 
 async def test_events_aggregate_and_show_in_describe(
-    cluster: Cluster, namespace: str, kube: KubeApi
+    cluster: Cluster, namespace: str, kube: KubeClient
 ) -> None:
     cluster.apply(vm("noisy"), "-n", namespace)
     body = await kube.get("VirtualMachine", namespace, "noisy")
@@ -125,7 +129,7 @@ async def test_events_aggregate_and_show_in_describe(
     assert by_reason["Unschedulable"]["involvedObject"]["uid"] == body["metadata"]["uid"]
     assert by_reason["Scheduled"]["count"] == 1
     # a fresh client (a restarted process) keeps aggregating into the same Event
-    async with KubeApi() as again:
+    async with KubeClient() as again:
         await again.record_event(body, "Warning", "Unschedulable", "no room", "virtfleet-e2e")
     out = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     counts = [
@@ -142,7 +146,7 @@ async def test_events_aggregate_and_show_in_describe(
 
 
 async def test_events_about_cluster_scoped_objects_go_to_default(
-    cluster: Cluster, kube: KubeApi
+    cluster: Cluster, kube: KubeClient
 ) -> None:
     node = await kube.get_node("node-b")
     reason = f"E2eProbe{uuid.uuid4().hex[:6]}"

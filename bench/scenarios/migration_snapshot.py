@@ -127,10 +127,13 @@ class Operator:
         missed even though the stream connects lazily.
         """
         selector = f"metadata.name={name}"
-        listing = self.objects.list_namespaced_custom_object(
-            guests.GROUP, guests.VERSION, self.namespace, plural, field_selector=selector
+        listing = cast(
+            dict[str, Any],
+            self.objects.list_namespaced_custom_object(
+                guests.GROUP, guests.VERSION, self.namespace, plural, field_selector=selector
+            ),
         )
-        stream = watch.Watch()
+        stream: Any = watch.Watch()  # type: ignore[no-untyped-call]
         started = time.monotonic()
         self.create(kind, plural, name, spec)
         events = stream.stream(

@@ -29,12 +29,9 @@ work of looking at every domain once.
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "e2e"))
 
 from bench.result import BenchContext, Row, ScenarioResult
 from harness import fleet, testdriver

@@ -22,13 +22,9 @@ one; the objects' ``managedFields`` (managers ``virtfleet-controller``, ``virtfl
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "e2e"))
 
 from bench.result import BenchContext, Row, ScenarioResult
 from harness import fleet, testdriver

@@ -14,11 +14,7 @@ by the agent's own renderer) with the same spacing on a fresh test-driver connec
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "e2e"))
 
 from bench.result import BenchContext, Row, ScenarioResult
 from harness import fleet, testdriver

@@ -310,14 +310,20 @@ class StuckJobOperator:
     libvirt 9 keeps a job without owner when libvirtd is killed while it starts a
     domain or reverts a snapshot (the chaos does that); every later call on the domain
     then times out, and virtfleet says so on the VM. Once a VM has said it for
-    ``patience`` seconds, restart libvirtd on its node, as the message asks.
+    ``patience`` seconds, restart libvirtd on its node, as the message asks. When QEMU
+    survived that crash, libvirtd reconnects to it and keeps the job through any number
+    of restarts: a VM still saying it ``patience`` seconds after a restart gets its
+    domain's QEMU killed, the message's second step (the VM loop starts it again).
     """
 
     cluster: Cluster
     namespace: str
     patience: float = 45.0
     first_seen: dict[str, float] = field(default_factory=dict)
+    #: VMs whose node's libvirtd was restarted while they said it (escalate next time).
+    restarted_for: set[str] = field(default_factory=set)
     restarts: Counter[str] = field(default_factory=Counter)
+    qemu_kills: Counter[str] = field(default_factory=Counter)
 
     def step(self, now: float) -> None:
         stuck = {}
@@ -327,10 +333,24 @@ class StuckJobOperator:
             if ready.get("reason") == JOB_STUCK and node:
                 stuck[name] = str(node)
         self.first_seen = {n: self.first_seen.get(n, now) for n in stuck}
-        due = {stuck[n] for n, seen in self.first_seen.items() if now - seen >= self.patience}
-        for node in sorted(due):
-            print(f"[chaos] operator: VMs on {node} say {JOB_STUCK}; restarting its libvirtd")
-            hn.restart_libvirtd(next(n for n in self.cluster.nodes if n.name == node))
-            self.restarts[node] += 1
-        if due:
-            self.first_seen = {}
+        self.restarted_for &= set(stuck)
+        due = sorted(n for n, seen in self.first_seen.items() if now - seen >= self.patience)
+        restart = sorted({stuck[n] for n in due if n not in self.restarted_for})
+        for name in (n for n in due if n in self.restarted_for):
+            node = self._node(stuck[name])
+            print(f"[chaos] operator: {name} still says {JOB_STUCK}; killing its QEMU")
+            hn.kill_qemu(node, domain_name(self.namespace, name))
+            self.qemu_kills[node.name] += 1
+            self.restarted_for.discard(name)
+            self.first_seen[name] = now
+        for node_name in restart:
+            print(f"[chaos] operator: VMs on {node_name} say {JOB_STUCK}; restarting its libvirtd")
+            hn.restart_libvirtd(self._node(node_name))
+            self.restarts[node_name] += 1
+            for name, on in stuck.items():
+                if on == node_name:
+                    self.restarted_for.add(name)
+                    self.first_seen[name] = now
+
+    def _node(self, name: str) -> hn.Node:
+        return next(n for n in self.cluster.nodes if n.name == name)

@@ -34,7 +34,7 @@ KINDS = ("vmsnapshot", "vmrestore", "vmmigration")
 OBSERVE_S = 2.0
 SUCCESS = {"vmsnapshot": "Ready", "vmrestore": "Succeeded", "vmmigration": "Succeeded"}
 #: Failure reasons that are the operator refusing a request by design, not a fault's
-#: doing (reconcile/snapshot.py, reconcile/migration.py, agent/migrations.py).
+#: doing (reconcile/snapshot.py, reconcile/restore.py, agent/migration/checks.py).
 REFUSALS = {
     "vmsnapshot": frozenset({"VMDeleting", "VMReplaced", "InvalidSpec", "VMNotFound"}),
     "vmrestore": frozenset(

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client import ApiException
 
 GROUP, VERSION, PLURAL = "virtfleet.io", "v1alpha1", "virtualmachines"
 RUNNING = "Running"
@@ -34,13 +34,15 @@ WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
 def api_client(env: Mapping[str, str]) -> client.ApiClient:
     """A client of the harness's apiserver; its pool is sized for parallel creates."""
     configuration = client.Configuration()
-    config.load_kube_config(config_file=env["KUBECONFIG"], client_configuration=configuration)
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=env["KUBECONFIG"], client_configuration=configuration
+    )
     configuration.connection_pool_maxsize = 32
     return client.ApiClient(configuration)
 
 
 def create_namespace(api: client.ApiClient, name: str) -> None:
-    body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    body = client.V1Namespace(metadata=client.V1ObjectMeta(name=name))
     client.CoreV1Api(api).create_namespace(body)
 
 
@@ -54,10 +56,10 @@ def delete_namespace(api: client.ApiClient, name: str) -> None:
 
 def create(api: client.ApiClient, namespace: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     objects = client.CustomObjectsApi(api)
-    created: dict[str, Any] = objects.create_namespaced_custom_object(
+    created = objects.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, dict(manifest)
     )
-    return created
+    return cast(dict[str, Any], created)
 
 
 def create_many(
@@ -92,12 +94,12 @@ def list_vms(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
     result = client.CustomObjectsApi(api).list_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL
     )
-    return list(result.get("items", []))
+    return list(cast(dict[str, Any], result).get("items", []))
 
 
 def list_all_vms(api: client.ApiClient) -> list[dict[str, Any]]:
     result = client.CustomObjectsApi(api).list_cluster_custom_object(GROUP, VERSION, PLURAL)
-    return list(result.get("items", []))
+    return list(cast(dict[str, Any], result).get("items", []))
 
 
 def is_running(vm: Mapping[str, Any]) -> bool:
@@ -159,14 +161,15 @@ class VmWatch:
         resource_version = ""
         while not self._stop.is_set():
             if not resource_version:
-                listing = objects.list_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL
+                listing = cast(
+                    dict[str, Any],
+                    objects.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL),
                 )
                 for vm in listing.get("items", []):
                     self._seen(vm)
                 resource_version = listing["metadata"]["resourceVersion"]
                 self._started.set()
-            stream = watch.Watch()
+            stream: Any = watch.Watch()  # type: ignore[no-untyped-call]
             try:
                 for event in stream.stream(
                     objects.list_namespaced_custom_object,
@@ -248,8 +251,7 @@ def write_counts(api: client.ApiClient) -> dict[tuple[str, str, str], float]:
         "GET", "/metrics", auth_settings=["BearerToken"]
     )
     response = api.call_api(method, url, headers, body, post)
-    response.read()
-    text = response.data.decode()
+    text = cast(bytes, response.read()).decode()  # type: ignore[no-untyped-call]
     counts: dict[tuple[str, str, str], float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line)

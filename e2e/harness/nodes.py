@@ -851,6 +851,24 @@ def restart_libvirtd(node: Node, timeout: float = 30.0, *, crash: bool = False) 
             time.sleep(0.2)
 
 
+def kill_qemu(node: Node, domain_name: str) -> bool:
+    """SIGKILL the domain's QEMU (its pid file in the node's ``/run/libvirt/qemu``).
+
+    The remedy for a libvirt 9 job without owner that survives libvirtd restarts because
+    QEMU did: libvirtd sees the process end and drops the domain's job with it. False
+    when the domain has no QEMU (nothing to kill).
+    """
+    pid = _read_pid(node.root / "run" / "libvirt" / "qemu" / f"{domain_name}.pid")
+    if pid is None or not _alive(pid):
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        print(f"kill_qemu: {domain_name}'s QEMU (pid {pid}) ended by itself", flush=True)
+        return False
+    return True
+
+
 def serial_log(node: Node, domain_name: str) -> str:
     """The guest's serial console output on that node so far ("" if none yet)."""
     try:

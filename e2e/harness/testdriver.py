@@ -326,7 +326,7 @@ def bench_fleet(
         finally:
             fleet.delete_namespace(api, namespace)
             stop(td, env)
-            api.close()
+            api.close()  # type: ignore[no-untyped-call]
 
 
 def delete_all(api: Any, namespace: str, timeout: float = DELETE_TIMEOUT_S) -> None:

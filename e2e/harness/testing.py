@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from harness import cluster as system
-from harness import nodes
+from harness.nodes import Node
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Cluster:
 
     state_dir: Path
     env: dict[str, str]
-    nodes: list[nodes.Node] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True
@@ -42,7 +42,7 @@ class Cluster:
         result: dict[str, Any] = json.loads(out)
         return result
 
-    def node(self, name: str) -> nodes.Node:
+    def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
 
 

@@ -88,11 +88,11 @@ def current_namespace() -> str:
 
 
 async def _create(manifest: dict[str, Any]) -> dict[str, Any]:
-    from virtfleet.runtime.kube import KubeApi
+    from virtfleet.runtime.kube import KubeClient
 
     namespace = manifest["metadata"]["namespace"]
     vm = manifest["spec"]["vmName"]
-    async with KubeApi(field_manager="virtfleet-cli") as kube:
+    async with KubeClient(field_manager="virtfleet-cli") as kube:
         await kube.get(VIRTUAL_MACHINE.kind, namespace, vm)  # a clear error if it is missing
         return await kube.create(manifest["kind"], manifest)
 
@@ -134,9 +134,9 @@ def power_request_value(action: str, request_id: str | None = None) -> str:
 
 
 async def _request_power(namespace: str, vm: str, value: str) -> None:
-    from virtfleet.runtime.kube import KubeApi
+    from virtfleet.runtime.kube import KubeClient
 
-    async with KubeApi(field_manager="virtfleet-cli") as kube:
+    async with KubeClient(field_manager="virtfleet-cli") as kube:
         await kube.patch_metadata(
             VIRTUAL_MACHINE.kind, namespace, vm, annotations={POWER_REQUEST_ANNOTATION: value}
         )

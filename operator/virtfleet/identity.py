@@ -35,6 +35,9 @@ FINALIZER_PREFIX = f"{API_GROUP}/agent-"
 #: refuses explicit MACs in that range, so an explicit MAC never equals a derived one.
 DERIVED_MAC_LOW_NIBBLE = 0x0E
 
+#: How every loop keys a namespaced object (a VM, a VMMigration): ``(namespace, name)``.
+Key = tuple[str, str]
+
 
 def node_finalizer(node_name: str) -> str:
     """The finalizer an agent on ``node_name`` puts on the objects it holds."""

@@ -13,11 +13,13 @@ import copy
 from typing import Any
 
 import pytest
-from tests.agent.test_snapshots import FakeKube, add
+from tests.agent.test_snapshots import add
 
+from testkit.kube import FakeKube
 from virtfleet.agent.agent import Agent
+from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.identity import NODE_LABEL
 from virtfleet.reconcile.claim import Claim, vm_claim
@@ -63,7 +65,7 @@ def test_claim(label: str | None, placed: str | None, claim: Claim) -> None:
 def agent(hv: Hypervisor) -> tuple[Agent, FakeKube]:
     kube = FakeKube()
     settings = AgentSettings(node_name=NODE, serial_log_dir="/serial")
-    return Agent(settings, hv, kube), kube  # type: ignore[arg-type]
+    return Agent(settings, hv, kube), kube
 
 
 async def test_a_labelled_but_unplaced_vm_is_never_defined(
@@ -109,7 +111,7 @@ async def test_a_vm_placed_on_another_node_is_not_taken(
 async def test_a_migrated_vm_is_taken_by_the_target(hv: Hypervisor) -> None:
     """Hand-over order: status.nodeName := target (label still the source's), then label."""
     kube = FakeKube()
-    target = Agent(AgentSettings(node_name=OTHER, serial_log_dir="/serial"), hv, kube)  # type: ignore[arg-type]
+    target = Agent(AgentSettings(node_name=OTHER, serial_log_dir="/serial"), hv, kube)
     midway = kube.put("VirtualMachine", vm_body(NODE, OTHER))
     assert vm_claim(midway, NODE) is Claim.ELSEWHERE  # the source lets go
     target.on_vm_event("ADDED", midway)

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from virtfleet.agent.driver import ActionError, NodeDriver, power_of, volume_name
+from virtfleet.agent.driver import ActionError, NodeDriver, power_of
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.volumes import volume_name
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.hypervisor import GuestState, Hypervisor, storage
 from virtfleet.reconcile.vm import Decision, Power, StopCause, VmView, decide
@@ -112,7 +113,9 @@ async def test_unknown_image_is_a_permanent_error(driver: NodeDriver) -> None:
 
 
 async def test_unknown_pool_is_a_permanent_error(driver: NodeDriver) -> None:
-    spec = {"disks": [{"name": "d", "size": "1Mi", "pool": "other", "source": {"blank": {}}}]}
+    spec: dict[str, Any] = {
+        "disks": [{"name": "d", "size": "1Mi", "pool": "other", "source": {"blank": {}}}]
+    }
     with pytest.raises(ActionError, match="not one of this node's pools"):
         await driver.observe(vm(**spec))
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pytest
 from tests.agent import test_snapshots
-from tests.agent.test_snapshots import VM_UID, FakeKube, add
+from tests.agent.test_snapshots import VM_UID, add
 
+from testkit.kube import FakeKube
 from virtfleet.agent.agent import Agent
-from virtfleet.agent.snapshots import UNSAFE_SNAPSHOT_XML, SnapshotAgent
+from virtfleet.agent.snapshot.agent import SnapshotAgent
+from virtfleet.agent.snapshot.redefine import UNSAFE_SNAPSHOT_XML
 from virtfleet.hypervisor import Guest, Hypervisor, snapshots
 
 #: The agent on the test driver with a running VM (the snapshot tests' fixture).

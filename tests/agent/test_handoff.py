@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from virtfleet.agent.migrations import handoff_finalizers
+from virtfleet.agent.migration.handoff import handoff_finalizers
 
 SOURCE = "virtfleet.io/agent-node-a"
 TARGET = "virtfleet.io/agent-node-b"

@@ -16,14 +16,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from tests.agent.test_snapshots import FakeKube, add
+from tests.agent.test_snapshots import add
 
+from testkit.kube import FakeKube
 from virtfleet.agent import agent as agent_module
-from virtfleet.agent import snapshots as snapshots_module
 from virtfleet.agent.agent import Agent
-from virtfleet.agent.migrations import MigrationAgent
+from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.migration import MigrationAgent
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+from virtfleet.agent.snapshot import restores as restores_module
+from virtfleet.agent.snapshot import snapshots as snapshots_module
+from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.identity import NODE_LABEL
 from virtfleet.runtime.queue import Backoff, WorkQueue
@@ -58,7 +61,7 @@ def vm_body(**spec: Any) -> dict[str, Any]:
 
 def make(hv: Hypervisor, **settings: Any) -> tuple[Agent, FakeKube]:
     kube = FakeKube()
-    agent = Agent(AgentSettings(node_name=NODE, serial_log_dir="/serial", **settings), hv, kube)  # type: ignore[arg-type]
+    agent = Agent(AgentSettings(node_name=NODE, serial_log_dir="/serial", **settings), hv, kube)
     return agent, kube
 
 
@@ -181,7 +184,7 @@ async def test_snapshot_and_restore_loops(hv: Hypervisor, monkeypatch: pytest.Mo
     add(kube, snaps, "VMSnapshot", "s1", {"vmName": "vm"})
     add(kube, snaps, "VMRestore", "r1", {"vmName": "vm", "snapshotName": "s1"})
     monkeypatch.setattr(snapshots_module, "decide_snapshot", explode)
-    monkeypatch.setattr(snapshots_module, "decide_restore", explode)
+    monkeypatch.setattr(restores_module, "decide_restore", explode)
 
     await run_until(
         snaps.snapshot_queue,

@@ -7,7 +7,7 @@ so its storage stores nothing and every event is "nothing changed" — except a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kopf._cogs.structs import bodies, diffs, patches
@@ -20,22 +20,21 @@ FINALIZER = "virtfleet.io/agent-node-a"
 
 
 def vm(**metadata: Any) -> bodies.Body:
-    return bodies.Body(
-        {
-            "apiVersion": "virtfleet.io/v1alpha1",
-            "kind": "VirtualMachine",
-            "metadata": {
-                "name": "web",
-                "namespace": "ns",
-                "uid": "u1",
-                "labels": {"virtfleet.io/node": "node-a"},
-                "finalizers": [FINALIZER],
-                **metadata,
-            },
-            "spec": {"memory": {"size": "64Mi"}},
-            "status": {"printableStatus": "Running"},
-        }
-    )
+    raw: dict[str, Any] = {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {
+            "name": "web",
+            "namespace": "ns",
+            "uid": "u1",
+            "labels": {"virtfleet.io/node": "node-a"},
+            "finalizers": [FINALIZER],
+            **metadata,
+        },
+        "spec": {"memory": {"size": "64Mi"}},
+        "status": {"printableStatus": "Running"},
+    }
+    return bodies.Body(cast(bodies.RawBody, raw))
 
 
 def reason(body: bodies.Body, event_type: str = "MODIFIED") -> causes.Reason:
@@ -46,7 +45,7 @@ def reason(body: bodies.Body, event_type: str = "MODIFIED") -> causes.Reason:
     new = storage.build(body=body)
     cause = causes.detect_changing_cause(
         finalizer=settings.persistence.finalizer,
-        raw_event={"type": event_type, "object": dict(body)},
+        raw_event=cast(bodies.RawEvent, {"type": event_type, "object": dict(body)}),
         body=body,
         old=old,
         new=new,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
-from virtfleet.agent.migrations import RECOVERY_WAIT_SECONDS, MigrationAgent
+from virtfleet.agent.migration import MigrationAgent
+from virtfleet.agent.migration.loop import RECOVERY_WAIT_SECONDS
 
 NODE = "node-a"
 
@@ -60,7 +62,7 @@ async def test_finished_or_foreign_migrations_do_not_hold_it() -> None:
     for body in (migration("Failed"), migration("Running", source="node-b")):
         migrations, _, calls = make("Migrating", [body])
         migrations.cache[("ns", "m1")] = body
-        guarded = migrations.guard(lambda key, c=calls: _record(c, key))
+        guarded = migrations.guard(partial(_record, calls))
         assert await guarded(("ns", "vm1")) is None
         assert calls == [("ns", "vm1")]
 

@@ -14,14 +14,18 @@ from typing import Any
 
 import pytest
 
-from virtfleet.agent import migrations as migration_module
-from virtfleet.agent.migrations import MigrationAgent
+from virtfleet.agent.migration import MigrationAgent
+from virtfleet.agent.migration import handoff as handoff_module
+from virtfleet.agent.migration import live as live_module
+from virtfleet.agent.migration import target as target_module
+from virtfleet.agent.migration.jobs import RunningJob
+from virtfleet.agent.migration.target import PreparedTarget
 from virtfleet.api.migration import VMMigrationSpec
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.logs import get_logger
-from virtfleet.reconcile.migration import DomainWhere
+from virtfleet.reconcile.migration_job import DomainWhere, Fail
 
 KEY = ("ns", "m1")
 VM_BODY = {"metadata": {"name": "vm1", "namespace": "ns", "uid": "u-1"}}
@@ -44,13 +48,13 @@ class FakeGuest:
 
 
 def make(monkeypatch: pytest.MonkeyPatch, where: Any) -> tuple[MigrationAgent, list[str]]:
-    monkeypatch.setattr(migration_module, "Hypervisor", FakeTarget)
     agent = SimpleNamespace(kube=None, hv=None, settings=SimpleNamespace(node_name="node-a"))
     migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
+    monkeypatch.setattr(migrations.ctx, "target", FakeTarget)
     said: list[str] = []
 
-    async def prepare(*_: Any) -> tuple[dict[str, str], list[str], int]:
-        return {}, [], 0
+    async def prepare(*_: Any) -> PreparedTarget:
+        return PreparedTarget()
 
     async def migrate(*_: Any, **__: Any) -> str | None:
         return "connection lost"
@@ -60,21 +64,19 @@ def make(monkeypatch: pytest.MonkeyPatch, where: Any) -> tuple[MigrationAgent, l
             raise where
         return where  # type: ignore[no-any-return]
 
-    async def finish(key: Any, reason: str, message: str, **_: Any) -> None:
-        said.append(f"finish {reason}")
-
-    async def released(vm_key: Any) -> None:
-        said.append("released")
+    async def fail(key: Any, vm_key: Any, end: Fail) -> None:
+        said.append(f"finish {end.reason}")
+        if end.release_vm:
+            said.append("released")
 
     async def handoff(*_: Any, **__: Any) -> None:
         said.append("handoff")
 
-    monkeypatch.setattr(migrations, "_prepare_target", prepare)
-    monkeypatch.setattr(migrations, "_migrate", migrate)
-    monkeypatch.setattr(migrations, "_where", where_now)
-    monkeypatch.setattr(migrations, "_finish", finish)
-    monkeypatch.setattr(migrations, "_vm_released", released)
-    monkeypatch.setattr(migrations, "_handoff", handoff)
+    monkeypatch.setattr(target_module, "prepare_target", prepare)
+    monkeypatch.setattr(live_module, "migrate", migrate)
+    monkeypatch.setattr(handoff_module, "where", where_now)
+    monkeypatch.setattr(migrations.ctx, "fail", fail)
+    monkeypatch.setattr(handoff_module, "handoff", handoff)
     return migrations, said
 
 
@@ -82,7 +84,17 @@ async def run(migrations: MigrationAgent) -> None:
     spec = VMMigrationSpec.model_validate({"vmName": "vm1"})
     vm_spec = VirtualMachineSpec.model_validate({"memory": {"size": "64Mi"}})
     log = SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None)
-    await migrations._run(KEY, spec, VM_BODY, vm_spec, FakeGuest(), "qemu+tcp://b/system", log)  # type: ignore[arg-type]
+    job = RunningJob(guest=FakeGuest())  # type: ignore[arg-type]
+    await live_module.run_live(
+        migrations.ctx,
+        job,
+        KEY,
+        spec,
+        VM_BODY,
+        vm_spec,
+        "qemu+tcp://b/system",
+        log,
+    )
 
 
 @pytest.mark.parametrize(
@@ -124,6 +136,7 @@ async def test_the_hand_over_removes_what_the_source_libvirtd_left(
         await guest.suspend()
     agent = SimpleNamespace(kube=None, hv=hv, settings=SimpleNamespace(node_name="node-a"))
     migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
-    await migrations._remove_source_leftover(uid, get_logger("test"))
+    await handoff_module.remove_source_leftover(migrations.ctx, uid, get_logger("test"))
     assert await hv.lookup(uid) is None
-    await migrations._remove_source_leftover(uid, get_logger("test"))  # nothing left: no-op
+    # Nothing left: a no-op.
+    await handoff_module.remove_source_leftover(migrations.ctx, uid, get_logger("test"))

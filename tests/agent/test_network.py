@@ -69,7 +69,10 @@ def test_nothing_is_allowed_by_default() -> None:
 
 
 def test_a_namespace_or_every_namespace_may_be_allowed() -> None:
-    policy = NetworkPolicy(allowed_bridges={"team-a": ["br0"]}, allowed_networks={"*": ["default"]})
+    policy = NetworkPolicy(
+        allowed_bridges={"team-a": frozenset({"br0"})},
+        allowed_networks={"*": frozenset({"default"})},
+    )
     assert refusal("team-a", spec(BRIDGE, NETWORK, USER), policy) is None
     assert refusal("team-b", spec(NETWORK), policy) is None
     assert refusal("team-b", spec(BRIDGE), policy) is not None
@@ -137,7 +140,7 @@ def test_a_bad_nwfilter_name_is_refused() -> None:
 
 @pytest.fixture
 def driver(hv: Hypervisor) -> NodeDriver:
-    policy = NetworkPolicy(allowed_bridges={"team-a": ["br0"]})
+    policy = NetworkPolicy(allowed_bridges={"team-a": frozenset({"br0"})})
     return NodeDriver(
         hv, AgentSettings(node_name="node-a", serial_log_dir="/serial", network=policy)
     )

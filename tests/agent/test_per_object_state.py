@@ -15,61 +15,29 @@ from typing import Any
 import kopf
 import pytest
 
+from testkit.kube import FakeKube
 from virtfleet.agent import handlers
-from virtfleet.agent import migrations as migration_loops
-from virtfleet.agent import snapshots as snapshot_loops
+from virtfleet.agent import migration as migration_loops
 from virtfleet.agent.agent import Agent
 from virtfleet.agent.bookkeeping import PER_OBJECT, BookkeepingLog
 from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.migration import loop as migration_loop
+from virtfleet.agent.migration.jobs import RunningJob
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.snapshot import agent as snapshot_loops
 from virtfleet.hypervisor import Hypervisor
+from virtfleet.hypervisor import migration as hv_migration
 from virtfleet.identity import NODE_LABEL
-from virtfleet.reconcile.snapshot import DomainFacts
+from virtfleet.reconcile.migration_job import JobState
+from virtfleet.reconcile.snapshot_types import DomainFacts
 from virtfleet.reconcile.vm import Undefine
 from virtfleet.runtime import apisession
-from virtfleet.runtime.kube import KubeApi, NotFound
+from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.queue import WorkQueue
-from virtfleet.runtime.status import apply_merge_patch
 
 NODE = "node-a"
 KEY = ("ns", "web")
 UID = "11111111-2222-4333-8444-555555555555"
-
-
-class FakeKube:
-    """Just enough of KubeApi for the VM loop: objects by (namespace, name), merge patches."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.version = 100
-
-    def put(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        body = copy.deepcopy(body)
-        body["metadata"]["resourceVersion"] = str(self.version)
-        self.objects[(body["metadata"]["namespace"], body["metadata"]["name"])] = body
-        return copy.deepcopy(body)
-
-    async def patch_status(
-        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], **_: Any
-    ) -> dict[str, Any]:
-        try:
-            current = self.objects[(namespace, name)]
-        except KeyError:
-            raise NotFound(name, status=404) from None
-        return self.put(apply_merge_patch(current, {"status": dict(patch)}))
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        try:
-            return copy.deepcopy(self.objects[(namespace, name)])
-        except KeyError:
-            raise NotFound(name, status=404) from None
-
-    async def record_event(self, *_: Any) -> None:
-        return None
-
-    def bookkeeping(self) -> dict[str, int]:
-        return {"event_locks": 0}
 
 
 def vm_body(**spec: Any) -> dict[str, Any]:
@@ -98,15 +66,15 @@ async def eventually(check: Any, timeout: float = 5.0) -> None:
 
 
 async def test_a_deleted_vm_leaves_no_per_vm_state_anywhere(hv: Hypervisor) -> None:
-    kube = FakeKube()
-    agent = Agent(AgentSettings(node_name=NODE), hv, kube)  # type: ignore[arg-type]
+    kube = FakeKube(keyed_by_name=True)
+    agent = Agent(AgentSettings(node_name=NODE), hv, kube)
     locks = VmLocks()
     snaps, tasks = snapshot_loops.start(agent, locks)
     migrations = migration_loops.MigrationAgent(agent, locks, snaps)
     books = handlers._bookkeeping(agent, locks, {"snapshots": snaps, "migrations": migrations})
     tasks.append(asyncio.create_task(agent.queue.run(locks.guard(agent.reconcile))))
     try:
-        agent.on_vm_event("ADDED", kube.put(vm_body()))
+        agent.on_vm_event("ADDED", kube.put("VirtualMachine", vm_body()))
         await eventually(
             lambda: kube.objects[KEY].get("status", {}).get("printableStatus") == "Running"
         )
@@ -119,15 +87,15 @@ async def test_a_deleted_vm_leaves_no_per_vm_state_anywhere(hv: Hypervisor) -> N
         # not leave a finalization event behind.
         execute = agent.driver.execute
 
-        async def undefine_then_deleted(view: Any, snap: Any, action: Any) -> None:
-            await execute(view, snap, action)
+        async def undefine_then_deleted(vm: Any, observation: Any, action: Any) -> None:
+            await execute(vm, observation, action)
             if isinstance(action, Undefine):
                 agent.on_vm_event("DELETED", kube.objects.pop(KEY))
 
         agent.driver.execute = undefine_then_deleted  # type: ignore[method-assign]
         deleting = copy.deepcopy(kube.objects[KEY])
         deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-        agent.on_vm_event("MODIFIED", kube.put(deleting))
+        agent.on_vm_event("MODIFIED", kube.put("VirtualMachine", deleting))
         await eventually(lambda: KEY not in kube.objects and not per_object(books.check()))
         assert await hv.lookup(UID) is None
         assert per_object(books.check()) == {}
@@ -159,7 +127,7 @@ async def _hold(locks: VmLocks) -> None:
 
 
 async def test_a_deleted_snapshot_leaves_no_finalization_event(hv: Hypervisor) -> None:
-    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())  # type: ignore[arg-type]
+    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())
     snaps = snapshot_loops.SnapshotAgent(agent, VmLocks())
     body = {
         "metadata": {
@@ -195,12 +163,11 @@ async def test_a_cancelled_migration_job_leaves_nothing(monkeypatch: pytest.Monk
     async def abort(_: Any) -> None:
         return None
 
-    monkeypatch.setattr(migration_loops.hv_migration, "abort", abort)
-    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), FakeKube())  # type: ignore[arg-type]
+    monkeypatch.setattr(hv_migration, "abort", abort)
+    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), FakeKube())
     migrations = migration_loops.MigrationAgent(agent, VmLocks(), None)  # type: ignore[arg-type]
     key = ("ns", "m1")
-    migrations.jobs[key] = object()  # type: ignore[assignment]
-    migrations.timed_out[key] = 20.0
+    migrations.jobs[key] = RunningJob(guest=object(), state=JobState(timed_out_budget=20.0))  # type: ignore[arg-type]
     cancel = asyncio.create_task(migrations.cancel(key, 5.0))
     await asyncio.sleep(0.01)
     assert per_object(migrations.bookkeeping()) != {}
@@ -212,7 +179,7 @@ async def test_a_cancelled_migration_job_leaves_nothing(monkeypatch: pytest.Monk
 async def test_event_aggregation_locks_go_when_the_event_is_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    kube = KubeApi(apisession_free_configuration())
+    kube = KubeClient(apisession_free_configuration())
     written: list[str] = []
 
     async def record(key: tuple[str, str], *_: Any) -> None:
@@ -313,9 +280,9 @@ async def test_the_agent_waits_for_a_restarting_libvirtd_instead_of_failing_its_
 
 async def test_a_migration_waits_while_the_vm_cache_is_behind_the_api() -> None:
     # Right after a restart the VMMigration watch can deliver before the VM watch.
-    kube = FakeKube()
-    kube.put(vm_body())
-    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), kube)  # type: ignore[arg-type]
+    kube = FakeKube(keyed_by_name=True)
+    kube.put("VirtualMachine", vm_body())
+    agent = Agent(AgentSettings(node_name=NODE), Hypervisor(), kube)
     migrations = migration_loops.MigrationAgent(agent, VmLocks(), None)  # type: ignore[arg-type]
     key = ("ns", "m1")
     migrations.cache[key] = {
@@ -323,7 +290,7 @@ async def test_a_migration_waits_while_the_vm_cache_is_behind_the_api() -> None:
         "spec": {"vmName": KEY[1], "targetNode": "node-b"},
         "status": {"phase": "Scheduled", "sourceNode": NODE, "targetNode": "node-b"},
     }
-    assert await migrations.reconcile(key) == migration_loops.CACHE_BEHIND_RETRY_SECONDS
+    assert await migrations.reconcile(key) == migration_loop.CACHE_BEHIND_RETRY_SECONDS
     del kube.objects[KEY]  # gone from the API as well: refused, not retried
     assert await migrations.reconcile(key) is None
 
@@ -332,7 +299,7 @@ async def test_a_snapshot_of_a_busy_vm_gives_its_worker_back(hv: Hypervisor) -> 
     # Waiting for the VM's lock held one of the snapshot queue's 4 workers: the snapshots
     # of one VM whose libvirt calls hang (a stuck job) starved every other VM's.
     locks = VmLocks()
-    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())  # type: ignore[arg-type]
+    agent = Agent(AgentSettings(node_name=NODE), hv, FakeKube())
     snaps = snapshot_loops.SnapshotAgent(agent, locks)
     body = {
         "metadata": {"namespace": "ns", "name": "s1", "uid": "u", "resourceVersion": "1"},

@@ -2,83 +2,27 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
+from testkit.kube import FakeKube
 from virtfleet.agent.agent import Agent
+from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor, snapshots
 from virtfleet.identity import NODE_LABEL
-from virtfleet.runtime.kube import Conflict, NotFound
-from virtfleet.runtime.status import apply_merge_patch
 
 VM_UID = "11111111-2222-4333-8444-555555555555"
 NODE = "node-a"
-
-
-class FakeKube:
-    """Just enough of KubeApi: objects by (kind, namespace, name), merge patches, rv CAS."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.version = 100
-        self.events: list[tuple[str, str]] = []
-
-    def put(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        body = copy.deepcopy(body)
-        body["metadata"]["resourceVersion"] = str(self.version)
-        meta = body["metadata"]
-        self.objects[(kind, meta["namespace"], meta["name"])] = body
-        return copy.deepcopy(body)
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        try:
-            return copy.deepcopy(self.objects[(kind, namespace, name)])
-        except KeyError:
-            raise NotFound(name, status=404) from None
-
-    async def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        return [copy.deepcopy(v) for (k, ns, _), v in self.objects.items() if k == kind]
-
-    async def patch(
-        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], **_: Any
-    ) -> dict[str, Any]:
-        current = await self.get(kind, namespace, name)
-        wanted = (patch.get("metadata") or {}).get("resourceVersion")
-        if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
-            raise Conflict("changed", status=409)
-        patch = copy.deepcopy(dict(patch))
-        patch.get("metadata", {}).pop("resourceVersion", None)
-        return self.put(kind, apply_merge_patch(current, patch))
-
-    async def patch_status(
-        self,
-        kind: str,
-        namespace: str,
-        name: str,
-        patch: Mapping[str, Any],
-        *,
-        resource_version: str | None = None,
-    ) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": dict(patch)}
-        if resource_version is not None:
-            body["metadata"] = {"resourceVersion": resource_version}
-        return await self.patch(kind, namespace, name, body)
-
-    async def record_event(self, obj: Any, type: str, reason: str, *_: Any) -> None:
-        self.events.append((obj["metadata"]["name"], reason))
 
 
 @pytest.fixture
 async def setup(hv: Hypervisor) -> tuple[Agent, SnapshotAgent, FakeKube]:
     kube = FakeKube()
     settings = AgentSettings(node_name=NODE, serial_log_dir="/serial")
-    agent = Agent(settings, hv, kube)  # type: ignore[arg-type]
+    agent = Agent(settings, hv, kube)
     vm = kube.put(
         "VirtualMachine",
         {

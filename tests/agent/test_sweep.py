@@ -6,30 +6,19 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
+from testkit.kube import FakeKube
 from virtfleet.agent.host import sweep_orphans
 from virtfleet.hypervisor import Hypervisor, storage
 from virtfleet.identity import NODE_LABEL
 from virtfleet.logs import get_logger
-from virtfleet.runtime.kube import NotFound
 
 NODE = "node-a"
 LOCAL_POOL = "virtfleet-local"
 
 
-class FakeKube:
+def fake_kube(vms: list[dict[str, Any]], migrations: list[dict[str, Any]]) -> FakeKube:
     """The two reads the sweep makes, over fixed VMs and VMMigrations."""
-
-    def __init__(self, vms: list[dict[str, Any]], migrations: list[dict[str, Any]]) -> None:
-        self.objects = {"VirtualMachine": vms, "VMMigration": migrations}
-
-    async def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        return self.objects[kind]
-
-    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        for body in self.objects[kind]:
-            if body["metadata"]["namespace"] == namespace and body["metadata"]["name"] == name:
-                return body
-        raise NotFound(f"{kind} {namespace}/{name}", status=404)
+    return FakeKube(objects={"VirtualMachine": vms, "VMMigration": migrations})
 
 
 def vm(name: str, uid: str, node: str) -> dict[str, Any]:
@@ -69,7 +58,7 @@ async def test_sweep_removes_what_no_vm_wants_and_keeps_the_rest(
         if name in ("here", "moved-running"):  # "migrating": defined, not started (offline)
             await guest.start()
         await storage.create_blank(hv, LOCAL_POOL, f"{uid}-root", 2**20, fmt="raw")
-    kube = FakeKube(
+    kube = fake_kube(
         vms=[
             vm("here", UIDS["here"], NODE),
             vm("moved", UIDS["moved"], "node-b"),
@@ -98,5 +87,5 @@ async def test_a_vm_deleted_while_the_watch_was_away_is_forgotten(hv: Hypervisor
         ("ns", "here"): vm("here", UIDS["here"], NODE),
         ("ns", "gone"): vm("gone", UIDS["gone"], NODE),
     }
-    await sweep_orphans(agent(hv, FakeKube([vm("here", UIDS["here"], NODE)], []), cache))
+    await sweep_orphans(agent(hv, fake_kube([vm("here", UIDS["here"], NODE)], []), cache))
     assert list(cache) == [("ns", "here")]

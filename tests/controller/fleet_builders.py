@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from virtfleet.controller.views import HostView, NodeView, VmRequest, VmView
+from virtfleet.reconcile.views import CachedVm, HostView, NodeView, VmRequest
 
 GI = 2**30
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -76,5 +76,5 @@ def vm_body(
     return body
 
 
-def vm(**kwargs: Any) -> VmView:
-    return VmView.from_body(vm_body(**kwargs))
+def vm(**kwargs: Any) -> CachedVm:
+    return CachedVm.from_body(vm_body(**kwargs))

@@ -2,83 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from fleet_builders import GI, NOW, vm_body
+from tests.controller.fleet_builders import GI, NOW, vm_body
 
+from testkit.kube import FakeKube
 from virtfleet.controller.controller import CONFLICT_RETRY, Controller
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.identity import NODE_LABEL
-from virtfleet.runtime.kube import Conflict, KubeApi
-from virtfleet.runtime.status import apply_merge_patch
-
-
-class FakeKube:
-    """Just enough of KubeApi: objects in a dict, merge patches, resourceVersion checks."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.calls: list[tuple[str, str, dict[str, Any]]] = []
-        self.events: list[tuple[str, str, str]] = []
-        self.version = 100
-
-    def put(self, body: dict[str, Any]) -> dict[str, Any]:
-        meta = body["metadata"]
-        self.objects[(meta["namespace"], meta["name"])] = copy.deepcopy(body)
-        return body
-
-    def _bump(self, obj: dict[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        obj["metadata"]["resourceVersion"] = str(self.version)
-        return copy.deepcopy(obj)
-
-    async def patch_status(
-        self,
-        kind: str,
-        namespace: str,
-        name: str,
-        patch: Mapping[str, Any],
-        *,
-        resource_version: str | None = None,
-    ) -> dict[str, Any]:
-        obj = self.objects[(namespace, name)]
-        if resource_version is not None and resource_version != obj["metadata"]["resourceVersion"]:
-            raise Conflict("changed", status=409)
-        self.calls.append(("status", name, dict(patch)))
-        obj["status"] = apply_merge_patch(obj.get("status") or {}, patch)
-        return self._bump(obj)
-
-    async def patch(
-        self, kind: str, namespace: str, name: str, body: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        obj = self.objects[(namespace, name)]
-        patch = dict(body["metadata"])
-        expected = patch.pop("resourceVersion", None)
-        if expected is not None and expected != obj["metadata"]["resourceVersion"]:
-            raise Conflict("changed", status=409)
-        self.calls.append(("metadata", name, patch))
-        obj["metadata"] = apply_merge_patch(obj["metadata"], patch)
-        return self._bump(obj)
-
-    async def create(self, kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        meta = body["metadata"]
-        if (meta["namespace"], meta["name"]) in self.objects:
-            raise Conflict("already exists", status=409)
-        self.calls.append(("create", meta["name"], dict(body)))
-        obj = copy.deepcopy(dict(body))
-        obj["kind"] = kind
-        obj["metadata"]["creationTimestamp"] = "2026-01-01T12:00:00Z"
-        self.objects[(meta["namespace"], meta["name"])] = obj
-        return self._bump(obj)
-
-    async def record_event(
-        self, obj: Mapping[str, Any], type: str, reason: str, message: str, component: str
-    ) -> None:
-        name = obj["metadata"]["name"] if "metadata" in obj else obj["name"]
-        self.events.append((name, type, reason))
 
 
 def host_body(
@@ -99,8 +31,11 @@ def node_body(name: str, **labels: str) -> dict[str, Any]:
 
 
 def make(clock: datetime = NOW) -> tuple[Controller, FakeKube]:
-    kube = FakeKube()
-    controller = Controller(kube, ControllerSettings(), clock=lambda: clock)  # type: ignore[arg-type]
+    # Objects by (namespace, name), Events as (name, type, reason), the controller's clock.
+    kube = FakeKube(
+        keyed_by_name=True, event_fields=("name", "type", "reason"), clock=lambda: clock
+    )
+    controller = Controller(kube, ControllerSettings(), clock=lambda: clock)
     for name in ("node-a", "node-b"):
         controller.node_event(None, node_body(name))
         controller.host_event(None, host_body(name))
@@ -245,7 +180,7 @@ def test_importing_registers_nothing_globally() -> None:
 
 
 def test_the_registry_holds_event_handlers_only() -> None:
-    controller = Controller(KubeApi.__new__(KubeApi))
+    controller = Controller(FakeKube())
     registry = controller.registry()
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any, cast
 
-from fleet_builders import NOW, host, vm
+from tests.controller.fleet_builders import NOW, host, vm
 
 from virtfleet.controller.decisions import (
     NODE_UNREACHABLE,
@@ -14,22 +15,23 @@ from virtfleet.controller.decisions import (
     unreachable_note,
     unreachable_status,
 )
-from virtfleet.controller.placement import (
+from virtfleet.reconcile.placement import (
     INSUFFICIENT_CAPACITY,
     INVALID_SPEC,
     UNSCHEDULABLE,
     Placement,
     Unschedulable,
 )
-from virtfleet.controller.views import VmView
+from virtfleet.reconcile.views import CachedVm
 from virtfleet.runtime.status import apply_merge_patch, status_patch
 
 T0 = "2026-01-01T12:00:00Z"
 T1 = "2026-01-01T12:05:00Z"
 
 
-def conditions(status: dict[str, object]) -> dict[str, dict[str, object]]:
-    return {c["type"]: c for c in status["conditions"]}  # type: ignore[attr-defined, index]
+def conditions(status: dict[str, object]) -> dict[str, dict[str, Any]]:
+    listed = cast(list[dict[str, Any]], status["conditions"])
+    return {c["type"]: c for c in listed}
 
 
 def test_placed_vm_shows_starting_and_waits_for_its_agent() -> None:
@@ -130,9 +132,9 @@ def test_notes_only_when_the_reason_changes() -> None:
     assert changed.reason == INSUFFICIENT_CAPACITY
 
 
-def placed_vm(**kwargs: object) -> VmView:
+def placed_vm(**kwargs: object) -> CachedVm:
     status = {"nodeName": "node-a", "printableStatus": "Running", "conditions": []}
-    return vm(status=status, **kwargs)  # type: ignore[arg-type]
+    return vm(status=status, **kwargs)
 
 
 def test_a_live_host_changes_nothing() -> None:

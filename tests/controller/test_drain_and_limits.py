@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.controller.test_controller import FakeKube, add_vm, make, node_body
+from tests.controller.test_controller import add_vm, make, node_body
 
+from testkit.kube import FakeKube
 from virtfleet.controller.controller import Controller
 from virtfleet.identity import NODE_LABEL
 
@@ -62,7 +63,7 @@ async def test_a_restarted_controller_does_not_duplicate_the_migration() -> None
     cordon(controller, "node-a")
     await drain_all(controller)
     again, _ = make()
-    again.kube = kube  # type: ignore[assignment]
+    again.kube = kube
     again.vm_event(None, kube.objects[("ns", "mobile")])
     cordon(again, "node-a")
     await drain_all(again)  # its migration cache is empty: the create conflicts
@@ -106,7 +107,7 @@ async def test_per_node_limit_makes_migrations_wait_until_a_slot_frees() -> None
         placed(controller, kube, vm, "None")
     sched = controller.migrations
     for i, vm in enumerate(("v1", "v2", "v3")):
-        body = kube.put(migration_body(f"m{i}", vm))
+        body = kube.put("VMMigration", migration_body(f"m{i}", vm))
         sched.event("ADDED", body)
     assert await sched.reconcile(("ns", "m0")) is None
     assert await sched.reconcile(("ns", "m1")) is None
@@ -133,7 +134,7 @@ async def test_cluster_limit_counts_every_node() -> None:
     for i in range(5):
         body = migration_body(f"busy{i}", f"o{i}", "Running", source=f"n{i}")
         sched.event("ADDED", body)
-    sched.event("ADDED", kube.put(migration_body("late", "v9")))
+    sched.event("ADDED", kube.put("VMMigration", migration_body("late", "v9")))
     assert await sched.reconcile(("ns", "late")) == sched.WAIT_RETRY
     conds = sched.cache[("ns", "late")]["status"]["conditions"]
     assert any(c["reason"] == "ClusterLimitReached" for c in conds)

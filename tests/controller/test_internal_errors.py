@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from tests.controller.test_controller import FakeKube, add_vm, make
+from tests.controller.test_controller import add_vm, make
 
+from testkit.kube import FakeKube
 from virtfleet.controller import controller as controller_module
 from virtfleet.controller import migrations as migrations_module
 from virtfleet.controller import unclaimed as unclaimed_module
@@ -79,7 +80,7 @@ def one_shot(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 async def test_migration_scheduling_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     controller, kube = make()
     add_vm(controller, kube, name="a")
-    body = kube.put(one_shot("m1", {"vmName": "a"}))
+    body = kube.put("VMMigration", one_shot("m1", {"vmName": "a"}))
     controller.migrations.event("ADDED", body)
     monkeypatch.setattr(migrations_module, "decide_schedule", explode)
     scheduler = controller.migrations
@@ -88,7 +89,7 @@ async def test_migration_scheduling_loop(monkeypatch: pytest.MonkeyPatch) -> Non
 
 async def test_unclaimed_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     controller, kube = make()
-    body = kube.put(one_shot("s1", {"vmName": "missing"}))
+    body = kube.put("VMSnapshot", one_shot("s1", {"vmName": "missing"}))
     controller.unclaimed.event("VMSnapshot", "ADDED", body)
     monkeypatch.setattr(unclaimed_module, "unclaimed_snapshot_status", explode)
     unclaimed = controller.unclaimed

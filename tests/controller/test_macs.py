@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 
-from fleet_builders import vm_body
+from tests.controller.fleet_builders import vm_body
+from tests.controller.test_controller import add_vm, make
 
-from test_controller import add_vm, make
 from virtfleet.controller.macs import MacIndex
-from virtfleet.controller.views import VmView
 from virtfleet.identity import derive_mac, is_derived_range
+from virtfleet.reconcile.views import CachedVm
 
 MAC = "02:00:00:aa:bb:01"
 
@@ -27,12 +27,12 @@ def test_explicit_macs_outside_the_derived_range_are_not_derived() -> None:
 
 
 def _view(name: str, namespace: str = "ns", created: str = "2026-01-01T12:00:00Z",
-          node: str | None = None) -> VmView:  # fmt: skip
+          node: str | None = None) -> CachedVm:  # fmt: skip
     body = vm_body(name, namespace=namespace, interfaces=[{"name": "nic0", "macAddress": MAC}])
     body["metadata"]["creationTimestamp"] = created
     if node:
         body["status"] = {"nodeName": node}
-    return VmView.from_body(body)
+    return CachedVm.from_body(body)
 
 
 def test_the_older_vm_keeps_the_mac_and_the_newer_is_told() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytest
-from fleet_builders import GI, NOW, host, node, request
+from tests.controller.fleet_builders import GI, NOW, host, node, request
 
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.controller.placement import (
+from virtfleet.reconcile.placement import (
     INSUFFICIENT_CAPACITY,
     UNSCHEDULABLE,
     Placement,
@@ -16,7 +16,7 @@ from virtfleet.controller.placement import (
     format_bytes,
     place,
 )
-from virtfleet.controller.views import HostView, NodeView, VmRequest
+from virtfleet.reconcile.views import HostView, NodeView, VmRequest
 
 TIMEOUT = 40.0
 

@@ -8,11 +8,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from fleet_builders import NOW
+from tests.controller.fleet_builders import NOW
 
 from virtfleet.controller.unclaimed import RESTORE, SNAPSHOT, restore_view, snapshot_view
 from virtfleet.identity import NODE_LABEL
-from virtfleet.reconcile.snapshot import (
+from virtfleet.reconcile.unclaimed import (
     VmPresence,
     unclaimed_restore_status,
     unclaimed_snapshot_status,

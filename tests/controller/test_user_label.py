@@ -7,9 +7,9 @@ its memory is free for the VMs the controller does place there.
 
 from __future__ import annotations
 
-from fleet_builders import GI
+from tests.controller.fleet_builders import GI
+from tests.controller.test_controller import add_vm, make
 
-from test_controller import add_vm, make
 from virtfleet.identity import NODE_LABEL
 
 

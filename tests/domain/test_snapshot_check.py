@@ -44,7 +44,7 @@ def name_of(xml: str) -> str:
 def bounds(xml: str = RUNNING, **changes: str) -> SnapshotBounds:
     values = {"namespace": "ns", "name": "vm", "uid": UID, "snapshot_name": name_of(xml)}
     values.update(changes)
-    return SnapshotBounds(**values, volume_dirs=(LOCAL, SHARED), image_dirs=(IMAGES,))  # type: ignore[arg-type]
+    return SnapshotBounds(**values, volume_dirs=(LOCAL, SHARED), image_dirs=(IMAGES,))
 
 
 def check(xml: str, references: tuple[str, ...] = (LIVE,), **changes: str) -> None:

@@ -18,7 +18,7 @@ from virtfleet.hypervisor import (
     HypervisorSettings,
     eventloop,
 )
-from virtfleet.hypervisor.connection import backoff_delays
+from virtfleet.hypervisor.settings import backoff_delays
 
 
 async def _next_event(queue: asyncio.Queue[DomainEvent], kind: EventKind) -> DomainEvent:

@@ -8,7 +8,7 @@ import libvirt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from virtfleet.hypervisor.jobs import (
+from virtfleet.domain.jobs import (
     JobOperation,
     JobProgress,
     JobType,

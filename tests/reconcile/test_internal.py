@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 from virtfleet.reconcile.internal import (
     INTERNAL_ERROR,
@@ -16,7 +17,8 @@ NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 def by_type(status: dict[str, object]) -> dict[str, dict[str, object]]:
-    return {c["type"]: c for c in status["conditions"]}  # type: ignore[attr-defined, index]
+    listed = cast(list[dict[str, object]], status["conditions"])
+    return {str(c["type"]): c for c in listed}
 
 
 def test_stalled_and_not_ready_with_the_error_and_nothing_else_changed() -> None:

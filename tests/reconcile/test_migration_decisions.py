@@ -13,9 +13,8 @@ from virtfleet.api.migration import (
     VMMigrationSpec,
     VMMigrationStatus,
 )
-from virtfleet.hypervisor.jobs import JobType, parse_job_stats
+from virtfleet.domain.jobs import JobType, parse_job_stats
 from virtfleet.reconcile.migration import (
-    DomainWhere,
     MigrationRef,
     Refused,
     Scheduled,
@@ -23,16 +22,19 @@ from virtfleet.reconcile.migration import (
     competing,
     decide_schedule,
     failed_status,
+    running_status,
+    scheduled_status,
+    succeeded_status,
+)
+from virtfleet.reconcile.migration_job import (
+    DomainWhere,
     handoff_printable,
     job_outcome,
     offline_outcome,
     postcopy_due,
     postcopy_failure_message,
     progress_of,
-    running_status,
-    scheduled_status,
     should_publish,
-    succeeded_status,
 )
 
 HOSTS = {"a": host("a"), "b": host("b"), "c": host("c", memory_gi=0.5)}

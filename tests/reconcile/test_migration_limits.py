@@ -6,16 +6,14 @@ from tests.controller.fleet_builders import NOW
 
 from virtfleet.api.migration import MigrationPhase, VMMigrationStatus
 from virtfleet.reconcile.migration import (
-    GIB,
     EvictionCandidate,
     Refused,
-    completion_budget,
     eviction_name,
     plan_eviction,
     slot_wait,
-    timed_out,
     waiting_status,
 )
+from virtfleet.reconcile.migration_job import GIB, completion_budget, timed_out
 
 
 def test_eviction_names_are_deterministic_and_short_enough() -> None:

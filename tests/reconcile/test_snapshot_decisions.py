@@ -16,28 +16,30 @@ from virtfleet.api.snapshot import (
     VMSnapshotStatus,
 )
 from virtfleet.api.virtualmachine import RunStrategy
-from virtfleet.reconcile.snapshot import (
-    Adopt,
-    DeleteSnapshot,
+from virtfleet.reconcile.restore import (
     DestroyDomain,
-    DomainFacts,
-    LibvirtSnapshot,
     MarkDomain,
-    RedefineSnapshot,
-    RestoreView,
     Revert,
-    SnapshotOnNode,
-    SnapshotRef,
-    SnapshotView,
     StartDomain,
-    TakeSnapshot,
-    VmRef,
     active_restore,
     decide_restore,
-    decide_snapshot,
-    libvirt_snapshot_name,
+)
+from virtfleet.reconcile.snapshot import DeleteSnapshot, TakeSnapshot, decide_snapshot
+from virtfleet.reconcile.snapshot_migration import (
+    SnapshotOnNode,
     migration_snapshot_plan,
     snapshots_block_migration,
+)
+from virtfleet.reconcile.snapshot_types import (
+    Adopt,
+    DomainFacts,
+    LibvirtSnapshot,
+    RedefineSnapshot,
+    RestoreView,
+    SnapshotRef,
+    SnapshotView,
+    VmRef,
+    libvirt_snapshot_name,
 )
 from virtfleet.reconcile.vm import Power
 

@@ -1,4 +1,4 @@
-"""KubeApi.wait_until_served: the startup gate that keeps kopf from missing our APIs."""
+"""KubeClient.wait_until_served: the startup gate that keeps kopf from missing our APIs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from kubernetes import client as k8s_client
 
 from virtfleet.api.resources import KINDS
 from virtfleet.identity import API_GROUP, API_VERSION
-from virtfleet.runtime.kube import ApiUnavailable, KubeApi
+from virtfleet.runtime.kube import ApiUnavailable, KubeClient
 
 ALL = [{"name": kind.plural} for kind in KINDS]
 
 
-def scripted(kube: KubeApi, answers: Iterator[Any], asked: list[str]) -> None:
+def scripted(kube: KubeClient, answers: Iterator[Any], asked: list[str]) -> None:
     async def request(method: str, path: str, **_: Any) -> Any:
         asked.append(path)
         answer = next(answers)
@@ -26,7 +26,7 @@ def scripted(kube: KubeApi, answers: Iterator[Any], asked: list[str]) -> None:
 
 
 async def test_waits_through_an_absent_apiserver_and_an_unlisted_group() -> None:
-    kube = KubeApi(k8s_client.Configuration(host="https://127.0.0.1:1"))
+    kube = KubeClient(k8s_client.Configuration(host="https://127.0.0.1:1"))
     asked: list[str] = []
     group = {"groups": [{"name": API_GROUP}]}
     answers = iter(

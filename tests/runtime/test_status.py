@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import given
@@ -46,7 +47,18 @@ def test_the_patch_names_only_changed_top_level_keys(
     old, new = stored(old), stored(new)
     patch = status_patch(old, new) or {}
     for key in patch:
-        assert old.get(key) != new.get(key)
+        # Compared as JSON: `true` and `1` are different values to the apiserver, while
+        # Python's == calls them equal (hypothesis found `nodeName: True -> 1`).
+        assert as_json(old.get(key)) != as_json(new.get(key))
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def test_a_change_of_json_type_is_a_change() -> None:
+    assert status_patch({"nodeName": True}, {"nodeName": 1}) == {"nodeName": 1}
+    assert status_patch({"deep": {"x": 1.0}}, {"deep": {"x": 1}}) == {"deep": {"x": 1}}
 
 
 def test_examples() -> None:

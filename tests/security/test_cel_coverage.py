@@ -45,7 +45,7 @@ def _visit(model: type, kind: str, seen: set[type], found: list[Located]) -> Non
     seen.add(model)
     for rule in model.__dict__.get("cel_rules", ()):
         found.append(Located(kind, model.__name__, rule))
-    for info in model.model_fields.values():  # type: ignore[attr-defined]
+    for info in model.model_fields.values():
         for arg in _types(info.annotation):
             _visit(arg, kind, seen, found)
 

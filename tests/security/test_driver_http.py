@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.httpserve import serve_folder
+from testkit.httpserve import serve_folder
 from virtfleet.agent.driver import ActionError, NodeDriver
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -161,6 +161,7 @@ async def test_an_unfetchable_url_is_refused_before_anything_is_made(
     # The API refuses these URLs now; the agent must still refuse one that got past it
     # (an older CRD, a stored object), so the model's check is bypassed here.
     vm = view("http://placeholder.example/x", "0" * 64)
+    assert vm.spec is not None
     source = vm.spec.disks[0].source
     assert source.http is not None
     object.__setattr__(source.http, "url", url)

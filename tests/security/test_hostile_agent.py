@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tests.agent.test_snapshots import FakeKube
 from tests.security.test_hostile_spec import BASE, Path_, hostile_values, paths, replaced
 
+from testkit.kube import FakeKube
 from virtfleet.agent.agent import Agent
+from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.network import NetworkPolicy
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.agent.snapshots import SnapshotAgent, VmLocks
+from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings, storage
 from virtfleet.identity import NODE_LABEL
 
@@ -135,12 +136,12 @@ async def _scenario(
         # The base spec's bridge and network NICs are allowed (hostile names are not); no
         # host firewall on a test node (the user NIC's guard is tested where it lives).
         network=NetworkPolicy(
-            allowed_bridges={KEY[0]: ["br0"]},
-            allowed_networks={KEY[0]: ["default"]},
+            allowed_bridges={KEY[0]: frozenset({"br0"})},
+            allowed_networks={KEY[0]: frozenset({"default"})},
             user_host_access=True,
         ),
     )
-    agent = Agent(settings, hv, kube)  # type: ignore[arg-type]
+    agent = Agent(settings, hv, kube)
     if secret is not None:
         data = {"userdata": base64.b64encode(secret).decode()}
         kube.put("Secret", {"metadata": {"namespace": KEY[0], "name": "seed"}, "data": data})

@@ -214,7 +214,8 @@ def vocabulary(xml: str) -> set[str]:
             names.add(f"<non-element {type(element).__name__}>")
             continue
         names.add(element.tag)
-        names.update(f"{element.tag}@{attribute}" for attribute in element.attrib)
+        # lxml-stubs type attribute names str | bytes; lxml gives str.
+        names.update(f"{element.tag}@{attribute}" for attribute in element.attrib)  # type: ignore[str-bytes-safe]
     return names
 
 

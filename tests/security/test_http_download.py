@@ -14,10 +14,11 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from harness.httpserve import serve
+from testkit.httpserve import serve
 from virtfleet.hypervisor import download
 
 BODY = b"virtfleet" * 10_000
@@ -33,7 +34,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """
 
     def do_GET(self) -> None:
-        port = self.server.server_address[1]
+        # An AF_INET server: its address is (host, port).
+        port = cast(tuple[str, int], self.server.server_address)[1]
         routes = {
             "/redirect-file": "file:///etc/shadow",
             "/redirect-ftp": "ftp://127.0.0.1/x",

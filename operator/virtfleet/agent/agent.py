@@ -18,12 +18,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from virtfleet import manifests
-from virtfleet.agent.driver import NodeDriver, Snapshot
+from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.hypervisor import DomainEvent, Hypervisor
-from virtfleet.identity import POWER_REQUEST_ANNOTATION
+from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.claim import Claim, vm_claim
 from virtfleet.reconcile.vm import Decision, EventNote, PowerRequest, VmView, decide, failed
@@ -31,8 +31,6 @@ from virtfleet.runtime.failures import error_reporter
 from virtfleet.runtime.kube import Forbidden, KubeApi, KubeError, NotFound, secret_value
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
-
-Key = tuple[str, str]  # (namespace, name)
 
 #: Decide-act passes in one reconcile before handing back to the queue.
 MAX_PASSES = 5
@@ -217,17 +215,17 @@ class Agent:
         decision: Decision | None = None
         for _ in range(MAX_PASSES):
             try:
-                snap = await self.driver.observe(view, await self._user_data(view))
+                observation = await self.driver.observe(view, await self._user_data(view))
             except ActionError as exc:
                 return await self._failed(body, view, exc)
-            decision = decide(view, snap.observed, datetime.now(UTC))
+            decision = decide(view, observation.observed, datetime.now(UTC))
             await self._events(body, decision.events)
             view = VmView(**{**view.__dict__, "status": decision.status})
             if not decision.actions:
                 break
             log.info("acting", actions=[type(a).__name__ for a in decision.actions])
             try:
-                await self._act(view, snap, decision)
+                await self._act(view, observation, decision)
             except ActionError as exc:
                 return await self._failed(body, view, exc)
             if decision.finalized:
@@ -238,9 +236,9 @@ class Agent:
         await self._write_status(body, decision.status)
         return decision.requeue_after if decision.actions == () else 0.5
 
-    async def _act(self, view: VmView, snap: Snapshot, decision: Decision) -> None:
+    async def _act(self, view: VmView, observation: VmObservation, decision: Decision) -> None:
         for action in decision.actions:
-            await self.driver.execute(view, snap, action)
+            await self.driver.execute(view, observation, action)
 
     async def _view(self, body: Mapping[str, Any]) -> VmView:
         meta = body["metadata"]
@@ -345,5 +343,14 @@ class Agent:
 
     async def _events(self, body: Mapping[str, Any], events: tuple[EventNote, ...]) -> None:
         for note in events:
-            with contextlib.suppress(Exception):  # an Event is best effort, never a failure
+            try:
                 await self.kube.record_event(body, note.type, note.reason, note.message, COMPONENT)
+            except Exception as exc:  # an Event is best effort, never a failure
+                meta = body.get("metadata") or {}
+                self.log.warning(
+                    "event not recorded",
+                    namespace=meta.get("namespace"),
+                    vm=meta.get("name"),
+                    reason=note.reason,
+                    error=str(exc),
+                )

@@ -13,11 +13,11 @@ import dataclasses
 import posixpath
 from dataclasses import dataclass
 
-from virtfleet.agent import httpdisk, network
+from virtfleet.agent import httpdisk, network, volumes
 from virtfleet.agent.errors import ActionError as ActionError  # re-exported: tests, callers
 from virtfleet.agent.guestfirewall import GUEST_FIREWALL_UNAVAILABLE, GuestFirewall
-from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.volumes import SEED, seed_volume_name, volume_name
 from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
 from virtfleet.domain import (
     DiskBacking,
@@ -33,7 +33,7 @@ from virtfleet.domain import (
 from virtfleet.domain.config import BandwidthConfig
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.observe import observe_config
-from virtfleet.hypervisor import Guest, GuestState, Hypervisor, VolumeRef, storage
+from virtfleet.hypervisor import Guest, GuestState, Hypervisor, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.vm import (
@@ -53,8 +53,6 @@ from virtfleet.reconcile.vm import (
     VmView,
 )
 
-SEED = "cloudInit"
-
 _STOP_CAUSES = {
     "shutdown": StopCause.GUEST,
     "destroyed": StopCause.DESTROYED,
@@ -70,12 +68,19 @@ _STOP_CAUSES = {
 JOB_STUCK = "HypervisorJobStuck"
 
 
-def job_stuck_message(error: str, node: str) -> str:
-    """What the user reads in ``kubectl describe``: what is wrong, and what clears it."""
+def job_stuck_message(error: str, node: str, domain: str) -> str:
+    """What the user reads in ``kubectl describe``: what is wrong, and what clears it.
+
+    Restarting libvirtd clears an ownerless job only when QEMU died with it; when QEMU
+    survived, libvirtd reconnects to it and keeps the job, and only ending that QEMU
+    clears it (the guest is restarted per ``runStrategy``).
+    """
     return (
         f"{error}: libvirtd on {node} holds a job on this domain. If it lasts, libvirtd "
         "kept a job without owner after it crashed during a start or a snapshot revert "
-        f"(libvirt 9); restarting libvirtd on {node} clears it (virtfleet retries)"
+        f"(libvirt 9): restart libvirtd on {node}; if the job survives that, kill the "
+        f"domain's QEMU on {node} (kill $(cat /run/libvirt/qemu/{domain}.pid)); "
+        "virtfleet retries and starts the VM again per its runStrategy"
     )
 
 
@@ -86,22 +91,17 @@ HALF_STARTED = frozenset({"starting-up", "from-snapshot"})
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """One observation: the reduced view for decisions and what is needed to act on it."""
+class VmObservation:
+    """One observation of a VM's domain on this node (not a VM snapshot).
+
+    ``observed`` is the reduced view the decision reads; the rest is what acting on the
+    decision needs.
+    """
 
     observed: Observed
     inputs: DomainInputs | None
     guest: Guest | None
     secret_user_data: str | None = None
-
-
-def volume_name(uid: str, disk: str) -> str:
-    """Volumes are named by the VM's uid: never reused by another VM of the same name."""
-    return f"{uid}-{disk}.qcow2"
-
-
-def seed_volume_name(uid: str) -> str:
-    return f"{uid}-cidata.iso"
 
 
 def _bandwidth_params(bandwidth: BandwidthConfig | None) -> dict[str, int]:
@@ -149,28 +149,28 @@ class NodeDriver:
 
     # --- observing ------------------------------------------------------------------------
 
-    async def observe(self, vm: VmView, user_data: str | None = None) -> Snapshot:
+    async def observe(self, vm: VmView, user_data: str | None = None) -> VmObservation:
         """What is on the node for ``vm``; raises ActionError when the spec cannot be placed."""
         try:
             try:
-                snap = await self._observe(vm, user_data)
+                observation = await self._observe(vm, user_data)
             except hv_errors.NotFound:
                 # The domain went away between two calls (undefined meanwhile): look again.
-                snap = await self._observe(vm, user_data)
+                observation = await self._observe(vm, user_data)
         except hv_errors.HypervisorError as exc:
             raise _hypervisor_failure(exc) from exc
-        return dataclasses.replace(snap, secret_user_data=user_data)
+        return dataclasses.replace(observation, secret_user_data=user_data)
 
-    async def _observe(self, vm: VmView, user_data: str | None) -> Snapshot:
+    async def _observe(self, vm: VmView, user_data: str | None) -> VmObservation:
         guest = await self.hv.lookup(vm.uid)
         spec = vm.spec
         if spec is None or vm.deleting:
             # Deleting needs no resolved resources: a VM whose image vanished must still go.
-            return Snapshot(await self._bare(guest), None, guest)
+            return VmObservation(await self._bare(guest), None, guest)
 
         inputs, missing = await self._resolve(vm, spec, user_data)
         if guest is None:
-            return Snapshot(Observed(defined=False, missing_volumes=missing), inputs, None)
+            return VmObservation(Observed(defined=False, missing_volumes=missing), inputs, None)
 
         status = await guest.status()
         power, cause = power_of(status.state, status.reason)
@@ -194,7 +194,7 @@ class NodeDriver:
             running = diff(desired, observe(await guest.xml()))
             live = tuple(c.path for c in running.live)
             restart = tuple(c.path for c in running.restart)
-        return Snapshot(
+        return VmObservation(
             Observed(
                 defined=True,
                 persistent=await guest.is_persistent(),
@@ -288,15 +288,7 @@ class NodeDriver:
             )
 
     def _pool_for(self, disk: Disk) -> str:
-        pool = disk.pool or self.settings.default_pool
-        if pool not in self.settings.pools:
-            allowed = ", ".join(self.settings.pools)
-            raise ActionError(
-                "PoolNotFound",
-                f"disk {disk.name!r}: pool {pool!r} is not one of this node's pools ({allowed})",
-                permanent=True,
-            )
-        return pool
+        return volumes.pool_for(self.settings, disk)
 
     async def _path_in(self, pool: str, name: str) -> str:
         try:
@@ -323,16 +315,18 @@ class NodeDriver:
 
     # --- acting ---------------------------------------------------------------------------
 
-    async def execute(self, vm: VmView, snap: Snapshot, action: Action) -> None:
+    async def execute(self, vm: VmView, observation: VmObservation, action: Action) -> None:
         """Carry out one action; hypervisor errors become ActionError with a reason."""
         try:
-            await self._execute(vm, snap, action)
+            await self._execute(vm, observation, action)
         except ActionError:
             raise
         except hv_errors.JobStuck as exc:
             await self._kill_half_started(vm)
             raise ActionError(
-                JOB_STUCK, job_stuck_message(str(exc), vm.node), permanent=False
+                JOB_STUCK,
+                job_stuck_message(str(exc), vm.node, domain_name(vm.namespace, vm.name)),
+                permanent=False,
             ) from exc
         except hv_errors.HypervisorError as exc:
             raise _hypervisor_failure(exc) from exc
@@ -354,36 +348,44 @@ class NodeDriver:
                 _log.warning("killing a half-started domain", namespace=vm.namespace, vm=vm.name)
                 await guest.destroy()
 
-    async def _execute(self, vm: VmView, snap: Snapshot, action: Action) -> None:
+    async def _execute(self, vm: VmView, observation: VmObservation, action: Action) -> None:
         match action:
             case EnsureVolumes(names=names):
                 assert vm.spec is not None
-                await self._ensure_volumes(vm, vm.spec, names, snap.secret_user_data)
+                await volumes.ensure_volumes(
+                    self.hv,
+                    self.settings,
+                    self.http_policy,
+                    vm,
+                    vm.spec,
+                    names,
+                    observation.secret_user_data,
+                )
             case Define():
-                assert snap.inputs is not None
-                await self.hv.define(render_xml(snap.inputs))
+                assert observation.inputs is not None
+                await self.hv.define(render_xml(observation.inputs))
             case Start():
-                guest = snap.guest or await self.hv.lookup(vm.uid)
+                guest = observation.guest or await self.hv.lookup(vm.uid)
                 if guest is not None:
                     await guest.start()
             case Stop(grace_seconds=grace):
-                if snap.guest is not None:
-                    await self.hv.graceful_stop(snap.guest, grace)
+                if observation.guest is not None:
+                    await self.hv.graceful_stop(observation.guest, grace)
             case Undefine():
-                if snap.guest is not None:
-                    await snap.guest.undefine()
+                if observation.guest is not None:
+                    await observation.guest.undefine()
             case DeleteVolumes():
                 await self.delete_volumes(vm.uid)
             case Pause():
-                if snap.guest is not None:
-                    await snap.guest.suspend()
+                if observation.guest is not None:
+                    await observation.guest.suspend()
             case Resume():
-                if snap.guest is not None:
-                    await snap.guest.resume()
+                if observation.guest is not None:
+                    await observation.guest.resume()
             case ApplyLive(paths=paths):
-                assert snap.inputs is not None
-                assert snap.guest is not None
-                await self._apply_live(snap.guest, snap.inputs, paths)
+                assert observation.inputs is not None
+                assert observation.guest is not None
+                await self._apply_live(observation.guest, observation.inputs, paths)
 
     async def _apply_live(self, guest: Guest, inputs: DomainInputs, paths: tuple[str, ...]) -> None:
         """iotune and bandwidth changes on the running domain, from the desired config."""
@@ -401,72 +403,6 @@ class NodeDriver:
                 if nic is not None and nic.mac is not None:
                     await guest.set_interface_bandwidth(nic.mac, _bandwidth_params(nic.bandwidth))
 
-    async def _ensure_volumes(
-        self, vm: VmView, spec: VirtualMachineSpec, names: tuple[str, ...], user_data: str | None
-    ) -> None:
-        for disk in spec.disks:
-            if disk.name not in names:
-                continue
-            pool = self._pool_for(disk)
-            name = volume_name(vm.uid, disk.name)
-            size = disk.size.bytes if disk.size is not None else None
-            source = disk.source
-            if source.image is not None:
-                try:
-                    await storage.create_overlay(
-                        self.hv, pool, name, VolumeRef(self.settings.image_pool, source.image), size
-                    )
-                except hv_errors.NotFound as exc:
-                    raise ActionError(
-                        "ImageNotFound",
-                        f"disk {disk.name!r}: image {source.image!r} is not in node "
-                        f"{self.settings.node_name}'s image store",
-                        permanent=True,
-                    ) from exc
-                except hv_errors.UnsafeImage as exc:
-                    raise ActionError(
-                        "UnsafeImage", f"disk {disk.name!r}: {exc}", permanent=True
-                    ) from exc
-            elif source.blank is not None:
-                assert size is not None  # the API requires a size for blank disks
-                await storage.create_blank(self.hv, pool, name, size)
-            elif source.http is not None:
-                await httpdisk.import_http(
-                    self.hv,
-                    self.settings,
-                    self.http_policy,
-                    uid=vm.uid,
-                    disk=disk,
-                    pool=pool,
-                    name=name,
-                    source=source.http,
-                    size=size,
-                )
-        if SEED in names and spec.cloud_init is not None:
-            files = seed_files(
-                uid=vm.uid,
-                hostname=vm.name,
-                user_data=user_data if user_data is not None else spec.cloud_init.user_data,
-                network_data=spec.cloud_init.network_data,
-            )
-            await storage.upload(
-                self.hv,
-                self.settings.default_pool,
-                seed_volume_name(vm.uid),
-                build_iso(files),
-                replace=True,
-            )
-
     async def delete_volumes(self, uid: str) -> list[str]:
         """Every volume of the VM with ``uid`` in the agent's pools (also half-made ones)."""
-        deleted = []
-        for pool in self.settings.pools:
-            try:
-                volumes = await storage.list_volumes(self.hv, pool)
-            except hv_errors.NotFound:
-                continue
-            for volume in volumes:
-                if volume.name.startswith(f"{uid}-"):
-                    await storage.delete_volume(self.hv, pool, volume.name)
-                    deleted.append(f"{pool}/{volume.name}")
-        return deleted
+        return await volumes.delete_volumes(self.hv, self.settings, uid)

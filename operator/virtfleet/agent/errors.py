@@ -1,4 +1,7 @@
-"""The agent's one error type for refusals the VM's conditions carry (with a reason)."""
+"""The agent's one error type for refusals an object's conditions carry (with a reason).
+
+The VM loop and the snapshot and restore loops raise it alike.
+"""
 
 from __future__ import annotations
 

@@ -16,25 +16,22 @@ from typing import Any
 import kopf
 
 from virtfleet.agent import health
-from virtfleet.agent import migrations as migration_loops
-from virtfleet.agent import snapshots as snapshot_loops
+from virtfleet.agent import migration as migration_loops
 from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.bookkeeping import BookkeepingLog
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks
-from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.settings import DELETE_WAIT_SECONDS, AgentSettings
+from virtfleet.agent.snapshot import agent as snapshot_loops
 from virtfleet.api.vmhost import VMHostStatus
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.hypervisor.connection import backoff_delays
+from virtfleet.hypervisor.settings import backoff_delays
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL
 from virtfleet.logs import get_logger
 from virtfleet.runtime import apisession
-from virtfleet.runtime.kube import KubeApi
+from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.memory import release_free_memory
-
-#: How long one run of the deletion handler waits before kopf retries it.
-DELETE_WAIT_SECONDS = 20.0
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -106,7 +103,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         hv = Hypervisor(
             HypervisorSettings(uri=settings.libvirt_uri, long_executor_workers=settings.workers)
         )
-        the_agent = Agent(settings, hv, KubeApi())
+        the_agent = Agent(settings, hv, KubeClient())
         await the_agent.kube.wait_until_served()
         holder["agent"] = the_agent
         hv.on_event(the_agent.on_domain_event)

@@ -30,6 +30,7 @@ from typing import Any
 import kopf
 
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.hypervisor.hostinfo import libvirt_version_via_new_connection, version_string
 from virtfleet.identity import API_GROUP, API_VERSION
 
 #: Seconds one libvirt probe may take before it counts as dead.
@@ -77,20 +78,6 @@ def stale_after(settings: AgentSettings) -> float:
     return max(MIN_STALE_SECONDS, STALE_HEARTBEATS * settings.heartbeat_seconds)
 
 
-async def libvirt_version_via_new_connection(uri: str) -> int:
-    """libvirtd's version over a fresh read-only connection (closed again)."""
-    import libvirt
-
-    def call() -> int:
-        conn = libvirt.openReadOnly(uri)
-        try:
-            return int(conn.getLibVersion())
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(call)
-
-
 def register(
     registry: kopf.OperatorRegistry,
     settings: AgentSettings,
@@ -120,9 +107,7 @@ def register(
             if the_agent is not None:
                 if not the_agent.hv.connected:
                     raise Unhealthy(f"libvirt at {settings.libvirt_uri} is disconnected")
-                version = await asyncio.wait_for(
-                    the_agent.hv.call(lambda conn: int(conn.getLibVersion())), LIBVIRT_TIMEOUT
-                )
+                version = await asyncio.wait_for(the_agent.hv.libvirt_version(), LIBVIRT_TIMEOUT)
             else:
                 version = await asyncio.wait_for(
                     libvirt_version_via_new_connection(settings.libvirt_uri), LIBVIRT_TIMEOUT
@@ -131,7 +116,7 @@ def register(
             raise
         except Exception as exc:  # libvirtError, TimeoutError, ...
             raise Unhealthy(f"libvirt at {settings.libvirt_uri} does not answer: {exc}") from exc
-        return f"libvirt {version // 1_000_000}.{version // 1000 % 1000}.{version % 1000}"
+        return f"libvirt {version_string(version)}"
 
     @kopf.on.probe(id="watch", registry=registry)
     def _watch(**_: Any) -> str:

@@ -8,13 +8,14 @@ from collections.abc import Container
 from datetime import UTC, datetime
 from typing import Any
 
-from virtfleet.agent.agent import Agent, Key
+from virtfleet.agent.agent import Agent
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.migration import MigrationPhase
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import PoolStatus, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.identity import Key
 from virtfleet.reconcile.leftovers import unwanted_domain, unwanted_volume
 from virtfleet.runtime.kube import NotFound
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from virtfleet.identity import Key
 from virtfleet.runtime.locks import KeyedLocks
 
-Key = tuple[str, str]  # (namespace, VM name)
 Handler = Callable[[Key], Awaitable[float | None]]
 
 

@@ -9,6 +9,11 @@ from virtfleet.agent.network import NetworkPolicy
 from virtfleet.hypervisor.download import DEFAULT_DENIED_CIDRS
 from virtfleet.identity import node_finalizer
 
+#: How long one run of a kopf deletion handler (VM, VMSnapshot, VMMigration) waits for
+#: the agent's running job on the object to end; then it raises ``kopf.TemporaryError``
+#: and kopf retries it (the finalizer stays until the job is done).
+DELETE_WAIT_SECONDS = 20.0
+
 
 @dataclass(frozen=True)
 class AgentSettings:

@@ -151,3 +151,42 @@ Conditions = Annotated[
         },
     ),
 ]
+
+
+def kstatus_conditions(
+    conditions: list[Condition] | tuple[Condition, ...],
+    generation: int | None,
+    *,
+    ready: tuple[ConditionStatus, str, str],
+    reconciling: tuple[str, str] | None,
+    stalled: tuple[str, str] | None,
+    now: str | None = None,
+) -> list[Condition]:
+    """The three kstatus conditions at once: ``Ready`` always, the abnormal-true pair only
+    while it holds (``reconciling``/``stalled`` are ``(reason, message)`` or None).
+
+    The one place that knows kstatus's rule; every kind's status goes through it.
+    """
+    out = set_condition(
+        conditions,
+        type=ConditionType.READY,
+        status=ready[0],
+        reason=ready[1],
+        message=ready[2],
+        observed_generation=generation,
+        now=now,
+    )
+    for kind, value in ((ConditionType.RECONCILING, reconciling), (ConditionType.STALLED, stalled)):
+        if value is None:
+            out = remove_condition(out, kind)
+        else:
+            out = set_condition(
+                out,
+                type=kind,
+                status=ConditionStatus.TRUE,
+                reason=value[0],
+                message=value[1],
+                observed_generation=generation,
+                now=now,
+            )
+    return out

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from virtfleet.controller.macs import MacIndex, explicit_macs
-from virtfleet.controller.views import HostView, Key, NodeView, VmView
+from virtfleet.identity import Key
+from virtfleet.reconcile.views import CachedVm, HostView, NodeView
 
 
 def _is_older(candidate: str, current: str) -> bool:
@@ -28,15 +29,15 @@ class FleetCache:
     """VMs by (namespace, name), VMHosts and Nodes by name."""
 
     def __init__(self) -> None:
-        self.vms: dict[Key, VmView] = {}
+        self.vms: dict[Key, CachedVm] = {}
         self.hosts: dict[str, HostView] = {}
         self.nodes: dict[str, NodeView] = {}
         #: Explicit MACs in use, so a placement checks uniqueness without a scan.
         self.macs = MacIndex()
 
-    def upsert_vm(self, body: Mapping[str, Any]) -> VmView | None:
+    def upsert_vm(self, body: Mapping[str, Any]) -> CachedVm | None:
         """Store a VM body; ``None`` (and no change) when it is older than what is cached."""
-        view = VmView.from_body(body)
+        view = CachedVm.from_body(body)
         current = self.vms.get(view.key)
         if current is not None and _is_older(view.resource_version, current.resource_version):
             return None
@@ -44,7 +45,7 @@ class FleetCache:
         self.macs.update(view.key, explicit_macs(body.get("spec") or {}))
         return view
 
-    def remove_vm(self, key: Key) -> VmView | None:
+    def remove_vm(self, key: Key) -> CachedVm | None:
         self.macs.remove(key)
         return self.vms.pop(key, None)
 
@@ -68,8 +69,8 @@ class FleetCache:
                 totals[node] = totals.get(node, 0) + vm.memory_bytes
         return totals
 
-    def unplaced(self) -> Iterator[VmView]:
+    def unplaced(self) -> Iterator[CachedVm]:
         return (vm for vm in self.vms.values() if vm.node_name is None and not vm.deleting)
 
-    def placed_on(self, node: str) -> Iterator[VmView]:
+    def placed_on(self, node: str) -> Iterator[CachedVm]:
         return (vm for vm in self.vms.values() if vm.node_name == node)

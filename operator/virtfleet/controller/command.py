@@ -84,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from virtfleet.controller.controller import Controller
-    from virtfleet.runtime.kube import KubeApi
+    from virtfleet.runtime.kube import KubeClient
     from virtfleet.runtime.memory import limit_malloc_arenas
 
     try:
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
 
     async def main() -> None:
-        controller = Controller(KubeApi(field_manager="virtfleet-controller"), settings)
+        controller = Controller(KubeClient(field_manager="virtfleet-controller"), settings)
         await controller.run(
             standalone=args.peering is None,
             peering_name=args.peering,

@@ -35,41 +35,30 @@ import kopf
 from virtfleet.api.conditions import rfc3339
 from virtfleet.api.resources import (
     VIRTUAL_MACHINE,
-    VM_HOST,
     VM_MIGRATION,
-    VM_RESTORE,
-    VM_SNAPSHOT,
 )
 from virtfleet.api.virtualmachine import PrintableStatus
-from virtfleet.controller import decisions
+from virtfleet.controller import decisions, wiring
 from virtfleet.controller.cache import FleetCache
+from virtfleet.controller.drain import Drainer
 from virtfleet.controller.migrations import MigrationScheduler
-from virtfleet.controller.placement import (
+from virtfleet.controller.settings import ControllerSettings
+from virtfleet.controller.unclaimed import UnclaimedWatcher
+from virtfleet.identity import Key
+from virtfleet.logs import LogFormat, get_logger
+from virtfleet.reconcile.placement import (
     INVALID_SPEC,
     MAC_ADDRESS_CONFLICT,
     Placement,
     Unschedulable,
     place,
 )
-from virtfleet.controller.settings import ControllerSettings
-from virtfleet.controller.unclaimed import UnclaimedWatcher
-from virtfleet.controller.views import Key, VmView
-from virtfleet.identity import API_GROUP, API_VERSION
-from virtfleet.logs import LogFormat, get_logger
-from virtfleet.reconcile.migration import (
-    EVICTION_LABEL,
-    EvictionCandidate,
-    eviction_name,
-    plan_eviction,
-)
-from virtfleet.runtime import apisession
+from virtfleet.reconcile.views import CachedVm
 from virtfleet.runtime.failures import cache_reporter, error_reporter
-from virtfleet.runtime.kopfsettings import configure_kopf
-from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
+from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
-IDENTITY = "controller"
 COMPONENT = "virtfleet-controller"
 #: Retry delay after losing a compare-and-swap: the watch brings the newer object soon.
 CONFLICT_RETRY = 1.0
@@ -110,12 +99,12 @@ class Controller:
         self._placing = asyncio.Lock()
         self._log = get_logger("virtfleet.controller")
         #: VMMigration scheduling (validation, target choice); reads this fleet cache.
-        self.migrations = MigrationScheduler(self)
+        self.migrations = MigrationScheduler(self.cache, kube, self.settings, clock)
         self.migrations.queue.on_error = cache_reporter(
             kube, VM_MIGRATION.kind, COMPONENT, self.migrations.cache, cas=True
         )
         #: Status of snapshots and restores whose VM is missing or unplaced.
-        self.unclaimed = UnclaimedWatcher(self)
+        self.unclaimed = UnclaimedWatcher(self.cache, kube, clock)
         self.unclaimed.queue.on_error = cache_reporter(
             kube,
             lambda key: key[0],  # the keys are (kind, namespace, name)
@@ -123,8 +112,8 @@ class Controller:
             self.unclaimed.cache,
             cas=True,
         )
-        #: (VM key, node) pairs whose drain outcome was already said (one Event each).
-        self._drain_noted: set[tuple[Key, str]] = set()
+        #: Cordoned nodes: live-migrate their VMs away, or say why one stays.
+        self.drains = Drainer(self.cache, kube, self.migrations)
 
     # --- intake (called from kopf's on.event handlers) ------------------------------------
 
@@ -164,7 +153,7 @@ class Controller:
                 for vm in self.cache.placed_on(name):
                     self.queue.add(vm.key)  # drain
             else:
-                self._drain_noted = {n for n in self._drain_noted if n[1] != name}
+                self.drains.forget_node(name)
         self._enqueue_unplaced()
 
     def _enqueue_unplaced(self) -> None:
@@ -221,73 +210,8 @@ class Controller:
             return CONFLICT_RETRY
         host_node = self.cache.nodes.get(node)
         if host_node is not None and host_node.unschedulable:
-            await self._drain(key, node, log)
+            await self.drains.drain(key, node, log)
         return await self._check_node(key, log)
-
-    async def _drain(self, key: Key, node: str, log: Any) -> None:
-        """The VM's node is cordoned: migrate it live, or say that it stays."""
-        vm = self.cache.vms.get(key)
-        if vm is None:
-            return
-        plan = plan_eviction(
-            [
-                EvictionCandidate(
-                    vm.name,
-                    vm.eviction_strategy,
-                    vm.status.get("printableStatus"),
-                    deleting=vm.deleting,
-                )
-            ]
-        )
-        noted = (key, node)
-        if plan.report and noted not in self._drain_noted:
-            self._drain_noted.add(noted)
-            message = (
-                f"node {node} is cordoned but evictionStrategy is None: the VM stays on "
-                f"{node} (set evictionStrategy: LiveMigrate, or stop or migrate it by hand)"
-            )
-            log.warning("drain: VM not migratable", message=message)
-            await self.kube.record_event(vm.body, "Warning", "EvictionBlocked", message, COMPONENT)
-            node_ref = {"apiVersion": "v1", "kind": "Node", "name": node}
-            await self.kube.record_event(
-                node_ref,
-                "Warning",
-                "EvictionBlocked",
-                f"VirtualMachine {vm.namespace}/{vm.name} stays on cordoned node {node} "
-                "(evictionStrategy None)",
-                COMPONENT,
-            )
-        if not plan.migrate:
-            return
-        name = eviction_name(vm.name, node)
-        if (vm.namespace, name) in self.migrations.cache:
-            return
-        body = {
-            "metadata": {
-                "name": name,
-                "namespace": vm.namespace,
-                "labels": {EVICTION_LABEL: node},
-            },
-            "spec": {"vmName": vm.name, "mode": "Live"},
-        }
-        try:
-            created = await self.kube.create("VMMigration", body)
-        except Conflict:
-            return  # made before (by us, before a restart): the name is the record
-        except KubeError as exc:
-            log.warning("drain: cannot create the VMMigration", error=str(exc))
-            return
-        self.migrations.event("ADDED", created)
-        log.info("drain: migrating the VM away", vmmigration=name)
-        if noted not in self._drain_noted:
-            self._drain_noted.add(noted)
-            await self.kube.record_event(
-                vm.body,
-                "Normal",
-                "Evicting",
-                f"node {node} is cordoned: live migration {name} created",
-                COMPONENT,
-            )
 
     async def _schedule(self, key: Key, log: Any) -> float | None:
         async with self._placing:
@@ -361,8 +285,8 @@ class Controller:
         return None
 
     async def _write_status(
-        self, vm: VmView, wanted: Mapping[str, Any], *, precondition: bool
-    ) -> VmView:
+        self, vm: CachedVm, wanted: Mapping[str, Any], *, precondition: bool
+    ) -> CachedVm:
         """Write the difference between ``vm.status`` and ``wanted``; the cached view after."""
         patch = status_patch(vm.status, wanted)
         if patch is None:
@@ -374,9 +298,9 @@ class Controller:
             patch,
             resource_version=vm.resource_version if precondition else None,
         )
-        return self.cache.upsert_vm(body) or VmView.from_body(body)
+        return self.cache.upsert_vm(body) or CachedVm.from_body(body)
 
-    async def _write_label(self, vm: VmView, node: str, log: Any) -> bool:
+    async def _write_label(self, vm: CachedVm, node: str, log: Any) -> bool:
         """The node label, and at first placement the node's finalizer, in one write.
 
         False when the VM changed meanwhile (its next watch event brings it back here).
@@ -406,53 +330,15 @@ class Controller:
         self, *, log_format: LogFormat = "auto", log_level: str = "INFO"
     ) -> kopf.OperatorRegistry:
         """A fresh kopf registry with this controller's handlers (no global side effects)."""
-        registry = kopf.OperatorRegistry()
-
-        @kopf.on.login(registry=registry)
-        async def _login(**kwargs: Any) -> kopf.AiohttpSession | None:
-            # A registry of our own has no default login handler: use the official client's
-            # (KUBECONFIG or the in-cluster service account, as KubeApi does), on a session
-            # whose connection pool is bounded (kopf's is not: runtime.apisession).
-            return apisession.login(**kwargs)
-
-        @kopf.on.startup(registry=registry)
-        async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-            configure_kopf(
-                settings,
-                identity=IDENTITY,
-                finalizer=None,
-                log_format=log_format,
-                log_level=log_level,
-            )
-            # kopf logs every successful on.event call at INFO: one line per heartbeat.
-            logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-            await self.kube.wait_until_served()
-
-        @kopf.on.event(API_GROUP, API_VERSION, VIRTUAL_MACHINE.plural, registry=registry)
-        async def _vm(event: Mapping[str, Any], **_: Any) -> None:
-            self.vm_event(event.get("type"), event["object"])
-
-        @kopf.on.event(API_GROUP, API_VERSION, VM_HOST.plural, registry=registry)
-        async def _host(event: Mapping[str, Any], **_: Any) -> None:
-            self.host_event(event.get("type"), event["object"])
-
-        @kopf.on.event(API_GROUP, API_VERSION, VM_MIGRATION.plural, registry=registry)
-        async def _migration(event: Mapping[str, Any], **_: Any) -> None:
-            self.migrations.event(event.get("type"), event["object"])
-
-        @kopf.on.event(API_GROUP, API_VERSION, VM_SNAPSHOT.plural, registry=registry)
-        async def _snapshot(event: Mapping[str, Any], **_: Any) -> None:
-            self.unclaimed.event(VM_SNAPSHOT.kind, event.get("type"), event["object"])
-
-        @kopf.on.event(API_GROUP, API_VERSION, VM_RESTORE.plural, registry=registry)
-        async def _restore(event: Mapping[str, Any], **_: Any) -> None:
-            self.unclaimed.event(VM_RESTORE.kind, event.get("type"), event["object"])
-
-        @kopf.on.event("v1", "nodes", registry=registry)
-        async def _node(event: Mapping[str, Any], **_: Any) -> None:
-            self.node_event(event.get("type"), event["object"])
-
-        return registry
+        handlers = wiring.Handlers(
+            vm=self.vm_event,
+            host=self.host_event,
+            node=self.node_event,
+            migration=self.migrations.event,
+            unclaimed=self.unclaimed.event,
+            wait_until_served=self.kube.wait_until_served,
+        )
+        return wiring.registry(handlers, log_format=log_format, log_level=log_level)
 
     async def run(
         self,

@@ -31,13 +31,13 @@ from virtfleet.api.conditions import (
     Condition,
     ConditionStatus,
     ConditionType,
-    remove_condition,
+    kstatus_conditions,
     set_condition,
 )
 from virtfleet.api.virtualmachine import PrintableStatus, RunStrategy
-from virtfleet.controller.placement import Placement, Unschedulable, stale_heartbeat
-from virtfleet.controller.views import HostView, VmView
 from virtfleet.identity import NODE_LABEL, node_finalizer
+from virtfleet.reconcile.placement import Placement, Unschedulable, stale_heartbeat
+from virtfleet.reconcile.views import CachedVm, HostView
 
 WAITING_FOR_AGENT = "WaitingForAgent"
 NODE_UNREACHABLE = "NodeUnreachable"
@@ -72,45 +72,31 @@ def write_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
 
 
 def scheduling_status(
-    vm: VmView, outcome: Placement | Unschedulable, *, now: str | None = None
+    vm: CachedVm, outcome: Placement | Unschedulable, *, now: str | None = None
 ) -> dict[str, Any]:
     """The status of an unplaced VM after a placement attempt (see the module doc)."""
     status = copy.deepcopy(dict(vm.status))
-    conditions = read_conditions(status)
-    gen = vm.generation
-
-    def put(type: str, value: ConditionStatus, reason: str, message: str) -> None:
-        nonlocal conditions
-        conditions = set_condition(
-            conditions,
-            type=type,
-            status=value,
-            reason=reason,
-            message=message,
-            observed_generation=gen,
-            now=now,
-        )
-
     if isinstance(outcome, Placement):
         status["nodeName"] = outcome.node
         starts = vm.run_strategy in _STARTS
         status["printableStatus"] = (
             PrintableStatus.STARTING.value if starts else PrintableStatus.STOPPED.value
         )
-        message = f"placed on {outcome.node}; waiting for its agent"
-        put(ConditionType.READY, ConditionStatus.FALSE, WAITING_FOR_AGENT, message)
-        put(ConditionType.RECONCILING, ConditionStatus.TRUE, WAITING_FOR_AGENT, message)
-        conditions = remove_condition(conditions, ConditionType.STALLED)
+        why = (WAITING_FOR_AGENT, f"placed on {outcome.node}; waiting for its agent")
+        stalled = False
     else:
         status.pop("nodeName", None)
         status["printableStatus"] = PrintableStatus.SCHEDULING.value
-        put(ConditionType.READY, ConditionStatus.FALSE, outcome.reason, outcome.message)
-        if outcome.stalled:
-            put(ConditionType.STALLED, ConditionStatus.TRUE, outcome.reason, outcome.message)
-            conditions = remove_condition(conditions, ConditionType.RECONCILING)
-        else:
-            put(ConditionType.RECONCILING, ConditionStatus.TRUE, outcome.reason, outcome.message)
-            conditions = remove_condition(conditions, ConditionType.STALLED)
+        why = (outcome.reason, outcome.message)
+        stalled = outcome.stalled
+    conditions = kstatus_conditions(
+        read_conditions(status),
+        vm.generation,
+        ready=(ConditionStatus.FALSE, *why),
+        reconciling=None if stalled else why,
+        stalled=why if stalled else None,
+        now=now,
+    )
     status["conditions"] = write_conditions(conditions)
     return status
 
@@ -128,7 +114,7 @@ def scheduling_note(
 
 
 def unreachable_status(
-    vm: VmView,
+    vm: CachedVm,
     host: HostView | None,
     *,
     now: datetime,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from virtfleet.controller.views import Key, VmView
+from virtfleet.identity import Key
+from virtfleet.reconcile.views import CachedVm
 
 __all__ = ["MacIndex", "explicit_macs"]
 
@@ -25,7 +26,7 @@ def explicit_macs(spec: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _age_key(vm: VmView) -> tuple[str, str, str]:
+def _age_key(vm: CachedVm) -> tuple[str, str, str]:
     created = (vm.body.get("metadata") or {}).get("creationTimestamp") or ""
     return (str(created), vm.namespace, vm.name)
 
@@ -56,7 +57,7 @@ class MacIndex:
     def __len__(self) -> int:
         return len(self._claims)
 
-    def conflict(self, vm: VmView, vms: Mapping[Key, VmView]) -> str | None:
+    def conflict(self, vm: CachedVm, vms: Mapping[Key, CachedVm]) -> str | None:
         """Why ``vm`` may not be placed, or ``None``.
 
         The older VM (or the one already placed) keeps the MAC; another namespace's VM is

@@ -11,15 +11,17 @@ node's agent owns the object.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from virtfleet.api.migration import MigrationPhase, VMMigrationSpec, VMMigrationStatus
 from virtfleet.api.resources import VM_MIGRATION
-from virtfleet.controller.views import Key, parse_time
+from virtfleet.controller.cache import FleetCache
+from virtfleet.controller.settings import ControllerSettings
+from virtfleet.identity import Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration import (
     SLOT_PHASES,
@@ -34,12 +36,10 @@ from virtfleet.reconcile.migration import (
     slot_wait,
     waiting_status,
 )
-from virtfleet.runtime.kube import Conflict, NotFound
+from virtfleet.reconcile.views import parse_time
+from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
-
-if TYPE_CHECKING:
-    from virtfleet.controller.controller import Controller
 
 
 def _phase(body: Mapping[str, Any]) -> MigrationPhase | None:
@@ -57,10 +57,23 @@ def _ref(body: Mapping[str, Any]) -> MigrationRef:
 
 
 class MigrationScheduler:
-    """VMMigration scheduling inside one :class:`Controller` (shares its fleet cache)."""
+    """VMMigration scheduling inside one controller.
 
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+    It is given the controller's fleet cache, API client, settings and clock rather than
+    the controller itself, so that this module does not depend on the one that owns it.
+    """
+
+    def __init__(
+        self,
+        fleet: FleetCache,
+        kube: KubeApi,
+        settings: ControllerSettings,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.fleet = fleet
+        self.kube = kube
+        self.settings = settings
+        self.clock = clock
         self.cache: dict[Key, dict[str, Any]] = {}
         self.queue: WorkQueue[Key] = WorkQueue(name="vmmigrations", workers=2)
         self.log = get_logger("virtfleet.controller.migrations")
@@ -110,13 +123,13 @@ class MigrationScheduler:
         generation = int(meta.get("generation") or 1)
         status = VMMigrationStatus.model_validate(body.get("status") or {})
         log = self.log.bind(namespace=key[0], vmmigration=key[1])
-        now = self.controller.clock()
+        now = self.clock()
         try:
             spec = VMMigrationSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             outcome: Any = Refused("InvalidSpec", str(exc).splitlines()[0])
         else:
-            vm = self.controller.cache.vms.get((key[0], spec.vm_name))
+            vm = self.fleet.vms.get((key[0], spec.vm_name))
             facts = (
                 None
                 if vm is None
@@ -127,22 +140,22 @@ class MigrationScheduler:
                 for other, obj in self.cache.items()
                 if other[0] == key[0] and (obj.get("spec") or {}).get("vmName") == spec.vm_name
             ]
-            settings = self.controller.settings
-            allocated = self.controller.cache.allocated()
+            settings = self.settings
+            allocated = self.fleet.allocated()
             outcome = decide_schedule(
                 spec,
                 facts,
                 competing(_ref(body), others),
                 allocated,
-                self.controller.cache.hosts,
-                self.controller.cache.nodes,
+                self.fleet.hosts,
+                self.fleet.nodes,
                 now=now,
                 heartbeat_timeout=settings.heartbeat_timeout,
                 overcommit=settings.overcommit,
             )
         retry: float | None = None
         if isinstance(outcome, Scheduled):
-            settings = self.controller.settings
+            settings = self.settings
             wait = slot_wait(
                 outcome.source,
                 self.active_sources(key),
@@ -165,7 +178,7 @@ class MigrationScheduler:
         if patch is None:
             return retry
         try:
-            updated = await self.controller.kube.patch_status(
+            updated = await self.kube.patch_status(
                 VM_MIGRATION.kind,
                 key[0],
                 key[1],

@@ -6,37 +6,33 @@ VM was deleted before anything was placed — nobody would write a status, and t
 would sit there with none. The controller, which sees the whole fleet, says why it
 waits (``Pending``, ``Ready=False`` with ``VMNotFound`` or ``WaitingForPlacement``) and
 fails a snapshot at its ``failureDeadline`` (pure decisions in
-:mod:`virtfleet.reconcile.snapshot`). Writes carry a resourceVersion precondition, so a
+:mod:`virtfleet.reconcile.unclaimed`). Writes carry a resourceVersion precondition, so a
 controller decision never overwrites what an agent wrote meanwhile; once the object is
 labelled for a node, or its VM is placed, the controller leaves it alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
 from virtfleet.api.snapshot import VMRestoreSpec, VMRestoreStatus, VMSnapshotSpec, VMSnapshotStatus
-from virtfleet.controller.views import parse_time
+from virtfleet.controller.cache import FleetCache
 from virtfleet.identity import NODE_LABEL
 from virtfleet.logs import get_logger
-from virtfleet.reconcile.snapshot import (
-    WAIT_SECONDS,
-    RestoreView,
-    SnapshotView,
+from virtfleet.reconcile.snapshot_types import WAIT_SECONDS, RestoreView, SnapshotView
+from virtfleet.reconcile.unclaimed import (
     VmPresence,
     unclaimed_restore_status,
     unclaimed_snapshot_status,
 )
-from virtfleet.runtime.kube import Conflict, NotFound
+from virtfleet.reconcile.views import parse_time
+from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
-
-if TYPE_CHECKING:
-    from virtfleet.controller.controller import Controller
 
 SNAPSHOT = "VMSnapshot"
 RESTORE = "VMRestore"
@@ -85,10 +81,16 @@ def restore_view(body: Mapping[str, Any]) -> RestoreView:
 
 
 class UnclaimedWatcher:
-    """Status of unclaimed snapshots and restores, inside one :class:`Controller`."""
+    """Status of unclaimed snapshots and restores, inside one controller.
 
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
+    Given the controller's fleet cache, API client and clock (not the controller), so
+    this module does not depend on the one that owns it.
+    """
+
+    def __init__(self, fleet: FleetCache, kube: KubeApi, clock: Callable[[], datetime]) -> None:
+        self.fleet = fleet
+        self.kube = kube
+        self.clock = clock
         self.cache: dict[UnclaimedKey, dict[str, Any]] = {}
         self.queue: WorkQueue[UnclaimedKey] = WorkQueue(name="unclaimed", workers=2)
         self.log = get_logger("virtfleet.controller.unclaimed")
@@ -115,7 +117,7 @@ class UnclaimedWatcher:
             self.queue.add(key)
 
     def presence(self, namespace: str, vm_name: str) -> VmPresence:
-        vm = self.controller.cache.vms.get((namespace, vm_name))
+        vm = self.fleet.vms.get((namespace, vm_name))
         if vm is None or (vm.deleting and vm.node_name is None):
             return VmPresence.MISSING
         return VmPresence.UNPLACED if vm.node_name is None else VmPresence.PLACED
@@ -126,7 +128,7 @@ class UnclaimedWatcher:
             return None
         kind, namespace, name = key
         presence = self.presence(namespace, _spec_vm_name(body))
-        now = self.controller.clock()
+        now = self.clock()
         wanted: VMSnapshotStatus | VMRestoreStatus | None
         if kind == SNAPSHOT:
             wanted = unclaimed_snapshot_status(snapshot_view(body), presence, now)
@@ -139,7 +141,7 @@ class UnclaimedWatcher:
         if patch is None:
             return again  # only a deadline can change the answer without an event
         try:
-            updated = await self.controller.kube.patch_status(
+            updated = await self.kube.patch_status(
                 kind,
                 namespace,
                 name,

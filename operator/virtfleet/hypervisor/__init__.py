@@ -6,11 +6,12 @@ never imports the API models or the domain-XML builder, and upper layers never i
 
 Modules: :mod:`.connection` (the long-lived connection, events, reconnect),
 :mod:`.guest` (one domain), :mod:`.storage` (pools and volumes), :mod:`.snapshots`,
-:mod:`.jobs` (job progress parsing), :mod:`.events`, :mod:`.errors`, :mod:`.executor`,
-:mod:`.eventloop`, :mod:`.names`.
+:mod:`.events`, :mod:`.errors`, :mod:`.executor`, :mod:`.eventloop`, :mod:`.names`. Job
+progress parsing is :mod:`virtfleet.domain.jobs` (pure; the reconcile layer reads it too).
 """
 
-from virtfleet.hypervisor.connection import HostFacts, Hypervisor, HypervisorSettings
+from virtfleet.domain.jobs import JobOperation, JobProgress, JobType
+from virtfleet.hypervisor.connection import Hypervisor
 from virtfleet.hypervisor.errors import (
     AlreadyExists,
     ConnectionLost,
@@ -31,7 +32,8 @@ from virtfleet.hypervisor.guest import (
     StopOutcome,
     StopPath,
 )
-from virtfleet.hypervisor.jobs import JobOperation, JobProgress, JobType
+from virtfleet.hypervisor.hostinfo import HostFacts
+from virtfleet.hypervisor.settings import HypervisorSettings
 from virtfleet.hypervisor.snapshots import SnapshotInfo
 from virtfleet.hypervisor.storage import PoolInfo, Volume, VolumeRef
 

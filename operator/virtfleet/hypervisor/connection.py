@@ -19,98 +19,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
-from lxml import etree
 
+from virtfleet.domain.jobs import parse_job_stats
 from virtfleet.hypervisor import errors, eventloop
 from virtfleet.hypervisor.events import DomainEvent, EventKind, lifecycle_event
 from virtfleet.hypervisor.executor import Executors
+from virtfleet.hypervisor.fanout import EventCallback, EventFanout
 from virtfleet.hypervisor.guest import Guest, OwnedGuest, StopOutcome, graceful_stop
-from virtfleet.hypervisor.jobs import parse_job_stats
+from virtfleet.hypervisor.hostinfo import HostFacts, libvirt_version, read_host_facts
+from virtfleet.hypervisor.owned import owned_domains
 from virtfleet.hypervisor.schema import check_domain_xml
+from virtfleet.hypervisor.settings import HypervisorSettings, backoff_delays
 from virtfleet.identity import METADATA_ELEMENT, METADATA_NAMESPACE
 
-__all__ = ["HostFacts", "Hypervisor", "HypervisorSettings", "backoff_delays"]
+__all__ = ["Hypervisor"]
 
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ReconnectHook = Callable[[bool], Awaitable[None]]
-EventCallback = Callable[[DomainEvent], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class HypervisorSettings:
-    """How to reach and watch libvirtd.
-
-    ``uri``: libvirt URI (``qemu:///system``, ``qemu+tcp://127.0.0.1:16510/system``,
-    ``test:///abs/path/node.xml`` for tests).
-    ``readonly``: open read-only (observers, ``VMHost`` reporters).
-    ``keepalive_interval``/``keepalive_count``: libvirt pings every ``interval`` seconds
-    and declares the peer dead after ``count`` unanswered pings (5 x 3 = 15-20 s);
-    ``keepalive_count=0`` disables keepalive.
-    ``reconnect_backoff_initial``/``_max``/``_factor``: delays between reconnect
-    attempts grow by ``factor`` from ``initial`` up to ``max`` seconds.
-    ``executor_workers``: threads for short calls. ``long_executor_workers``: threads for
-    long jobs (start, snapshot, revert, migrate), kept small and separate so those jobs
-    cannot starve lookups.
-    ``thread_name_prefix``: name of worker threads (seen in thread dumps).
-    ``reboot_events``/``job_events``: also subscribe to REBOOT / JOB_COMPLETED events.
-    """
-
-    uri: str = "qemu:///system"
-    readonly: bool = False
-    keepalive_interval: int = 5
-    keepalive_count: int = 3
-    reconnect_backoff_initial: float = 0.5
-    reconnect_backoff_max: float = 30.0
-    reconnect_backoff_factor: float = 2.0
-    executor_workers: int = 8
-    long_executor_workers: int = 2
-    thread_name_prefix: str = "libvirt"
-    reboot_events: bool = True
-    job_events: bool = True
-
-    def __post_init__(self) -> None:
-        if self.keepalive_interval < 1 or self.keepalive_count < 0:
-            raise ValueError("keepalive_interval must be >= 1 and keepalive_count >= 0")
-        if not 0 < self.reconnect_backoff_initial <= self.reconnect_backoff_max:
-            raise ValueError("need 0 < reconnect_backoff_initial <= reconnect_backoff_max")
-        if self.reconnect_backoff_factor < 1:
-            raise ValueError("reconnect_backoff_factor must be >= 1")
-        if self.executor_workers < 1 or self.long_executor_workers < 1:
-            raise ValueError("executor sizes must be >= 1")
-
-
-def backoff_delays(initial: float, maximum: float, factor: float = 2.0) -> Iterator[float]:
-    """``initial, initial*factor, ...`` capped at ``maximum``, forever."""
-    delay = initial
-    while True:
-        yield min(delay, maximum)
-        delay = min(delay * factor, maximum)
-
-
-@dataclass(frozen=True, slots=True)
-class HostFacts:
-    """What a node reports about itself in ``VMHost`` (bytes and plain numbers)."""
-
-    hostname: str
-    hypervisor_type: str
-    hypervisor_version: str
-    libvirt_version: str
-    cpus: int
-    memory_bytes: int
-    free_memory_bytes: int
-
-
-def _version_string(packed: int) -> str:
-    """libvirt packs versions as ``major * 1_000_000 + minor * 1_000 + release``."""
-    return f"{packed // 1_000_000}.{packed // 1_000 % 1_000}.{packed % 1_000}"
 
 
 def _default_connect(uri: str, readonly: bool) -> Any:
@@ -146,15 +80,16 @@ class Hypervisor:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._hooks: list[ReconnectHook] = []
-        self._event_callbacks: list[EventCallback] = []
-        self._queues: list[asyncio.Queue[DomainEvent]] = []
-        self._background: set[asyncio.Task[None]] = set()
+        self._fanout = EventFanout()
         #: Incremented on every successful connection; Guests from older ones are stale.
         self.connection_generation = 0
-        #: Events dropped because a bounded subscriber queue was full.
-        self.events_dropped = 0
 
     # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def events_dropped(self) -> int:
+        """Events dropped because a bounded subscriber queue was full."""
+        return self._fanout.dropped
 
     @property
     def connected(self) -> bool:
@@ -190,15 +125,14 @@ class Hypervisor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for bg in list(self._background):
-            bg.cancel()
+        self._fanout.cancel_callbacks()
         reg, self._reg = self._reg, None
         self._connected.clear()
         ex, self._ex = self._ex, None
         if ex is None:
             return
         if reg is not None:
-            await ex.run(self._dispose, reg)
+            await ex.run(_dispose, reg)
         ex.shutdown(wait=True)
 
     async def wait_connected(self, timeout: float | None = None) -> None:
@@ -226,18 +160,15 @@ class Hypervisor:
         A full bounded queue drops the event (counted in ``events_dropped``): events are
         hints and the periodic resync repairs whatever was missed.
         """
-        queue: asyncio.Queue[DomainEvent] = asyncio.Queue(maxsize)
-        self._queues.append(queue)
-        return queue
+        return self._fanout.subscribe(maxsize)
 
     def unsubscribe(self, queue: asyncio.Queue[DomainEvent]) -> None:
         """Stop delivering to ``queue``."""
-        with contextlib.suppress(ValueError):
-            self._queues.remove(queue)
+        self._fanout.unsubscribe(queue)
 
     def on_event(self, callback: EventCallback) -> None:
         """Run ``await callback(event)`` as a task for every event (keep it short)."""
-        self._event_callbacks.append(callback)
+        self._fanout.on_event(callback)
 
     # ----------------------------------------------------------------- calls
 
@@ -277,17 +208,7 @@ class Hypervisor:
         """
         if check_domain_xml(xml):
             return self.guest(await self.call(lambda conn: conn.defineXMLFlags(xml, 0)))
-
-        def call(conn: Any) -> Any:
-            try:
-                return conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
-            except libvirt.libvirtError as exc:
-                if not isinstance(errors.translate(exc), errors.Unsupported):
-                    raise
-                _log.warning("driver cannot validate domain XML; defining unvalidated")
-                return conn.defineXMLFlags(xml, 0)
-
-        return self.guest(await self.call(call))
+        return self.guest(await self.call(lambda conn: _define_validated_by_libvirt(conn, xml)))
 
     async def lookup(self, uuid: str) -> Guest | None:
         """The domain with this UUID, or ``None``."""
@@ -311,22 +232,8 @@ class Hypervisor:
         Everything else is foreign and never returned, so it can never be mutated or
         garbage-collected by mistake (DESIGN §3.3). One executor call for the whole scan.
         """
-
-        def scan(conn: Any) -> list[tuple[Any, str]]:
-            found = []
-            for dom in conn.listAllDomains(0):
-                try:
-                    xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, metadata_ns, 0)
-                except libvirt.libvirtError as exc:
-                    # No element in our namespace, or the domain vanished mid-scan.
-                    if isinstance(errors.translate(exc), errors.NotFound):
-                        continue
-                    raise
-                if _element_name(str(xml)) == element:
-                    found.append((dom, str(xml)))
-            return found
-
-        return [OwnedGuest(self.guest(dom), xml) for dom, xml in await self.call(scan)]
+        found = await self.call(lambda conn: owned_domains(conn, metadata_ns, element))
+        return [OwnedGuest(self.guest(dom), xml) for dom, xml in found]
 
     async def graceful_stop(
         self, guest: Guest, grace_seconds: float, *, poll_interval: float = 0.5
@@ -336,27 +243,18 @@ class Hypervisor:
 
     async def host_facts(self) -> HostFacts:
         """Capacity and versions of this node."""
+        return await self.call(read_host_facts)
 
-        def call(conn: Any) -> HostFacts:
-            info = conn.getInfo()
-            return HostFacts(
-                hostname=str(conn.getHostname()),
-                hypervisor_type=str(conn.getType()),
-                hypervisor_version=_version_string(int(conn.getVersion())),
-                libvirt_version=_version_string(int(conn.getLibVersion())),
-                cpus=int(info[2]),
-                memory_bytes=int(info[1]) * 1024 * 1024,
-                free_memory_bytes=int(conn.getFreeMemory()),
-            )
-
-        return await self.call(call)
+    async def libvirt_version(self) -> int:
+        """libvirtd's packed version over this connection (a liveness check)."""
+        return await self.call(libvirt_version)
 
     # ----------------------------------------------------------------- internals
 
     async def _connect_once(self) -> None:
         reg = await self._executors().run(self._open_and_register)
         if self._closing:
-            await self._executors().run(self._dispose, reg)
+            await self._executors().run(_dispose, reg)
             raise errors.ConnectionLost("hypervisor closed while connecting")
         self._reg = reg
         self.connection_generation += 1
@@ -397,20 +295,9 @@ class Hypervisor:
                     if not isinstance(errors.translate(exc), errors.Unsupported):
                         raise
         except BaseException:
-            self._dispose(reg)
+            _dispose(reg)
             raise
         return reg
-
-    @staticmethod
-    def _dispose(reg: _Registration) -> None:
-        """Worker thread: undo registrations and close; a dead connection errors, ignore."""
-        for callback_id in reg.callback_ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                reg.conn.domainEventDeregisterAny(callback_id)
-        with contextlib.suppress(libvirt.libvirtError):
-            reg.conn.unregisterCloseCallback()
-        with contextlib.suppress(libvirt.libvirtError):
-            reg.conn.close()
 
     def _connection_lost(self, conn: Any, reason: object) -> None:
         """Loop thread: forget ``conn`` (if still current) and start reconnecting."""
@@ -427,7 +314,7 @@ class Hypervisor:
 
     async def _reconnect_loop(self, old: _Registration | None) -> None:
         if old is not None:
-            await self._executors().run(self._dispose, old)
+            await self._executors().run(_dispose, old)
         s = self.settings
         delays = backoff_delays(
             s.reconnect_backoff_initial, s.reconnect_backoff_max, s.reconnect_backoff_factor
@@ -457,41 +344,28 @@ class Hypervisor:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        with contextlib.suppress(RuntimeError):  # loop closed between check and call
+        try:
             loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError as exc:  # loop closed between check and call
+            _log.debug("event loop closed; dropped %s (%s)", getattr(fn, "__name__", fn), exc)
 
     def _on_close(self, conn: Any, reason: int, _opaque: Any) -> None:
         self._post(self._connection_lost, conn, _CLOSE_REASONS.get(reason, reason))
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
-        self._post(self._dispatch, lifecycle_event(dom.UUIDString(), dom.name(), event, detail))
+        self._post(
+            self._fanout.dispatch, lifecycle_event(dom.UUIDString(), dom.name(), event, detail)
+        )
 
     def _on_reboot(self, _conn: Any, dom: Any, _opaque: Any) -> None:
-        self._post(self._dispatch, DomainEvent(dom.UUIDString(), dom.name(), EventKind.REBOOT))
+        self._post(
+            self._fanout.dispatch, DomainEvent(dom.UUIDString(), dom.name(), EventKind.REBOOT)
+        )
 
     def _on_job(self, _conn: Any, dom: Any, params: Any, _opaque: Any) -> None:
         job = parse_job_stats(params or {}, job_type=3)  # JobType.COMPLETED
         event = DomainEvent(dom.UUIDString(), dom.name(), EventKind.JOB_COMPLETED, job=job)
-        self._post(self._dispatch, event)
-
-    def _dispatch(self, event: DomainEvent) -> None:
-        """Loop thread: fan out one event to queues and callbacks."""
-        for queue in list(self._queues):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                self.events_dropped += 1
-        for callback in list(self._event_callbacks):
-            task = asyncio.get_running_loop().create_task(self._run_callback(callback, event))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    @staticmethod
-    async def _run_callback(callback: EventCallback, event: DomainEvent) -> None:
-        try:
-            await callback(event)
-        except Exception:
-            _log.exception("event callback %r failed for %s", callback, event)
+        self._post(self._fanout.dispatch, event)
 
 
 _CLOSE_REASONS = {
@@ -502,10 +376,31 @@ _CLOSE_REASONS = {
 }
 
 
-def _element_name(xml: str) -> str | None:
-    """Local name of the root element of ``xml`` (libvirt strips the prefix anyway)."""
+def _define_validated_by_libvirt(conn: Any, xml: str) -> Any:
+    """Worker thread: define with libvirt's validation; unvalidated if the driver lacks it."""
     try:
-        root = etree.fromstring(xml.encode())
-    except etree.XMLSyntaxError:
-        return None
-    return etree.QName(root).localname
+        return conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    except libvirt.libvirtError as exc:
+        if not isinstance(errors.translate(exc), errors.Unsupported):
+            raise
+        _log.warning("driver cannot validate domain XML; defining unvalidated")
+        return conn.defineXMLFlags(xml, 0)
+
+
+def _dispose(reg: _Registration) -> None:
+    """Worker thread: undo registrations and close; a dead connection errors, ignore."""
+    for callback_id in reg.callback_ids:
+        _undo(
+            "deregister event callback",
+            functools.partial(reg.conn.domainEventDeregisterAny, callback_id),
+        )
+    _undo("unregister close callback", lambda: reg.conn.unregisterCloseCallback())
+    _undo("close", lambda: reg.conn.close())
+
+
+def _undo(what: str, step: Callable[[], object]) -> None:
+    """Worker thread: one step of disposing of a connection; a dead one errors, ignored."""
+    try:
+        step()
+    except libvirt.libvirtError as exc:
+        _log.debug("disposing of a connection: %s failed (%s); ignored", what, exc)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from virtfleet.hypervisor.jobs import JobProgress
+from virtfleet.domain.jobs import JobProgress
 
 __all__ = ["DomainEvent", "EventKind", "lifecycle_event"]
 

@@ -21,9 +21,9 @@ from typing import Any
 import libvirt
 from lxml import etree
 
+from virtfleet.domain.jobs import JobProgress, parse_job_info, parse_job_stats
 from virtfleet.hypervisor import errors
 from virtfleet.hypervisor.executor import Executors
-from virtfleet.hypervisor.jobs import JobProgress, parse_job_info, parse_job_stats
 
 __all__ = [
     "Guest",

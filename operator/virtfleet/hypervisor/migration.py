@@ -18,7 +18,14 @@ import libvirt
 
 from virtfleet.hypervisor.guest import Guest
 
-__all__ = ["MigrationRequest", "abort", "migrate", "migration_flags", "start_post_copy"]
+__all__ = [
+    "MigrationRequest",
+    "abort",
+    "completed_downtime_ms",
+    "migrate",
+    "migration_flags",
+    "start_post_copy",
+]
 
 
 @dataclass(frozen=True)
@@ -89,3 +96,14 @@ async def start_post_copy(guest: Guest) -> None:
     """Switch the running job to post-copy: the guest runs on the target from now on and
     pulls missing pages from the source. A failure after this loses the guest."""
     await guest.executors.run(guest.handle.migrateStartPostCopy, 0)
+
+
+async def completed_downtime_ms(guest: Guest) -> int | None:
+    """The downtime libvirt measured, from the target's record of the completed incoming
+    job (``KEEP_COMPLETED`` so a second reader still finds it); None if it has none."""
+    stats = await guest.executors.run(
+        guest.handle.jobStats,
+        libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED,
+    )
+    value = stats.get("downtime")
+    return int(value) if isinstance(value, int) else None

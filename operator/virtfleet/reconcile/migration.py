@@ -1,11 +1,10 @@
-"""Pure decisions of a VMMigration: scheduling, progress, and the end of the job.
+"""Pure decisions of a VMMigration before and after its job: scheduling, slots, statuses.
 
 No I/O here. The controller asks :func:`decide_schedule` where a migration goes (or why
-it cannot go anywhere) and writes :func:`scheduled_status` / :func:`refused_status`;
-the source node's agent turns ``jobStats()`` into :func:`progress_of` and decides with
-:func:`should_publish` whether a status write is worth it, and with :func:`job_outcome`
-whether a finished job succeeded — by where the domain is, not by the job type, which
-reads ``NONE`` right after a job ended (DESIGN §6, Nova's ``libvirt/migration.py``).
+it cannot go anywhere), plans drains with :func:`plan_eviction`, and writes
+:func:`scheduled_status`; the source agent writes :func:`running_status`,
+:func:`succeeded_status` and :func:`failed_status`. What happens while the job runs and
+how it ends is :mod:`virtfleet.reconcile.migration_job`.
 """
 
 from __future__ import annotations
@@ -15,23 +14,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from virtfleet.api.conditions import ConditionStatus, rfc3339
+from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.migration import (
-    MigrationMode,
     MigrationPhase,
     MigrationProgress,
     VMMigrationSpec,
     VMMigrationStatus,
 )
-from virtfleet.controller.placement import Placement, Unschedulable, place
-from virtfleet.controller.views import HostView, NodeView, VmRequest
-from virtfleet.hypervisor.jobs import JobProgress
-from virtfleet.reconcile.snapshot import MIGRATION_DONE_PHASES, _kstatus
+from virtfleet.reconcile.placement import Placement, Unschedulable, place
+from virtfleet.reconcile.snapshot_migration import MIGRATION_DONE_PHASES
+from virtfleet.reconcile.views import HostView, NodeView, VmRequest
 
 #: Phases in which the source agent may still start, run or finish the job.
 ACTIVE_PHASES = frozenset(p for p in MigrationPhase if p.value not in MIGRATION_DONE_PHASES)
-#: Publish progress at most this often (each publication is one status PATCH).
-PROGRESS_INTERVAL_SECONDS = 1.5
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ def decide_schedule(
 ) -> Scheduled | Refused:
     """Where the migration goes, or why it goes nowhere (then it is ``Failed``, for good).
 
-    The target passes the same rules as a first placement (:mod:`controller.placement`:
+    The target passes the same rules as a first placement (:mod:`virtfleet.reconcile.placement`:
     Node exists and is not cordoned, ``nodeSelector``, live agent, free memory), but the
     source node is never a candidate and ``spec.nodeName`` is replaced by the
     migration's ``targetNode``.
@@ -231,34 +226,16 @@ def waiting_status(
         update={
             "observed_generation": generation,
             "phase": MigrationPhase.PENDING,
-            "conditions": _kstatus(
+            "conditions": kstatus_conditions(
                 status.conditions,
                 generation,
                 ready=(ConditionStatus.FALSE, wait.reason, wait.message),
                 reconciling=(wait.reason, wait.message),
                 stalled=None,
-                now=now,
+                now=rfc3339(now),
             ),
         }
     )
-
-
-# --- completion timeout ----------------------------------------------------------------
-
-GIB = 2**30
-
-
-def completion_budget(
-    per_gib: int | None, memory_bytes: int, copied_disk_bytes: int
-) -> float | None:
-    """Seconds the job may take: ``completionTimeoutPerGiB * (RAM + copied disks) GiB``."""
-    if per_gib is None:
-        return None
-    return per_gib * (memory_bytes + copied_disk_bytes) / GIB
-
-
-def timed_out(budget: float | None, elapsed: float) -> bool:
-    return budget is not None and elapsed > budget
 
 
 def scheduled_status(
@@ -271,13 +248,13 @@ def scheduled_status(
             "phase": MigrationPhase.SCHEDULED,
             "source_node": outcome.source,
             "target_node": outcome.target,
-            "conditions": _kstatus(
+            "conditions": kstatus_conditions(
                 status.conditions,
                 generation,
                 ready=(ConditionStatus.FALSE, "Scheduled", message),
                 reconciling=("Scheduled", message),
                 stalled=None,
-                now=now,
+                now=rfc3339(now),
             ),
         }
     )
@@ -299,13 +276,13 @@ def failed_status(
             "phase": phase,
             "failure_reason": f"{reason}: {message}",
             "completion_time": status.completion_time or rfc3339(now),
-            "conditions": _kstatus(
+            "conditions": kstatus_conditions(
                 status.conditions,
                 generation,
                 ready=(ConditionStatus.FALSE, reason, message),
                 reconciling=None,
                 stalled=(reason, message),
-                now=now,
+                now=rfc3339(now),
             ),
         }
     )
@@ -319,13 +296,13 @@ def running_status(status: VMMigrationStatus, generation: int, now: datetime) ->
             "observed_generation": generation,
             "phase": MigrationPhase.RUNNING,
             "start_time": status.start_time or rfc3339(now),
-            "conditions": _kstatus(
+            "conditions": kstatus_conditions(
                 status.conditions,
                 generation,
                 ready=(ConditionStatus.FALSE, "Running", message),
                 reconciling=("Running", message),
                 stalled=None,
-                now=now,
+                now=rfc3339(now),
             ),
         }
     )
@@ -345,152 +322,22 @@ def succeeded_status(
             "completion_time": status.completion_time or rfc3339(now),
             "downtime_ms": downtime_ms,
             "progress": progress,
-            "conditions": _kstatus(
+            "conditions": kstatus_conditions(
                 status.conditions,
                 generation,
                 ready=(ConditionStatus.TRUE, "Succeeded", message),
                 reconciling=None,
                 stalled=None,
-                now=now,
+                now=rfc3339(now),
             ),
         }
     )
 
 
-def progress_of(job: JobProgress) -> MigrationProgress:
-    """``status.progress`` from one ``jobStats()`` sample."""
-    percent = job.percent
-    return MigrationProgress(
-        percent=None if percent is None else int(percent),
-        data_total_bytes=job.data_total,
-        data_processed_bytes=job.data_processed,
-        data_remaining_bytes=job.data_remaining,
-        dirty_rate_bytes_per_second=job.dirty_rate_bytes_per_second,
-        iteration=job.memory_iteration,
-    )
-
-
-def should_publish(
-    last: MigrationProgress | None,
-    new: MigrationProgress,
-    seconds_since_last: float,
-    interval: float = PROGRESS_INTERVAL_SECONDS,
-) -> bool:
-    """Publish when something changed and the previous write is at least ``interval`` old."""
-    if last == new:
-        return False
-    return last is None or seconds_since_last >= interval
-
-
-@dataclass(frozen=True)
-class DomainWhere:
-    """Where the VM's domain is after a job ended (or after a restart found no job)."""
-
-    on_source: bool
-    source_active: bool
-    on_target: bool
-    target_active: bool
-    #: The source is paused because its migration completed (reason ``migration``, not
-    #: post-copy): QEMU stopped its vCPUs at the switch-over.
-    source_paused_by_migration: bool = False
-    #: The target's vCPUs run (not an incoming domain still paused).
-    target_running: bool = False
-
-
-def job_outcome(where: DomainWhere) -> str:
-    """``succeeded`` | ``failed`` | ``unclear``, decided by where the domain runs.
-
-    With ``UNDEFINE_SOURCE`` and ``PERSIST_DEST`` a finished migration leaves the domain
-    running on the target only; an aborted or failed one leaves it running on the
-    source. A source libvirtd that died between the switch-over and the confirmation
-    leaves its copy paused (libvirt's ``perform3_done`` recovery waits for "a third
-    party"): the target runs the guest, so that is a success too, and the paused
-    left-over is the hand-over's to remove. Anything else (both, neither) is not safe
-    to call either way.
-    """
-    if where.target_active and not where.source_active:
-        return "succeeded"
-    if where.target_running and where.source_paused_by_migration:
-        return "succeeded"
-    if where.source_active and not where.target_active:
-        return "failed"
-    return "unclear"
-
-
-def offline_outcome(where: DomainWhere) -> str:
-    """``succeeded`` | ``failed`` | ``unclear`` of an interrupted *offline* migration.
-
-    The offline job defines the domain on the target only after every volume was
-    copied, and undefines it here only after that: a definition on the target with
-    nothing running here means the copy is complete (the source definition, if still
-    there, is a left-over to undefine). No definition on the target means the job
-    stopped before its end: the VM stays here (its VM loop starts it per run strategy).
-    """
-    if where.on_target and not where.source_active and not where.target_active:
-        return "succeeded"
-    if where.on_target and where.target_active and not where.source_active:
-        return "succeeded"  # the target agent already started it
-    if where.on_source and not where.on_target:
-        return "failed"
-    return "unclear"
-
-
-# --- post-copy -----------------------------------------------------------------------
-
-#: Pre-copy gets this many memory iterations before a stall can switch it to post-copy.
-POSTCOPY_AFTER_ITERATION = 3
-
-
-def postcopy_due(
-    samples: Sequence[tuple[int, int]], *, after_iteration: int = POSTCOPY_AFTER_ITERATION
-) -> bool:
-    """Switch to post-copy now? ``samples`` are ``(iteration, memory remaining bytes)``
-    from ``jobStats()`` in time order.
-
-    The bytes left at the *start* of an iteration are what the guest dirtied during the
-    previous one: pre-copy converges while that shrinks. It stalls when the current
-    iteration is past ``after_iteration`` and its start is not smaller than the previous
-    iteration's start. Iteration 0 (storage copy, before memory moves) never counts.
-    """
-    starts: dict[int, int] = {}
-    for iteration, remaining in samples:
-        if iteration > 0 and iteration not in starts:
-            starts[iteration] = remaining
-    if not starts:
-        return False
-    current = max(starts)
-    if current <= after_iteration:
-        return False
-    earlier = [i for i in starts if i < current]
-    if not earlier:
-        return False
-    return starts[current] >= starts[max(earlier)]
-
-
-def postcopy_failure_message(error: str | None) -> str:
-    """``Failed`` text of a job that broke after the switch to post-copy."""
-    return (
-        "the migration failed after switching to post-copy: the guest's memory is split "
-        "between the source and the target, so the guest is lost; it is not restarted "
-        f"on either node (delete this VMMigration to let the source node recover the VM). "
-        f"libvirt: {error or 'unknown error'}"
-    )
-
-
-def handoff_printable(mode: MigrationMode) -> str:
-    """What the VM reads right after the hand-over: a live one runs; an offline one is
-    stopped until the target's VM loop starts it (per ``runStrategy``)."""
-    return "Running" if mode is MigrationMode.LIVE else "Stopped"
-
-
 __all__ = [
     "ACTIVE_PHASES",
     "EVICTION_LABEL",
-    "GIB",
-    "POSTCOPY_AFTER_ITERATION",
-    "PROGRESS_INTERVAL_SECONDS",
     "SLOT_PHASES",
-    "DomainWhere",
     "EvictionCandidate",
     "EvictionPlan",
     "MigrationRef",
@@ -498,22 +345,13 @@ __all__ = [
     "Scheduled",
     "VmFacts",
     "competing",
-    "completion_budget",
     "decide_schedule",
     "eviction_name",
     "failed_status",
-    "handoff_printable",
-    "job_outcome",
-    "offline_outcome",
     "plan_eviction",
-    "postcopy_due",
-    "postcopy_failure_message",
-    "progress_of",
     "running_status",
     "scheduled_status",
-    "should_publish",
     "slot_wait",
     "succeeded_status",
-    "timed_out",
     "waiting_status",
 ]

@@ -1,182 +1,43 @@
-"""What a node agent should do about VMSnapshots and VMRestores, decided without doing it.
+"""What a node agent should do about a VMSnapshot, decided without doing it.
 
 Like :mod:`virtfleet.reconcile.vm`, these are pure functions of what the agent read (the
 objects and the VM's domain); the agent runs the returned actions, observes again and
 decides again until nothing is left to do, so a crash between any two actions is
-harmless. Two things must happen *at most once* and get extra care:
-
-* **Taking a snapshot.** The libvirt snapshot is named after the VMSnapshot's uid
-  (:func:`libvirt_snapshot_name`): taking it again after a crash either finds it (done)
-  or creates the one and only snapshot. Before it is taken, status records the intent
-  (phase ``InProgress``, whether memory is included) so the decision does not change
-  when the VM's power state does.
-
-* **Reverting for a restore.** Reverting twice would throw away what the guest did in
-  between, so a VMRestore reverts at most once, across agent restarts:
-
-  1. a marker holding the restore's uid is written into the domain's ``<metadata>``
-     (:class:`MarkDomain`);
-  2. status records the commitment (phase ``InProgress``), with a compare-and-swap write
-     that must succeed *before* anything else happens (``write_status_first``);
-  3. the revert runs. A revert replaces the domain definition with the snapshot's, which
-     cannot contain the marker (it did not exist when the snapshot was taken), so
-     **marker present ⇔ not reverted yet**;
-  4. the power state is settled (disks-only restores) and status says ``Succeeded``.
-
-  An agent killed anywhere in between reads ``InProgress`` on restart, waits until no
-  libvirt job is running on the domain (a revert it started may still be running in
-  libvirtd), then looks at the marker: still there → revert now (the first and only
-  time); gone and the snapshot is libvirt's current one → the revert happened, finish
-  the remaining steps; gone but another snapshot is current → it cannot be proven
-  either way, so the restore fails cleanly (``Interrupted``) without reverting again.
+harmless. Taking a snapshot must happen *at most once*: the libvirt snapshot is named
+after the VMSnapshot's uid (:func:`~virtfleet.reconcile.snapshot_types.libvirt_snapshot_name`):
+taking it again after a crash either finds it (done) or creates the one and only
+snapshot. Before it is taken, status records the intent (phase ``InProgress``, whether
+memory is included) so the decision does not change when the VM's power state does.
+Restores are :mod:`virtfleet.reconcile.restore`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 
-from virtfleet.api.conditions import (
-    Condition,
-    ConditionStatus,
-    ConditionType,
-    remove_condition,
-    rfc3339,
-    set_condition,
-)
+from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.quantity import parse_duration
 from virtfleet.api.snapshot import (
     DeletionPolicy,
-    RestorePhase,
     SnapshotDiskStatus,
     SnapshotError,
     SnapshotPhase,
-    VMRestoreSpec,
-    VMRestoreStatus,
-    VMSnapshotSpec,
     VMSnapshotStatus,
 )
-from virtfleet.api.virtualmachine import RunStrategy
-from virtfleet.reconcile.vm import EventNote, Power
-
-#: Prefix of libvirt snapshot names virtfleet makes (followed by the VMSnapshot's uid).
-LIBVIRT_PREFIX = "vf-"
-#: How soon to look again while waiting for something outside our control.
-WAIT_SECONDS = 5.0
-#: Phases of a VMMigration that are over; any other phase (or none yet) is active.
-MIGRATION_DONE_PHASES = frozenset({"Succeeded", "Failed", "Cancelled"})
-#: libvirt's state reason for a domain a revert just put where it is.
-FROM_SNAPSHOT = "from-snapshot"
-
-
-def libvirt_snapshot_name(snapshot_uid: str) -> str:
-    """The libvirt snapshot of a VMSnapshot: unique, and the same after any restart."""
-    return f"{LIBVIRT_PREFIX}{snapshot_uid}"
-
-
-# --- What the agent read ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class VmRef:
-    """The VirtualMachine a snapshot or restore names, as this node's agent holds it."""
-
-    name: str
-    uid: str
-    run_strategy: RunStrategy
-    deleting: bool = False
-
-
-@dataclass(frozen=True)
-class LibvirtSnapshot:
-    """A libvirt snapshot of the domain (the hypervisor's SnapshotInfo, reduced)."""
-
-    name: str
-    state: str  # running, paused, shutoff, disk-snapshot
-    has_memory: bool
-    creation_time: int  # Unix seconds
-
-
-@dataclass(frozen=True)
-class DomainFacts:
-    """The VM's domain, as far as snapshots and restores care."""
-
-    defined: bool
-    power: Power = Power.STOPPED
-    #: libvirt's state reason (``from-snapshot``, ``booted``, ``destroyed``...).
-    reason: str = ""
-    #: The libvirt snapshot this object is about, when it exists.
-    snapshot: LibvirtSnapshot | None = None
-    #: Its XML (only read when status does not hold it yet).
-    snapshot_xml: str | None = None
-    #: The token of a restore marker on the domain (see the module doc).
-    restore_marker: str | None = None
-    #: libvirt's current snapshot (the last one taken or reverted to).
-    current_snapshot: str | None = None
-    #: Disks of the VM as (spec name, virtual size, allocation) at observation time.
-    disks: tuple[tuple[str, int | None, int | None], ...] = ()
-
-    @property
-    def active(self) -> bool:
-        return self.defined and self.power in (Power.RUNNING, Power.PAUSED, Power.STOPPING)
-
-
-@dataclass(frozen=True)
-class SnapshotView:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    created: datetime
-    spec: VMSnapshotSpec | None
-    status: VMSnapshotStatus
-    deleting: bool = False
-    #: ownerReference to the VM, the node label and this node's finalizer are in place.
-    adopted: bool = False
-    invalid: str | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    """The VMSnapshot a restore names, as the restore needs to judge it."""
-
-    name: str
-    vm_name: str
-    vm_uid: str | None
-    phase: SnapshotPhase | None
-    ready_to_use: bool
-    libvirt_name: str | None
-    memory_included: bool
-    snapshot_xml: str | None
-    deleting: bool = False
-
-
-@dataclass(frozen=True)
-class RestoreView:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    created: datetime
-    spec: VMRestoreSpec | None
-    status: VMRestoreStatus
-    adopted: bool = False
-    invalid: str | None = None
-
+from virtfleet.reconcile.snapshot_types import (
+    WAIT_SECONDS,
+    Adopt,
+    DomainFacts,
+    RedefineSnapshot,
+    SnapshotView,
+    VmRef,
+    failed_conditions,
+    libvirt_snapshot_name,
+)
+from virtfleet.reconcile.vm_model import EventNote, Power
 
 # --- Actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Adopt:
-    """Metadata only: ownerReference to the VM (garbage collection), the node label and,
-    for snapshots, this node's finalizer (so the libvirt snapshot is deleted with it)."""
-
-    vm_name: str
-    vm_uid: str
-    finalizer: bool
 
 
 @dataclass(frozen=True)
@@ -188,42 +49,11 @@ class TakeSnapshot:
 
 
 @dataclass(frozen=True)
-class RedefineSnapshot:
-    """Re-create lost libvirt metadata of a snapshot whose data is in the disks."""
-
-    name: str
-    xml: str
-
-
-@dataclass(frozen=True)
 class DeleteSnapshot:
     name: str
 
 
-@dataclass(frozen=True)
-class MarkDomain:
-    token: str
-
-
-@dataclass(frozen=True)
-class Revert:
-    name: str
-    #: ``True`` resume running, ``False`` leave paused, ``None`` the snapshot's own state.
-    running: bool | None
-
-
-@dataclass(frozen=True)
-class DestroyDomain:
-    reason: str
-
-
-@dataclass(frozen=True)
-class StartDomain:
-    reason: str
-
-
 SnapshotAction = Adopt | TakeSnapshot | RedefineSnapshot | DeleteSnapshot
-RestoreAction = Adopt | RedefineSnapshot | MarkDomain | Revert | DestroyDomain | StartDomain
 
 
 @dataclass(frozen=True)
@@ -241,18 +71,7 @@ class SnapshotDecision:
     transient: bool = False
 
 
-@dataclass(frozen=True)
-class RestoreDecision:
-    actions: tuple[RestoreAction, ...]
-    status: VMRestoreStatus
-    events: tuple[EventNote, ...] = ()
-    requeue_after: float | None = None
-    write_status_first: bool = False
-    #: ``status`` is a step the next pass (right away) replaces: not worth a write.
-    transient: bool = False
-
-
-# --- VMSnapshot ---------------------------------------------------------------------------
+# --- Decisions ----------------------------------------------------------------------------
 
 
 def decide_snapshot(
@@ -280,7 +99,7 @@ def decide_snapshot(
     if snap.status.phase is SnapshotPhase.FAILED:
         return SnapshotDecision((), status)
     if vm is None:
-        return _snapshot_waiting(snap, status, "VMNotFound", "the VirtualMachine is gone", now)
+        return snapshot_waiting(snap, status, "VMNotFound", "the VirtualMachine is gone", now)
     if status.vm_uid is not None and status.vm_uid != vm.uid:
         return _snapshot_failed(
             snap,
@@ -310,7 +129,7 @@ def decide_snapshot(
             snap, status, "VMDeleting", f"VirtualMachine {vm.name} is being deleted", now
         )
     if not dom.defined:
-        return _snapshot_waiting(
+        return snapshot_waiting(
             snap, status, "WaitingForDomain", "the VM's domain is not defined on the node yet", now
         )
     if not snap.adopted:
@@ -319,7 +138,7 @@ def decide_snapshot(
         status = _snapshot_conditions(status, snap.generation, "Pending", "adopting", now)
         return SnapshotDecision(tuple(actions), status, requeue_after=0.0, transient=True)
     if blocked_by is not None and snap.status.phase is not SnapshotPhase.IN_PROGRESS:
-        return _snapshot_waiting(snap, status, "Waiting", blocked_by, now)
+        return snapshot_waiting(snap, status, "Waiting", blocked_by, now)
 
     running = dom.power in (Power.RUNNING, Power.PAUSED)
     if snap.status.phase is SnapshotPhase.IN_PROGRESS:
@@ -423,9 +242,10 @@ def _snapshot_deletion(snap: SnapshotView, dom: DomainFacts, name: str) -> Snaps
     return SnapshotDecision(actions, snap.status, events, finalized=True)
 
 
-def _snapshot_waiting(
+def snapshot_waiting(
     snap: SnapshotView, status: VMSnapshotStatus, reason: str, message: str, now: datetime
 ) -> SnapshotDecision:
+    """Pending, saying why; failed once ``failureDeadline`` passed (waiting is not forever)."""
     if snap.spec is not None and _deadline_passed(snap, now):
         deadline = snap.spec.failure_deadline
         return _snapshot_failed(
@@ -453,7 +273,7 @@ def _snapshot_failed(
     )
     status = status.model_copy(
         update={
-            "conditions": _failed_conditions(
+            "conditions": failed_conditions(
                 status.conditions, snap.generation, reason, message, now
             )
         }
@@ -473,13 +293,13 @@ def _snapshot_conditions(
     status: VMSnapshotStatus, generation: int, reason: str, message: str, now: datetime
 ) -> VMSnapshotStatus:
     ready = status.phase is SnapshotPhase.READY
-    conditions = _kstatus(
+    conditions = kstatus_conditions(
         status.conditions,
         generation,
         ready=(ConditionStatus.TRUE if ready else ConditionStatus.FALSE, reason, message),
         reconciling=None if ready else (reason, message),
         stalled=None,
-        now=now,
+        now=rfc3339(now),
     )
     return status.model_copy(update={"conditions": conditions})
 
@@ -491,497 +311,12 @@ def _deadline_passed(snap: SnapshotView, now: datetime) -> bool:
     return now - snap.created > limit
 
 
-# --- Unclaimed: no agent looks at it yet ------------------------------------------------
-
-
-class VmPresence(StrEnum):
-    """Where the VM a VMSnapshot/VMRestore names is, as the controller sees the fleet."""
-
-    MISSING = "Missing"  # no such VM (not yet, as in a Git sync, or not any more)
-    UNPLACED = "Unplaced"  # exists, but no node yet: no agent watches it
-    PLACED = "Placed"  # its node's agent owns the object from here on
-
-
-def _waiting_for(vm_name: str, presence: VmPresence) -> tuple[str, str]:
-    if presence is VmPresence.MISSING:
-        return "VMNotFound", f"VirtualMachine {vm_name} does not exist; waiting for it"
-    return "WaitingForPlacement", f"VirtualMachine {vm_name} is not placed on a node yet"
-
-
-def unclaimed_snapshot_status(
-    snap: SnapshotView, presence: VmPresence, now: datetime
-) -> VMSnapshotStatus | None:
-    """What the controller says of a VMSnapshot no agent handles; ``None``: not its business.
-
-    Only agents act on snapshots, and only on those of the VMs placed on their node. A
-    snapshot of a VM that does not exist (yet) or has no node would otherwise have no
-    status at all: it says why it waits, and fails at its ``failureDeadline``.
-    """
-    if presence is VmPresence.PLACED or snap.deleting or snap.spec is None:
-        return None
-    if snap.status.phase not in (None, SnapshotPhase.PENDING):
-        return None  # an agent took it (or it already ended): the agent's word stands
-    reason, message = _waiting_for(snap.spec.vm_name, presence)
-    status = snap.status.model_copy(update={"observed_generation": snap.generation})
-    return _snapshot_waiting(snap, status, reason, message, now).status
-
-
-def unclaimed_restore_status(
-    restore: RestoreView, presence: VmPresence, now: datetime
-) -> VMRestoreStatus | None:
-    """The same for a VMRestore: it waits, visibly, for its VM to exist and be placed."""
-    if presence is VmPresence.PLACED or restore.spec is None:
-        return None
-    if restore.status.phase not in (None, RestorePhase.PENDING):
-        return None
-    reason, message = _waiting_for(restore.spec.vm_name, presence)
-    status = restore.status.model_copy(
-        update={"observed_generation": restore.generation, "phase": RestorePhase.PENDING}
-    )
-    return _restore_conditions(status, restore.generation, reason, message, now)
-
-
-# --- VMRestore ----------------------------------------------------------------------------
-
-
-def restore_order(restores: Sequence[RestoreView]) -> list[RestoreView]:
-    """Oldest first (creation time, then name): the order restores of one VM are judged in."""
-    return sorted(restores, key=lambda r: (r.created, r.name))
-
-
-def active_restore(restores: Sequence[RestoreView]) -> RestoreView | None:
-    """The restore of a VM that may act now: the one in progress, else the oldest pending.
-
-    Every other unfinished restore of the VM is refused while this one runs (DESIGN: a
-    VM is restored by one VMRestore at a time, never by two interleaved).
-    """
-    ordered = restore_order(restores)
-    for restore in ordered:
-        if restore.status.phase is RestorePhase.IN_PROGRESS:
-            return restore
-    for restore in ordered:
-        if restore.status.phase in (None, RestorePhase.PENDING):
-            return restore
-    return None
-
-
-def decide_restore(
-    restore: RestoreView,
-    *,
-    vm: VmRef,
-    snapshot: SnapshotRef | None,
-    dom: DomainFacts,
-    node: str,
-    now: datetime,
-    busy_with: str | None = None,
-    migrations: Sequence[str] = (),
-) -> RestoreDecision:
-    """The next step for one VMRestore of ``vm``, a VM on ``node``.
-
-    ``busy_with`` names another restore of the VM that holds it (see
-    :func:`active_restore`); ``migrations`` names its active VMMigrations.
-    """
-    status = restore.status.model_copy(
-        update={"observed_generation": restore.generation, "node_name": node}
-    )
-    phase = restore.status.phase
-    if phase in (RestorePhase.SUCCEEDED, RestorePhase.FAILED):
-        return RestoreDecision((), status)
-    actions: list[RestoreAction] = []
-    if not restore.adopted:
-        actions.append(Adopt(vm.name, vm.uid, finalizer=False))
-    if phase is RestorePhase.IN_PROGRESS:
-        return _restore_in_progress(restore, status, vm, snapshot, dom, actions, now)
-
-    refusal = _refusal(restore, vm, snapshot, busy_with, migrations)
-    if refusal is not None:
-        return _restore_failed(restore, status, *refusal, now, actions=actions)
-    assert snapshot is not None
-    assert snapshot.libvirt_name is not None
-    if not dom.defined:
-        status = _restore_conditions(
-            status.model_copy(update={"phase": RestorePhase.PENDING}),
-            restore.generation,
-            "WaitingForDomain",
-            "the VM's domain is not defined on the node yet",
-            now,
-        )
-        return RestoreDecision(tuple(actions), status, requeue_after=WAIT_SECONDS)
-    if dom.snapshot is None:
-        if snapshot.snapshot_xml:
-            actions.append(RedefineSnapshot(snapshot.libvirt_name, snapshot.snapshot_xml))
-            return RestoreDecision(tuple(actions), status, requeue_after=0.0)
-        return _restore_failed(
-            restore,
-            status,
-            "SnapshotLost",
-            f"libvirt snapshot {snapshot.libvirt_name} is gone from the node",
-            now,
-            actions=actions,
-        )
-    if dom.restore_marker != restore.uid:
-        actions.append(MarkDomain(restore.uid))
-        status = _restore_conditions(
-            status.model_copy(update={"phase": RestorePhase.PENDING}),
-            restore.generation,
-            "Preparing",
-            "marking the domain before the revert",
-            now,
-        )
-        return RestoreDecision(tuple(actions), status, requeue_after=0.0, transient=True)
-
-    memory = snapshot.memory_included and vm.run_strategy is not RunStrategy.HALTED
-    status = status.model_copy(
-        update={
-            "phase": RestorePhase.IN_PROGRESS,
-            "complete": False,
-            "start_time": rfc3339(now),
-            "vm_uid": vm.uid,
-            "snapshot_name": snapshot.libvirt_name,
-            "memory_restored": memory,
-            "error": None,
-        }
-    )
-    status = _restore_conditions(
-        status, restore.generation, "Reverting", f"reverting to {snapshot.name}", now
-    )
-    return RestoreDecision(
-        (*actions, _revert(snapshot.libvirt_name, memory, dom)), status, write_status_first=True
-    )
-
-
-def _revert(name: str, memory: bool, dom: DomainFacts) -> Revert:
-    if memory:
-        return Revert(name, running=True)
-    has_memory = dom.snapshot is not None and dom.snapshot.has_memory
-    # Disks only from a snapshot that holds memory: land paused, then power off (settle).
-    return Revert(name, running=False if has_memory else None)
-
-
-def _refusal(
-    restore: RestoreView,
-    vm: VmRef,
-    snapshot: SnapshotRef | None,
-    busy_with: str | None,
-    migrations: Sequence[str],
-) -> tuple[str, str] | None:
-    if restore.spec is None:
-        return "InvalidSpec", restore.invalid or "invalid spec"
-    if vm.deleting:
-        return "VMDeleting", f"VirtualMachine {vm.name} is being deleted"
-    if busy_with is not None:
-        return (
-            "RestoreInProgress",
-            f"VMRestore {busy_with} of VirtualMachine {vm.name} is in progress; "
-            "one restore at a time",
-        )
-    if migrations:
-        return (
-            "MigrationInProgress",
-            f"VirtualMachine {vm.name} is being migrated ({', '.join(sorted(migrations))})",
-        )
-    wanted = restore.spec.snapshot_name
-    if snapshot is None:
-        return "SnapshotNotFound", f"VMSnapshot {wanted} does not exist"
-    if snapshot.vm_name != vm.name or (snapshot.vm_uid is not None and snapshot.vm_uid != vm.uid):
-        return (
-            "SnapshotOfAnotherVM",
-            f"VMSnapshot {wanted} was taken of another VirtualMachine "
-            f"({snapshot.vm_name}{'' if snapshot.vm_name != vm.name else ', an earlier one'})",
-        )
-    if snapshot.deleting:
-        return "SnapshotDeleting", f"VMSnapshot {wanted} is being deleted"
-    if (
-        snapshot.phase is not SnapshotPhase.READY
-        or not snapshot.ready_to_use
-        or not snapshot.libvirt_name
-    ):
-        phase = snapshot.phase.value if snapshot.phase else "Pending"
-        return "SnapshotNotReady", f"VMSnapshot {wanted} is not ready to use (phase {phase})"
-    return None
-
-
-def _restore_in_progress(
-    restore: RestoreView,
-    status: VMRestoreStatus,
-    vm: VmRef,
-    snapshot: SnapshotRef | None,
-    dom: DomainFacts,
-    actions: list[RestoreAction],
-    now: datetime,
-) -> RestoreDecision:
-    name = status.snapshot_name or ""
-    if not dom.defined or (status.vm_uid is not None and status.vm_uid != vm.uid):
-        return _restore_failed(
-            restore, status, "DomainGone", "the VM's domain disappeared during the restore", now
-        )
-    if dom.restore_marker == restore.uid:
-        # Committed, and the marker proves the revert has not happened: do it now, once.
-        if dom.snapshot is None:
-            xml = snapshot.snapshot_xml if snapshot is not None else None
-            if xml:
-                actions.append(RedefineSnapshot(name, xml))
-                return RestoreDecision(tuple(actions), status, requeue_after=0.0)
-            return _restore_failed(
-                restore, status, "SnapshotLost", f"libvirt snapshot {name} is gone", now
-            )
-        actions.append(_revert(name, bool(status.memory_restored), dom))
-        status = _restore_conditions(
-            status, restore.generation, "Reverting", "reverting after an interruption", now
-        )
-        return RestoreDecision(tuple(actions), status)
-    if dom.current_snapshot != name:
-        return _restore_failed(
-            restore,
-            status,
-            "Interrupted",
-            "the agent was interrupted and cannot tell whether the revert happened "
-            f"(the domain's current snapshot is {dom.current_snapshot or 'none'}, not {name}); "
-            "it was not reverted again. Create a new VMRestore to restore.",
-            now,
-        )
-    # Reverted. Disks-only restores end with the run strategy's power state.
-    if not status.memory_restored:
-        if dom.active and dom.reason == FROM_SNAPSHOT:
-            actions.append(DestroyDomain("disks-only restore: the guest boots from the disks"))
-            return RestoreDecision(tuple(actions), status)
-        if _wants_running(vm.run_strategy) and not dom.active:
-            actions.append(StartDomain(f"runStrategy {vm.run_strategy.value}"))
-            return RestoreDecision(tuple(actions), status)
-    status = status.model_copy(
-        update={"phase": RestorePhase.SUCCEEDED, "complete": True, "restore_time": rfc3339(now)}
-    )
-    how = "resumed at the snapshot's moment" if status.memory_restored else "disks reverted"
-    message = f"restored from {restore.spec.snapshot_name if restore.spec else name}: {how}"
-    status = status.model_copy(
-        update={
-            "conditions": _kstatus(
-                status.conditions,
-                restore.generation,
-                ready=(ConditionStatus.TRUE, "Restored", message),
-                reconciling=None,
-                stalled=None,
-                now=now,
-            )
-        }
-    )
-    return RestoreDecision(tuple(actions), status, (EventNote("Normal", "Restored", message),))
-
-
-def _wants_running(strategy: RunStrategy) -> bool:
-    """After a disks-only restore the guest is off; these strategies would start it anyway.
-
-    ``Manual`` and ``Once`` never start a stopped VM on their own, ``Halted`` keeps it off.
-    """
-    return strategy in (RunStrategy.ALWAYS, RunStrategy.RERUN_ON_FAILURE)
-
-
-def _restore_failed(
-    restore: RestoreView,
-    status: VMRestoreStatus,
-    reason: str,
-    message: str,
-    now: datetime,
-    *,
-    actions: Sequence[RestoreAction] = (),
-) -> RestoreDecision:
-    status = status.model_copy(
-        update={
-            "phase": RestorePhase.FAILED,
-            "complete": False,
-            "error": SnapshotError(message=message, time=rfc3339(now)),
-        }
-    )
-    status = status.model_copy(
-        update={
-            "conditions": _failed_conditions(
-                status.conditions, restore.generation, reason, message, now
-            )
-        }
-    )
-    return RestoreDecision(tuple(actions), status, (EventNote("Warning", reason, message),))
-
-
-def restore_action_failed(
-    restore: RestoreView, status: VMRestoreStatus, reason: str, message: str, now: datetime
-) -> VMRestoreStatus:
-    """Status after the revert failed in libvirt: the restore fails and is not retried."""
-    return _restore_failed(restore, status, reason, message, now).status
-
-
-def _restore_conditions(
-    status: VMRestoreStatus, generation: int, reason: str, message: str, now: datetime
-) -> VMRestoreStatus:
-    conditions = _kstatus(
-        status.conditions,
-        generation,
-        ready=(ConditionStatus.FALSE, reason, message),
-        reconciling=(reason, message),
-        stalled=None,
-        now=now,
-    )
-    return status.model_copy(update={"conditions": conditions})
-
-
-# --- Migration ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SnapshotOnNode:
-    """A VMSnapshot of the VM being migrated, for :func:`snapshots_block_migration`."""
-
-    name: str
-    phase: SnapshotPhase | None
-    libvirt_name: str | None = None
-    has_xml: bool = False
-
-
-@dataclass(frozen=True)
-class MigrationSnapshotPlan:
-    """What migration code does with a VM's snapshots when they do not block it."""
-
-    #: libvirt snapshots to forget (metadata only) on the source before migrating...
-    forget_on_source: tuple[str, ...] = ()
-    #: ...and to redefine on the target from VMSnapshot status afterwards.
-    redefine_on_target: tuple[str, ...] = field(default=())
-
-
-def snapshots_block_migration(
-    snapshots: Sequence[SnapshotOnNode],
-    *,
-    shared_storage: bool,
-    restore_in_progress: str | None = None,
-) -> str | None:
-    """Why a VM with these snapshots cannot migrate now, or ``None`` when it can.
-
-    libvirt refuses to migrate a domain that has snapshot metadata (DESIGN §5), and a
-    storage copy (``--copy-storage-all``) copies the disks' current state only: internal
-    snapshots stay behind in the source's qcow2 files. So:
-
-    * a snapshot or restore in progress blocks (wait for it);
-    * with every disk in a pool both nodes share, the snapshots live in the disks the
-      target opens: forget the metadata on the source, migrate, redefine it on the target
-      from ``status.snapshotXML`` (:func:`migration_snapshot_plan`); a snapshot without
-      stored XML blocks, because it could not be brought back;
-    * with node-local disks the snapshots would be lost: refuse, naming them, so the
-      user deletes them (or keeps the VM where it is). Never lose them silently.
-    """
-    if restore_in_progress is not None:
-        return f"VMRestore {restore_in_progress} is in progress"
-    busy = sorted(
-        s.name
-        for s in snapshots
-        if s.phase in (None, SnapshotPhase.PENDING, SnapshotPhase.IN_PROGRESS)
-    )
-    if busy:
-        return f"snapshots are being taken: {', '.join(busy)}"
-    kept = sorted(s.name for s in snapshots if s.phase is SnapshotPhase.READY)
-    if not kept:
-        return None
-    if not shared_storage:
-        return (
-            f"the VM has {len(kept)} snapshot(s) inside its node-local disks "
-            f"({', '.join(kept)}); a storage copy does not carry internal snapshots, so "
-            "migrating would lose them: delete them first"
-        )
-    missing = sorted(s.name for s in snapshots if s.phase is SnapshotPhase.READY and not s.has_xml)
-    if missing:
-        return (
-            f"snapshot metadata of {', '.join(missing)} is not recorded in status, so it "
-            "could not be redefined on the target"
-        )
-    return None
-
-
-def migration_snapshot_plan(snapshots: Sequence[SnapshotOnNode]) -> MigrationSnapshotPlan:
-    """The metadata moves for a migration :func:`snapshots_block_migration` allowed."""
-    names = tuple(
-        s.libvirt_name for s in snapshots if s.phase is SnapshotPhase.READY and s.libvirt_name
-    )
-    return MigrationSnapshotPlan(forget_on_source=names, redefine_on_target=names)
-
-
-# --- Shared pieces ------------------------------------------------------------------------
-
-
-def _kstatus(
-    conditions: list[Condition],
-    generation: int,
-    *,
-    ready: tuple[ConditionStatus, str, str],
-    reconciling: tuple[str, str] | None,
-    stalled: tuple[str, str] | None,
-    now: datetime,
-) -> list[Condition]:
-    when = rfc3339(now)
-    out = set_condition(
-        conditions,
-        type=ConditionType.READY,
-        status=ready[0],
-        reason=ready[1],
-        message=ready[2],
-        observed_generation=generation,
-        now=when,
-    )
-    for kind, value in ((ConditionType.RECONCILING, reconciling), (ConditionType.STALLED, stalled)):
-        if value is None:
-            out = remove_condition(out, kind)  # kstatus: absent unless true
-        else:
-            out = set_condition(
-                out,
-                type=kind,
-                status=ConditionStatus.TRUE,
-                reason=value[0],
-                message=value[1],
-                observed_generation=generation,
-                now=when,
-            )
-    return out
-
-
-def _failed_conditions(
-    conditions: list[Condition], generation: int, reason: str, message: str, now: datetime
-) -> list[Condition]:
-    return _kstatus(
-        conditions,
-        generation,
-        ready=(ConditionStatus.FALSE, reason, message),
-        reconciling=None,
-        stalled=(reason, message),
-        now=now,
-    )
-
-
 __all__ = [
-    "LIBVIRT_PREFIX",
-    "MIGRATION_DONE_PHASES",
-    "Adopt",
     "DeleteSnapshot",
-    "DestroyDomain",
-    "DomainFacts",
-    "LibvirtSnapshot",
-    "MarkDomain",
-    "MigrationSnapshotPlan",
-    "RedefineSnapshot",
-    "RestoreAction",
-    "RestoreDecision",
-    "RestoreView",
-    "Revert",
     "SnapshotAction",
     "SnapshotDecision",
-    "SnapshotOnNode",
-    "SnapshotRef",
-    "SnapshotView",
-    "StartDomain",
     "TakeSnapshot",
-    "VmRef",
-    "active_restore",
-    "decide_restore",
     "decide_snapshot",
-    "libvirt_snapshot_name",
-    "migration_snapshot_plan",
-    "restore_action_failed",
-    "restore_order",
     "snapshot_action_failed",
-    "snapshots_block_migration",
+    "snapshot_waiting",
 ]

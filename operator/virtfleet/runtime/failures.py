@@ -18,7 +18,7 @@ from virtfleet.reconcile.internal import (
     internal_error_message,
     internal_error_status,
 )
-from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
+from virtfleet.runtime.kubeapi import Conflict, KubeApi, KubeError, NotFound
 from virtfleet.runtime.status import status_patch
 
 _log = get_logger("virtfleet.runtime.failures")

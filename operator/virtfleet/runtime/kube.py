@@ -1,18 +1,17 @@
-"""A thin async client for the few Kubernetes calls virtfleet makes outside kopf.
+"""The thin async client for the Kubernetes calls virtfleet makes outside kopf.
 
-kopf owns the watches; everything the operators *write* (status, labels, Events,
-VMHost) goes through here. It wraps the official ``kubernetes`` client, whose calls
+:class:`KubeClient` implements :class:`~virtfleet.runtime.kubeapi.KubeApi` (the protocol
+everything else types against). It wraps the official ``kubernetes`` client, whose calls
 block, so they run in a small dedicated thread pool (never kopf's executor, never the
-event loop). Every call is one REST request on a generic path, so custom and core
-kinds share one code path, and errors arrive as a small hierarchy the reconcilers can
-act on (:class:`NotFound`, :class:`Conflict`, :class:`Forbidden`, :class:`Invalid`,
-:class:`ApiUnavailable`).
+event loop). Every call is one REST request on a generic path, so custom and core kinds
+share one code path, and errors arrive as the protocol's small hierarchy
+(:class:`NotFound`, :class:`Conflict`, :class:`Forbidden`, :class:`Invalid`,
+:class:`ApiUnavailable`), re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import functools
@@ -22,158 +21,51 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
-from urllib.parse import quote, urlencode
+from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from virtfleet.api.conditions import now_rfc3339
-from virtfleet.api.resources import KINDS, Kind
-from virtfleet.identity import API_GROUP, API_VERSION
 from virtfleet.logs import get_logger
+from virtfleet.runtime import discovery
+from virtfleet.runtime.kubeapi import (
+    DEFAULT_EVENT_NAMESPACE,
+    ApiUnavailable,
+    Conflict,
+    Forbidden,
+    Invalid,
+    KindLike,
+    KubeApi,
+    KubeError,
+    NotFound,
+    api_kind,
+    error_for_status,
+    nsname,
+    object_ref,
+    secret_value,
+)
 from virtfleet.runtime.locks import KeyedLocks
+
+# The protocol and its errors, for the callers that build a client and catch what it raises.
+__all__ = [
+    "ApiUnavailable",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "KubeApi",
+    "KubeClient",
+    "KubeError",
+    "NotFound",
+    "load_configuration",
+    "secret_value",
+]
 
 T = TypeVar("T")
 
 _log = get_logger("virtfleet.runtime.kube")
-
-#: Namespace of Events about cluster-scoped objects (where kubectl describe looks).
-DEFAULT_EVENT_NAMESPACE = "default"
-EventType = Literal["Normal", "Warning"]
-
-
-# --- errors ---------------------------------------------------------------------------
-
-
-class KubeError(Exception):
-    """A failed API call; ``status`` is the HTTP status (0 when none came back)."""
-
-    def __init__(self, message: str, *, status: int = 0, reason: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
-class NotFound(KubeError):  # noqa: N818 - Kubernetes' own names
-    """404: the object (or its namespace) does not exist."""
-
-
-class Conflict(KubeError):  # noqa: N818 - Kubernetes' own names
-    """409: a resourceVersion precondition failed, or the object already exists."""
-
-
-class Forbidden(KubeError):  # noqa: N818 - Kubernetes' own names
-    """401/403: RBAC does not allow it; retrying will not help until RBAC changes."""
-
-
-class Invalid(KubeError):  # noqa: N818 - Kubernetes' own names
-    """400/422: the apiserver refused the content (schema, CEL, immutable field)."""
-
-
-class ApiUnavailable(KubeError):  # noqa: N818 - Kubernetes' own names
-    """5xx, 429, timeouts, refused connections: transient, retry with backoff."""
-
-
-def _error_from_status(status: int, body: bytes | str | None, what: str) -> KubeError:
-    message, reason = what, ""
-    if body:
-        try:
-            parsed = json.loads(body)
-            message = f"{what}: {parsed.get('message') or parsed}"
-            reason = str(parsed.get("reason") or "")
-        except (ValueError, AttributeError):
-            text = body.decode(errors="replace") if isinstance(body, bytes) else body
-            message = f"{what}: {text[:500]}"
-    cls: type[KubeError]
-    if status == 404:
-        cls = NotFound
-    elif status == 409:
-        cls = Conflict
-    elif status in (401, 403):
-        cls = Forbidden
-    elif status in (400, 422):
-        cls = Invalid
-    elif status == 429 or status >= 500 or status == 0:
-        cls = ApiUnavailable
-    else:
-        cls = KubeError
-    return cls(message, status=status, reason=reason)
-
-
-# --- kinds ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ApiKind:
-    """Where a kind lives in the REST API."""
-
-    kind: str
-    group: str
-    version: str
-    plural: str
-    namespaced: bool
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def path(self, namespace: str | None = None, name: str | None = None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if self.namespaced and namespace is not None:
-            base += f"/namespaces/{quote(namespace, safe='')}"
-        base += f"/{self.plural}"
-        if name is not None:
-            base += f"/{quote(name, safe='')}"
-        return base
-
-    @classmethod
-    def from_kind(cls, kind: Kind) -> ApiKind:
-        return cls(kind.kind, API_GROUP, API_VERSION, kind.plural, kind.namespaced)
-
-
-CORE_KINDS = (
-    ApiKind("Node", "", "v1", "nodes", namespaced=False),
-    ApiKind("Namespace", "", "v1", "namespaces", namespaced=False),
-    ApiKind("Secret", "", "v1", "secrets", namespaced=True),
-    ApiKind("Event", "", "v1", "events", namespaced=True),
-)
-API_KINDS: dict[str, ApiKind] = {
-    **{k.kind: k for k in CORE_KINDS},
-    **{k.kind: ApiKind.from_kind(k) for k in KINDS},
-}
-
-KindLike = str | Kind | ApiKind
-
-
-def api_kind(kind: KindLike) -> ApiKind:
-    """Resolve a kind name (``"VirtualMachine"``, ``"Node"``) or model to its REST location."""
-    if isinstance(kind, ApiKind):
-        return kind
-    if isinstance(kind, Kind):
-        return ApiKind.from_kind(kind)
-    try:
-        return API_KINDS[kind]
-    except KeyError:
-        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(sorted(API_KINDS))}") from None
-
-
-def object_ref(obj: Mapping[str, Any]) -> dict[str, str]:
-    """An ``ObjectReference`` for an object body (or a reference, returned as is)."""
-    if "metadata" not in obj:
-        return {k: str(v) for k, v in obj.items() if v is not None}
-    meta = obj["metadata"]
-    ref = {
-        "apiVersion": str(obj.get("apiVersion", "")),
-        "kind": str(obj.get("kind", "")),
-        "name": str(meta.get("name", "")),
-        "namespace": str(meta.get("namespace") or ""),
-        "uid": str(meta.get("uid") or ""),
-    }
-    return {k: v for k, v in ref.items() if v}
-
 
 # --- configuration --------------------------------------------------------------------
 
@@ -196,10 +88,58 @@ def load_configuration() -> k8s_client.Configuration:
     return configuration
 
 
+# --- Events ---------------------------------------------------------------------------
+
+
+def event_key(
+    ref: Mapping[str, str], type: str, reason: str, message: str, component: str
+) -> tuple[str, str]:
+    """``(namespace, name)`` of the Event: derived from what aggregates, so a restarted
+    process finds and bumps the same Event instead of creating another."""
+    namespace = ref.get("namespace") or DEFAULT_EVENT_NAMESPACE
+    fields = (
+        ref.get("uid", ""),
+        ref.get("kind", ""),
+        ref.get("name", ""),
+        type,
+        reason,
+        message,
+        component,
+    )
+    digest = hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:16]
+    return namespace, f"{ref.get('name', 'object')[:200]}.{digest}"
+
+
+def event_body(
+    key: tuple[str, str],
+    ref: Mapping[str, str],
+    type: str,
+    reason: str,
+    message: str,
+    component: str,
+    now: str,
+) -> dict[str, Any]:
+    """A new core/v1 Event (count 1)."""
+    namespace, name = key
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "involvedObject": dict(ref),
+        "type": type,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "reportingInstance": os.environ.get("HOSTNAME", component)[:128],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
 # --- the client -----------------------------------------------------------------------
 
 
-class KubeApi:
+class KubeClient:
     """Async facade over the official client (see the module doc for the why)."""
 
     def __init__(
@@ -228,7 +168,7 @@ class KubeApi:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._client.close)
         self._executor.shutdown(wait=False)
 
-    async def __aenter__(self) -> KubeApi:
+    async def __aenter__(self) -> KubeClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -274,11 +214,11 @@ class KubeApi:
             response = self._client.call_api(*serialized, _request_timeout=self._timeout)
             data = response.read()  # type: ignore[no-untyped-call]
         except k8s_client.ApiException as exc:
-            raise _error_from_status(exc.status or 0, exc.body, what) from exc
+            raise error_for_status(exc.status or 0, exc.body, what) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise ApiUnavailable(f"{what}: {exc}") from exc
         if not 200 <= response.status < 300:
-            raise _error_from_status(response.status, data, what)
+            raise error_for_status(response.status, data, what)
         return json.loads(data) if data else None
 
     # --- generic objects -----------------------------------------------------------------
@@ -286,7 +226,7 @@ class KubeApi:
     async def get(self, kind: KindLike, namespace: str | None, name: str) -> dict[str, Any]:
         ak = api_kind(kind)
         result: dict[str, Any] = await self.request(
-            "GET", ak.path(namespace, name), what=f"get {ak.kind} {_nsname(namespace, name)}"
+            "GET", ak.path(namespace, name), what=f"get {ak.kind} {nsname(namespace, name)}"
         )
         return result
 
@@ -329,14 +269,14 @@ class KubeApi:
             "POST",
             ak.path(namespace),
             body={"apiVersion": ak.api_version, "kind": ak.kind, **body},
-            what=f"create {ak.kind} {_nsname(namespace, body.get('metadata', {}).get('name'))}",
+            what=f"create {ak.kind} {nsname(namespace, body.get('metadata', {}).get('name'))}",
         )
         return result
 
     async def delete(self, kind: KindLike, namespace: str | None, name: str) -> None:
         ak = api_kind(kind)
         await self.request(
-            "DELETE", ak.path(namespace, name), what=f"delete {ak.kind} {_nsname(namespace, name)}"
+            "DELETE", ak.path(namespace, name), what=f"delete {ak.kind} {nsname(namespace, name)}"
         )
 
     async def patch(
@@ -356,7 +296,7 @@ class KubeApi:
             path,
             body=dict(patch),
             content_type="application/merge-patch+json",
-            what=f"patch {ak.kind} {_nsname(namespace, name)}"
+            what=f"patch {ak.kind} {nsname(namespace, name)}"
             + (f" {subresource}" if subresource else ""),
         )
         return result
@@ -403,44 +343,8 @@ class KubeApi:
     # --- discovery -----------------------------------------------------------------------
 
     async def wait_until_served(self, interval: float = 1.0, log_every: float = 10.0) -> None:
-        """Return once API discovery lists every virtfleet kind (``/apis`` and the version).
-
-        kopf reads discovery once when it starts watching and afterwards only when a CRD
-        changes: an operator started while the apiserver is (re)starting, before it serves
-        the CRDs' APIs again, would never watch them. Call from a startup handler (kopf
-        starts watching after those).
-        """
-        wanted = {kind.plural for kind in KINDS}
-        loop = asyncio.get_running_loop()
-        waited_since = loop.time()
-        logged = waited_since
-        while True:
-            try:
-                groups = await self.request("GET", "/apis", what="API discovery")
-                listed = any(g.get("name") == API_GROUP for g in groups.get("groups") or [])
-                served: set[str] = set()
-                if listed:
-                    resources = await self.request(
-                        "GET", f"/apis/{API_GROUP}/{API_VERSION}", what="API discovery"
-                    )
-                    served = {str(r.get("name")) for r in resources.get("resources") or []}
-                missing = wanted - served
-            except KubeError as exc:
-                missing, listed = wanted, False
-                reason = str(exc)
-            else:
-                reason = "not served yet"
-            if not missing:
-                return
-            if loop.time() - logged >= log_every:
-                logged = loop.time()
-                _log.warning(
-                    "waiting for the apiserver to serve virtfleet's APIs",
-                    missing=sorted(missing),
-                    reason=reason,
-                    waited_s=round(logged - waited_since),
-                )
-            await asyncio.sleep(interval)
+        """Return once API discovery lists every virtfleet kind (:mod:`.discovery`)."""
+        await discovery.wait_until_served(self.request, interval=interval, log_every=log_every)
 
     # --- VMHost --------------------------------------------------------------------------
 
@@ -486,22 +390,7 @@ class KubeApi:
         Events are best effort: a failure is logged, never raised.
         """
         ref = object_ref(obj_ref)
-        namespace = ref.get("namespace") or DEFAULT_EVENT_NAMESPACE
-        digest = hashlib.sha256(
-            "\x00".join(
-                (
-                    ref.get("uid", ""),
-                    ref.get("kind", ""),
-                    ref.get("name", ""),
-                    type,
-                    reason,
-                    message,
-                    component,
-                )
-            ).encode()
-        ).hexdigest()[:16]
-        name = f"{ref.get('name', 'object')[:200]}.{digest}"
-        key = (namespace, name)
+        key = event_key(ref, type, reason, message, component)
         try:
             async with self._event_locks.lock(key):
                 await self._record_event(key, ref, type, reason, message, component)
@@ -529,19 +418,7 @@ class KubeApi:
                 return
             except NotFound:
                 pass  # expired (events have a TTL): start a new one
-        event = {
-            "metadata": {"name": name, "namespace": namespace},
-            "involvedObject": ref,
-            "type": type,
-            "reason": reason,
-            "message": message[:1024],
-            "source": {"component": component},
-            "reportingComponent": component,
-            "reportingInstance": os.environ.get("HOSTNAME", component)[:128],
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        event = event_body(key, ref, type, reason, message, component, now)
         try:
             await self.create("Event", event)
             self._remember_event(key, 1)
@@ -560,20 +437,3 @@ class KubeApi:
     def bookkeeping(self) -> dict[str, int]:
         """Event locks held (0 when idle) and aggregated Events (bounded by the cache size)."""
         return {"event_locks": len(self._event_locks), "events_aggregated": len(self._events)}
-
-
-def secret_value(secret: Mapping[str, Any], key: str) -> bytes:
-    """The decoded value of ``key`` in a Secret object; NotFound when it has no such key."""
-    if key in (secret.get("data") or {}):
-        return base64.b64decode(secret["data"][key])
-    if key in (secret.get("stringData") or {}):  # never stored, but harmless
-        return str(secret["stringData"][key]).encode()
-    meta = secret.get("metadata") or {}
-    raise NotFound(
-        f"Secret {_nsname(meta.get('namespace'), meta.get('name'))} has no key {key!r}",
-        status=404,
-    )
-
-
-def _nsname(namespace: str | None, name: str | None) -> str:
-    return f"{namespace}/{name}" if namespace else str(name)

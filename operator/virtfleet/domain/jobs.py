@@ -1,9 +1,10 @@
 """Progress of a domain job (migration, snapshot, save) as a plain value.
 
-Parsing only: the migration driver that polls ``jobStats()`` and decides comes later, and
-is easier to test when this part is a pure function over the dict libvirt returns (the
-style of OpenStack Nova's ``libvirt/migration.py``). No libvirt import here: the numbers
-are libvirt's stable ABI (``virDomainJobType``, ``virDomainJobOperation``).
+Parsing only, a pure function over the dict libvirt returns (the style of OpenStack
+Nova's ``libvirt/migration.py``). It lives below both ``hypervisor`` (which polls
+``jobStats()``) and ``reconcile`` (which decides on the progress), so the pure layer
+never imports the I/O one. No libvirt import here: the numbers are libvirt's stable ABI
+(``virDomainJobType``, ``virDomainJobOperation``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What the controller reads from VirtualMachine, VMHost and Node objects.
 
-Raw bodies are reduced to small frozen views once, when they enter the cache, so the
-pure decision functions take plain values and tests build them without a cluster.
-Parsing is lenient: a field the controller does not need never stops it.
+Raw bodies are reduced to small frozen views once, when they enter the controller's
+cache, so the pure decision functions (placement, migration scheduling) take plain
+values and tests build them without a cluster. Parsing is lenient: a field the
+controller does not need never stops it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from typing import Any
 
 from virtfleet.api.conditions import ConditionStatus, ConditionType
 from virtfleet.api.quantity import Quantity, QuantityError
-from virtfleet.identity import NODE_LABEL
-
-Key = tuple[str, str]  # (namespace, name)
+from virtfleet.identity import NODE_LABEL, Key
 
 
 def parse_time(value: object) -> datetime | None:
@@ -40,8 +39,8 @@ class VmRequest:
 
 
 @dataclass(frozen=True)
-class VmView:
-    """One cached VirtualMachine."""
+class CachedVm:
+    """One VirtualMachine in the controller's cache (the agent's is ``reconcile.vm.VmView``)."""
 
     namespace: str
     name: str
@@ -78,7 +77,7 @@ class VmView:
         return self.request.memory_bytes if self.request else 0
 
     @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> VmView:
+    def from_body(cls, body: Mapping[str, Any]) -> CachedVm:
         meta = body.get("metadata") or {}
         raw_spec = body.get("spec") or {}
         request, error = _request(raw_spec)

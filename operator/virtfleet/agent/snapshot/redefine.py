@@ -11,13 +11,45 @@ import functools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from virtfleet.agent.errors import ActionError
+from virtfleet.agent.snapshot.domain import hypervisor_failure
 from virtfleet.domain.snapshot_check import SnapshotBounds, UnsafeSnapshotError, check_snapshot_xml
 from virtfleet.hypervisor import Guest, snapshots, storage
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.reconcile.snapshot import RedefineSnapshot
+from virtfleet.reconcile.snapshot_types import RedefineSnapshot, VmRef
 
 if TYPE_CHECKING:
     from virtfleet.agent.agent import Agent
+
+#: Reason (Stalled condition, Event) of a stored snapshot XML that is refused.
+UNSAFE_SNAPSHOT_XML = "UnsafeSnapshotXML"
+
+
+async def redefine_for_vm(
+    agent: Agent, guest: Guest | None, action: RedefineSnapshot, namespace: str, vm: VmRef | None
+) -> None:
+    """:func:`redefine_checked` for a loop: every failure is an :class:`ActionError`.
+
+    A refused XML fails for good (it will not become ours); a snapshot libvirt already
+    has again is done.
+    """
+    if guest is None:
+        return
+    if vm is None:
+        raise ActionError("VMNotFound", "the VirtualMachine is gone", permanent=False)
+    try:
+        await redefine_checked(agent, guest, action, namespace, vm.name, vm.uid)
+    except UnsafeSnapshotError as exc:
+        raise ActionError(
+            UNSAFE_SNAPSHOT_XML,
+            f"status.snapshotXML of {action.name} is not a snapshot virtfleet took of "
+            f"VirtualMachine {vm.name}; it was not redefined: {exc}",
+            permanent=True,
+        ) from exc
+    except hv_errors.AlreadyExists:
+        return
+    except hv_errors.HypervisorError as exc:
+        raise hypervisor_failure(exc) from exc
 
 
 async def redefine_checked(

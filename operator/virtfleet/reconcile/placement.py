@@ -27,7 +27,7 @@ from datetime import datetime
 
 from virtfleet.api.conditions import rfc3339
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.controller.views import HostView, NodeView, VmRequest
+from virtfleet.reconcile.views import HostView, NodeView, VmRequest
 
 UNSCHEDULABLE = "Unschedulable"
 INSUFFICIENT_CAPACITY = "InsufficientCapacity"

@@ -1,0 +1,137 @@
+"""``virtfleet agent``: its arguments and its entry point (wired into ``virtfleet.cli``).
+
+The flags default to :class:`~virtfleet.agent.settings.AgentSettings`' own defaults, so
+each default lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from virtfleet.agent import network as agent_network
+from virtfleet.agent.settings import AgentSettings
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    defaults = AgentSettings(node_name="")  # only the field defaults are read
+    agent = sub.add_parser("agent", help="run the node agent (one per node)")
+    agent.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
+    agent.add_argument("--libvirt-uri", default=defaults.libvirt_uri)
+    agent.add_argument("--domain-type", default=defaults.domain_type, choices=["qemu", "kvm"])
+    agent.add_argument("--image-pool", default=defaults.image_pool, help="the image store")
+    agent.add_argument("--default-pool", default=defaults.default_pool, help="pool of disks")
+    agent.add_argument(
+        "--pool", action="append", metavar="NAME", help="a pool VM disks may use (repeatable)"
+    )
+    agent.add_argument(
+        "--shared-pool",
+        action="append",
+        metavar="NAME",
+        help="a --pool every node sees at the same path (not copied by migrations; repeatable)",
+    )
+    agent.add_argument("--serial-log-dir", default=defaults.serial_log_dir)
+    agent.add_argument("--workers", type=int, default=defaults.workers)
+    agent.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds)
+    agent.add_argument("--heartbeat-seconds", type=float, default=defaults.heartbeat_seconds)
+    agent.add_argument(
+        "--http-max-bytes",
+        type=int,
+        default=defaults.http_max_bytes,
+        metavar="BYTES",
+        help="largest download of a disk's source.http (a disk's own size lowers it)",
+    )
+    agent.add_argument(
+        "--download-dir",
+        default=defaults.download_dir,
+        metavar="DIR",
+        help="local scratch directory where source.http downloads are verified (default: TMPDIR)",
+    )
+    agent.add_argument(
+        "--http-deny-cidr",
+        action="append",
+        type=agent_network.cidr_argument,
+        metavar="CIDR",
+        help="an address range source.http downloads may not connect to (repeatable; "
+        "replaces the default: loopback, link-local and unspecified addresses; 'none': "
+        "no range)",
+    )
+    agent.add_argument(
+        "--http-allow-cidr",
+        action="append",
+        type=agent_network.cidr_argument,
+        metavar="CIDR",
+        help="an exception to the denied ranges, e.g. 127.0.0.0/8 for a local image server "
+        "(repeatable)",
+    )
+    agent.add_argument(
+        "--cloud-init-secret-label",
+        default=defaults.cloud_init_secret_label,
+        metavar="KEY[=VALUE]",
+        help="only Secrets with this label may be a VM's cloudInit.userDataSecretRef "
+        "(default: any Secret of the VM's namespace)",
+    )
+    agent.add_argument(
+        "--watch-server-timeout",
+        type=float,
+        default=defaults.watch_server_timeout,
+        metavar="SECONDS",
+        help="longest watch request before it is re-established (default: the apiserver's)",
+    )
+    agent.add_argument(
+        "--watch-stale-seconds",
+        type=float,
+        default=defaults.watch_stale_seconds,
+        metavar="SECONDS",
+        help="liveness fails when the agent's own VMHost heartbeat was not seen through the "
+        "watch for this long (default: max(60, 6 heartbeats))",
+    )
+    agent.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz: fails when "
+        "libvirt does not answer or the watch went deaf",
+    )
+    agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    agent.add_argument("--log-level", default="INFO")
+    agent_network.add_arguments(agent)
+    agent.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from virtfleet import logs
+    from virtfleet.agent.handlers import run as run_agent
+    from virtfleet.hypervisor.download import denied_cidrs
+    from virtfleet.runtime.memory import limit_malloc_arenas
+
+    if not args.node:
+        print("virtfleet agent: --node (or $NODE_NAME) is required", file=sys.stderr)
+        return 2
+    logs.configure(args.log_format, args.log_level)
+    limit_malloc_arenas()
+    settings = AgentSettings(
+        node_name=args.node,
+        libvirt_uri=args.libvirt_uri,
+        domain_type=args.domain_type,
+        image_pool=args.image_pool,
+        default_pool=args.default_pool,
+        disk_pools=tuple(args.pool or (args.default_pool,)),
+        shared_pools=tuple(args.shared_pool or ()),
+        serial_log_dir=args.serial_log_dir,
+        workers=args.workers,
+        resync_seconds=args.resync_seconds,
+        heartbeat_seconds=args.heartbeat_seconds,
+        http_max_bytes=args.http_max_bytes,
+        download_dir=args.download_dir,
+        http_deny_cidrs=denied_cidrs(args.http_deny_cidr),
+        http_allow_cidrs=tuple(args.http_allow_cidr or ()),
+        cloud_init_secret_label=args.cloud_init_secret_label or None,
+        watch_server_timeout=args.watch_server_timeout,
+        watch_stale_seconds=args.watch_stale_seconds,
+        network=agent_network.policy_from_args(args),
+    )
+    asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))
+    return 0

@@ -1,0 +1,79 @@
+"""``Running`` but no job in this process: the agent restarted mid-way.
+
+libvirtd may still run the job, or have finished it and undefined the domain here; the
+VM loop waits (:meth:`MigrationAgent.guard`) until :func:`recover` decided by where the
+domain is (:func:`decide_recovery`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from virtfleet.agent.errors import ActionError
+from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.migration import handoff as handoffs
+from virtfleet.agent.migration.checks import target_uri
+from virtfleet.agent.migration.context import MigrationContext
+from virtfleet.api.migration import MigrationMode, VMMigrationSpec, VMMigrationStatus
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.identity import Key
+from virtfleet.reconcile.migration_job import (
+    RECOVERY_RETRY_SECONDS,
+    Fail,
+    HandOver,
+    JobOutcome,
+    Recover,
+    decide_recovery,
+    job_outcome,
+    offline_outcome,
+)
+from virtfleet.runtime.kube import KubeError
+
+
+async def recover(
+    ctx: MigrationContext,
+    locks: VmLocks,
+    key: Key,
+    spec: VMMigrationSpec,
+    status: VMMigrationStatus,
+    log: Any,
+) -> float | None:
+    vm_key = (key[0], spec.vm_name)
+    vm_body = ctx.agent.cache.get(vm_key)
+    if vm_body is None:
+        try:
+            vm_body = await ctx.kube.get("VirtualMachine", key[0], spec.vm_name)
+        except KubeError as exc:
+            log.info("cannot read the VM of an interrupted migration", error=str(exc))
+    if vm_body is None:
+        await ctx.fail(key, vm_key, Fail("VMNotFound", "the VM is gone", release_vm=False))
+        return None
+    uid = str(vm_body["metadata"]["uid"])
+    try:
+        dest_uri = await target_uri(ctx, status.target_node or "")
+    except ActionError as exc:
+        await ctx.fail(key, vm_key, Fail(exc.reason, exc.message, release_vm=False))
+        return None
+    target = ctx.target(dest_uri)
+    try:
+        await target.open()
+        async with locks.lock(vm_key):
+            where = await handoffs.where(ctx.hv, target, uid)
+            offline = spec.mode is MigrationMode.OFFLINE
+            outcome = offline_outcome(where) if offline else job_outcome(where)
+            (log.debug if outcome is JobOutcome.UNCLEAR else log.info)(
+                "recovering an interrupted migration", outcome=outcome.value
+            )
+            end = decide_recovery(outcome)
+            if isinstance(end, HandOver):
+                await handoffs.handoff(ctx, key, vm_key, uid, target, log, mode=spec.mode)
+            elif isinstance(end, Recover):
+                return end.delay  # a job may still run in libvirtd: look again
+            else:
+                await ctx.fail(key, vm_key, end)
+    except hv_errors.HypervisorError as exc:
+        log.warning("cannot look at the target", error=str(exc))
+        return RECOVERY_RETRY_SECONDS
+    finally:
+        await ctx.close_target(target)
+    return None

@@ -1,0 +1,106 @@
+"""Small devices of the XML object model: serial port, console, memballoon and rng."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Self
+
+from lxml import etree
+
+from virtfleet.domain.config.base import (
+    XmlConfig,
+    add_child,
+    expect_tag,
+    parse_int,
+    required_attribute,
+    set_attribute,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SerialConfig(XmlConfig):
+    """``<serial type='file'>``: the guest's first serial port, written to a host file.
+
+    ``append`` keeps the log across restarts instead of truncating it at every start.
+    Other serial types parse with ``path=None``.
+    """
+
+    tag: ClassVar[str] = "serial"
+
+    path: str | None
+    append: bool = True
+    port: int = 0
+
+    def _target(self, element: etree._Element) -> None:
+        add_child(element, "target", port=self.port)
+
+    def to_xml(self) -> etree._Element:
+        element = etree.Element(self.tag)
+        set_attribute(element, "type", "file")
+        add_child(element, "source", path=self.path, append="on" if self.append else None)
+        self._target(element)
+        return element
+
+    @classmethod
+    def parse(cls, element: etree._Element) -> Self:
+        expect_tag(element, cls.tag)
+        source = element.find("source")
+        target = element.find("target")
+        is_file = element.get("type") == "file" and source is not None
+        return cls(
+            path=source.get("path") if is_file and source is not None else None,
+            append=source is not None and source.get("append") == "on",
+            port=(parse_int(target.get("port"), "<target port>") or 0) if target is not None else 0,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsoleConfig(SerialConfig):
+    """``<console>`` bound to serial port 0, so ``virsh console`` and kernels find it."""
+
+    tag: ClassVar[str] = "console"
+
+    def _target(self, element: etree._Element) -> None:
+        add_child(element, "target", type="serial", port=self.port)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemballoonConfig(XmlConfig):
+    tag: ClassVar[str] = "memballoon"
+
+    model: str = "virtio"
+
+    def to_xml(self) -> etree._Element:
+        element = etree.Element(self.tag)
+        set_attribute(element, "model", self.model)
+        return element
+
+    @classmethod
+    def parse(cls, element: etree._Element) -> Self:
+        expect_tag(element, cls.tag)
+        return cls(model=required_attribute(element, "model"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RngConfig(XmlConfig):
+    """``<rng>``: a virtio entropy source, so early boot (cloud-init, sshd keys) never waits."""
+
+    tag: ClassVar[str] = "rng"
+
+    model: str = "virtio"
+    backend: str = "/dev/urandom"
+
+    def to_xml(self) -> etree._Element:
+        element = etree.Element(self.tag)
+        set_attribute(element, "model", self.model)
+        add_child(element, "backend", self.backend, model="random")
+        return element
+
+    @classmethod
+    def parse(cls, element: etree._Element) -> Self:
+        expect_tag(element, cls.tag)
+        backend = element.find("backend")
+        return cls(
+            model=required_attribute(element, "model"),
+            backend=(backend.text or "") if backend is not None else "",
+        )
