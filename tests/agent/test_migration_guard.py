@@ -6,20 +6,32 @@ from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
+from testkit.kube import Body, FakeKube
 from virtfleet.agent.migration import MigrationAgent
 from virtfleet.agent.migration.loop import RECOVERY_WAIT_SECONDS
+from virtfleet.runtime.kubeapi import KindLike
 
 NODE = "node-a"
 
 
-class ListingKube:
+class ListingKube(FakeKube):
+    """The shared fake, counting the lists the guard asks for (reads are not in ``calls``)."""
+
     def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
+        super().__init__()
+        for item in items:
+            self.put("VMMigration", item)
         self.lists = 0
 
-    async def list(self, kind: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    async def list(
+        self,
+        kind: KindLike,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[Body]:
         self.lists += 1
-        return list(self.items)
+        return await super().list(kind, namespace, label_selector, field_selector)
 
 
 def migration(phase: str, source: str = NODE, vm: str = "vm1") -> dict[str, Any]:
