@@ -1,0 +1,75 @@
+"""The chaos test's stand-in operator escalates like the HypervisorJobStuck message says.
+
+First remedy: restart the node's libvirtd once a VM has said it for ``patience``
+seconds. A VM still saying it ``patience`` seconds after that restart (libvirtd kept the
+ownerless job because QEMU survived) gets its domain's QEMU killed.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from harness import chaos_invariants
+from harness import nodes as hn
+
+NS = "chaos"
+
+
+def vm(reason: str, node: str = "node-a") -> dict[str, Any]:
+    ready = {"type": "Ready", "status": "False", "reason": reason}
+    return {"status": {"nodeName": node, "conditions": [ready]}}
+
+
+@pytest.fixture
+def world(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    state: dict[str, Any] = {"vms": {}, "acts": []}
+
+    def objects(cluster: Any, namespace: str) -> dict[str, dict[str, Any]]:
+        return {"vm": state["vms"]}
+
+    monkeypatch.setattr(chaos_invariants, "objects", objects)
+    monkeypatch.setattr(
+        hn, "restart_libvirtd", lambda node, **_: state["acts"].append(("restart", node.name))
+    )
+    monkeypatch.setattr(
+        hn, "kill_qemu", lambda node, dom: state["acts"].append(("kill", node.name, dom)) or True
+    )
+    return state
+
+
+def operator() -> chaos_invariants.StuckJobOperator:
+    cluster: Any = SimpleNamespace(nodes=[SimpleNamespace(name="node-a")])
+    return chaos_invariants.StuckJobOperator(cluster, NS, patience=45)
+
+
+def test_a_restart_first_then_the_domains_qemu(world: dict[str, Any]) -> None:
+    op = operator()
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK), "db": vm("Running")}
+    op.step(0)
+    op.step(44)
+    assert world["acts"] == []  # patience
+    op.step(45)
+    assert world["acts"] == [("restart", "node-a")]
+    op.step(89)
+    assert world["acts"] == [("restart", "node-a")]
+    op.step(90)  # still stuck 45 s after the restart: QEMU survived it
+    assert world["acts"][-1] == ("kill", "node-a", f"{NS}_web")
+    assert dict(op.restarts) == {"node-a": 1}
+    assert dict(op.qemu_kills) == {"node-a": 1}
+
+
+def test_a_vm_that_recovered_after_the_restart_is_left_alone(world: dict[str, Any]) -> None:
+    op = operator()
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
+    op.step(0)
+    op.step(45)
+    world["vms"] = {"web": vm("Running")}
+    op.step(100)
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}  # stuck again, later: anew
+    op.step(101)
+    op.step(146)
+    assert world["acts"] == [("restart", "node-a"), ("restart", "node-a")]
+    assert dict(op.qemu_kills) == {}
