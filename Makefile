@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 
-.PHONY: bootstrap demo down test unit e2e lint crds gitops chaos soak bench coverage lock
+.PHONY: bootstrap demo down test unit e2e lint crds gitops chaos soak bench coverage lock image
 
 bootstrap:
 	@scripts/bootstrap
@@ -49,6 +49,11 @@ lint:
 	$(VENV)/virtfleet crds --check
 	$(VENV)/hadolint Dockerfile
 	$(VENV)/python gitops/argocd/generate.py --check
+
+## The container image from the Dockerfile, without a daemon or a registry (buildah; the
+## base made from Debian packages by mmdebstrap): localhost/virtfleet:dev.
+image:
+	scripts/build-image
 
 ## Regenerate crds/ (and the chart's copy) from the API models.
 crds:
