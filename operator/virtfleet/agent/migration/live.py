@@ -124,7 +124,8 @@ async def apply_end(
     *,
     error: str | None = None,
 ) -> None:
-    """Carry out a job's end (shared by the live job and the recovery)."""
+    """Carry out a live job's end (the recovery acts on its own, since it also returns a
+    delay for the queue)."""
     if isinstance(end, HandOver):
         await handoffs.handoff(ctx, key, vm_key, uid, target, log)
     elif isinstance(end, Recover):
