@@ -314,12 +314,19 @@ class StuckJobOperator:
     survived that crash, libvirtd reconnects to it and keeps the job through any number
     of restarts: a VM still saying it ``patience`` seconds after a restart gets its
     domain's QEMU killed, the message's second step (the VM loop starts it again).
+
+    A VM reads otherwise for a moment while its node's libvirtd restarts (the agent
+    reconnects and looks again): only a VM that has not said it for ``grace`` seconds
+    is forgotten. Forgetting it at the first other reading restarted libvirtd again and
+    again and never escalated (chaos seed 1131364337: 3 restarts, no kill).
     """
 
     cluster: Cluster
     namespace: str
     patience: float = 45.0
+    grace: float = 30.0
     first_seen: dict[str, float] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
     #: VMs whose node's libvirtd was restarted while they said it (escalate next time).
     restarted_for: set[str] = field(default_factory=set)
     restarts: Counter[str] = field(default_factory=Counter)
@@ -332,9 +339,14 @@ class StuckJobOperator:
             node = (vm.get("status") or {}).get("nodeName")
             if ready.get("reason") == JOB_STUCK and node:
                 stuck[name] = str(node)
-        self.first_seen = {n: self.first_seen.get(n, now) for n in stuck}
-        self.restarted_for &= set(stuck)
-        due = sorted(n for n, seen in self.first_seen.items() if now - seen >= self.patience)
+        for name in stuck:
+            self.last_seen[name] = now
+            self.first_seen.setdefault(name, now)
+        for name in [n for n, seen in self.last_seen.items() if now - seen > self.grace]:
+            del self.last_seen[name]
+            self.first_seen.pop(name, None)
+            self.restarted_for.discard(name)
+        due = sorted(n for n in stuck if now - self.first_seen[n] >= self.patience)
         restart = sorted({stuck[n] for n in due if n not in self.restarted_for})
         for name in (n for n in due if n in self.restarted_for):
             node = self._node(stuck[name])

@@ -356,6 +356,103 @@ async def test_a_cancelled_offline_migration_removes_what_it_made_on_the_target(
     assert await fleet.source.lookup(UID) is not None  # the VM stays (stopped) here
 
 
+async def copy_running_on_target(fleet: Fleet, guest: Guest, *, volume: bool = True) -> None:
+    """What libvirt leaves when the source's Finish3 call is lost: the target's copy
+    runs (with its volume, which a job's preparation made), the source was resumed."""
+    xml = await guest.xml(inactive=True)
+    await (await fleet.target.define(xml)).start()
+    if volume:
+        await storage.create_blank(fleet.target, LOCAL, VOLUME, 2**20)
+
+
+async def test_a_job_that_leaves_the_guest_running_on_both_nodes_keeps_the_source(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guest = await fleet.vm()
+    fleet.host()
+    fleet.migration()
+
+    async def split(*_: Any) -> None:
+        await copy_running_on_target(fleet, guest, volume=False)
+        raise hv_errors.HypervisorError("operation failed: Finish3: connection reset")
+
+    monkeypatch.setattr(hv_migration, "migrate", split)
+    await fleet.migrations.reconcile(KEY)
+    status = fleet.status()
+    assert status["phase"] == "Failed"
+    assert status["failureReason"].startswith("MigrationFailed: operation failed: Finish3")
+    assert "the target's copy was destroyed" in status["failureReason"]
+    assert await fleet.target.lookup(UID) is None
+    assert await storage.lookup_volume(fleet.target, LOCAL, VOLUME) is None
+    assert (await guest.status()).state.active  # the source keeps the guest
+    assert fleet.vm_body()["status"]["nodeName"] == SOURCE
+    assert VM_KEY in fleet.agent.queue._dirty
+
+
+async def test_a_restart_finding_the_guest_running_on_both_nodes_keeps_the_source(
+    fleet: Fleet,
+) -> None:
+    guest = await fleet.vm()
+    fleet.host()
+    await copy_running_on_target(fleet, guest)
+    fleet.migration("Running")
+    delay = await fleet.migrations.reconcile(KEY)
+    assert (delay, fleet.status()["phase"]) == (None, "Failed")
+    assert fleet.status()["failureReason"].startswith("Interrupted: ")
+    assert await fleet.target.lookup(UID) is None
+    assert (await guest.status()).state.active
+
+
+async def test_a_split_after_the_hand_over_committed_keeps_the_targets_copy(
+    fleet: Fleet,
+) -> None:
+    """The VM already names the target (the hand-over's first write landed) when a
+    restarted source libvirtd resumed its paused copy: the source's copy goes."""
+    guest = await fleet.vm()
+    fleet.host()
+    await copy_running_on_target(fleet, guest)
+    await fleet.kube.patch_status("VirtualMachine", *VM_KEY, {"nodeName": TARGET})
+    fleet.migration("Running")
+    delay = await fleet.migrations.reconcile(KEY)
+    assert (delay, fleet.status()["phase"]) == (None, "Succeeded")
+    assert await fleet.source.lookup(UID) is None
+    target_copy = await fleet.target.lookup(UID)
+    assert target_copy is not None
+    assert (await target_copy.status()).state.active
+
+
+async def test_no_hand_over_while_the_source_copy_cannot_be_removed(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source libvirtd that cannot be asked may resume its copy when it comes back:
+    the VM is not given away meanwhile (found with chaos seed 1131364337)."""
+    await fleet.vm()
+    fleet.host()
+    fleet.migration()
+    monkeypatch.setattr(hv_migration, "migrate", moves_the_domain(fleet))
+
+    async def unreachable(*_: Any) -> None:
+        raise hv_errors.ConnectionLost("not connected to node-a")
+
+    real_lookup = fleet.source.lookup
+    calls = {"n": 0}
+
+    async def flaky_lookup(uid: str) -> Guest | None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first look is where(); the second the leftover removal
+            await unreachable()
+        return await real_lookup(uid)
+
+    monkeypatch.setattr(fleet.source, "lookup", flaky_lookup)
+    await fleet.migrations.reconcile(KEY)
+    assert fleet.status()["phase"] == "Running"
+    assert fleet.vm_body()["status"]["nodeName"] == SOURCE
+    assert KEY in fleet.migrations.queue._dirty  # the recovery looks again
+    delay = await fleet.migrations.reconcile(KEY)
+    assert (delay, fleet.status()["phase"]) == (None, "Succeeded")
+    assert fleet.vm_body()["status"]["nodeName"] == TARGET
+
+
 @pytest.mark.parametrize("where", ["target", "source", "neither"])
 async def test_a_restart_mid_job_is_recovered_by_where_the_domain_runs(
     fleet: Fleet, where: str

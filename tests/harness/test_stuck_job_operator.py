@@ -73,3 +73,19 @@ def test_a_vm_that_recovered_after_the_restart_is_left_alone(world: dict[str, An
     op.step(146)
     assert world["acts"] == [("restart", "node-a"), ("restart", "node-a")]
     assert dict(op.qemu_kills) == {}
+
+
+def test_a_moment_of_another_reason_after_the_restart_still_escalates(
+    world: dict[str, Any],
+) -> None:
+    """While libvirtd restarts, the agent reconnects and the VM reads otherwise briefly."""
+    op = operator()
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
+    op.step(0)
+    op.step(45)
+    world["vms"] = {"web": vm("HypervisorUnavailable")}
+    op.step(50)
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
+    op.step(60)
+    op.step(90)
+    assert world["acts"] == [("restart", "node-a"), ("kill", "node-a", f"{NS}_web")]

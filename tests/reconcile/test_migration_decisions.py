@@ -231,3 +231,14 @@ def test_a_source_left_paused_after_the_switch_over_is_a_success() -> None:
     assert job_outcome(incoming) == "unclear"
     # Paused for another reason (post-copy, a user): both copies may matter.
     assert job_outcome(DomainWhere(True, True, True, True, target_running=True)) == "unclear"
+
+
+def test_vcpus_running_on_both_nodes_is_a_split() -> None:
+    """Never a stage of a job: libvirt resumed the source while the target ran."""
+    both = DomainWhere(True, True, True, True, target_running=True, source_running=True)
+    assert job_outcome(both) == "split"
+    # Once the hand-over committed the target, the source's copy is the left-over.
+    assert job_outcome(both, handed_over=True) == "succeeded"
+    # A target still paused (the job may run on): not a split.
+    incoming = DomainWhere(True, True, True, True, source_running=True)
+    assert job_outcome(incoming) == "unclear"

@@ -72,6 +72,37 @@ def test_an_unclear_outcome_is_left_to_the_recovery(cancelled: bool, timed_out: 
     assert end == Recover()
 
 
+@pytest.mark.parametrize(
+    ("cancelled", "timed_out"), list(itertools.product([False, True], repeat=2))
+)
+def test_a_split_fails_like_a_failure_and_removes_the_targets_copy_first(
+    cancelled: bool, timed_out: bool
+) -> None:
+    """Found by chaos (seed 1131364337): libvirt resumed the source after its Finish3
+    call was lost, and the target kept the vCPUs it had started: both ran for good."""
+    flags = state(cancelled, timed_out, False)
+    failed = decide_job_end(JobOutcome.FAILED, flags, "Finish3 lost", timeout_per_gib=3)
+    split = decide_job_end(JobOutcome.SPLIT, flags, "Finish3 lost", timeout_per_gib=3)
+    assert isinstance(failed, Fail)
+    assert isinstance(split, Fail)
+    assert (split.reason, split.phase, split.release_vm) == (
+        failed.reason,
+        failed.phase,
+        failed.release_vm,
+    )
+    assert split.remove_target_copy
+    assert not failed.remove_target_copy
+    assert split.message.startswith(failed.message)
+    assert "the target's copy was destroyed" in split.message
+
+
+def test_a_split_after_post_copy_is_still_a_lost_guest() -> None:
+    end = decide_job_end(JobOutcome.SPLIT, state(False, False, True), "broken pipe")
+    assert isinstance(end, Fail)
+    assert end.reason is EndReason.POSTCOPY_FAILED
+    assert not end.remove_target_copy
+
+
 @pytest.mark.parametrize("timed_out", [False, True])
 def test_a_cancelled_job_that_failed_is_cancelled(timed_out: bool) -> None:
     end = decide_job_end(JobOutcome.FAILED, state(True, timed_out, False), "aborted")
@@ -112,6 +143,13 @@ def test_the_recovery_decides_by_the_outcome() -> None:
     assert failed.reason is EndReason.INTERRUPTED
     assert failed.release_vm
     assert decide_recovery(JobOutcome.UNCLEAR) == Recover(delay=RECOVERY_RETRY_SECONDS)
+    split = decide_recovery(JobOutcome.SPLIT)
+    assert isinstance(split, Fail)
+    assert (split.reason, split.remove_target_copy, split.release_vm) == (
+        EndReason.INTERRUPTED,
+        True,
+        True,
+    )
 
 
 def test_an_offline_job_that_stopped_early_keeps_the_vm_on_the_source() -> None:

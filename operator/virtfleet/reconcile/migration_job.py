@@ -13,7 +13,7 @@ after a job ended (DESIGN §6, Nova's ``libvirt/migration.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from virtfleet.api.migration import MigrationMode, MigrationPhase, MigrationProgress
@@ -36,6 +36,9 @@ class JobOutcome(StrEnum):
     FAILED = "failed"
     #: Running on both nodes or on neither: not safe to call either way yet.
     UNCLEAR = "unclear"
+    #: The vCPUs run on both nodes: libvirt gave the job up and resumed the source, yet
+    #: the target's copy runs too (see :func:`job_outcome`). The target's copy must go.
+    SPLIT = "split"
 
 
 class EndReason(StrEnum):
@@ -92,21 +95,37 @@ class Fail:
     release_vm: bool = True
     #: A VM ``printableStatus`` to write instead of releasing the VM.
     vm_printable: PrintableStatus | None = None
+    #: Destroy the copy libvirt left running on the target first (an outcome ``SPLIT``).
+    remove_target_copy: bool = False
 
 
 JobEnd = HandOver | Recover | Fail
 
 
-def job_outcome(where: DomainWhere) -> JobOutcome:
-    """Decided by where the domain runs.
+def job_outcome(where: DomainWhere, *, handed_over: bool = False) -> JobOutcome:
+    """Decided by where the domain runs (and, for a split, by ``handed_over``: whether
+    the VM's ``status.nodeName`` already names the target).
 
     With ``UNDEFINE_SOURCE`` and ``PERSIST_DEST`` a finished migration leaves the domain
     running on the target only; an aborted or failed one leaves it running on the
     source. A source libvirtd that died between the switch-over and the confirmation
     leaves its copy paused (libvirt's ``perform3_done`` recovery waits for "a third
     party"): the target runs the guest, so that is a success too, and the paused
-    left-over is the hand-over's to remove. Anything else (both, neither) is not safe
-    to call either way.
+    left-over is the hand-over's to remove.
+
+    vCPUs running on *both* nodes is never a stage of a job (pre-copy keeps the target
+    paused until the source paused; post-copy pauses the source before the target
+    runs): it is libvirt's own split. A source libvirtd whose ``Finish3`` call to the
+    target was lost treats the job as failed and resumes the source, while the target
+    had already started its vCPUs — its restart keeps them running ("There is a small
+    chance that the ddomain is NULL due to an RPC failure, in which case ddomain could
+    in fact be running on the dest", ``qemuMigrationSrcPerformPeer2Peer3``; only a
+    lock manager would stop it); a source libvirtd restarted mid-job resumes a copy it
+    finds paused too. The copy the API names wins, at once: while ``status.nodeName``
+    names the source, libvirt's verdict — failed — stands and the target's copy is
+    removed; once a hand-over committed the target, it is a success and the source's
+    copy is the left-over. Anything else (active on both or on neither) is not safe to
+    call either way.
     """
     if where.target_active and not where.source_active:
         return JobOutcome.SUCCEEDED
@@ -114,6 +133,8 @@ def job_outcome(where: DomainWhere) -> JobOutcome:
         return JobOutcome.SUCCEEDED
     if where.source_active and not where.target_active:
         return JobOutcome.FAILED
+    if where.source_running and where.target_running:
+        return JobOutcome.SUCCEEDED if handed_over else JobOutcome.SPLIT
     return JobOutcome.UNCLEAR
 
 
@@ -148,6 +169,8 @@ class DomainWhere:
     source_paused_by_migration: bool = False
     #: The target's vCPUs run (not an incoming domain still paused).
     target_running: bool = False
+    #: The source's vCPUs run (not paused by the migration, a user or post-copy).
+    source_running: bool = False
 
 
 def decide_job_end(
@@ -175,6 +198,11 @@ def decide_job_end(
         )
     if outcome is JobOutcome.UNCLEAR:
         return Recover()
+    end = _failed_job(state, error, timeout_per_gib)
+    return split_end(end) if outcome is JobOutcome.SPLIT else end
+
+
+def _failed_job(state: JobState, error: str | None, timeout_per_gib: int | None) -> Fail:
     if state.cancelled:
         return Fail(EndReason.CANCELLED, "deleted while running", phase=MigrationPhase.CANCELLED)
     if state.timed_out_budget is not None:
@@ -185,6 +213,16 @@ def decide_job_end(
             "the VM stays on the source",
         )
     return Fail(EndReason.MIGRATION_FAILED, error or "the job ended; VM stays")
+
+
+def split_end(end: Fail) -> Fail:
+    """A failed job whose target copy runs as well: that copy is destroyed first."""
+    return replace(
+        end,
+        message=f"{end.message}; libvirt resumed the guest on the source while its copy "
+        "on the target ran too: the target's copy was destroyed",
+        remove_target_copy=True,
+    )
 
 
 def decide_job_error(error: str, *, job_began: bool) -> JobEnd:
@@ -205,6 +243,8 @@ def decide_recovery(outcome: JobOutcome) -> JobEnd:
         return HandOver()
     if outcome is JobOutcome.FAILED:
         return Fail(EndReason.INTERRUPTED, "the agent restarted during the job")
+    if outcome is JobOutcome.SPLIT:
+        return split_end(Fail(EndReason.INTERRUPTED, "the agent restarted during the job"))
     return Recover(delay=RECOVERY_RETRY_SECONDS)
 
 

@@ -65,6 +65,7 @@ async def where(source: Hypervisor, target: Hypervisor, uid: str) -> DomainWhere
         and here.state is GuestState.PAUSED
         and here.reason == "migration",
         target_running=there is not None and there.state is GuestState.RUNNING,
+        source_running=here is not None and here.state is GuestState.RUNNING,
     )
 
 
@@ -77,12 +78,19 @@ async def handoff(
     log: Any,
     *,
     mode: MigrationMode = MigrationMode.LIVE,
-) -> None:
+) -> bool:
+    """Give the VM to the target; False (nothing written) while a copy of the guest here
+    cannot be removed: the recovery looks again (a libvirtd restarting here may resume
+    a copy it finds paused mid-job, and the VM must not be given away meanwhile)."""
     status = ctx.status_of(key)
     generation = ctx.generation_of(key)
     node = status.target_node or ""
+    if not node:
+        log.error("no target node to hand the VM to; the recovery looks again")
+        return False
     downtime = await _downtime(target, uid) if mode is MigrationMode.LIVE else None
-    await remove_source_leftover(ctx, uid, log)
+    if not await remove_source_leftover(ctx, uid, log):
+        return False
     await _move_vm(ctx, vm_key, node, mode)
     ctx.agent.forget(vm_key)
     wanted = succeeded_status(status, generation, downtime, now())
@@ -91,6 +99,7 @@ async def handoff(
     await ctx.write_status(key, wanted)
     deleted = await delete_local_volumes(ctx, uid)
     log.info("migration succeeded", target=node, downtime_ms=downtime, deleted=deleted)
+    return True
 
 
 async def _move_vm(ctx: MigrationContext, vm_key: Key, node: str, mode: MigrationMode) -> None:
@@ -141,26 +150,51 @@ async def _move_vm(ctx: MigrationContext, vm_key: Key, node: str, mode: Migratio
             await asyncio.sleep(CONFLICT_RETRY_SECONDS)
 
 
-async def remove_source_leftover(ctx: MigrationContext, uid: str, log: Any) -> None:
-    """Whatever of the domain is still here once the guest runs on the target.
+async def remove_source_leftover(ctx: MigrationContext, uid: str, log: Any) -> bool:
+    """Whatever of the domain is still here once the guest runs on the target; False
+    if this libvirtd could not be asked (the hand-over waits for it).
 
     A source libvirtd killed near the end of the job never confirms it: its copy
     stays paused, or stopped but defined (``UNDEFINE_SOURCE`` never ran). Left alone
-    it would look like a second home of the VM and could be started again. A failure
-    here does not undo the hand-over: the orphan sweep removes what is left.
+    it would look like a second home of the VM and could be started again — or be
+    resumed by this libvirtd's own recovery of the job when it restarts.
     """
     try:
         leftover = await ctx.hv.lookup(uid)
         if leftover is None:
-            return
+            return True
         if (await leftover.status()).state.active:
             await leftover.destroy()
         await leftover.undefine()
         log.warning("removed the source's left-over copy of the migrated domain")
     except hv_errors.NotFound:
-        return
+        return True
     except hv_errors.HypervisorError as exc:
         log.warning("cannot remove the source's left-over copy yet", error=str(exc))
+        return False
+    return True
+
+
+async def remove_target_copy(ctx: MigrationContext, target: Hypervisor, uid: str, log: Any) -> bool:
+    """Destroy and undefine the domain libvirt left running on the target, and delete
+    its node-local volumes there; False if the target did not let it (look again)."""
+    try:
+        copy = await target.lookup(uid)
+        if copy is not None:
+            if (await copy.status()).state.active:
+                await copy.destroy()
+            await copy.undefine()
+    except hv_errors.NotFound:
+        pass  # gone meanwhile: what was asked
+    except hv_errors.HypervisorError as exc:
+        log.warning("cannot destroy the target's copy of the guest yet", error=str(exc))
+        return False
+    deleted = await delete_local_volumes(ctx, uid, target)
+    log.error(
+        "the guest ran on both nodes: destroyed the target's copy, the source keeps the VM",
+        deleted=deleted,
+    )
+    return True
 
 
 async def _downtime(target: Hypervisor, uid: str) -> int | None:
@@ -173,14 +207,18 @@ async def _downtime(target: Hypervisor, uid: str) -> int | None:
         return None  # no record (an older libvirt, or the target restarted): not reported
 
 
-async def delete_local_volumes(ctx: MigrationContext, uid: str) -> list[str]:
-    """The VM's node-local volumes here (the target has its own copies now)."""
+async def delete_local_volumes(
+    ctx: MigrationContext, uid: str, hv: Hypervisor | None = None
+) -> list[str]:
+    """The VM's node-local volumes on ``hv`` (default: here, once the target has its own
+    copies); shared-pool volumes are the disks the remaining copy uses."""
+    hv = hv or ctx.hv
     deleted = []
     for pool in ctx.settings.pools:
         if pool in ctx.settings.shared_pools:
-            continue  # the target uses these very files now
+            continue  # the other node uses these very files
         try:
-            volumes = await storage.list_volumes(ctx.hv, pool)
+            volumes = await storage.list_volumes(hv, pool)
         except hv_errors.HypervisorError as exc:
             ctx.log.warning("cannot list a pool for clean-up", pool=pool, error=str(exc))
             continue
@@ -188,7 +226,7 @@ async def delete_local_volumes(ctx: MigrationContext, uid: str) -> list[str]:
             if not volume.name.startswith(f"{uid}-"):
                 continue
             try:
-                await storage.delete_volume(ctx.hv, pool, volume.name)
+                await storage.delete_volume(hv, pool, volume.name)
             except hv_errors.HypervisorError as exc:
                 ctx.log.warning(
                     "cannot delete a migrated volume", volume=volume.name, error=str(exc)

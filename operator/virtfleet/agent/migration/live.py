@@ -127,13 +127,17 @@ async def apply_end(
     """Carry out a live job's end (the recovery acts on its own, since it also returns a
     delay for the queue)."""
     if isinstance(end, HandOver):
-        await handoffs.handoff(ctx, key, vm_key, uid, target, log)
+        if not await handoffs.handoff(ctx, key, vm_key, uid, target, log):
+            ctx.requeue(key)  # a copy here could not be removed: the recovery looks again
     elif isinstance(end, Recover):
         # Running on both nodes or on neither, or libvirt went away under the job:
         # neither a hand-over nor a release is safe yet; the recovery looks again.
         log.warning("migration outcome unclear; recovering", error=error)
         ctx.requeue(key)
     else:
+        if end.remove_target_copy and not await handoffs.remove_target_copy(ctx, target, uid, log):
+            ctx.requeue(key)  # the recovery sees the same split and tries again
+            return
         if end.vm_printable is not None:
             log.error("post-copy migration failed: the guest is lost", error=end.message)
         await ctx.fail(key, vm_key, end)

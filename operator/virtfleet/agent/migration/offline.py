@@ -62,7 +62,10 @@ async def run_offline(
         except hv_errors.HypervisorError as exc:
             log.warning("cannot undefine the source domain", error=str(exc))
         log.info("offline migration: defined on the target")
-        await handoffs.handoff(ctx, key, vm_key, uid, target, log, mode=MigrationMode.OFFLINE)
+        if not await handoffs.handoff(
+            ctx, key, vm_key, uid, target, log, mode=MigrationMode.OFFLINE
+        ):
+            ctx.requeue(key)  # the recovery finishes it (defined there, nothing runs here)
     except (ActionError, hv_errors.HypervisorError, CancelledError) as exc:
         if not defined:
             await targets.delete_target_volumes(ctx, target, vm_spec, uid)

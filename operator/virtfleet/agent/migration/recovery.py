@@ -27,7 +27,7 @@ from virtfleet.reconcile.migration_job import (
     job_outcome,
     offline_outcome,
 )
-from virtfleet.runtime.kube import KubeError
+from virtfleet.runtime.kube import KubeError, NotFound
 
 
 async def recover(
@@ -60,15 +60,29 @@ async def recover(
         async with locks.lock(vm_key):
             where = await handoffs.where(ctx.hv, target, uid)
             offline = spec.mode is MigrationMode.OFFLINE
-            outcome = offline_outcome(where) if offline else job_outcome(where)
+            handed_over = False
+            if not offline and where.source_running and where.target_running:
+                # Which copy is the VM is the API's word: read it, never from a cache.
+                placed = await _placed_on(ctx, vm_key, log)
+                if placed is None:
+                    return RECOVERY_RETRY_SECONDS
+                handed_over = placed == status.target_node
+            outcome = (
+                offline_outcome(where) if offline else job_outcome(where, handed_over=handed_over)
+            )
             (log.debug if outcome is JobOutcome.UNCLEAR else log.info)(
                 "recovering an interrupted migration", outcome=outcome.value
             )
             end = decide_recovery(outcome)
             if isinstance(end, HandOver):
-                await handoffs.handoff(ctx, key, vm_key, uid, target, log, mode=spec.mode)
+                if not await handoffs.handoff(ctx, key, vm_key, uid, target, log, mode=spec.mode):
+                    return RECOVERY_RETRY_SECONDS
             elif isinstance(end, Recover):
                 return end.delay  # a job may still run in libvirtd: look again
+            elif end.remove_target_copy and not await handoffs.remove_target_copy(
+                ctx, target, uid, log
+            ):
+                return RECOVERY_RETRY_SECONDS
             else:
                 await ctx.fail(key, vm_key, end)
     except hv_errors.HypervisorError as exc:
@@ -77,3 +91,16 @@ async def recover(
     finally:
         await ctx.close_target(target)
     return None
+
+
+async def _placed_on(ctx: MigrationContext, vm_key: Key, log: Any) -> str | None:
+    """The VM's ``status.nodeName`` as the apiserver has it now ("" for a VM gone; None:
+    cannot tell now)."""
+    try:
+        vm = await ctx.kube.get("VirtualMachine", *vm_key)
+    except NotFound:
+        return ""
+    except KubeError as exc:
+        log.info("cannot read the VM to settle a split", error=str(exc))
+        return None
+    return str((vm.get("status") or {}).get("nodeName") or "")
