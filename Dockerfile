@@ -42,7 +42,12 @@ ENV PATH=/opt/virtfleet/bin:$PATH \
     PYTHONUNBUFFERED=1
 # Non-root by default: the controller runs as is (Pod Security "restricted"). The agent
 # pod sets runAsUser: 0 because libvirtd's read-write socket (/var/run/libvirt/libvirt-sock)
-# accepts root only; libvirtd itself does the privileged work.
+# accepts root only; libvirtd itself does the privileged work. The user has a passwd
+# entry: kopf names its process by getpass.getuser(), which fails (and the controller with
+# it) for a uid the image does not know.
+RUN groupadd --gid 65532 virtfleet \
+    && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin virtfleet
 USER 65532:65532
 # No HEALTHCHECK: Kubernetes probes (the agent's --liveness endpoint) do that job.
 ENTRYPOINT ["virtfleet"]

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import controlplane, nodes, operators
+from harness import controlplane, kubelets, nodes, operators
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -131,8 +131,11 @@ def is_up(state_dir: Path) -> bool:
     return env_file(state_dir).exists() and bool(controlplane.pids(state_dir))
 
 
-def up(state_dir: Path, *, with_operators: bool = False, demo: bool = False) -> dict[str, str]:
-    """Bring the system up (idempotent) and return its environment."""
+def up(
+    state_dir: Path, *, with_operators: bool = False, demo: bool = False, kubelet: bool = False
+) -> dict[str, str]:
+    """Bring the system up (idempotent) and return its environment; with ``kubelet``
+    every node is also a kubelet node (:mod:`harness.kubelets`)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     env = controlplane.up(state_dir)
@@ -140,6 +143,9 @@ def up(state_dir: Path, *, with_operators: bool = False, demo: bool = False) -> 
     env["VIRTFLEET_E2E_STATE"] = str(state_dir)
     install_crds(env)
     register_nodes(env, nodes.nodes_from_env(env))
+    if kubelet:
+        kubelets.up(state_dir, env, nodes.nodes_from_env(env))
+        env["VIRTFLEET_KUBELET_NODES"] = "1"
     write_env(state_dir, env)
     env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
     if with_operators:
@@ -154,10 +160,17 @@ def down(state_dir: Path, *, wipe: bool = False) -> None:
     operators.stop(state_dir)
     nodes_dir = state_dir / "nodes"
     names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
+    if names:
+        kubelets.down(nodes.nodes_from_env(_node_env(state_dir, names)))
+    kubelets.stop_scheduler(state_dir)
     nodes.down(state_dir, wipe=wipe)
     _remove_guest_firewalls(names)
     controlplane.down(state_dir, wipe=wipe)
     env_file(state_dir).unlink(missing_ok=True)
+
+
+def _node_env(state_dir: Path, names: Sequence[str]) -> dict[str, str]:
+    return {"VIRTFLEET_NODES_STATE_DIR": str(state_dir), "VIRTFLEET_NODE_NAMES": ",".join(names)}
 
 
 def _remove_guest_firewalls(names: Sequence[str]) -> None:
@@ -183,13 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--operators", action="store_true", help="up: also start the operators")
     parser.add_argument("--demo", action="store_true", help="up: also apply examples/vm-basic.yaml")
     parser.add_argument(
+        "--kubelet", action="store_true", help="up: make the nodes kubelet nodes (pods run)"
+    )
+    parser.add_argument(
         "--wipe", action="store_true", help="down: also delete cluster and node state"
     )
     args = parser.parse_args(argv)
     state_dir = args.state_dir.resolve()
     try:
         if args.command == "up":
-            env = up(state_dir, with_operators=args.operators, demo=args.demo)
+            env = up(state_dir, with_operators=args.operators, demo=args.demo, kubelet=args.kubelet)
             print(
                 f"virtfleet: up in {env['VIRTFLEET_UP_SECONDS']} s. Use it with:", file=sys.stderr
             )
@@ -198,7 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(env_file(state_dir).read_text())
         else:
             down(state_dir, wipe=args.wipe)
-    except (controlplane.ControlPlaneError, nodes.NodeError, RuntimeError) as err:
+    except (
+        controlplane.ControlPlaneError,
+        nodes.NodeError,
+        kubelets.KubeletError,
+        RuntimeError,
+    ) as err:
         print(f"virtfleet: {err}", file=sys.stderr)
         return 1
     return 0

@@ -50,7 +50,8 @@ GO_MODULES_DIR = Path(__file__).resolve().parent.parent / "controlplane"
 """Directory holding the pinned go.mod files (kube module; etcd in its ``etcd/`` subdir)."""
 
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
-"""Only a configuration value: no Service traffic is ever routed on this machine."""
+"""No Service traffic is routed on this machine: only the kubelet nodes' own network
+namespaces have ``10.96.0.1`` (the ``kubernetes`` Service), forwarded to the apiserver."""
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -102,6 +103,19 @@ BINARIES: tuple[_Binary, ...] = (
         version_module="k8s.io/kubernetes",
         ldflags_x=_K8S_LDFLAGS_X,
     ),
+)
+
+
+#: Built only for the kubelet nodes (:mod:`harness.kubelets`), from their own module.
+NODE_BINARIES: tuple[_Binary, ...] = tuple(
+    _Binary(
+        name=name,
+        module_dir=GO_MODULES_DIR.parent / "kubelet",
+        package=f"k8s.io/kubernetes/cmd/{name}",
+        version_module="k8s.io/kubernetes",
+        ldflags_x=_K8S_LDFLAGS_X,
+    )
+    for name in ("kubelet", "kube-scheduler")
 )
 
 
@@ -242,8 +256,9 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_binaries() -> dict[str, Path]:
-    """Return ``{name: path}`` of etcd, kube-apiserver and kube-controller-manager.
+def ensure_binaries(binaries: Iterable[_Binary] = BINARIES) -> dict[str, Path]:
+    """Return ``{name: path}`` of ``binaries`` (default: etcd, kube-apiserver and
+    kube-controller-manager; :data:`NODE_BINARIES` for the kubelet nodes).
 
     Each binary is cached as ``<cache>/bin/<name>-<version>-<hash of go.mod+go.sum>``, so
     a second call costs nothing and changing a pin rebuilds exactly what it affects.
@@ -251,7 +266,7 @@ def ensure_binaries() -> dict[str, Path]:
     """
     paths: dict[str, Path] = {}
     with _locked(cache_dir() / "bin" / ".build.lock"):
-        for binary in BINARIES:
+        for binary in binaries:
             target = _binary_path(binary)
             if not target.is_file():
                 _build(binary, target)
@@ -367,6 +382,22 @@ def _cert_kubeconfig(path: Path, server: str, pki: Path, name: str) -> Path:
         "client-key-data": _b64(pki / f"{name}.key"),
     }
     return _write_kubeconfig(path, server, pki / "ca.crt", user)
+
+
+def issue_client_cert(pki: Path, name: str, subject: str) -> None:
+    """A client certificate ``<name>.crt`` for ``subject`` from the harness CA (once)."""
+    _issue(
+        pki,
+        name,
+        subject,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,"
+        "keyEncipherment\nextendedKeyUsage=clientAuth\n",
+    )
+
+
+def cert_kubeconfig(path: Path, server: str, pki: Path, name: str) -> Path:
+    """A kubeconfig authenticating with the client certificate ``<name>.crt``."""
+    return _cert_kubeconfig(path, server, pki, name)
 
 
 def kubeconfig_for_token(path: Path, server: str, ca: Path, token: str) -> Path:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from harness.controlplane import ControlPlaneError, _locked, _module_hash, _tail, cache_dir
@@ -95,10 +96,17 @@ def ensure_helm() -> Path:
     return target
 
 
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the pinned helm with ``args`` (no cluster access is ever needed)."""
+def helm(
+    *args: str, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the pinned helm with ``args``; with ``env`` (a ``KUBECONFIG``) against a cluster."""
     result = subprocess.run(
-        [str(ensure_helm()), *args], capture_output=True, text=True, check=False, timeout=300
+        [str(ensure_helm()), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env=None if env is None else dict(env),
     )
     if check and result.returncode != 0:
         raise HelmError(f"helm {' '.join(args)} failed:\n{result.stderr.strip()}")
