@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,14 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "virtfleet"
 VALUES = REPO / "e2e" / "kubelet" / "values.yaml"
 
-#: Ports of its own (test_system.py uses 3xxxx), so it runs beside the shared system.
+#: Ports of its own, so it runs beside the suite's shared system; all below the ephemeral
+#: range (32768-60999 here), where an outgoing connection may hold any port for a while
+#: (a first run failed on 53800 "in use").
 OWN_PORTS = {
-    "VIRTFLEET_ETCD_CLIENT_PORT": "53790",
-    "VIRTFLEET_ETCD_PEER_PORT": "53800",
-    "VIRTFLEET_APISERVER_PORT": "46443",
-    "VIRTFLEET_CONTROLLER_MANAGER_PORT": "46257",
-    "VIRTFLEET_NODE_PORT_BASE": "46610",
-    "VIRTFLEET_MIGRATION_PORT_BASE": "47000",
+    "VIRTFLEET_ETCD_CLIENT_PORT": "27790",
+    "VIRTFLEET_ETCD_PEER_PORT": "27800",
+    "VIRTFLEET_APISERVER_PORT": "26443",
+    "VIRTFLEET_CONTROLLER_MANAGER_PORT": "26257",
+    "VIRTFLEET_NODE_PORT_BASE": "27610",
+    "VIRTFLEET_MIGRATION_PORT_BASE": "28000",
 }
 
 
@@ -57,8 +60,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             state_dir=state_dir, env=cluster_env, nodes=hn.nodes_from_env(cluster_env)
         )
         helm_env = {**os.environ, "KUBECONFIG": cluster_env["KUBECONFIG"]}
+        # Each harness libvirtd answers on its own loopback port: one URI per node.
+        by_node = {node.name: node.uri for node in cluster.nodes}
         hh.helm(
             "install", "virtfleet", str(CHART), "-f", str(VALUES),
+            "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
             "--wait", "--timeout", "300s", env=helm_env,
         )  # fmt: skip
         print(f"\n[timing] e2e/up --kubelet + helm install: {time.monotonic() - started:.0f}s")
@@ -144,3 +150,133 @@ def test_a_vm_boots_through_the_installed_release(installed: Cluster) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert domain_name("apps", "web") not in listed.stdout.split()
+
+
+UPTIME = re.compile(r"^VF-UPTIME (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
+
+
+def uptimes(node: hn.Node, dom: str) -> list[float]:
+    try:
+        return [float(m.group(1)) for m in UPTIME.finditer(hn.serial_log(node, dom))]
+    except FileNotFoundError:
+        return []
+
+
+def in_phase(
+    cluster: Cluster, kind: str, name: str, namespace: str, phases: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """The object once its phase (a VM's printableStatus) is one of ``phases``."""
+    obj = cluster.get(kind, name, namespace)
+    status = obj.get("status") or {}
+    return obj if (status.get("phase") or status.get("printableStatus")) in phases else None
+
+
+def test_a_live_migration_through_the_installed_release(installed: Cluster) -> None:
+    """The agent pods publish each node's migration URI; the guest keeps its uptime."""
+    installed.kubectl("create", "namespace", "moves")
+    installed.apply(vm_manifest("mover", "moves"))
+    vm = wait_for(
+        partial(in_phase, installed, "vm", "mover", "moves", ("Running",)),
+        timeout=120,
+        what="vm/mover Running",
+    )
+    source = installed.node(vm["status"]["nodeName"])
+    target = next(n for n in installed.nodes if n.name != source.name)
+    dom = domain_name("moves", "mover")
+    wait_for(lambda: max(uptimes(source, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
+    assert installed.get("vmhost", target.name)["status"]["migrationURI"] == target.uri
+    installed.apply(
+        {
+            "apiVersion": "virtfleet.io/v1alpha1",
+            "kind": "VMMigration",
+            "metadata": {"name": "move-1", "namespace": "moves"},
+            "spec": {"vmName": "mover", "targetNode": target.name},
+        }
+    )
+    done = wait_for(
+        partial(in_phase, installed, "vmmig", "move-1", "moves", ("Succeeded", "Failed")),
+        timeout=180,
+        what="vmmig/move-1 finished",
+    )
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    last_on_source = max(uptimes(source, dom))
+    wait_for(
+        lambda: max(uptimes(target, dom), default=0) >= last_on_source + 2,
+        timeout=60,
+        what="uptime counting on the target",
+    )
+    assert min(u for u in uptimes(target, dom)) >= last_on_source - 1  # never rebooted
+    assert installed.get("vm", "mover", "moves")["status"]["nodeName"] == target.name
+
+
+def test_helm_upgrade_rolls_the_agents_and_no_guest_restarts(installed: Cluster) -> None:
+    installed.kubectl("create", "namespace", "steady")
+    installed.apply(vm_manifest("steady", "steady"))
+    vm = wait_for(
+        partial(in_phase, installed, "vm", "steady", "steady", ("Running",)),
+        timeout=120,
+        what="vm/steady Running",
+    )
+    node = installed.node(vm["status"]["nodeName"])
+    dom = domain_name("steady", "steady")
+    wait_for(lambda: max(uptimes(node, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
+    before = agent_pods(installed)
+    helm_env = {**os.environ, "KUBECONFIG": installed.env["KUBECONFIG"]}
+    by_node = {n.name: n.uri for n in installed.nodes}
+    hh.helm(
+        "upgrade", "virtfleet", str(CHART), "-f", str(VALUES),
+        "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
+        "--set", "agent.logLevel=INFO", "--wait", "--timeout", "300s", env=helm_env,
+    )  # fmt: skip
+    wait_for(
+        lambda: len(after := agent_pods(installed)) == 2 and not set(after) & set(before),
+        timeout=180,
+        what="every agent pod replaced",
+    )
+    uptime_then = max(uptimes(node, dom))
+    wait_for(
+        lambda: max(uptimes(node, dom), default=0) >= uptime_then + 3,
+        timeout=60,
+        what="the guest's uptime still counting",
+    )
+    assert hn.serial_log(node, dom).count(BOOT_MARKER) == 1  # booted once, never again
+    wait_for(
+        lambda: (
+            (condition(installed.get("vm", "steady", "steady"), "Ready") or {}).get("status")
+            == "True"
+        ),
+        timeout=60,
+        what="vm/steady Ready under the new agents",
+    )
+
+
+def agent_pods(cluster: Cluster) -> list[str]:
+    return [
+        p["metadata"]["uid"]
+        for p in pods(cluster)
+        if p["metadata"]["namespace"] == "virtfleet-agent"
+        and p["status"].get("phase") == "Running"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_helm_uninstall_leaves_the_vms_and_their_guests_running(installed: Cluster) -> None:
+    """docs/install.md: uninstalling removes virtfleet, never the guests it runs."""
+    running = [
+        (vm["metadata"]["namespace"], vm["metadata"]["name"], vm["status"]["nodeName"])
+        for vm in json.loads(installed.kubectl("get", "vm", "-A", "-o", "json").stdout)["items"]
+        if (vm.get("status") or {}).get("printableStatus") == "Running"
+    ]
+    assert running, "the earlier tests leave running VMs"
+    helm_env = {**os.environ, "KUBECONFIG": installed.env["KUBECONFIG"]}
+    hh.helm("uninstall", "virtfleet", "--wait", "--timeout", "300s", env=helm_env)
+    wait_for(lambda: not agent_pods(installed), timeout=120, what="agent pods gone")
+    for namespace, name, node_name in running:
+        node = installed.node(node_name)
+        dom = domain_name(namespace, name)
+        state = subprocess.run(
+            ["virsh", "-q", "-c", node.uri, "domstate", dom],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout.strip()  # fmt: skip
+        assert state == "running", f"{dom} on {node_name}: {state}"
+        assert installed.get("vm", name, namespace)["metadata"]["name"] == name  # kept

@@ -13,13 +13,14 @@ from harness import cluster as system
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Ports of its own, so this test can run beside the suite's shared system.
+#: Ports of its own, so this test can run beside the suite's shared system; below the
+#: ephemeral range (32768-60999), where a client connection may hold any port.
 OWN_PORTS = {
-    "VIRTFLEET_ETCD_CLIENT_PORT": "43790",
-    "VIRTFLEET_ETCD_PEER_PORT": "43800",
-    "VIRTFLEET_APISERVER_PORT": "36443",
-    "VIRTFLEET_CONTROLLER_MANAGER_PORT": "36257",
-    "VIRTFLEET_NODE_PORT_BASE": "36610",
+    "VIRTFLEET_ETCD_CLIENT_PORT": "25790",
+    "VIRTFLEET_ETCD_PEER_PORT": "25800",
+    "VIRTFLEET_APISERVER_PORT": "25443",
+    "VIRTFLEET_CONTROLLER_MANAGER_PORT": "25257",
+    "VIRTFLEET_NODE_PORT_BASE": "25610",
 }
 
 

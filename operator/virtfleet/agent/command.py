@@ -19,6 +19,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent = sub.add_parser("agent", help="run the node agent (one per node)")
     agent.add_argument("--node", default=os.environ.get("NODE_NAME"), help="this node's name")
     agent.add_argument("--libvirt-uri", default=defaults.libvirt_uri)
+    agent.add_argument(
+        "--migration-uri",
+        help="how other nodes reach this node's libvirtd, e.g. qemu+tls://NODE/system "
+        "(default: --libvirt-uri)",
+    )
+    agent.add_argument(
+        "--migration-uri-for",
+        action="append",
+        metavar="NODE=URI",
+        help="--migration-uri for one node (repeatable; wins over --migration-uri there)",
+    )
     agent.add_argument("--domain-type", default=defaults.domain_type, choices=["qemu", "kvm"])
     agent.add_argument("--image-pool", default=defaults.image_pool, help="the image store")
     agent.add_argument("--default-pool", default=defaults.default_pool, help="pool of disks")
@@ -99,6 +110,17 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent.set_defaults(func=run)
 
 
+def node_migration_uri(node: str, default: str | None, per_node: list[str] | None) -> str | None:
+    """This node's entry of ``--migration-uri-for NODE=URI``, else ``--migration-uri``."""
+    for item in per_node or ():
+        name, sep, uri = item.partition("=")
+        if not sep or not name or not uri:
+            raise ValueError(f"--migration-uri-for {item!r}: expected NODE=URI")
+        if name == node:
+            return uri
+    return default or None
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -112,9 +134,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(args.log_format, args.log_level)
     limit_malloc_arenas()
+    try:
+        migration_uri = node_migration_uri(args.node, args.migration_uri, args.migration_uri_for)
+    except ValueError as exc:
+        print(f"virtfleet agent: {exc}", file=sys.stderr)
+        return 2
     settings = AgentSettings(
         node_name=args.node,
         libvirt_uri=args.libvirt_uri,
+        migration_uri=migration_uri,
         domain_type=args.domain_type,
         image_pool=args.image_pool,
         default_pool=args.default_pool,

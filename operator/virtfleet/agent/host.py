@@ -64,7 +64,7 @@ async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStat
         hypervisor=agent.settings.domain_type,
         libvirt_version=facts.libvirt_version,
         qemu_version=facts.hypervisor_version,
-        migration_uri=agent.settings.libvirt_uri,
+        migration_uri=agent.settings.migration_uri or agent.settings.libvirt_uri,
         heartbeat_time=now,
         pools=pools,
         images=images,

@@ -21,6 +21,10 @@ class AgentSettings:
     node_name: str
     #: libvirt URI of this node's hypervisor.
     libvirt_uri: str = "qemu:///system"
+    #: How other nodes reach this node's libvirtd (published in VMHost ``migrationURI``;
+    #: a migration's source agent and libvirtd connect to it). None: ``libvirt_uri``,
+    #: right only where that already names this node from elsewhere (not ``qemu:///system``).
+    migration_uri: str | None = None
     #: ``kvm`` where /dev/kvm works, ``qemu`` (TCG) where it does not (nested virt).
     domain_type: Literal["qemu", "kvm"] = "qemu"
     #: Pool that is the node's image store: images and kernels are names in it.
