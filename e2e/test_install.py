@@ -23,13 +23,12 @@ import pytest
 
 from harness import cluster as system
 from harness import helm as hh
+from harness import kubelets
 from harness import nodes as hn
 from harness.guest import BOOT_MARKER
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-CHART = REPO / "charts" / "virtfleet"
-VALUES = REPO / "e2e" / "kubelet" / "values.yaml"
 
 #: Ports of its own, so it runs beside the suite's shared system; all below the ephemeral
 #: range (32768-60999 here), where an outgoing connection may hold any port for a while
@@ -49,25 +48,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state_dir = tmp_path_factory.mktemp("kubelet") / "system"
     env = {**os.environ, **OWN_PORTS}
     started = time.monotonic()
-    up = subprocess.run(
-        [str(REPO / "e2e" / "up"), "--state-dir", str(state_dir), "--kubelet"],
-        capture_output=True, text=True, env=env, timeout=1800, check=False,
-    )  # fmt: skip
     try:
+        up = subprocess.run(
+            [str(REPO / "e2e" / "up"), "--state-dir", str(state_dir), "--helm"],
+            capture_output=True, text=True, env=env, timeout=1800, check=False,
+        )  # fmt: skip
         assert up.returncode == 0, up.stderr[-3000:]
         cluster_env = system.read_env(state_dir)
         cluster = Cluster(
             state_dir=state_dir, env=cluster_env, nodes=hn.nodes_from_env(cluster_env)
         )
-        helm_env = {**os.environ, "KUBECONFIG": cluster_env["KUBECONFIG"]}
-        # Each harness libvirtd answers on its own loopback port: one URI per node.
-        by_node = {node.name: node.uri for node in cluster.nodes}
-        hh.helm(
-            "install", "virtfleet", str(CHART), "-f", str(VALUES),
-            "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
-            "--wait", "--timeout", "300s", env=helm_env,
-        )  # fmt: skip
-        print(f"\n[timing] e2e/up --kubelet + helm install: {time.monotonic() - started:.0f}s")
+        said = next(line for line in up.stderr.splitlines() if line.startswith("virtfleet: up in"))
+        print(f"\n[timing] e2e/up --helm (kubelet nodes + helm install): {said}")
+        print(f"[timing] the fixture: {time.monotonic() - started:.0f}s")
         yield cluster
     finally:
         subprocess.run(
@@ -222,10 +215,8 @@ def test_helm_upgrade_rolls_the_agents_and_no_guest_restarts(installed: Cluster)
     wait_for(lambda: max(uptimes(node, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
     before = agent_pods(installed)
     helm_env = {**os.environ, "KUBECONFIG": installed.env["KUBECONFIG"]}
-    by_node = {n.name: n.uri for n in installed.nodes}
     hh.helm(
-        "upgrade", "virtfleet", str(CHART), "-f", str(VALUES),
-        "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
+        "upgrade", "virtfleet", *kubelets.chart_args(installed.nodes),
         "--set", "agent.logLevel=INFO", "--wait", "--timeout", "300s", env=helm_env,
     )  # fmt: skip
     wait_for(

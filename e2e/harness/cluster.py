@@ -132,10 +132,19 @@ def is_up(state_dir: Path) -> bool:
 
 
 def up(
-    state_dir: Path, *, with_operators: bool = False, demo: bool = False, kubelet: bool = False
+    state_dir: Path,
+    *,
+    with_operators: bool = False,
+    demo: bool = False,
+    kubelet: bool = False,
+    helm: bool = False,
 ) -> dict[str, str]:
     """Bring the system up (idempotent) and return its environment; with ``kubelet``
-    every node is also a kubelet node (:mod:`harness.kubelets`)."""
+    every node is also a kubelet node (:mod:`harness.kubelets`), with ``helm`` (implies
+    it) the chart is installed there instead of starting the operators as processes."""
+    if helm and with_operators:
+        raise RuntimeError("--helm runs the operators as the chart's pods: drop --operators")
+    kubelet = kubelet or helm
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     env = controlplane.up(state_dir)
@@ -150,6 +159,9 @@ def up(
     env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
     if with_operators:
         operators.start(state_dir, env)
+    if helm:
+        kubelets.install_chart(env, nodes.nodes_from_env(env))
+        env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
     if demo:
         kubectl(env, "apply", "-f", str(DEMO_MANIFEST))
     return env
@@ -160,13 +172,17 @@ def down(state_dir: Path, *, wipe: bool = False) -> None:
     operators.stop(state_dir)
     nodes_dir = state_dir / "nodes"
     names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
-    if names:
-        kubelets.down(nodes.nodes_from_env(_node_env(state_dir, names)))
-    kubelets.stop_scheduler(state_dir)
-    nodes.down(state_dir, wipe=wipe)
-    _remove_guest_firewalls(names)
-    controlplane.down(state_dir, wipe=wipe)
-    env_file(state_dir).unlink(missing_ok=True)
+    try:
+        if names:
+            kubelets.down(nodes.nodes_from_env(_node_env(state_dir, names)))
+        kubelets.stop_scheduler(state_dir)
+    finally:  # whatever failed above, the nodes and the control plane still stop
+        try:
+            nodes.down(state_dir, wipe=wipe)
+            _remove_guest_firewalls(names)
+        finally:
+            controlplane.down(state_dir, wipe=wipe)
+            env_file(state_dir).unlink(missing_ok=True)
 
 
 def _node_env(state_dir: Path, names: Sequence[str]) -> dict[str, str]:
@@ -199,13 +215,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kubelet", action="store_true", help="up: make the nodes kubelet nodes (pods run)"
     )
     parser.add_argument(
+        "--helm", action="store_true", help="up: --kubelet, then helm install the chart there"
+    )
+    parser.add_argument(
         "--wipe", action="store_true", help="down: also delete cluster and node state"
     )
     args = parser.parse_args(argv)
     state_dir = args.state_dir.resolve()
     try:
         if args.command == "up":
-            env = up(state_dir, with_operators=args.operators, demo=args.demo, kubelet=args.kubelet)
+            env = up(
+                state_dir,
+                with_operators=args.operators,
+                demo=args.demo,
+                kubelet=args.kubelet,
+                helm=args.helm,
+            )
             print(
                 f"virtfleet: up in {env['VIRTFLEET_UP_SECONDS']} s. Use it with:", file=sys.stderr
             )

@@ -636,6 +636,9 @@ def _argv(
             # The "kubernetes" Endpoints would point at 127.0.0.1, which Endpoints
             # validation rejects; nothing here routes to it anyway.
             "--endpoint-reconciler-type=none",
+            # Reach kubelets by the InternalIP the harness gives each Node (loopback),
+            # never by resolving a Node's hostname: that lookup would leave the machine.
+            "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
             "--profiling=false",
         ]

@@ -40,6 +40,7 @@ from functools import partial
 from pathlib import Path
 
 from harness import controlplane, images, netns, nodes
+from harness import helm as hh
 from harness.images import import_image, pause_archive, virtfleet_archive
 
 POD_SUBNET = "10.244.0.0/24"
@@ -195,21 +196,32 @@ def _pidfile(node: nodes.Node, name: str) -> Path:
 
 
 def _running(pidfile: Path) -> int | None:
+    """The pid in ``pidfile`` if that process lives and is still ours: its command line
+    names the pid file's directory (a recycled pid never gets signalled), not a zombie."""
     try:
-        pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
+        pid_line, _, marker = pidfile.read_text().strip().partition("\n")
+        pid = int(pid_line)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError, IndexError):
         return None
-    return pid
+    if state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return None
+    return pid if marker and marker in cmdline else None
 
 
-def _spawn(pidfile: Path, log: Path, argv: Sequence[str]) -> None:
+def _spawn(pidfile: Path, log: Path, argv: Sequence[str], marker: str) -> None:
+    """Start ``argv`` in its own session; the pid file holds the pid and ``marker``, a
+    string of its command line (see :func:`_running`)."""
+    assert marker in " ".join(argv), (marker, argv)
     with log.open("a") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    pidfile.write_text(f"{proc.pid}\n")
+    pidfile.write_text(f"{proc.pid}\n{marker}\n")
 
 
 def _in_node(node: nodes.Node, argv: Sequence[str]) -> list[str]:
@@ -239,6 +251,38 @@ def _wait(
         time.sleep(0.2)
 
 
+#: Paths a kubelet or containerd uses whatever their configuration says; each node gets
+#: its own (bound over them in its mount namespace), or the kubelets would delete each
+#: other's device-plugin socket and pod logs.
+PRIVATE_DIRS = ("/var/lib/kubelet", "/var/lib/cni", "/var/log/pods", "/var/log/containers")
+
+
+def _private(node: nodes.Node, path: str) -> Path:
+    return _dir(node) / "private" / path.strip("/").replace("/", "-")
+
+
+def _private_dirs(node: nodes.Node) -> None:
+    script = "set -e\n"
+    for path in PRIVATE_DIRS:
+        mine = _private(node, path)
+        mine.mkdir(parents=True, exist_ok=True)
+        script += f"mkdir -p {path}\nmountpoint -q {path} || mount --bind {mine} {path}\n"
+    subprocess.run(
+        ["nsenter", "-t", str(_supervisor(node)), "-m", "--", "sh", "-c", script], check=True
+    )
+
+
+def _answers(node: nodes.Node) -> bool:
+    """containerd serves its API (a socket file alone may be a crashed one's)."""
+    socket_path = images.containerd_socket(node)
+    if not socket_path.exists():
+        return False
+    result = subprocess.run(
+        ["ctr", "--address", str(socket_path), "version"], capture_output=True, check=False
+    )
+    return result.returncode == 0
+
+
 def _credentials(state_dir: Path, node: nodes.Node) -> Path:
     """The kubelet's kubeconfig: a client certificate for ``system:node:<name>``."""
     pki = state_dir / "controlplane" / "pki"
@@ -259,20 +303,19 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
     if _running(forwarder) is None:
         spec = netns.spec_json(_forward_routes(node, every))
         argv = [sys.executable, "-m", "harness.netns", spec]
-        _spawn(forwarder, base / "forwarder.log", argv)
+        _spawn(forwarder, base / "forwarder.log", argv, marker=json.dumps(ns))
     containerd = _pidfile(node, "containerd")
     if _running(containerd) is None:
+        _private_dirs(node)
         config = _containerd_config(node)
+        images.containerd_socket(node).unlink(missing_ok=True)  # a crashed one's
         _spawn(
             containerd,
             base / "containerd.log",
             _in_node(node, ["containerd", "--config", str(config)]),
+            marker=str(config),
         )
-        _wait(
-            f"{node.name}: containerd",
-            images.containerd_socket(node).exists,
-            base / "containerd.log",
-        )
+        _wait(f"{node.name}: containerd", partial(_answers, node), base / "containerd.log")
     for archive in archives:
         import_image(node, archive)
     kubelet = _pidfile(node, "kubelet")
@@ -286,7 +329,7 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
             f"--root-dir={base / 'kubelet'}",
             f"--hostname-override={node.name}",
         ]
-        _spawn(kubelet, base / "kubelet.log", _in_node(node, argv))
+        _spawn(kubelet, base / "kubelet.log", _in_node(node, argv), marker=argv[1])
 
 
 def _start_scheduler(state_dir: Path, binary: Path) -> None:
@@ -311,7 +354,7 @@ def _start_scheduler(state_dir: Path, binary: Path) -> None:
         "--leader-elect=false",
     ]
     pidfile.parent.mkdir(parents=True, exist_ok=True)
-    _spawn(pidfile, base / "logs" / "kube-scheduler.log", argv)
+    _spawn(pidfile, base / "logs" / "kube-scheduler.log", argv, marker=argv[1])
 
 
 def _node_ready(env: Mapping[str, str], name: str) -> bool:
@@ -380,7 +423,8 @@ def _pod_processes(node: nodes.Node) -> set[int]:
     tree = Path("/sys/fs/cgroup/pids") / cgroup_name(node)
     if tree.is_dir():
         for procs in tree.rglob("cgroup.procs"):
-            pids |= {int(p) for p in procs.read_text().split()}
+            with contextlib.suppress(OSError):  # a pod's cgroup that went meanwhile
+                pids |= {int(p) for p in procs.read_text().split()}
     ns_path = netns.netns_path(netns_name(node))
     if not ns_path.exists():
         return pids
@@ -413,8 +457,14 @@ def down(every: Iterable[nodes.Node]) -> None:
             shutil.rmtree(base / "kubelet" / "pods", ignore_errors=True)
 
 
-def _remove_cgroups(node: nodes.Node) -> None:
-    """The node's cgroup trees, deepest first (each is empty once its pods are gone)."""
+def _remove_cgroups(node: nodes.Node, timeout: float = 10.0) -> None:
+    """The node's cgroup trees, deepest first, once the killed pods have left them."""
+    pids = Path("/sys/fs/cgroup/pids") / cgroup_name(node)
+    deadline = time.monotonic() + timeout
+    while pids.is_dir() and time.monotonic() < deadline:
+        if not any(p.read_text().strip() for p in pids.rglob("cgroup.procs")):
+            break
+        time.sleep(0.1)
     for hierarchy in Path("/sys/fs/cgroup").iterdir():
         tree = hierarchy / cgroup_name(node)
         if not tree.is_dir():
@@ -430,7 +480,30 @@ def stop_scheduler(state_dir: Path) -> None:
     _stop(state_dir / "controlplane" / "pids" / "kube-scheduler.pid")
 
 
-def pod_log(namespace: str, pod: str, container: str) -> str:
-    """A container's log as the kubelet wrote it (no ``kubectl logs`` here, see above)."""
-    logs = sorted(Path("/var/log/pods").glob(f"{namespace}_{pod}_*/{container}/*.log"))
-    return "".join(path.read_text(errors="replace") for path in logs)
+def pod_log(node: nodes.Node, namespace: str, pod: str, container: str) -> str:
+    """A container's log as the node's kubelet wrote it (no ``kubectl logs``, see above)."""
+    logs = _private(node, "/var/log/pods")
+    found = sorted(logs.glob(f"{namespace}_{pod}_*/{container}/*.log"))
+    return "".join(path.read_text(errors="replace") for path in found)
+
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "virtfleet"
+CHART_VALUES = Path(__file__).resolve().parents[2] / "e2e" / "kubelet" / "values.yaml"
+
+
+def chart_args(every: Sequence[nodes.Node]) -> list[str]:
+    """``helm install|upgrade`` arguments for these nodes: the harness values, and each
+    node's libvirtd URI as its migration URI (each answers on its own loopback port)."""
+    by_node = {node.name: node.uri for node in every}
+    return [
+        str(CHART), "-f", str(CHART_VALUES),
+        "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
+    ]  # fmt: skip
+
+
+def install_chart(env: Mapping[str, str], every: Sequence[nodes.Node]) -> None:
+    """``helm upgrade --install virtfleet charts/virtfleet``, waiting for its pods."""
+    hh.helm(
+        "upgrade", "--install", "virtfleet", *chart_args(every),
+        "--wait", "--timeout", "300s", env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+    )  # fmt: skip

@@ -8,8 +8,8 @@ few TCP services across, like a minimal kube-proxy for exactly these:
 
 - into a node's namespace: the apiserver at ``127.0.0.1:<port>`` (kubelet, hostNetwork
   agents) and at the ``kubernetes`` Service address ``10.96.0.1:443`` (pods, through their
-  bridge's gateway), and each node's libvirtd port (the agents reach a migration's target);
-- out of it onto loopback: each kubelet's port, for the apiserver (``kubectl logs``).
+  bridge's gateway), and each node's libvirtd port (the agents reach a migration's target).
+  (A route out onto loopback, ``connect_ns`` set, would serve ``kubectl logs``: not used yet.)
 
 A socket keeps the namespace it was made in: the forwarder enters a namespace just long
 enough to create a socket there (``setns`` on this thread), then returns.

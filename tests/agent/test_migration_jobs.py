@@ -21,6 +21,7 @@ from testkit.kube import FakeKube
 from virtfleet.agent.agent import Agent
 from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.migration import MigrationAgent
+from virtfleet.agent.migration import handoff as handoff_module
 from virtfleet.agent.migration import live as live_module
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.domain.jobs import JobProgress, JobType
@@ -28,6 +29,7 @@ from virtfleet.hypervisor import Guest, Hypervisor, HypervisorSettings, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor import migration as hv_migration
 from virtfleet.identity import NODE_LABEL, Key, node_finalizer
+from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration_job import RECOVERY_RETRY_SECONDS
 
 SOURCE, TARGET = "node-a", "node-b"
@@ -421,36 +423,46 @@ async def test_a_split_after_the_hand_over_committed_keeps_the_targets_copy(
     assert (await target_copy.status()).state.active
 
 
-async def test_no_hand_over_while_the_source_copy_cannot_be_removed(
+async def test_the_migration_stays_running_while_the_source_copy_cannot_be_removed(
     fleet: Fleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A source libvirtd that cannot be asked may resume its copy when it comes back:
-    the VM is not given away meanwhile (found with chaos seed 1131364337)."""
+    """A source libvirtd that cannot be asked may resume its copy when it comes back: the
+    VM already names the target (so a later split goes to it), but the migration is not
+    called done until the copy here is gone (found with chaos seed 1131364337)."""
     await fleet.vm()
     fleet.host()
     fleet.migration()
     monkeypatch.setattr(hv_migration, "migrate", moves_the_domain(fleet))
-
-    async def unreachable(*_: Any) -> None:
-        raise hv_errors.ConnectionLost("not connected to node-a")
-
-    real_lookup = fleet.source.lookup
+    real_remove = handoff_module.remove_source_leftover
     calls = {"n": 0}
 
-    async def flaky_lookup(uid: str) -> Guest | None:
+    async def unreachable_once(*args: Any) -> bool:
         calls["n"] += 1
-        if calls["n"] == 2:  # the first look is where(); the second the leftover removal
-            await unreachable()
-        return await real_lookup(uid)
+        return False if calls["n"] == 1 else await real_remove(*args)
 
-    monkeypatch.setattr(fleet.source, "lookup", flaky_lookup)
+    monkeypatch.setattr(handoff_module, "remove_source_leftover", unreachable_once)
     await fleet.migrations.reconcile(KEY)
     assert fleet.status()["phase"] == "Running"
-    assert fleet.vm_body()["status"]["nodeName"] == SOURCE
+    assert fleet.vm_body()["status"]["nodeName"] == TARGET  # the API names the target
     assert KEY in fleet.migrations.queue._dirty  # the recovery looks again
     delay = await fleet.migrations.reconcile(KEY)
     assert (delay, fleet.status()["phase"]) == (None, "Succeeded")
-    assert fleet.vm_body()["status"]["nodeName"] == TARGET
+    assert calls["n"] == 2
+
+
+async def test_a_source_libvirtd_that_cannot_be_asked_keeps_the_hand_over_open(
+    hv: Hypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent: Any = type(
+        "A", (), {"kube": None, "hv": hv, "settings": AgentSettings(node_name=SOURCE)}
+    )
+    ctx = MigrationAgent(agent, VmLocks(), None).ctx  # type: ignore[arg-type]
+
+    async def lost(uid: str) -> Guest | None:
+        raise hv_errors.ConnectionLost("not connected to node-a")
+
+    monkeypatch.setattr(hv, "lookup", lost)
+    assert not await handoff_module.remove_source_leftover(ctx, UID, get_logger("test"))
 
 
 @pytest.mark.parametrize("where", ["target", "source", "neither"])

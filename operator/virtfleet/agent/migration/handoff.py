@@ -55,7 +55,11 @@ async def where(source: Hypervisor, target: Hypervisor, uid: str) -> DomainWhere
         except hv_errors.NotFound:
             return None
 
-    here, there = await state(source), await state(target)
+    # The target first: its vCPUs run only after the source paused for good (pre-copy)
+    # or in post-copy (the source stays paused), so a source seen running *after* a
+    # running target is a real resume, never a job caught mid-switch-over.
+    there = await state(target)
+    here = await state(source)
     return DomainWhere(
         on_source=here is not None,
         source_active=here is not None and here.state.active,
@@ -79,9 +83,15 @@ async def handoff(
     *,
     mode: MigrationMode = MigrationMode.LIVE,
 ) -> bool:
-    """Give the VM to the target; False (nothing written) while a copy of the guest here
-    cannot be removed: the recovery looks again (a libvirtd restarting here may resume
-    a copy it finds paused mid-job, and the VM must not be given away meanwhile)."""
+    """Give the VM to the target; False (the migration stays ``Running``) while a copy
+    of the guest here may still run: the recovery looks again.
+
+    The VM names the target *first*: from then on the API says which copy is the VM,
+    and a copy here that this node's libvirtd resumes later (its restart cancels a job
+    it finds mid-way and resumes the domain) is a left-over the recovery removes
+    (:func:`~virtfleet.reconcile.migration_job.job_outcome`: a split after the hand-over
+    goes to the target, which has run the guest since the switch-over).
+    """
     status = ctx.status_of(key)
     generation = ctx.generation_of(key)
     node = status.target_node or ""
@@ -89,9 +99,9 @@ async def handoff(
         log.error("no target node to hand the VM to; the recovery looks again")
         return False
     downtime = await _downtime(target, uid) if mode is MigrationMode.LIVE else None
+    await _move_vm(ctx, vm_key, node, mode)
     if not await remove_source_leftover(ctx, uid, log):
         return False
-    await _move_vm(ctx, vm_key, node, mode)
     ctx.agent.forget(vm_key)
     wanted = succeeded_status(status, generation, downtime, now())
     # Success first: the guest already runs on the target. The node-local volumes left
@@ -152,7 +162,8 @@ async def _move_vm(ctx: MigrationContext, vm_key: Key, node: str, mode: Migratio
 
 async def remove_source_leftover(ctx: MigrationContext, uid: str, log: Any) -> bool:
     """Whatever of the domain is still here once the guest runs on the target; False
-    if this libvirtd could not be asked (the hand-over waits for it).
+    while a copy here may still run (this libvirtd could not be asked, or refused the
+    destroy). A definition left after the destroy is the orphan sweep's.
 
     A source libvirtd killed near the end of the job never confirms it: its copy
     stays paused, or stopped but defined (``UNDEFINE_SOURCE`` never ran). Left alone
@@ -165,13 +176,19 @@ async def remove_source_leftover(ctx: MigrationContext, uid: str, log: Any) -> b
             return True
         if (await leftover.status()).state.active:
             await leftover.destroy()
-        await leftover.undefine()
-        log.warning("removed the source's left-over copy of the migrated domain")
     except hv_errors.NotFound:
         return True
     except hv_errors.HypervisorError as exc:
         log.warning("cannot remove the source's left-over copy yet", error=str(exc))
         return False
+    try:
+        await leftover.undefine()
+    except hv_errors.NotFound:
+        pass  # gone meanwhile
+    except hv_errors.HypervisorError as exc:
+        log.warning("left-over definition stays for the orphan sweep", error=str(exc))
+        return True
+    log.warning("removed the source's left-over copy of the migrated domain")
     return True
 
 
@@ -191,7 +208,7 @@ async def remove_target_copy(ctx: MigrationContext, target: Hypervisor, uid: str
         return False
     deleted = await delete_local_volumes(ctx, uid, target)
     log.error(
-        "the guest ran on both nodes: destroyed the target's copy, the source keeps the VM",
+        "the guest ran on both nodes: removed the target's copy, the source keeps the VM",
         deleted=deleted,
     )
     return True

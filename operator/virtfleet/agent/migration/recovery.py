@@ -15,6 +15,7 @@ from virtfleet.agent.migration import handoff as handoffs
 from virtfleet.agent.migration.checks import target_uri
 from virtfleet.agent.migration.context import MigrationContext
 from virtfleet.api.migration import MigrationMode, VMMigrationSpec, VMMigrationStatus
+from virtfleet.hypervisor import Hypervisor
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
 from virtfleet.reconcile.migration_job import (
@@ -79,6 +80,8 @@ async def recover(
                     return RECOVERY_RETRY_SECONDS
             elif isinstance(end, Recover):
                 return end.delay  # a job may still run in libvirtd: look again
+            elif end.remove_target_copy and not await _still_split(ctx, target, uid):
+                return RECOVERY_RETRY_SECONDS  # it changed while we looked: look again
             elif end.remove_target_copy and not await handoffs.remove_target_copy(
                 ctx, target, uid, log
             ):
@@ -104,3 +107,9 @@ async def _placed_on(ctx: MigrationContext, vm_key: Key, log: Any) -> str | None
         log.info("cannot read the VM to settle a split", error=str(exc))
         return None
     return str((vm.get("status") or {}).get("nodeName") or "")
+
+
+async def _still_split(ctx: MigrationContext, target: Hypervisor, uid: str) -> bool:
+    """Both copies still run, looked at once more right before one is destroyed."""
+    where = await handoffs.where(ctx.hv, target, uid)
+    return where.source_running and where.target_running
