@@ -164,19 +164,25 @@ def in_phase(
     return obj if (status.get("phase") or status.get("printableStatus")) in phases else None
 
 
+def running_guest(cluster: Cluster, namespace: str, name: str) -> tuple[hn.Node, str]:
+    """A new VM in a new namespace, Running, its guest up for 3 s: (its node, domain)."""
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.apply(vm_manifest(name, namespace))
+    vm = wait_for(
+        partial(in_phase, cluster, "vm", name, namespace, ("Running",)),
+        timeout=120,
+        what=f"vm/{name} Running",
+    )
+    node = cluster.node(vm["status"]["nodeName"])
+    dom = domain_name(namespace, name)
+    wait_for(lambda: max(uptimes(node, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
+    return node, dom
+
+
 def test_a_live_migration_through_the_installed_release(installed: Cluster) -> None:
     """The agent pods publish each node's migration URI; the guest keeps its uptime."""
-    installed.kubectl("create", "namespace", "moves")
-    installed.apply(vm_manifest("mover", "moves"))
-    vm = wait_for(
-        partial(in_phase, installed, "vm", "mover", "moves", ("Running",)),
-        timeout=120,
-        what="vm/mover Running",
-    )
-    source = installed.node(vm["status"]["nodeName"])
+    source, dom = running_guest(installed, "moves", "mover")
     target = next(n for n in installed.nodes if n.name != source.name)
-    dom = domain_name("moves", "mover")
-    wait_for(lambda: max(uptimes(source, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
     assert installed.get("vmhost", target.name)["status"]["migrationURI"] == target.uri
     installed.apply(
         {
@@ -203,16 +209,7 @@ def test_a_live_migration_through_the_installed_release(installed: Cluster) -> N
 
 
 def test_helm_upgrade_rolls_the_agents_and_no_guest_restarts(installed: Cluster) -> None:
-    installed.kubectl("create", "namespace", "steady")
-    installed.apply(vm_manifest("steady", "steady"))
-    vm = wait_for(
-        partial(in_phase, installed, "vm", "steady", "steady", ("Running",)),
-        timeout=120,
-        what="vm/steady Running",
-    )
-    node = installed.node(vm["status"]["nodeName"])
-    dom = domain_name("steady", "steady")
-    wait_for(lambda: max(uptimes(node, dom), default=0) >= 3, timeout=90, what="uptime 3 s")
+    node, dom = running_guest(installed, "steady", "steady")
     before = agent_pods(installed)
     helm_env = {**os.environ, "KUBECONFIG": installed.env["KUBECONFIG"]}
     hh.helm(
