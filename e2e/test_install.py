@@ -23,7 +23,6 @@ import pytest
 
 from harness import cluster as system
 from harness import helm as hh
-from harness import kubelets
 from harness import nodes as hn
 from harness.guest import BOOT_MARKER
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
@@ -213,7 +212,7 @@ def test_helm_upgrade_rolls_the_agents_and_no_guest_restarts(installed: Cluster)
     before = agent_pods(installed)
     helm_env = {**os.environ, "KUBECONFIG": installed.env["KUBECONFIG"]}
     hh.helm(
-        "upgrade", "virtfleet", *kubelets.chart_args(installed.nodes),
+        "upgrade", "virtfleet", *hh.chart_args(installed.nodes),
         "--set", "agent.logLevel=INFO", "--wait", "--timeout", "300s", env=helm_env,
     )  # fmt: skip
     wait_for(

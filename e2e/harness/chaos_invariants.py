@@ -315,16 +315,17 @@ class StuckJobOperator:
     of restarts: a VM still saying it ``patience`` seconds after a restart gets its
     domain's QEMU killed, the message's second step (the VM loop starts it again).
 
-    A VM reads otherwise for a moment while its node's libvirtd restarts (the agent
-    reconnects and looks again): only a VM that has not said it for ``grace`` seconds
-    is forgotten. Forgetting it at the first other reading restarted libvirtd again and
-    again and never escalated (chaos seed 1131364337: 3 restarts, no kill).
+    A VM reads otherwise between its reconcile attempts (each one waits ~30 s for the
+    stop and ~30 s for the lock before it says the reason again) and while libvirtd
+    restarts: only a VM that is Ready again, or has not said it for ``grace`` seconds
+    (longer than such a cycle), is forgotten. Forgetting it sooner restarted libvirtd
+    again and again and never escalated (seeds 1131364337, 1281408029: 3 restarts, no kill).
     """
 
     cluster: Cluster
     namespace: str
     patience: float = 45.0
-    grace: float = 30.0
+    grace: float = 90.0
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
     #: VMs whose node's libvirtd was restarted while they said it (escalate next time).
@@ -333,16 +334,19 @@ class StuckJobOperator:
     qemu_kills: Counter[str] = field(default_factory=Counter)
 
     def step(self, now: float) -> None:
-        stuck = {}
+        stuck, healthy = {}, set()
         for name, vm in objects(self.cluster, self.namespace)["vm"].items():
             ready = condition(vm, "Ready") or {}
             node = (vm.get("status") or {}).get("nodeName")
             if ready.get("reason") == JOB_STUCK and node:
                 stuck[name] = str(node)
+            elif ready.get("status") == "True":
+                healthy.add(name)
         for name in stuck:
             self.last_seen[name] = now
             self.first_seen.setdefault(name, now)
-        for name in [n for n, seen in self.last_seen.items() if now - seen > self.grace]:
+        forget = {n for n, seen in self.last_seen.items() if now - seen > self.grace}
+        for name in forget | (healthy & set(self.last_seen)):
             del self.last_seen[name]
             self.first_seen.pop(name, None)
             self.restarted_for.discard(name)

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from harness import controlplane, kubelets, nodes, operators
+from harness import helm as helm_chart
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -160,7 +161,7 @@ def up(
     if with_operators:
         operators.start(state_dir, env)
     if helm:
-        kubelets.install_chart(env, nodes.nodes_from_env(env))
+        helm_chart.install_chart(env, nodes.nodes_from_env(env))
         env["VIRTFLEET_UP_SECONDS"] = f"{time.monotonic() - started:.1f}"
     if demo:
         kubectl(env, "apply", "-f", str(DEMO_MANIFEST))

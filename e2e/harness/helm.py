@@ -12,15 +12,17 @@ Manual use (from ``e2e/``): ``python -m harness.helm`` prints the binary's path.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from harness import nodes
 from harness.controlplane import ControlPlaneError, _locked, _module_hash, _tail, cache_dir
 
 MODULE_DIR = Path(__file__).resolve().parent.parent / "helm"
@@ -111,6 +113,29 @@ def helm(
     if check and result.returncode != 0:
         raise HelmError(f"helm {' '.join(args)} failed:\n{result.stderr.strip()}")
     return result
+
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "virtfleet"
+CHART_VALUES = Path(__file__).resolve().parents[2] / "e2e" / "kubelet" / "values.yaml"
+
+
+def chart_args(every: Sequence[nodes.Node]) -> list[str]:
+    """``helm install|upgrade`` arguments for these nodes: the harness values, and each
+    node's libvirtd URI as its migration URI (each answers on its own loopback port)."""
+    by_node = {node.name: node.uri for node in every}
+    return [
+        str(CHART), "-f", str(CHART_VALUES),
+        "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
+    ]  # fmt: skip
+
+
+def install_chart(env: Mapping[str, str], every: Sequence[nodes.Node]) -> None:
+    """``helm upgrade --install virtfleet charts/virtfleet`` on kubelet nodes
+    (:mod:`harness.kubelets`), waiting for its pods."""
+    helm(
+        "upgrade", "--install", "virtfleet", *chart_args(every),
+        "--wait", "--timeout", "300s", env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from functools import partial
 from pathlib import Path
 
 from harness import controlplane, images, netns, nodes
-from harness import helm as hh
 from harness.images import import_image, pause_archive, virtfleet_archive
 
 POD_SUBNET = "10.244.0.0/24"
@@ -485,25 +484,3 @@ def pod_log(node: nodes.Node, namespace: str, pod: str, container: str) -> str:
     logs = _private(node, "/var/log/pods")
     found = sorted(logs.glob(f"{namespace}_{pod}_*/{container}/*.log"))
     return "".join(path.read_text(errors="replace") for path in found)
-
-
-CHART = Path(__file__).resolve().parents[2] / "charts" / "virtfleet"
-CHART_VALUES = Path(__file__).resolve().parents[2] / "e2e" / "kubelet" / "values.yaml"
-
-
-def chart_args(every: Sequence[nodes.Node]) -> list[str]:
-    """``helm install|upgrade`` arguments for these nodes: the harness values, and each
-    node's libvirtd URI as its migration URI (each answers on its own loopback port)."""
-    by_node = {node.name: node.uri for node in every}
-    return [
-        str(CHART), "-f", str(CHART_VALUES),
-        "--set-json", f"agent.migrationUriByNode={json.dumps(by_node)}",
-    ]  # fmt: skip
-
-
-def install_chart(env: Mapping[str, str], every: Sequence[nodes.Node]) -> None:
-    """``helm upgrade --install virtfleet charts/virtfleet``, waiting for its pods."""
-    hh.helm(
-        "upgrade", "--install", "virtfleet", *chart_args(every),
-        "--wait", "--timeout", "300s", env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
-    )  # fmt: skip

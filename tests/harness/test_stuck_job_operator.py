@@ -18,9 +18,9 @@ from harness import nodes as hn
 NS = "chaos"
 
 
-def vm(reason: str, node: str = "node-a") -> dict[str, Any]:
-    ready = {"type": "Ready", "status": "False", "reason": reason}
-    return {"status": {"nodeName": node, "conditions": [ready]}}
+def vm(reason: str, node: str = "node-a", *, ready: bool = False) -> dict[str, Any]:
+    condition = {"type": "Ready", "status": str(ready), "reason": reason}
+    return {"status": {"nodeName": node, "conditions": [condition]}}
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_a_vm_that_recovered_after_the_restart_is_left_alone(world: dict[str, An
     world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
     op.step(0)
     op.step(45)
-    world["vms"] = {"web": vm("Running")}
+    world["vms"] = {"web": vm("Running", ready=True)}
     op.step(100)
     world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}  # stuck again, later: anew
     op.step(101)
@@ -89,3 +89,15 @@ def test_a_moment_of_another_reason_after_the_restart_still_escalates(
     op.step(60)
     op.step(90)
     assert world["acts"] == [("restart", "node-a"), ("kill", "node-a", f"{NS}_web")]
+
+
+def test_a_vm_that_says_it_once_a_reconcile_cycle_still_escalates(
+    world: dict[str, Any],
+) -> None:
+    """Seed 1281408029: a deleting VM said it once every ~60 s (stop 30 s + lock 30 s)."""
+    op = operator()
+    for t in range(0, 200, 5):
+        stuck = t % 60 < 5  # said at 0, 60, 120, 180; "Terminating" in between
+        world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK if stuck else "Terminating")}
+        op.step(t)
+    assert world["acts"][:2] == [("restart", "node-a"), ("kill", "node-a", f"{NS}_web")]
