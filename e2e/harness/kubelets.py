@@ -196,7 +196,8 @@ def _pidfile(node: nodes.Node, name: str) -> Path:
 
 def _running(pidfile: Path) -> int | None:
     """The pid in ``pidfile`` if that process lives and is still ours: its command line
-    names the pid file's directory (a recycled pid never gets signalled), not a zombie."""
+    holds the marker the pid file recorded (a recycled pid never gets signalled), and it
+    is not a zombie."""
     try:
         pid_line, _, marker = pidfile.read_text().strip().partition("\n")
         pid = int(pid_line)
@@ -227,6 +228,11 @@ def _in_node(node: nodes.Node, argv: Sequence[str]) -> list[str]:
     """Run in the node's mount namespace and its network namespace."""
     net = netns.netns_path(netns_name(node))
     return ["nsenter", "-t", str(_supervisor(node)), "-m", f"--net={net}", "--", *argv]
+
+
+def _apiserver_url() -> str:
+    """What the kubelets and the scheduler dial (inside a node: the forwarder's end)."""
+    return f"https://127.0.0.1:{controlplane.Ports.from_env().apiserver}"
 
 
 def _forward_routes(node: nodes.Node, every: Sequence[nodes.Node]) -> list[netns.Route]:
@@ -287,7 +293,7 @@ def _credentials(state_dir: Path, node: nodes.Node) -> Path:
     pki = state_dir / "controlplane" / "pki"
     name = f"node-{node.name}"
     controlplane.issue_client_cert(pki, name, f"/O=system:nodes/CN=system:node:{node.name}")
-    server = f"https://127.0.0.1:{controlplane.Ports.from_env().apiserver}"
+    server = _apiserver_url()
     return controlplane.cert_kubeconfig(_dir(node) / "kubeconfig", server, pki, name)
 
 
@@ -338,7 +344,7 @@ def _start_scheduler(state_dir: Path, binary: Path) -> None:
     if _running(pidfile) is not None:
         return
     controlplane.issue_client_cert(pki, "scheduler", "/CN=system:kube-scheduler")
-    server = f"https://127.0.0.1:{controlplane.Ports.from_env().apiserver}"
+    server = _apiserver_url()
     kubeconfig = controlplane.cert_kubeconfig(
         base / "kubeconfigs" / "scheduler.yaml", server, pki, "scheduler"
     )
