@@ -101,7 +101,8 @@ def test_chaos_keeps_every_invariant(system: Cluster, namespace: str) -> None:
     print(f"[chaos] seen in guests and QEMU logs: {chaos_invariants.acted(system, workload)}")
     print(
         f"[chaos] {chaos_invariants.JOB_STUCK}: libvirtd restarted {dict(operator.restarts)}, "
-        f"QEMU killed {dict(operator.qemu_kills)}"
+        f"QEMU killed {dict(operator.qemu_kills)}, status files removed "
+        f"{dict(operator.status_files_removed)}"
     )
     print(f"[chaos] violations: {len(problems)}; kinds below their completion floor: {len(short)}")
     for line in problems + short:

@@ -24,8 +24,7 @@ import yaml
 
 from harness import controlplane, operators, rbac
 from harness import helm as hh
-from harness import nodes as hn
-from harness.testing import Cluster, domain_name, vm_manifest, wait_for
+from harness.testing import Cluster, domain_name, domains, vm_manifest, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "virtfleet"
@@ -46,22 +45,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def domains(node: hn.Node) -> dict[str, str]:
-    result = subprocess.run(
-        ["virsh", "-q", "-c", node.uri, "list", "--all"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    out = {}
-    for line in result.stdout.splitlines():
-        parts = line.split(maxsplit=2)
-        if len(parts) == 3:
-            out[parts[1]] = parts[2].strip()
-    return out
 
 
 class ChartSystem:

@@ -178,24 +178,32 @@ def running_guest(cluster: Cluster, namespace: str, name: str) -> tuple[hn.Node,
     return node, dom
 
 
+def create_and_wait(
+    cluster: Cluster, kind: str, name: str, namespace: str, spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Create a one-shot object (VMSnapshot, VMRestore, VMMigration); return it once its
+    phase is final."""
+    final = {"VMSnapshot": ("Ready", "Failed"), "VMRestore": ("Succeeded", "Failed"),
+             "VMMigration": ("Succeeded", "Failed")}[kind]  # fmt: skip
+    meta = {"name": name, "namespace": namespace}
+    cluster.apply(
+        {"apiVersion": "virtfleet.io/v1alpha1", "kind": kind, "metadata": meta, "spec": spec}
+    )
+    found: dict[str, Any] = wait_for(
+        partial(in_phase, cluster, kind.lower(), name, namespace, final),
+        timeout=180,
+        what=f"{kind.lower()}/{name} finished",
+    )
+    return found
+
+
 def test_a_live_migration_through_the_installed_release(installed: Cluster) -> None:
     """The agent pods publish each node's migration URI; the guest keeps its uptime."""
     source, dom = running_guest(installed, "moves", "mover")
     target = next(n for n in installed.nodes if n.name != source.name)
     assert installed.get("vmhost", target.name)["status"]["migrationURI"] == target.uri
-    installed.apply(
-        {
-            "apiVersion": "virtfleet.io/v1alpha1",
-            "kind": "VMMigration",
-            "metadata": {"name": "move-1", "namespace": "moves"},
-            "spec": {"vmName": "mover", "targetNode": target.name},
-        }
-    )
-    done = wait_for(
-        partial(in_phase, installed, "vmmig", "move-1", "moves", ("Succeeded", "Failed")),
-        timeout=180,
-        what="vmmig/move-1 finished",
-    )
+    spec = {"vmName": "mover", "targetNode": target.name}
+    done = create_and_wait(installed, "VMMigration", "move-1", "moves", spec)
     assert done["status"]["phase"] == "Succeeded", done["status"]
     last_on_source = max(uptimes(source, dom))
     wait_for(
@@ -205,6 +213,35 @@ def test_a_live_migration_through_the_installed_release(installed: Cluster) -> N
     )
     assert min(u for u in uptimes(target, dom)) >= last_on_source - 1  # never rebooted
     assert installed.get("vm", "mover", "moves")["status"]["nodeName"] == target.name
+
+
+def test_a_memory_snapshot_and_restore_through_the_installed_release(installed: Cluster) -> None:
+    """The agent pod snapshots the guest's memory; restoring it sends the uptime back."""
+    installed.kubectl("create", "namespace", "snaps")
+    disks = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]  # holds the memory
+    installed.apply(vm_manifest("warm", "snaps", disks=disks))
+    vm = wait_for(
+        partial(in_phase, installed, "vm", "warm", "snaps", ("Running",)), 120, what="vm Running"
+    )
+    node, dom = installed.node(vm["status"]["nodeName"]), domain_name("snaps", "warm")
+    wait_for(lambda: max(uptimes(node, dom), default=0) >= 5, timeout=90, what="uptime 5 s")
+    snapshot_taken_at = max(uptimes(node, dom))
+    snap = create_and_wait(installed, "VMSnapshot", "warm-1", "snaps", {"vmName": "warm"})
+    assert snap["status"]["phase"] == "Ready", snap["status"]
+    assert snap["status"]["memoryIncluded"] is True
+    wait_for(
+        lambda: max(uptimes(node, dom)) >= snapshot_taken_at + 10, timeout=60, what="10 s more"
+    )
+    peak = max(uptimes(node, dom))
+    spec = {"vmName": "warm", "snapshotName": "warm-1"}
+    restore = create_and_wait(installed, "VMRestore", "back", "snaps", spec)
+    assert restore["status"]["phase"] == "Succeeded", restore["status"]
+    assert restore["status"]["memoryRestored"] is True
+    # The guest's clock went back to about the snapshot's moment, without a reboot.
+    wait_for(
+        lambda: any(u < peak - 5 for u in uptimes(node, dom)[-3:]), timeout=30, what="jump back"
+    )
+    assert hn.serial_log(node, dom).count(BOOT_MARKER) == 1
 
 
 def test_helm_upgrade_rolls_the_agents_and_no_guest_restarts(installed: Cluster) -> None:

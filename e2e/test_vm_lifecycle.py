@@ -20,7 +20,7 @@ import pytest
 from harness import nodes as hn
 from harness import operators
 from harness.guest import BOOT_MARKER, guest_cmdline
-from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from harness.testing import Cluster, condition, domain_name, domains, vm_manifest, wait_for
 
 
 def virsh(node: hn.Node, *args: str, check: bool = True) -> str:
@@ -30,16 +30,6 @@ def virsh(node: hn.Node, *args: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise AssertionError(f"virsh {' '.join(args)}: {result.stderr}")
     return result.stdout
-
-
-def domains(node: hn.Node) -> dict[str, str]:
-    """name → state of every domain on the node."""
-    out = {}
-    for line in virsh(node, "list", "--all").splitlines():
-        parts = line.split(maxsplit=2)
-        if len(parts) == 3:
-            out[parts[1]] = parts[2].strip()
-    return out
 
 
 def volumes(node: hn.Node, uid: str) -> list[str]:

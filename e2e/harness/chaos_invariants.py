@@ -309,11 +309,15 @@ class StuckJobOperator:
 
     libvirt 9 keeps a job without owner when libvirtd is killed while it starts a
     domain or reverts a snapshot (the chaos does that); every later call on the domain
-    then times out, and virtfleet says so on the VM. Once a VM has said it for
-    ``patience`` seconds, restart libvirtd on its node, as the message asks. When QEMU
-    survived that crash, libvirtd reconnects to it and keeps the job through any number
-    of restarts: a VM still saying it ``patience`` seconds after a restart gets its
-    domain's QEMU killed, the message's second step (the VM loop starts it again).
+    then times out, and virtfleet says so on the VM. The message's remedies, each tried
+    once a VM has said it for ``patience`` seconds since the last one:
+
+    1. restart libvirtd on its node (clears it when QEMU died with the job);
+    2. kill the domain's QEMU (QEMU survived: libvirtd reconnected and kept the job);
+    3. no QEMU at all (libvirtd died while it forked one; the status file says
+       ``pid='0'``, async job ``start``, and every restart restores the job): stop
+       libvirtd, remove the status file, start it (seed 1284366246: restarts and kills
+       never cleared it).
 
     A VM reads otherwise between its reconcile attempts (each one waits ~30 s for the
     stop and ~30 s for the lock before it says the reason again) and while libvirtd
@@ -328,10 +332,11 @@ class StuckJobOperator:
     grace: float = 90.0
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
-    #: VMs whose node's libvirtd was restarted while they said it (escalate next time).
-    restarted_for: set[str] = field(default_factory=set)
+    #: Remedies tried per VM while it kept saying it (0 none, 1 restart, 2 kill, 3 forget).
+    tried: dict[str, int] = field(default_factory=dict)
     restarts: Counter[str] = field(default_factory=Counter)
     qemu_kills: Counter[str] = field(default_factory=Counter)
+    status_files_removed: Counter[str] = field(default_factory=Counter)
 
     def step(self, now: float) -> None:
         stuck, healthy = {}, set()
@@ -349,24 +354,31 @@ class StuckJobOperator:
         for name in forget | (healthy & set(self.last_seen)):
             del self.last_seen[name]
             self.first_seen.pop(name, None)
-            self.restarted_for.discard(name)
+            self.tried.pop(name, None)
         due = sorted(n for n in stuck if now - self.first_seen[n] >= self.patience)
-        restart = sorted({stuck[n] for n in due if n not in self.restarted_for})
-        for name in (n for n in due if n in self.restarted_for):
-            node = self._node(stuck[name])
-            print(f"[chaos] operator: {name} still says {JOB_STUCK}; killing its QEMU")
-            hn.kill_qemu(node, domain_name(self.namespace, name))
-            self.qemu_kills[node.name] += 1
-            self.restarted_for.discard(name)
+        first = [n for n in due if self.tried.get(n, 0) % 3 == 0]
+        for name in due:
             self.first_seen[name] = now
-        for node_name in restart:
+            tried = self.tried.get(name, 0) % 3
+            node = self._node(stuck[name])
+            dom = domain_name(self.namespace, name)
+            if tried == 1 and hn.kill_qemu(node, dom):
+                print(f"[chaos] operator: {name} still says {JOB_STUCK}; killed its QEMU")
+                self.qemu_kills[node.name] += 1
+                self.tried[name] = 2
+            elif tried in (1, 2):
+                print(f"[chaos] operator: {name} still says {JOB_STUCK}, no QEMU left to kill; "
+                      "removing its status file with libvirtd stopped")  # fmt: skip
+                hn.forget_dead_domain(node, dom)
+                self.status_files_removed[node.name] += 1
+                self.tried[name] = 3
+        for node_name in sorted({stuck[n] for n in first}):
             print(f"[chaos] operator: VMs on {node_name} say {JOB_STUCK}; restarting its libvirtd")
             hn.restart_libvirtd(self._node(node_name))
             self.restarts[node_name] += 1
-            for name, on in stuck.items():
-                if on == node_name:
-                    self.restarted_for.add(name)
-                    self.first_seen[name] = now
+            for name in first:
+                if stuck[name] == node_name:
+                    self.tried[name] = 1
 
     def _node(self, name: str) -> hn.Node:
         return next(n for n in self.cluster.nodes if n.name == name)

@@ -57,6 +57,17 @@ def kubectl(
     return result
 
 
+def wait_established(env: Mapping[str, str], *crds: str, timeout: float = 60.0) -> None:
+    """Wait until each CRD serves its kind. ``kubectl wait`` alone fails on a CRD that
+    has no status yet (right after it is created), so it is retried."""
+    deadline = time.monotonic() + timeout
+    args = ("wait", "--for=condition=Established", "--timeout=10s", *(f"crd/{c}" for c in crds))
+    while (result := kubectl(env, *args, check=False)).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"CRDs {', '.join(crds)} not established: {result.stderr}")
+        time.sleep(0.5)
+
+
 def install_crds(env: Mapping[str, str]) -> None:
     """Apply crds/ server-side and wait until every CRD is Established."""
     kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))

@@ -27,6 +27,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -119,6 +120,29 @@ NODE_BINARIES: tuple[_Binary, ...] = tuple(
 )
 
 
+#: Flux's controllers for the GitOps test (:mod:`harness.flux`), each from its own module
+#: (their pins differ; one module would let MVS mix them).
+FLUX_BINARIES: tuple[_Binary, ...] = tuple(
+    _Binary(
+        name=name,
+        module_dir=GO_MODULES_DIR.parent / "flux" / name,
+        package=f"github.com/fluxcd/{name}",
+        version_module=f"github.com/fluxcd/{name}",
+        ldflags_x=(),
+    )
+    for name in ("source-controller", "kustomize-controller")
+)
+
+
+#: Argo CD's multi-call binary (application controller, repo server) for the GitOps test.
+ARGOCD_BINARY = _Binary(
+    name="argocd",
+    module_dir=GO_MODULES_DIR.parent / "argocd",
+    package="github.com/argoproj/argo-cd/v3/cmd",
+    version_module="github.com/argoproj/argo-cd/v3",
+)
+
+
 class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or stopped; the message says why."""
 
@@ -159,7 +183,7 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- build
 
 
-def _pinned_version(module_dir: Path, module: str) -> str:
+def pinned_version(module_dir: Path, module: str) -> str:
     gomod = (module_dir / "go.mod").read_text()
     match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v\S+)", gomod, re.MULTILINE)
     if match is None:
@@ -176,9 +200,25 @@ def _module_hash(module_dir: Path) -> str:
 
 
 def _binary_path(binary: _Binary) -> Path:
-    version = _pinned_version(binary.module_dir, binary.version_module)
+    version = pinned_version(binary.module_dir, binary.version_module)
     name = f"{binary.name}-{version}-{_module_hash(binary.module_dir)}"
     return cache_dir() / "bin" / name
+
+
+def module_source(binary: _Binary) -> Path:
+    """Where the Go module cache holds the source of ``binary``'s pinned module (for the
+    files shipped beside a controller, e.g. its CRDs); downloads it if need be."""
+    version = pinned_version(binary.module_dir, binary.version_module)
+    result = subprocess.run(
+        ["go", "mod", "download", "-json", f"{binary.version_module}@{version}"],
+        cwd=binary.module_dir, capture_output=True, text=True, check=False,
+        env={**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"},
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise ControlPlaneError(
+            f"cannot find {binary.version_module}@{version}: {result.stdout}{result.stderr}"
+        )
+    return Path(json.loads(result.stdout)["Dir"])
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -195,7 +235,7 @@ def _build(binary: _Binary, target: Path) -> None:
             f"{binary.name} is not cached at {target} and `go` is not on PATH; install Go "
             f"(>= 1.24) or copy a prebuilt binary to that path"
         )
-    version = _pinned_version(binary.module_dir, binary.version_module)
+    version = pinned_version(binary.module_dir, binary.version_module)
     major, minor = version.lstrip("v").split(".")[:2]
     ldflags = ["-s", "-w"]
     for assignment in binary.ldflags_x:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
-from harness import controlplane, images, netns, nodes
+from harness import controlplane, images, netns, nodes, pidfiles
 from harness.images import import_image, pause_archive, virtfleet_archive
 
 POD_SUBNET = "10.244.0.0/24"
@@ -194,36 +194,6 @@ def _pidfile(node: nodes.Node, name: str) -> Path:
     return _dir(node) / f"{name}.pid"
 
 
-def _running(pidfile: Path) -> int | None:
-    """The pid in ``pidfile`` if that process lives and is still ours: its command line
-    holds the marker the pid file recorded (a recycled pid never gets signalled), and it
-    is not a zombie."""
-    try:
-        pid_line, _, marker = pidfile.read_text().strip().partition("\n")
-        pid = int(pid_line)
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except (OSError, ValueError, IndexError):
-        return None
-    if state == "Z":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return None
-    return pid if marker and marker in cmdline else None
-
-
-def _spawn(pidfile: Path, log: Path, argv: Sequence[str], marker: str) -> None:
-    """Start ``argv`` in its own session; the pid file holds the pid and ``marker``, a
-    string of its command line (see :func:`_running`)."""
-    assert marker in " ".join(argv), (marker, argv)
-    with log.open("a") as out:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    pidfile.write_text(f"{proc.pid}\n{marker}\n")
-
-
 def _in_node(node: nodes.Node, argv: Sequence[str]) -> list[str]:
     """Run in the node's mount namespace and its network namespace."""
     net = netns.netns_path(netns_name(node))
@@ -305,16 +275,16 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
     netns.create(ns)
     netns.add_local_address(ns, f"{SERVICE_ADDRESS}/32")
     forwarder = _pidfile(node, "forwarder")
-    if _running(forwarder) is None:
+    if pidfiles.running(forwarder) is None:
         spec = netns.spec_json(_forward_routes(node, every))
         argv = [sys.executable, "-m", "harness.netns", spec]
-        _spawn(forwarder, base / "forwarder.log", argv, marker=json.dumps(ns))
+        pidfiles.spawn(forwarder, base / "forwarder.log", argv, marker=json.dumps(ns))
     containerd = _pidfile(node, "containerd")
-    if _running(containerd) is None:
+    if pidfiles.running(containerd) is None:
         _private_dirs(node)
         config = _containerd_config(node)
         images.containerd_socket(node).unlink(missing_ok=True)  # a crashed one's
-        _spawn(
+        pidfiles.spawn(
             containerd,
             base / "containerd.log",
             _in_node(node, ["containerd", "--config", str(config)]),
@@ -324,7 +294,7 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
     for archive in archives:
         import_image(node, archive)
     kubelet = _pidfile(node, "kubelet")
-    if _running(kubelet) is None:
+    if pidfiles.running(kubelet) is None:
         _cgroups(node)
         pki = state_dir / "controlplane" / "pki"
         argv = [
@@ -334,14 +304,14 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
             f"--root-dir={base / 'kubelet'}",
             f"--hostname-override={node.name}",
         ]
-        _spawn(kubelet, base / "kubelet.log", _in_node(node, argv), marker=argv[1])
+        pidfiles.spawn(kubelet, base / "kubelet.log", _in_node(node, argv), marker=argv[1])
 
 
 def _start_scheduler(state_dir: Path, binary: Path) -> None:
     pki = state_dir / "controlplane" / "pki"
     base = state_dir / "controlplane"
     pidfile = base / "pids" / "kube-scheduler.pid"
-    if _running(pidfile) is not None:
+    if pidfiles.running(pidfile) is not None:
         return
     controlplane.issue_client_cert(pki, "scheduler", "/CN=system:kube-scheduler")
     server = _apiserver_url()
@@ -359,7 +329,7 @@ def _start_scheduler(state_dir: Path, binary: Path) -> None:
         "--leader-elect=false",
     ]
     pidfile.parent.mkdir(parents=True, exist_ok=True)
-    _spawn(pidfile, base / "logs" / "kube-scheduler.log", argv, marker=argv[1])
+    pidfiles.spawn(pidfile, base / "logs" / "kube-scheduler.log", argv, marker=argv[1])
 
 
 def _node_ready(env: Mapping[str, str], name: str) -> bool:
@@ -409,19 +379,6 @@ _NODES_BINDING = {
 }
 
 
-def _stop(pidfile: Path, timeout: float = 20.0) -> None:
-    pid = _running(pidfile)
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _running(pidfile) is not None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    pidfile.unlink(missing_ok=True)
-
-
 def _pod_processes(node: nodes.Node) -> set[int]:
     """Every process in the node's pod cgroups, and its containerd shims."""
     pids: set[int] = set()
@@ -450,12 +407,12 @@ def down(every: Iterable[nodes.Node]) -> None:
     """Stop the kubelets, their pods, containerd and the forwarders (before the nodes)."""
     for node in every:
         base = _dir(node)
-        _stop(_pidfile(node, "kubelet"))
+        pidfiles.stop(_pidfile(node, "kubelet"))
         for pid in _pod_processes(node):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _stop(_pidfile(node, "containerd"))
-        _stop(_pidfile(node, "forwarder"))
+        pidfiles.stop(_pidfile(node, "containerd"))
+        pidfiles.stop(_pidfile(node, "forwarder"))
         netns.delete(netns_name(node))
         _remove_cgroups(node)
         if base.exists():
@@ -482,7 +439,7 @@ def _remove_cgroups(node: nodes.Node, timeout: float = 10.0) -> None:
 
 
 def stop_scheduler(state_dir: Path) -> None:
-    _stop(state_dir / "controlplane" / "pids" / "kube-scheduler.pid")
+    pidfiles.stop(state_dir / "controlplane" / "pids" / "kube-scheduler.pid")
 
 
 def pod_log(node: nodes.Node, namespace: str, pod: str, container: str) -> str:

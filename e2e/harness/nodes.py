@@ -444,6 +444,37 @@ def _reap_any() -> set[int]:
         reaped.add(pid)
 
 
+#: Domains whose libvirt status file the supervisor removes at the next libvirtd restart,
+#: one name per line (see :func:`forget_dead_domain`).
+FORGET_LIST_IN_NODE = "/run/virtfleet-forget-domains"
+
+_STATUS_PID = re.compile(r"<domstatus [^>]*\bpid='(\d+)'")
+
+
+def _forget_dead_domains(status_dir: Path, forget_list: Path) -> None:
+    """With libvirtd stopped: remove the status file of each listed domain whose QEMU is
+    not running, so the next libvirtd sees the domain shut off and no stale job."""
+    try:
+        names = forget_list.read_text().split()
+    except FileNotFoundError:
+        return
+    forget_list.unlink()
+    for name in names:
+        status = status_dir / f"{name}.xml"
+        try:
+            match = _STATUS_PID.search(status.read_text())
+        except FileNotFoundError:
+            print(f"supervisor: {name} has no status file; nothing to forget", flush=True)
+            continue
+        pid = int(match.group(1)) if match else 0
+        if pid and _alive(pid):
+            print(f"supervisor: {name}'s QEMU (pid {pid}) runs; status kept", flush=True)
+            continue
+        status.unlink()
+        (status_dir / f"{name}.pid").unlink(missing_ok=True)
+        print(f"supervisor: removed {name}'s status file (QEMU pid {pid} not running)", flush=True)
+
+
 def _supervise(node_root: str, shared_dir: str) -> None:
     """PID of the node: runs inside the node's fresh mount namespace (see _start_node).
 
@@ -504,6 +535,7 @@ def _supervise(node_root: str, shared_dir: str) -> None:
             deadline = time.monotonic() + 30
             while libvirtd.pid not in _reap_any() and time.monotonic() < deadline:
                 time.sleep(0.05)
+            _forget_dead_domains(Path("/run/libvirt/qemu"), Path(FORGET_LIST_IN_NODE))
             libvirtd = subprocess.Popen(["libvirtd", "--listen", "-p", "/run/libvirtd.pid"])
             daemons[libvirtd.pid] = "libvirtd"
         dead = _reap_any() & set(daemons)
@@ -867,6 +899,17 @@ def kill_qemu(node: Node, domain_name: str) -> bool:
         print(f"kill_qemu: {domain_name}'s QEMU (pid {pid}) ended by itself", flush=True)
         return False
     return True
+
+
+def forget_dead_domain(node: Node, domain_name: str) -> None:
+    """The last remedy for a libvirt 9 job without owner: libvirtd died while it forked
+    QEMU, so no QEMU exists, and the domain's status file (``pid='0'``, async job
+    ``start``) brings the job back on every restart. Stop libvirtd, remove that file
+    (only if its QEMU is not running), start libvirtd."""
+    forget_list = node.root / "run" / Path(FORGET_LIST_IN_NODE).name  # /run is <root>/run
+    with forget_list.open("a") as out:
+        out.write(f"{domain_name}\n")
+    restart_libvirtd(node)
 
 
 def serial_log(node: Node, domain_name: str) -> str:

@@ -111,3 +111,23 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 def domain_name(namespace: str, name: str) -> str:
     return f"{namespace}_{name}"
+
+
+def domains(node: Node) -> dict[str, str]:
+    """name → state of every domain on the node, as ``virsh list --all`` shows them."""
+    result = subprocess.run(
+        ["virsh", "-q", "-c", node.uri, "list", "--all"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    out = {}
+    for line in result.stdout.splitlines():
+        parts = line.split(maxsplit=2)
+        if len(parts) == 3:
+            out[parts[1]] = parts[2].strip()
+    return out
+
+
+def vm_gone(cluster: Cluster, namespace: str, name: str, node: Node) -> bool:
+    """True once the VM object is gone and its domain with it (e.g. pruned from Git)."""
+    absent = cluster.kubectl("get", "vm", name, "-n", namespace, check=False).returncode != 0
+    return absent and domain_name(namespace, name) not in domains(node)

@@ -2,7 +2,8 @@
 
 First remedy: restart the node's libvirtd once a VM has said it for ``patience``
 seconds. A VM still saying it ``patience`` seconds after that restart (libvirtd kept the
-ownerless job because QEMU survived) gets its domain's QEMU killed.
+ownerless job because QEMU survived) gets its domain's QEMU killed; one that has no QEMU,
+or still says it after the kill, gets its status file removed with libvirtd stopped.
 """
 
 from __future__ import annotations
@@ -34,8 +35,16 @@ def world(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     monkeypatch.setattr(
         hn, "restart_libvirtd", lambda node, **_: state["acts"].append(("restart", node.name))
     )
+    state["qemu"] = True
+
+    def kill_qemu(node: Any, dom: str) -> bool:
+        if state["qemu"]:
+            state["acts"].append(("kill", node.name, dom))
+        return bool(state["qemu"])
+
+    monkeypatch.setattr(hn, "kill_qemu", kill_qemu)
     monkeypatch.setattr(
-        hn, "kill_qemu", lambda node, dom: state["acts"].append(("kill", node.name, dom)) or True
+        hn, "forget_dead_domain", lambda node, dom: state["acts"].append(("forget", node.name, dom))
     )
     return state
 
@@ -101,3 +110,27 @@ def test_a_vm_that_says_it_once_a_reconcile_cycle_still_escalates(
         world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK if stuck else "Terminating")}
         op.step(t)
     assert world["acts"][:2] == [("restart", "node-a"), ("kill", "node-a", f"{NS}_web")]
+
+
+def test_no_qemu_to_kill_means_the_status_file_goes(world: dict[str, Any]) -> None:
+    """Seed 1284366246: libvirtd died while it forked QEMU; restarts kept the job."""
+    op = operator()
+    world["qemu"] = False
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
+    for t in (0, 45, 90):
+        op.step(t)
+    assert world["acts"] == [("restart", "node-a"), ("forget", "node-a", f"{NS}_web")]
+    assert dict(op.status_files_removed) == {"node-a": 1}
+
+
+def test_still_stuck_after_the_kill_means_the_status_file_goes(world: dict[str, Any]) -> None:
+    op = operator()
+    world["vms"] = {"web": vm(chaos_invariants.JOB_STUCK)}
+    for t in (0, 45, 90, 135, 180):
+        op.step(t)
+    assert world["acts"] == [
+        ("restart", "node-a"),
+        ("kill", "node-a", f"{NS}_web"),
+        ("forget", "node-a", f"{NS}_web"),
+        ("restart", "node-a"),  # and round again, should it come back
+    ]

@@ -73,14 +73,19 @@ def job_stuck_message(error: str, node: str, domain: str) -> str:
 
     Restarting libvirtd clears an ownerless job only when QEMU died with it; when QEMU
     survived, libvirtd reconnects to it and keeps the job, and only ending that QEMU
-    clears it (the guest is restarted per ``runStrategy``).
+    clears it (the guest is restarted per ``runStrategy``). When libvirtd died while it
+    forked QEMU, no QEMU exists and the status file (``pid='0'``, async job ``start``)
+    brings the job back on every restart: only removing that file while libvirtd is
+    stopped clears it (chaos seed 1284366246).
     """
+    status = f"/run/libvirt/qemu/{domain}"
     return (
         f"{error}: libvirtd on {node} holds a job on this domain. If it lasts, libvirtd "
         "kept a job without owner after it crashed during a start or a snapshot revert "
         f"(libvirt 9): restart libvirtd on {node}; if the job survives that, kill the "
-        f"domain's QEMU on {node} (kill $(cat /run/libvirt/qemu/{domain}.pid)); "
-        "virtfleet retries and starts the VM again per its runStrategy"
+        f"domain's QEMU on {node} (kill $(cat {status}.pid)); if it has no QEMU, stop "
+        f"libvirtd, remove {status}.xml and start libvirtd again. virtfleet retries and "
+        "starts the VM again per its runStrategy"
     )
 
 
