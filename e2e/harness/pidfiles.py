@@ -48,6 +48,11 @@ def spawn(
             start_new_session=True, env=env,
         )  # fmt: skip
     pidfile.write_text(f"{proc.pid}\n{marker}\n")
+    # Until the child has exec'd, its command line is empty (or the parent's), and
+    # running() would call it gone: return once the marker shows, or the child ended.
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and running(pidfile) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 def stop(pidfile: Path, timeout: float = 20.0) -> None:
