@@ -67,14 +67,14 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(system: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    argocd.up(system.state_dir, system.env)
     root = tmp_path_factory.mktemp("git")
     server = serve_git(root)
     repo = fleet_repository(root / "fleet.git")
     application = yaml.safe_load(APPLICATION.read_text())
     application["spec"]["source"]["repoURL"] = server.url("fleet.git")
-    system.apply(application)
     try:
+        argocd.up(system.state_dir, system.env)
+        system.apply(application)
         yield App(system, repo, application["metadata"]["name"])
     finally:
         system.kubectl("delete", "-n", argocd.NAMESPACE, "application", "--all", check=False)

@@ -88,7 +88,6 @@ def _manifest(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def fleet(system: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    flux.up(system.state_dir, system.env)
     root = tmp_path_factory.mktemp("git")
     server = serve_git(root)
     repo = fleet_repository(root / "fleet.git")
@@ -96,9 +95,10 @@ def fleet(system: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     source["spec"].update(url=server.url("fleet.git"), interval="10s")
     kustomization = _manifest("kustomization.yaml")
     kustomization["spec"].update(interval="15s", retryInterval="5s", timeout="2m")
-    system.apply(source)
-    system.apply(kustomization)
     try:
+        flux.up(system.state_dir, system.env)
+        system.apply(source)
+        system.apply(kustomization)
         yield Fleet(system, repo, kustomization["metadata"]["name"], source["metadata"]["name"])
     finally:
         # Deleting a pruning Kustomization deletes what it applied (VMs and their domains).

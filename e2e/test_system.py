@@ -21,6 +21,7 @@ OWN_PORTS = {
     "VIRTFLEET_APISERVER_PORT": "25443",
     "VIRTFLEET_CONTROLLER_MANAGER_PORT": "25257",
     "VIRTFLEET_NODE_PORT_BASE": "25610",
+    "VIRTFLEET_OBJECTSTORE_PORT": "25300",
 }
 
 
@@ -56,7 +57,8 @@ def test_up_down_up(tmp_path: Path) -> None:
     first = run("up", state_dir)
     env = system.read_env(state_dir)
     assert first.stdout == system.env_file(state_dir).read_text()
-    for key in ("KUBECONFIG", "NODE_A_URI", "NODE_B_URI", "NODE_A_SERIAL_DIR", "NODE_B_SERIAL_DIR"):
+    keys = ("KUBECONFIG", "NODE_A_URI", "NODE_B_URI", "NODE_A_SERIAL_DIR", "NODE_B_SERIAL_DIR")
+    for key in (*keys, "VIRTFLEET_S3_ENDPOINT", "VIRTFLEET_S3_SECRET_KEY"):
         assert env.get(key), f"{key} missing from {system.env_file(state_dir)}"
     print(f"\n[timing] {first.stderr.splitlines()[0]}")
 

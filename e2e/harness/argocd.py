@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from harness import controlplane, pidfiles
-from harness.cluster import kubectl, wait_established
+from harness.kube import kubectl, wait_established
 
 NAMESPACE = "argocd"
 REPO = Path(__file__).resolve().parents[2]

@@ -19,8 +19,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import controlplane, kubelets, nodes, operators
+from harness import argocd, controlplane, flux, kubelets, nodes, objectstore, operators
 from harness import helm as helm_chart
+from harness.kube import kubectl as kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"
@@ -38,34 +39,6 @@ def default_state_dir() -> Path:
 
 def env_file(state_dir: Path) -> Path:
     return state_dir / "env"
-
-
-def kubectl(
-    env: Mapping[str, str], *args: str, input: str | None = None, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """Run the machine's kubectl against this cluster (admin unless env says otherwise)."""
-    result = subprocess.run(
-        ["kubectl", *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "KUBECONFIG": env["KUBECONFIG"]},
-        timeout=120,
-    )
-    if check and result.returncode != 0:
-        raise RuntimeError(f"kubectl {shlex.join(args)} failed:\n{result.stderr.strip()}")
-    return result
-
-
-def wait_established(env: Mapping[str, str], *crds: str, timeout: float = 60.0) -> None:
-    """Wait until each CRD serves its kind. ``kubectl wait`` alone fails on a CRD that
-    has no status yet (right after it is created), so it is retried."""
-    deadline = time.monotonic() + timeout
-    args = ("wait", "--for=condition=Established", "--timeout=10s", *(f"crd/{c}" for c in crds))
-    while (result := kubectl(env, *args, check=False)).returncode != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"CRDs {', '.join(crds)} not established: {result.stderr}")
-        time.sleep(0.5)
 
 
 def install_crds(env: Mapping[str, str]) -> None:
@@ -161,6 +134,7 @@ def up(
     started = time.monotonic()
     env = controlplane.up(state_dir)
     env.update(nodes.up(state_dir))
+    env.update(objectstore.up(state_dir))
     env["VIRTFLEET_E2E_STATE"] = str(state_dir)
     install_crds(env)
     register_nodes(env, nodes.nodes_from_env(env))
@@ -179,9 +153,14 @@ def up(
     return env
 
 
-def down(state_dir: Path, *, wipe: bool = False) -> None:
-    """Stop everything ``up`` started, by pid; idempotent."""
+def down(state_dir: Path, *, wipe: bool = False, wipe_bucket: bool = False) -> None:
+    """Stop everything ``up`` started, by pid; idempotent. ``wipe`` deletes the cluster's
+    and the nodes' state but keeps the object store's buckets (a new cluster restores
+    from them); ``wipe_bucket`` deletes those too."""
     operators.stop(state_dir)
+    flux.down(state_dir)  # GitOps engines a test started (and may have left behind)
+    argocd.down(state_dir)
+    objectstore.down(state_dir, wipe=wipe_bucket)
     nodes_dir = state_dir / "nodes"
     names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
     try:
@@ -230,7 +209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--helm", action="store_true", help="up: --kubelet, then helm install the chart there"
     )
     parser.add_argument(
-        "--wipe", action="store_true", help="down: also delete cluster and node state"
+        "--wipe", action="store_true",
+        help="down: also delete cluster and node state (the object store's buckets stay)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--wipe-bucket", action="store_true", help="down: also delete the object store's data"
     )
     args = parser.parse_args(argv)
     state_dir = args.state_dir.resolve()
@@ -250,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("  kubectl get vm,vmhost -A", file=sys.stderr)
             sys.stdout.write(env_file(state_dir).read_text())
         else:
-            down(state_dir, wipe=args.wipe)
+            down(state_dir, wipe=args.wipe, wipe_bucket=args.wipe_bucket)
     except (
         controlplane.ControlPlaneError,
         nodes.NodeError,

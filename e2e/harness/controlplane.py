@@ -143,6 +143,15 @@ ARGOCD_BINARY = _Binary(
 )
 
 
+#: SeaweedFS's ``weed``: the harness's S3-compatible object store (:mod:`harness.objectstore`).
+WEED_BINARY = _Binary(
+    name="weed",
+    module_dir=GO_MODULES_DIR.parent / "objectstore",
+    package="github.com/seaweedfs/seaweedfs/weed",
+    version_module="github.com/seaweedfs/seaweedfs",
+)
+
+
 class ControlPlaneError(RuntimeError):
     """The control plane could not be built, started or stopped; the message says why."""
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from harness import controlplane, pidfiles
-from harness.cluster import kubectl, wait_established
+from harness.kube import kubectl, wait_established
 
 NAMESPACE = "flux-system"
 CONTROLLERS = ("source-controller", "kustomize-controller")
