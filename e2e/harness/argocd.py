@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from harness import controlplane, pidfiles
-from harness.kube import kubectl, wait_established
+from harness.kube import install_crds, kubectl
 
 NAMESPACE = "argocd"
 REPO = Path(__file__).resolve().parents[2]
@@ -90,9 +90,7 @@ def up(state_dir: Path, env: Mapping[str, str]) -> None:
     if redis is None:
         raise ArgoCDError("redis-server is not installed (scripts/bootstrap installs it)")
     binary = controlplane.ensure_binaries([controlplane.ARGOCD_BINARY])["argocd"]
-    crds = [arg for path in crd_files() for arg in ("-f", str(path))]
-    kubectl(env, "apply", "--server-side", "--force-conflicts", *crds)
-    wait_established(env, "applications.argoproj.io", "appprojects.argoproj.io")
+    install_crds(env, crd_files())
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     kubectl(env, "apply", "-f", "-", input=json.dumps(namespace))
     for obj in _objects():
@@ -137,16 +135,14 @@ def up(state_dir: Path, env: Mapping[str, str]) -> None:
             "--persist-resource-health",
         ],
     }  # fmt: skip
-    binary_names = {"repo-server": "argocd-repo-server",
-                    "application-controller": "argocd-application-controller"}  # fmt: skip
     for name, argv in argvs.items():
         pidfile = base / f"{name}.pid"
         if pidfiles.running(pidfile) is None:
-            component_env = dict(process_env)
-            if name in binary_names:
-                component_env["ARGOCD_BINARY_NAME"] = binary_names[name]
-            # redis-server rewrites its command line to "redis-server <address>".
-            marker = argv[0] if name != "redis" else "redis-server"
+            # One binary, the component chosen by name (redis ignores it). The marker is
+            # the program's name: redis-server rewrites its command line to
+            # "redis-server <address>".
+            component_env = {**process_env, "ARGOCD_BINARY_NAME": f"argocd-{name}"}
+            marker = Path(argv[0]).name
             pidfiles.spawn(pidfile, log_path(state_dir, name), argv, marker, env=component_env)
     checks = {
         "repo-server": f"http://127.0.0.1:{port + 2}/metrics",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import argocd, controlplane, flux, kubelets, nodes, objectstore, operators
+from harness import argocd, controlplane, flux, kube, kubelets, nodes, objectstore, operators
 from harness import helm as helm_chart
 from harness.kube import kubectl as kubectl
 
@@ -43,16 +43,7 @@ def env_file(state_dir: Path) -> Path:
 
 def install_crds(env: Mapping[str, str]) -> None:
     """Apply crds/ server-side and wait until every CRD is Established."""
-    kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(CRDS_DIR))
-    names = [
-        json.loads(kubectl(env, "apply", "--dry-run=client", "-o", "json", "-f", str(p)).stdout)[
-            "metadata"
-        ]["name"]
-        for p in sorted(CRDS_DIR.glob("*.yaml"))
-    ]
-    kubectl(
-        env, "wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{n}" for n in names)
-    )
+    kube.install_crds(env, CRDS_DIR.glob("*.yaml"))
 
 
 def register_nodes(env: Mapping[str, str], node_list: Sequence[nodes.Node]) -> None:

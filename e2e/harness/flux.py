@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from harness import controlplane, pidfiles
-from harness.kube import kubectl, wait_established
+from harness.kube import install_crds, kubectl
 
 NAMESPACE = "flux-system"
-CONTROLLERS = ("source-controller", "kustomize-controller")
 
 
 def base_port() -> int:
@@ -31,11 +30,11 @@ def base_port() -> int:
 
 def crd_files() -> list[Path]:
     """Flux's CRDs for the two controllers, from their modules' ``config/crd/bases``."""
-    return sorted(
+    return [
         path
         for binary in controlplane.FLUX_BINARIES
         for path in (controlplane.module_source(binary) / "config" / "crd" / "bases").glob("*.yaml")
-    )
+    ]
 
 
 def _dir(state_dir: Path) -> Path:
@@ -45,13 +44,7 @@ def _dir(state_dir: Path) -> Path:
 def up(state_dir: Path, env: Mapping[str, str]) -> None:
     """Install Flux's CRDs and start both controllers (idempotent)."""
     binaries = controlplane.ensure_binaries(controlplane.FLUX_BINARIES)
-    crds = [arg for path in crd_files() for arg in ("-f", str(path))]
-    kubectl(env, "apply", "--server-side", "--force-conflicts", *crds)
-    wait_established(
-        env,
-        "gitrepositories.source.toolkit.fluxcd.io",
-        "kustomizations.kustomize.toolkit.fluxcd.io",
-    )
+    install_crds(env, crd_files())
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
     kubectl(env, "apply", "-f", "-", input=json.dumps(namespace))
 
@@ -78,16 +71,13 @@ def up(state_dir: Path, env: Mapping[str, str]) -> None:
             f"--metrics-addr=127.0.0.1:{port + 5}",
         ],
     }  # fmt: skip
+    health = {"source-controller": port + 2, "kustomize-controller": port + 4}
     process_env = {**os.environ, "KUBECONFIG": env["KUBECONFIG"], "RUNTIME_NAMESPACE": NAMESPACE}
     for name, argv in argvs.items():
-        pidfile = base / f"{name}.pid"
+        pidfile, log = base / f"{name}.pid", log_path(state_dir, name)
         if pidfiles.running(pidfile) is None:
-            log = log_path(state_dir, name)
             pidfiles.spawn(pidfile, log, argv, marker=argv[0], env=process_env)
-    for name, health in (("source-controller", port + 2), ("kustomize-controller", port + 4)):
-        pidfiles.wait_answering(
-            base / f"{name}.pid", f"http://127.0.0.1:{health}/readyz", log_path(state_dir, name)
-        )
+        pidfiles.wait_answering(pidfile, f"http://127.0.0.1:{health[name]}/readyz", log)
 
 
 def log_path(state_dir: Path, name: str) -> Path:
@@ -96,5 +86,5 @@ def log_path(state_dir: Path, name: str) -> Path:
 
 def down(state_dir: Path) -> None:
     """Stop both controllers (their objects and CRDs stay, like an uninstalled Flux's)."""
-    for name in CONTROLLERS:
-        pidfiles.stop(_dir(state_dir) / f"{name}.pid")
+    for binary in controlplane.FLUX_BINARIES:
+        pidfiles.stop(_dir(state_dir) / f"{binary.name}.pid")

@@ -6,7 +6,10 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
 
 
 def kubectl(
@@ -35,3 +38,17 @@ def wait_established(env: Mapping[str, str], *crds: str, timeout: float = 60.0) 
         if time.monotonic() > deadline:
             raise RuntimeError(f"CRDs {', '.join(crds)} not established: {result.stderr}")
         time.sleep(0.5)
+
+
+def install_crds(env: Mapping[str, str], files: Iterable[Path]) -> None:
+    """Apply the CRDs in ``files`` server-side and wait until each is Established."""
+    paths = sorted(files)
+    kubectl(env, "apply", "--server-side", "--force-conflicts",
+            *(arg for path in paths for arg in ("-f", str(path))))  # fmt: skip
+    names = [
+        doc["metadata"]["name"]
+        for path in paths
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+    wait_established(env, *names)
