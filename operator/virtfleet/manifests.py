@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from virtfleet.api.backup import BUCKET_PATTERN, ENDPOINT_PATTERN
 from virtfleet.api.base import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, PATTERN_HINTS
 from virtfleet.api.resources import KINDS_BY_NAME, Kind, Resource, resource_model
 from virtfleet.api.virtualmachine import HTTP_URL_PATTERN, PRINTABLE_PATTERN
@@ -24,6 +25,9 @@ MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 _DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
 _DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
 _MODEL_HINTS = {
+    BUCKET_PATTERN: "must be an S3 bucket name: 3-63 lowercase letters, digits, '.' and '-'",
+    ENDPOINT_PATTERN: "must be an http(s)://host[:port][/path] URL in printable ASCII, "
+    "without credentials",
     HTTP_URL_PATTERN: "must be an http(s)://host[:port]/path URL in printable ASCII, "
     "without credentials (percent-encode other characters)",
 }

@@ -46,7 +46,7 @@ def test_wire_names_are_camel_case() -> None:
 )
 def test_disk_needs_exactly_one_source(source: dict[str, Any]) -> None:
     refused(
-        "exactly one of image, blank or http",
+        "exactly one of image, blank, http or backup",
         disks=[{"name": "d", "size": "1Gi", "source": source}],
     )
 

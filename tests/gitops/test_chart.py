@@ -113,7 +113,14 @@ def test_controller_rights(default: list[dict[str, Any]]) -> None:
     granted = rules(default, "virtfleet-controller")
     assert ("virtfleet.io", "virtualmachines/status", "patch") in granted
     assert ("", "nodes", "watch") in granted
-    assert not {r for r in granted if r[1] in {"secrets", "pods", "namespaces"}}
+    assert not {r for r in granted if r[1] in {"pods", "namespaces"}}
+    # Secrets: get only (a VMBackupLocation's credentials), and none when switched off.
+    assert {r for r in granted if r[1] == "secrets"} == {("", "secrets", "get")}
+    assert not {
+        r
+        for r in rules(render("controller.rbac.readSecrets=false"), "virtfleet-controller")
+        if r[1] == "secrets"
+    }
     assert ("", "namespaces", "list") in rules(
         render("controller.watchNamespaces={apps}"), "virtfleet-controller"
     )

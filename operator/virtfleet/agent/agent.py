@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from virtfleet import manifests
+from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.settings import AgentSettings
@@ -78,6 +79,7 @@ class Agent:
         self.hv = hv
         self.kube = kube
         self.driver = NodeDriver(hv, settings)
+        self.driver.backup_disks = BackupDisks(kube, settings)
         self.queue: WorkQueue[Key] = WorkQueue(
             name="vms",
             workers=settings.workers,

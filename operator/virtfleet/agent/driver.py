@@ -14,6 +14,7 @@ import posixpath
 from dataclasses import dataclass
 
 from virtfleet.agent import httpdisk, network, volumes
+from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.errors import ActionError as ActionError  # re-exported: tests, callers
 from virtfleet.agent.guestfirewall import GUEST_FIREWALL_UNAVAILABLE, GuestFirewall
 from virtfleet.agent.settings import AgentSettings
@@ -151,6 +152,8 @@ class NodeDriver:
         self.settings = settings
         self.http_policy = httpdisk.policy_of(settings)
         self.firewall = GuestFirewall(settings.node_name, settings.network)
+        #: Restores ``source.backup`` disks; set by the agent, which has the API client.
+        self.backup_disks: BackupDisks | None = None
 
     # --- observing ------------------------------------------------------------------------
 
@@ -365,6 +368,7 @@ class NodeDriver:
                     vm.spec,
                     names,
                     observation.secret_user_data,
+                    self.backup_disks,
                 )
             case Define():
                 assert observation.inputs is not None

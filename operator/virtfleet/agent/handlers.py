@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 
+from virtfleet.agent import backup as backup_loop
 from virtfleet.agent import health
 from virtfleet.agent import migration as migration_loops
 from virtfleet.agent.agent import Agent, key_of
@@ -84,8 +85,12 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
     def migrations() -> migration_loops.MigrationAgent:
         return holder["migrations"]  # type: ignore[no-any-return]
 
+    def backups() -> backup_loop.BackupAgent:
+        return holder["backups"]  # type: ignore[no-any-return]
+
     snapshot_loops.register(registry, settings, snaps)
     migration_loops.register(registry, settings, migrations)
+    backup_loop.register(registry, backups)
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
@@ -114,6 +119,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         holder["migrations"], migration_tasks = migration_loops.start(
             the_agent, locks, holder["snapshots"]
         )
+        holder["backups"], backup_tasks = backup_loop.start(the_agent, locks)
         await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
@@ -127,6 +133,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             ),
             *snapshot_tasks,
             *migration_tasks,
+            *backup_tasks,
         ]
         log.info("agent started", libvirt=settings.libvirt_uri)
 
@@ -137,6 +144,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             return
         await the_agent.queue.stop()
         await snapshot_loops.stop(holder["snapshots"])
+        await backup_loop.stop(holder["backups"])
         await holder["migrations"].queue.stop()
         for task in holder.get("tasks", []):
             task.cancel()
@@ -151,6 +159,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         if isinstance(obj, dict):
             agent().on_vm_event(event.get("type"), copy.deepcopy(obj))
             snaps().on_vm_event(key_of(obj))
+            if "backups" in holder:
+                backups().on_vm_event(key_of(obj))
 
     @kopf.on.delete(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)
     async def vm_delete(body: Any, **_: Any) -> None:

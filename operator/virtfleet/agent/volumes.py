@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from virtfleet.agent import httpdisk
+from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
@@ -45,6 +46,7 @@ async def ensure_volumes(
     spec: VirtualMachineSpec,
     names: tuple[str, ...],
     user_data: str | None,
+    backup_disks: BackupDisks | None = None,
 ) -> None:
     """Create the volumes ``names`` (disk names, or the seed) that the domain lacks."""
     for disk in spec.disks:
@@ -83,6 +85,22 @@ async def ensure_volumes(
                 pool=pool,
                 name=name,
                 source=source.http,
+                size=size,
+            )
+        elif source.backup is not None:
+            if backup_disks is None:
+                raise ActionError(
+                    "BackupSourceUnsupported",
+                    f"disk {disk.name!r}: this agent cannot restore backups",
+                    permanent=True,
+                )
+            await backup_disks.import_backup(
+                hv,
+                namespace=vm.namespace,
+                uid=vm.uid,
+                disk=disk,
+                pool=pool,
+                name=name,
                 size=size,
             )
     if SEED in names and spec.cloud_init is not None:

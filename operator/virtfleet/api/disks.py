@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from virtfleet.api.base import ApiModel, CelRule, DnsLabel, StoreName, no_dot_dot
+from virtfleet.api.base import ApiModel, CelRule, DnsLabel, DnsSubdomain, StoreName, no_dot_dot
 from virtfleet.api.cel import quantity_between
 from virtfleet.api.quantity import Quantity
 
@@ -44,8 +44,15 @@ class HttpSource(ApiModel):
     )
 
 
+class BackupSource(ApiModel):
+    """The disk's contents as a VMBackup saved them (a restore as a new VM writes this)."""
+
+    backup_name: DnsSubdomain = Field(description="VMBackup in the VM's namespace.")
+    disk: DnsLabel = Field(description="Name of the disk in the backed-up VM.")
+
+
 class DiskSource(ApiModel):
-    """Exactly one of ``image``, ``blank`` or ``http``."""
+    """Exactly one of ``image``, ``blank``, ``http`` or ``backup``."""
 
     image: StoreName | None = Field(
         default=None,
@@ -54,12 +61,16 @@ class DiskSource(ApiModel):
     )
     blank: BlankSource | None = Field(default=None, description="An empty disk of spec size.")
     http: HttpSource | None = Field(default=None, description="An image downloaded by the node.")
+    backup: BackupSource | None = Field(
+        default=None, description="Data of a VMBackup, downloaded from its location."
+    )
 
     cel_rules = (
         CelRule(
-            rule="[has(self.image), has(self.blank), has(self.http)].filter(x, x).size() == 1",
-            message="a disk source needs exactly one of image, blank or http",
-            check=lambda s: sum(x is not None for x in (s.image, s.blank, s.http)) == 1,
+            rule="[has(self.image), has(self.blank), has(self.http), has(self.backup)]"
+            ".filter(x, x).size() == 1",
+            message="a disk source needs exactly one of image, blank, http or backup",
+            check=lambda s: sum(x is not None for x in (s.image, s.blank, s.http, s.backup)) == 1,
         ),
         CelRule(
             rule="!has(self.image) || !self.image.contains('..')",

@@ -13,6 +13,12 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from virtfleet.api.backup import (
+    VMBackupLocationSpec,
+    VMBackupLocationStatus,
+    VMBackupSpec,
+    VMBackupStatus,
+)
 from virtfleet.api.base import DNS_LABEL_PATTERN, ApiModel, CelRule
 from virtfleet.api.migration import VMMigrationSpec, VMMigrationStatus
 from virtfleet.api.snapshot import VMRestoreSpec, VMRestoreStatus, VMSnapshotSpec, VMSnapshotStatus
@@ -139,6 +145,7 @@ VM_RESTORE = Kind(
     columns=(
         PrinterColumn("VM", "string", ".spec.vmName", "Restored VirtualMachine."),
         PrinterColumn("Snapshot", "string", ".spec.snapshotName", "Snapshot restored."),
+        PrinterColumn("Backup", "string", ".spec.backupName", "Backup restored."),
         PrinterColumn(
             "Phase", "string", ".status.phase", "Pending, InProgress, Succeeded, Failed."
         ),
@@ -190,7 +197,57 @@ VM_HOST = Kind(
     spec_required=False,
 )
 
-KINDS: tuple[Kind, ...] = (VIRTUAL_MACHINE, VM_SNAPSHOT, VM_RESTORE, VM_MIGRATION, VM_HOST)
+VM_BACKUP_LOCATION = Kind(
+    kind="VMBackupLocation",
+    plural="vmbackuplocations",
+    singular="vmbackuplocation",
+    short_names=("vmbsl",),
+    namespaced=True,
+    spec_model=VMBackupLocationSpec,
+    status_model=VMBackupLocationStatus,
+    description="An S3-compatible bucket (and prefix) where VMBackups of the namespace go.",
+    columns=(
+        PrinterColumn("Phase", "string", ".status.phase", "Available or Unavailable."),
+        PrinterColumn("Bucket", "string", ".spec.bucket", "Bucket."),
+        PrinterColumn("Prefix", "string", ".spec.prefix", "Key prefix."),
+        PrinterColumn("Checked", "date", ".status.lastCheckedTime", "Last reachability check."),
+        PrinterColumn("Endpoint", "string", ".spec.endpoint", "S3 endpoint.", priority=1),
+        AGE,
+    ),
+)
+
+VM_BACKUP = Kind(
+    kind="VMBackup",
+    plural="vmbackups",
+    singular="vmbackup",
+    short_names=("vmbackup", "vmbackups"),
+    namespaced=True,
+    spec_model=VMBackupSpec,
+    status_model=VMBackupStatus,
+    description="A copy of one VirtualMachine's disks in a VMBackupLocation, full or incremental.",
+    columns=(
+        PrinterColumn("VM", "string", ".spec.vmName", "Backed-up VirtualMachine."),
+        PrinterColumn(
+            "Phase", "string", ".status.phase", "Pending, InProgress, Uploading, Completed, Failed."
+        ),
+        PrinterColumn("Type", "string", ".status.type", "Full or Incremental."),
+        PrinterColumn("Size", "integer", ".status.uploadedBytes", "Bytes uploaded."),
+        PrinterColumn("Progress", "integer", ".status.progress.percent", "Percent done."),
+        AGE,
+        PrinterColumn("Parent", "string", ".status.parent", "Backup it builds on.", priority=1),
+        PrinterColumn("Location", "string", ".spec.location", "VMBackupLocation.", priority=1),
+    ),
+)
+
+KINDS: tuple[Kind, ...] = (
+    VIRTUAL_MACHINE,
+    VM_SNAPSHOT,
+    VM_RESTORE,
+    VM_MIGRATION,
+    VM_HOST,
+    VM_BACKUP_LOCATION,
+    VM_BACKUP,
+)
 KINDS_BY_NAME = {k.kind: k for k in KINDS}
 
 

@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
-from virtfleet.api.base import ApiModel, CelRule, DnsLabel, StatusModel
+from virtfleet.api.base import ApiModel, CelRule, DnsLabel, DnsSubdomain, StatusModel
 from virtfleet.api.conditions import Conditions
 from virtfleet.api.quantity import Duration
 
@@ -111,10 +111,28 @@ class RestorePhase(StrEnum):
 
 
 class VMRestoreSpec(ApiModel):
-    vm_name: DnsLabel = Field(description="VirtualMachine in the same namespace.")
-    snapshot_name: DnsLabel = Field(description="VMSnapshot of that VM to bring back.")
+    """Exactly one source: a ``snapshotName`` (restored into the VM, in place) or a
+    ``backupName`` (restored as a new VM named ``vmName``, on any node)."""
 
-    cel_rules = (immutable_spec_rule(),)
+    vm_name: DnsLabel = Field(
+        description="With snapshotName: the VirtualMachine in the same namespace to restore. "
+        "With backupName: the name of the new VirtualMachine to create from the backup."
+    )
+    snapshot_name: DnsLabel | None = Field(
+        default=None, description="VMSnapshot of that VM to bring back."
+    )
+    backup_name: DnsSubdomain | None = Field(
+        default=None, description="VMBackup (Completed) in the same namespace to restore from."
+    )
+
+    cel_rules = (
+        immutable_spec_rule(),
+        CelRule(
+            rule="has(self.snapshotName) != has(self.backupName)",
+            message="a restore needs exactly one of snapshotName or backupName",
+            check=lambda s: (s.snapshot_name is None) != (s.backup_name is None),
+        ),
+    )
 
 
 class VMRestoreStatus(StatusModel):
@@ -131,6 +149,9 @@ class VMRestoreStatus(StatusModel):
     vm_uid: str | None = Field(default=None, alias="vmUID", description="uid of the restored VM.")
     snapshot_name: str | None = Field(
         default=None, description="Name of the libvirt snapshot brought back."
+    )
+    vm_created: bool | None = Field(
+        default=None, description="From a backup: this restore created the VirtualMachine."
     )
     memory_restored: bool | None = Field(
         default=None,

@@ -39,6 +39,7 @@ from virtfleet.api.resources import (
 )
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions, wiring
+from virtfleet.controller.backups import BackupController
 from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.drain import Drainer
 from virtfleet.controller.migrations import MigrationScheduler
@@ -112,6 +113,8 @@ class Controller:
             self.unclaimed.cache,
             cas=True,
         )
+        #: Backup locations, deleting backups' objects, restores from backups into new VMs.
+        self.backups = BackupController(kube, self.cache.vms)
         #: Cordoned nodes: live-migrate their VMs away, or say why one stays.
         self.drains = Drainer(self.cache, kube, self.migrations)
 
@@ -121,6 +124,7 @@ class Controller:
         meta = body.get("metadata") or {}
         key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
         self.unclaimed.vm_changed(*key)
+        self.backups.vm_changed(*key)
         if event_type == "DELETED":
             gone = self.cache.remove_vm(key)
             self.queue.forget(key)
@@ -336,6 +340,7 @@ class Controller:
             node=self.node_event,
             migration=self.migrations.event,
             unclaimed=self.unclaimed.event,
+            backups=self.backups.event,
             wait_until_served=self.kube.wait_until_served,
         )
         return wiring.registry(handlers, log_format=log_format, log_level=log_level)
@@ -361,6 +366,9 @@ class Controller:
             asyncio.create_task(
                 self.unclaimed.queue.run(self.unclaimed.reconcile), name="unclaimed-queue"
             ),
+            asyncio.create_task(
+                self.backups.queue.run(self.backups.reconcile), name="backup-queue"
+            ),
         ]
         try:
             await kopf.operator(
@@ -376,6 +384,7 @@ class Controller:
             await self.queue.stop()
             await self.migrations.queue.stop()
             await self.unclaimed.queue.stop()
+            await self.backups.queue.stop()
             for task in background:
                 task.cancel()
             for task in background:

@@ -98,7 +98,9 @@ class UnclaimedWatcher:
     def event(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
         key: UnclaimedKey = (kind, str(meta.get("namespace") or ""), str(meta.get("name") or ""))
-        if event_type == "DELETED" or (meta.get("labels") or {}).get(NODE_LABEL):
+        from_backup = kind == RESTORE and bool((body.get("spec") or {}).get("backupName"))
+        if event_type == "DELETED" or (meta.get("labels") or {}).get(NODE_LABEL) or from_backup:
+            # (A restore from a backup creates its VM: controller.backups speaks for it.)
             # Gone, or claimed by an agent for good: nothing for the controller to say.
             self.cache.pop(key, None)
             self.queue.forget(key)

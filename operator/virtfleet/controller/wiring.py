@@ -11,6 +11,8 @@ import kopf
 
 from virtfleet.api.resources import (
     VIRTUAL_MACHINE,
+    VM_BACKUP,
+    VM_BACKUP_LOCATION,
     VM_HOST,
     VM_MIGRATION,
     VM_RESTORE,
@@ -37,6 +39,8 @@ class Handlers:
     migration: OnEvent
     #: ``(kind, event type, object)`` for VMSnapshots and VMRestores.
     unclaimed: Callable[[str, str | None, Mapping[str, Any]], None]
+    #: ``(kind, event type, object)`` for VMBackupLocations, VMBackups and VMRestores.
+    backups: Callable[[str, str | None, Mapping[str, Any]], None]
     wait_until_served: Callable[[], Awaitable[None]]
 
 
@@ -85,6 +89,15 @@ def registry(
     @kopf.on.event(API_GROUP, API_VERSION, VM_RESTORE.plural, registry=registry)
     async def _restore(event: Mapping[str, Any], **_: Any) -> None:
         handlers.unclaimed(VM_RESTORE.kind, event.get("type"), event["object"])
+        handlers.backups(VM_RESTORE.kind, event.get("type"), event["object"])
+
+    @kopf.on.event(API_GROUP, API_VERSION, VM_BACKUP.plural, registry=registry)
+    async def _backup(event: Mapping[str, Any], **_: Any) -> None:
+        handlers.backups(VM_BACKUP.kind, event.get("type"), event["object"])
+
+    @kopf.on.event(API_GROUP, API_VERSION, VM_BACKUP_LOCATION.plural, registry=registry)
+    async def _location(event: Mapping[str, Any], **_: Any) -> None:
+        handlers.backups(VM_BACKUP_LOCATION.kind, event.get("type"), event["object"])
 
     @kopf.on.event("v1", "nodes", registry=registry)
     async def _node(event: Mapping[str, Any], **_: Any) -> None:

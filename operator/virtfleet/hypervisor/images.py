@@ -12,13 +12,23 @@ raw. libvirt's own probe is the second check when a volume becomes a backing sto
 
 from __future__ import annotations
 
+import itertools
 import struct
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from virtfleet.hypervisor import errors
 
-__all__ = ["FORMATS", "ImageInfo", "check_name_matches_format", "inspect", "inspect_header"]
+__all__ = [
+    "FORMATS",
+    "ImageInfo",
+    "check_name_matches_format",
+    "flatten_chain",
+    "inspect",
+    "inspect_header",
+]
 
 #: Formats virtfleet accepts for user images. Others (vmdk, vhdx, luks, ...) are refused.
 FORMATS = frozenset({"qcow2", "raw"})
@@ -133,3 +143,24 @@ def _check_extensions(header: bytes, offset: int, label: str) -> None:
         if kind == _EXT_ENCRYPTION:
             raise errors.UnsafeImage(f"image {label!r} is encrypted; refused")
         offset += 8 + (length + 7) // 8 * 8
+
+
+def flatten_chain(layers: Sequence[Path], out: Path) -> None:
+    """Join a backup chain (full first, then each incremental) into one qcow2 at ``out``.
+
+    Blocking: run it in an executor. Each incremental qcow2 holds only the clusters that
+    changed; pointing it at the layer below (``rebase -u``: header only, no data read)
+    and converting the top reads every cluster through the chain, so ``out`` is the disk
+    exactly as the last backup saw it, with no backing file.
+    """
+    for below, above in itertools.pairwise(layers):
+        _qemu_img("rebase", "-u", "-f", "qcow2", "-b", str(below), "-F", "qcow2", str(above))
+    _qemu_img(
+        "convert", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1", str(layers[-1]), str(out)
+    )
+
+
+def _qemu_img(*args: str) -> None:
+    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise errors.UnsafeImage(f"qemu-img {args[0]} failed: {done.stderr.strip()[-500:]}")

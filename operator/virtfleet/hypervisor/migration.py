@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import libvirt
 
+from virtfleet.hypervisor import backup
 from virtfleet.hypervisor.guest import Guest
 
 __all__ = [
@@ -81,6 +82,8 @@ async def migrate(guest: Guest, request: MigrationRequest) -> None:
     flags = migration_flags(request)
     params = migration_params(request)
     dom = guest.handle
+    # Bitmaps would travel without libvirt's checkpoints and break a revert on the target.
+    await backup.drop_checkpoints(guest)
     if request.max_downtime_ms:
         # No migration parameter for it: QEMU takes it as a setting before the job starts.
         await guest.executors.run(dom.migrateSetMaxDowntime, int(request.max_downtime_ms), 0)

@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from virtfleet.hypervisor import errors
+from virtfleet.hypervisor import backup, errors
 from virtfleet.hypervisor.guest import Guest
 from virtfleet.hypervisor.names import validate_name
 from virtfleet.identity import RESTORE_MARKER_NAMESPACE
@@ -242,6 +242,8 @@ async def revert(guest: Guest, name: str, *, running: bool | None = None) -> Non
     elif running is False:
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED
 
+    # A dirty bitmap makes QEMU refuse the revert and leaves the domain shut off.
+    await backup.drop_checkpoints(guest)
     await guest.executors.run_long(
         lambda: guest.handle.revertToSnapshot(_lookup(guest, name), flags)
     )

@@ -114,6 +114,10 @@ def volume_xml(
     etree.SubElement(vol, "allocation", unit="bytes").text = "0"
     target = etree.SubElement(vol, "target")
     etree.SubElement(target, "format", type=fmt)
+    if fmt == "qcow2":
+        # libvirt makes qcow2 v2 (compat 0.10) files unless told; those cannot hold the
+        # persistent dirty bitmaps that incremental backups need (hypervisor.backup).
+        etree.SubElement(target, "compat").text = "1.1"
     if backing_path is not None:
         backing = etree.SubElement(vol, "backingStore")
         etree.SubElement(backing, "path").text = backing_path
@@ -213,6 +217,15 @@ def _lookup(pool: Any, name: str) -> Any | None:
             except libvirt.libvirtError:
                 return None  # busy (a volume job running): a miss is a miss
     return None
+
+
+async def refresh_pool(hv: Hypervisor, pool: str) -> None:
+    """Re-read the pool's directory (files QEMU made, e.g. a backup job's, are not known yet)."""
+
+    def call(conn: Any) -> None:
+        _refresh(_pool(conn, pool), attempts=3)
+
+    await hv.call(call)
 
 
 async def lookup_volume(hv: Hypervisor, pool: str, name: str) -> Volume | None:

@@ -109,6 +109,8 @@ class SnapshotAgent:
         self._restores_of(key[0], str((body.get("spec") or {}).get("vmName", "")))
 
     def on_restore_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if (body.get("spec") or {}).get("backupName"):
+            return  # a restore from a backup makes a new VM: the controller's (controller.backups)
         key = key_of(body)
         if event_type == "DELETED":
             self.restores.pop(key, None)

@@ -120,7 +120,11 @@ class RestoreLoop:
         """
         snaps = self.snaps
         log = snaps.log.bind(namespace=key[0], vmrestore=key[1], vm=vm.name)
-        snapshot = self._snapshot_ref(key[0], view.spec.snapshot_name) if view.spec else None
+        snapshot = (
+            self._snapshot_ref(key[0], view.spec.snapshot_name)
+            if view.spec and view.spec.snapshot_name
+            else None
+        )
         busy_with = chosen if chosen is not None and chosen != view.name else None
         migrations: list[str] = []
         if busy_with is None and view.status.phase in (None, RestorePhase.PENDING):

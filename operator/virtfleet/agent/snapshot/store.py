@@ -13,6 +13,7 @@ import structlog
 
 from virtfleet.agent.agent import COMPONENT
 from virtfleet.agent.errors import ActionError
+from virtfleet.api.backup import VMBackupStatus
 from virtfleet.api.snapshot import VMRestoreStatus, VMSnapshotStatus
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
 from virtfleet.reconcile.snapshot_types import Adopt
@@ -81,7 +82,7 @@ class ObjectStore:
         self,
         key: Key,
         body: Mapping[str, Any],
-        status: VMSnapshotStatus | VMRestoreStatus,
+        status: VMSnapshotStatus | VMRestoreStatus | VMBackupStatus,
         *,
         cas: bool = False,
     ) -> bool:

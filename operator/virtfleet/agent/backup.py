@@ -1,0 +1,661 @@
+"""The VMBackup loop of one node agent: observe → :func:`virtfleet.reconcile.backup.decide`
+→ act, for the backups of the VMs on this node.
+
+The push job and the checkpoints are the domain's (libvirt, under the VM's lock); the
+upload is a task of its own (no lock: it only reads the scratch files), so a long upload
+never holds the VM's other loops. The manifest is written last: a backup is complete in
+the bucket exactly when its manifest exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import posixpath
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from lxml import etree
+
+from virtfleet.agent.agent import COMPONENT, Agent, key_of
+from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.snapshot.store import ObjectStore
+from virtfleet.agent.volumes import pool_for
+from virtfleet.api.backup import (
+    BackupDiskStatus,
+    BackupPhase,
+    BackupProgress,
+    BackupType,
+    VMBackupLocationSpec,
+    VMBackupSpec,
+    VMBackupStatus,
+)
+from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
+from virtfleet.api.snapshot import SnapshotError
+from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.backupstore.s3 import BackupBucket, ChunkPipe, StoreError, backup_prefix
+from virtfleet.domain.jobs import JobOperation, JobType
+from virtfleet.domain.naming import disk_name_from_alias
+from virtfleet.hypervisor import Guest, backup, storage
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
+from virtfleet.logs import get_logger
+from virtfleet.reconcile import backup as rules
+from virtfleet.reconcile.snapshot_types import Adopt
+from virtfleet.reconcile.vm_model import EventNote
+from virtfleet.runtime.failures import cache_reporter
+from virtfleet.runtime.kube import KubeError
+from virtfleet.runtime.locations import open_location
+from virtfleet.runtime.queue import WorkQueue
+
+MANIFEST_KIND = "VMBackupManifest"
+
+
+def scratch_name(vm_uid: str, disk: str, backup_uid: str) -> str:
+    """The push job's file for one disk: next to the disk, uid-prefixed (deleted with the VM)."""
+    return f"{vm_uid}-{disk}.backup-{backup_uid[:8]}.qcow2"
+
+
+@dataclass
+class _Memo:
+    """What this process saw of one backup's job and upload (lost on restart: a new attempt)."""
+
+    job_started: bool = False
+    job_outcome: rules.Outcome | None = None
+    job_error: str | None = None
+    upload: asyncio.Task[None] | None = None
+    upload_outcome: rules.Outcome | None = None
+    upload_error: str | None = None
+    upload_done: int = 0
+    upload_total: int = 0
+    disks: list[BackupDiskStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Disk:
+    name: str
+    dev: str
+    pool: str
+    path: str
+
+
+def _with(status: VMBackupStatus, **changes: Any) -> VMBackupStatus:
+    return status.model_copy(update=changes)
+
+
+class BackupAgent:
+    def __init__(self, agent: Agent, locks: VmLocks) -> None:
+        self.agent = agent
+        self.locks = locks
+        self.hv = agent.hv
+        self.kube = agent.kube
+        self.settings = agent.settings
+        self.node = agent.settings.node_name
+        self.backups: dict[Key, dict[str, Any]] = {}
+        self.memos: dict[str, _Memo] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(
+            name="vmbackups",
+            workers=2,
+            on_error=cache_reporter(self.kube, "VMBackup", COMPONENT, self.backups, cas=True),
+        )
+        self.log = get_logger("virtfleet.agent.backups", node=self.node)
+        self.store = ObjectStore(
+            self.kube,
+            "VMBackup",
+            self.backups,
+            node=self.node,
+            finalizer=self.settings.finalizer,
+            log=self.log,
+        )
+
+    # --- signals → keys ---------------------------------------------------------------
+
+    def on_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        key = key_of(body)
+        if event_type == "DELETED":
+            self.backups.pop(key, None)
+            self.queue.forget(key)
+            memo = self.memos.pop(str(body["metadata"].get("uid")), None)
+            if memo is not None and memo.upload is not None:
+                memo.upload.cancel()
+            return
+        self.backups[key] = dict(body)
+        if self._vm_of(body) is not None:
+            self.queue.add(key)
+
+    def on_vm_event(self, key: Key) -> None:
+        for bkey, body in self.backups.items():
+            if bkey[0] == key[0] and (body.get("spec") or {}).get("vmName") == key[1]:
+                self.queue.add(bkey)
+
+    def resync(self) -> None:
+        for key, body in self.backups.items():
+            if self._vm_of(body) is not None:
+                self.queue.add(key)
+
+    def bookkeeping(self) -> dict[str, int]:
+        return {"backups": len(self.backups), "backup_memos": len(self.memos)}
+
+    def _vm_of(self, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        namespace = str(body["metadata"].get("namespace"))
+        vm = self.agent.cache.get((namespace, str((body.get("spec") or {}).get("vmName", ""))))
+        return vm if vm is not None and self.agent.is_mine(vm) else None
+
+    # --- the loop ---------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        body = self.backups.get(key)
+        if body is None:
+            return None
+        vm = self._vm_of(body)
+        if vm is None:
+            return None
+        vm_key = (key[0], str(body["spec"]["vmName"]))
+        async with self.locks.lock(vm_key):
+            for _ in range(8):
+                again = await self._pass(key, vm)
+                if again is None or again > 0:
+                    return again
+        return 0.5
+
+    async def _pass(self, key: Key, vm: Mapping[str, Any]) -> float | None:
+        body = self.backups[key]
+        meta = body["metadata"]
+        view = rules.BackupView(
+            name=key[1],
+            namespace=key[0],
+            uid=str(meta["uid"]),
+            spec=VMBackupSpec.model_validate(body["spec"]),
+            status=VMBackupStatus.model_validate(body.get("status") or {}),
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+        memo = self.memos.setdefault(view.uid, _Memo())
+        log = self.log.bind(namespace=key[0], vmbackup=key[1], vm=vm["metadata"]["name"])
+        if view.deleting:
+            await self._abandon(view, vm, memo, log)
+            return None
+        assert view.spec is not None
+        vm_uid = str(vm["metadata"]["uid"])
+        guest = await self.hv.lookup(vm_uid)
+        running = guest is not None and await guest.is_active()
+        location, bucket_or_reason = await self._location(key[0], view.spec.location)
+        checkpoints = tuple(await backup.checkpoint_names(guest)) if running and guest else ()
+        job_active = False
+        if running and guest is not None and memo.job_started and memo.job_outcome is None:
+            job = await backup.running_job(guest)
+            job_active = job.active
+            if not job_active:
+                finished = await backup.completed_job(guest)
+                ok = (
+                    finished is not None
+                    and finished.type == JobType.COMPLETED
+                    and finished.operation == JobOperation.BACKUP
+                )
+                memo.job_outcome = rules.Outcome.SUCCEEDED if ok else rules.Outcome.FAILED
+                memo.job_error = None if ok else (finished.error_message if finished else None)
+        disks = await self._resolve(guest, self._disks(vm)) if guest is not None else []
+        scratch = await self._scratch_present(vm_uid, view.uid, disks)
+        seen = rules.Observed(
+            vm_uid=vm_uid,
+            running=running,
+            location_found=location is not None,
+            location_available=not isinstance(bucket_or_reason, str),
+            location_message=bucket_or_reason if isinstance(bucket_or_reason, str) else "",
+            checkpoints=checkpoints,
+            job_active=job_active,
+            job_outcome=memo.job_outcome,
+            job_error=memo.job_error,
+            scratch_present=scratch,
+            upload_running=memo.upload is not None and not memo.upload.done(),
+            upload_outcome=memo.upload_outcome,
+            upload_error=memo.upload_error,
+            parents=self._parents(view, vm_uid),
+        )
+        if isinstance(bucket_or_reason, BackupBucket):
+            bucket_or_reason.close()
+        action = rules.decide(view, seen)
+        log.debug("backup decision", action=type(action).__name__)
+        status = view.status.model_copy(deep=True)
+        now = rfc3339(datetime.now(UTC))
+        match action:
+            case rules.Nothing():
+                return None
+            case rules.Wait(seconds=seconds, reason=reason, message=message):
+                status = _with(status, phase=BackupPhase.PENDING)
+                status = _with(
+                    status,
+                    conditions=kstatus_conditions(
+                        status.conditions,
+                        meta.get("generation"),
+                        ready=(ConditionStatus.FALSE, reason, message),
+                        reconciling=(reason, message),
+                        stalled=None,
+                    ),
+                )
+                await self.store.write_status(key, body, status)
+                return seconds
+            case rules.Claim():
+                await self.store.adopt(
+                    key,
+                    Adopt(vm_name=vm["metadata"]["name"], vm_uid=vm_uid, finalizer=False),
+                )
+                status = _with(status, phase=BackupPhase.IN_PROGRESS)
+                status = _with(status, type=action.type)
+                status = _with(status, parent=action.parent.name if action.parent else None)
+                status = _with(status, checkpoint=action.checkpoint)
+                status = _with(status, node_name=self.node)
+                status = _with(status, vm_uid=vm_uid)
+                status = _with(status, attempt=1)
+                status = _with(status, start_time=now)
+                status = _with(
+                    status,
+                    object_prefix=backup_prefix(
+                        location.prefix if location else "", key[0], key[1]
+                    ),
+                )
+                status = self._set_conditions(
+                    status, meta, "BackupInProgress", "the backup job runs"
+                )
+                ok = await self.store.write_status(key, self.backups[key], status, cas=True)
+                return 0.0 if ok else 0.5
+            case rules.StartJob():
+                assert guest is not None
+                for stale in action.stale_checkpoints:
+                    await backup.delete_checkpoint(guest, stale)
+                targets = [
+                    backup.BackupTarget(
+                        d.dev,
+                        posixpath.join(
+                            posixpath.dirname(d.path), scratch_name(vm_uid, d.name, view.uid)
+                        ),
+                    )
+                    for d in disks
+                ]
+                try:
+                    await backup.begin(
+                        guest,
+                        targets,
+                        incremental_from=action.incremental_from,
+                        checkpoint=action.checkpoint,
+                    )
+                except hv_errors.HypervisorError as exc:
+                    memo.job_started, memo.job_outcome, memo.job_error = (
+                        True,
+                        rules.Outcome.FAILED,
+                        str(exc),
+                    )
+                    return 0.0
+                memo.job_started, memo.job_outcome, memo.job_error = True, None, None
+                log.info("backup job started", incremental_from=action.incremental_from)
+                return rules.PROGRESS_POLL_SECONDS
+            case rules.ReportProgress():
+                if status.phase == BackupPhase.IN_PROGRESS and guest is not None:
+                    running_now = await backup.running_job(guest)
+                    total, done = (
+                        running_now.disk_total or running_now.data_total,
+                        running_now.disk_processed or running_now.data_processed,
+                    )
+                    pct = int(50 * done / total) if total else 0
+                else:
+                    total, done = memo.upload_total, memo.upload_done
+                    pct = 50 + (int(50 * done / total) if total else 0)
+                status = _with(
+                    status,
+                    progress=BackupProgress(
+                        bytes_total=total, bytes_done=done, percent=min(pct, 99)
+                    ),
+                )
+                await self.store.write_status(key, body, status)
+                return rules.PROGRESS_POLL_SECONDS
+            case rules.StartUpload():
+                if status.phase != BackupPhase.UPLOADING:
+                    status = _with(status, phase=BackupPhase.UPLOADING)
+                    status = self._set_conditions(
+                        status, meta, "Uploading", "uploading to the bucket"
+                    )
+                    if not await self.store.write_status(key, body, status, cas=True):
+                        return 0.5
+                memo.upload_outcome, memo.upload_error = None, None
+                guest_xml = await guest.xml() if guest is not None else ""
+                memo.upload = asyncio.create_task(
+                    self._upload(key, view, vm, vm_uid, disks, guest_xml, memo),
+                    name=f"backup-upload-{key[1]}",
+                )
+                return rules.PROGRESS_POLL_SECONDS
+            case rules.Complete():
+                if guest is not None and action.drop_checkpoint:
+                    await backup.delete_checkpoint(guest, action.drop_checkpoint)
+                await self._delete_scratch(vm_uid, view.uid, disks)
+                status = _with(status, phase=BackupPhase.COMPLETED)
+                status = _with(status, completion_time=now)
+                status = _with(status, disks=memo.disks)
+                status = _with(status, size_bytes=sum(d.virtual_size or 0 for d in memo.disks))
+                status = _with(
+                    status, uploaded_bytes=sum(d.uploaded_bytes or 0 for d in memo.disks)
+                )
+                status = _with(
+                    status,
+                    progress=BackupProgress(
+                        bytes_total=status.uploaded_bytes,
+                        bytes_done=status.uploaded_bytes,
+                        percent=100,
+                    ),
+                )
+                status = _with(status, error=None)
+                status = _with(
+                    status,
+                    conditions=kstatus_conditions(
+                        status.conditions,
+                        meta.get("generation"),
+                        ready=(
+                            ConditionStatus.TRUE,
+                            "Completed",
+                            f"{status.type} backup completed",
+                        ),
+                        reconciling=None,
+                        stalled=None,
+                    ),
+                )
+                if await self.store.write_status(key, body, status, cas=True):
+                    self.memos.pop(view.uid, None)
+                    await self._event(
+                        body,
+                        "Normal",
+                        "BackupCompleted",
+                        (f"{status.type} backup of {status.uploaded_bytes} bytes completed"),
+                    )
+                return None
+            case rules.Retry():
+                await self._clean(guest, vm_uid, view.uid, disks, action.drop_checkpoint)
+                self.memos[view.uid] = _Memo()
+                status = _with(status, phase=action.phase)
+                status = _with(status, attempt=(status.attempt or 0) + 1)
+                status = _with(status, error=SnapshotError(message=action.message, time=now))
+                await self._event(
+                    body, "Warning", "BackupRetry", (f"attempt {status.attempt}: {action.message}")
+                )
+                await self.store.write_status(key, body, status, cas=True)
+                return 1.0
+            case rules.Fail(reason=reason, message=message):
+                await self._clean(guest, vm_uid, view.uid, disks, action.drop_checkpoint)
+                self.memos.pop(view.uid, None)
+                status = _with(status, phase=BackupPhase.FAILED)
+                status = _with(status, error=SnapshotError(message=message, time=now))
+                status = _with(status, completion_time=now)
+                status = _with(
+                    status,
+                    conditions=kstatus_conditions(
+                        status.conditions,
+                        meta.get("generation"),
+                        ready=(ConditionStatus.FALSE, reason, message),
+                        reconciling=None,
+                        stalled=(reason, message),
+                    ),
+                )
+                await self.store.write_status(key, body, status, cas=True)
+                await self._event(body, "Warning", reason, message)
+                return None
+        return None
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _set_conditions(
+        self, status: VMBackupStatus, meta: Mapping[str, Any], reason: str, message: str
+    ) -> VMBackupStatus:
+        return _with(
+            status,
+            conditions=kstatus_conditions(
+                status.conditions,
+                meta.get("generation"),
+                ready=(ConditionStatus.FALSE, reason, message),
+                reconciling=(reason, message),
+                stalled=None,
+            ),
+        )
+
+    async def _event(self, body: Mapping[str, Any], type_: str, reason: str, msg: str) -> None:
+        await self.store.record_events(body, [EventNote(type_, reason, msg)])
+
+    async def _location(
+        self, namespace: str, name: str
+    ) -> tuple[VMBackupLocationSpec | None, BackupBucket | str]:
+        return await open_location(self.kube, namespace, name)
+
+    def _parents(self, view: rules.BackupView, vm_uid: str) -> list[rules.ParentCandidate]:
+        """Completed backups of the same VM (uid) to the same location, newest first."""
+        assert view.spec is not None
+        found = []
+        for (namespace, _), body in self.backups.items():
+            status = body.get("status") or {}
+            if (
+                namespace == view.namespace
+                and body["metadata"].get("uid") != view.uid
+                and not body["metadata"].get("deletionTimestamp")
+                and (body.get("spec") or {}).get("location") == view.spec.location
+                and status.get("vmUID") == vm_uid
+                and status.get("phase") == BackupPhase.COMPLETED.value
+            ):
+                found.append(
+                    (
+                        str(status.get("completionTime") or ""),
+                        rules.ParentCandidate(
+                            name=str(body["metadata"]["name"]),
+                            checkpoint=status.get("checkpoint"),
+                            object_prefix=status.get("objectPrefix"),
+                        ),
+                    )
+                )
+        return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
+
+    def _disks(self, vm: Mapping[str, Any]) -> list[_Disk]:
+        """The VM's writable disks as its domain names them (from the cached domain XML)."""
+        spec = VirtualMachineSpec.model_validate(vm.get("spec") or {})
+        writable = {d.name: d for d in spec.disks if not d.read_only}
+        out = []
+        for disk in spec.disks:
+            if disk.name in writable:
+                out.append(disk)
+        return [_Disk(name=d.name, dev="", pool=pool_for(self.settings, d), path="") for d in out]
+
+    async def _resolve(self, guest: Guest, disks: list[_Disk]) -> list[_Disk]:
+        root = etree.fromstring((await guest.xml()).encode())
+        by_name: dict[str, tuple[str, str]] = {}
+        for disk in root.iterfind("devices/disk[@device='disk']"):
+            alias = disk.find("alias")
+            name = disk_name_from_alias(alias.get("name") if alias is not None else None)
+            target, source = disk.find("target"), disk.find("source")
+            if name and target is not None and source is not None and source.get("file"):
+                by_name[name] = (str(target.get("dev")), str(source.get("file")))
+        return [
+            _Disk(d.name, by_name[d.name][0], d.pool, by_name[d.name][1])
+            for d in disks
+            if d.name in by_name
+        ]
+
+    async def _scratch_present(self, vm_uid: str, backup_uid: str, disks: list[_Disk]) -> bool:
+        for disk in disks:
+            with contextlib.suppress(hv_errors.HypervisorError):
+                await storage.refresh_pool(self.hv, disk.pool)
+            if await storage.lookup_volume(
+                self.hv, disk.pool, scratch_name(vm_uid, disk.name, backup_uid)
+            ):
+                return True
+        return False
+
+    async def _delete_scratch(self, vm_uid: str, backup_uid: str, disks: list[_Disk]) -> None:
+        for disk in disks:
+            name = scratch_name(vm_uid, disk.name, backup_uid)
+            if await storage.delete_volume(self.hv, disk.pool, name):
+                self.log.debug("scratch deleted", volume=name)
+
+    async def _clean(
+        self,
+        guest: Guest | None,
+        vm_uid: str,
+        backup_uid: str,
+        disks: list[_Disk],
+        drop_checkpoint: str | None,
+    ) -> None:
+        if guest is not None and await guest.is_active():
+            job = await backup.running_job(guest)
+            if job.active and job.operation == JobOperation.BACKUP:
+                await guest.executors.run(guest.handle.abortJob)
+            if drop_checkpoint:
+                await backup.delete_checkpoint(guest, drop_checkpoint)
+        await self._delete_scratch(vm_uid, backup_uid, disks)
+
+    async def _abandon(
+        self, view: rules.BackupView, vm: Mapping[str, Any], memo: _Memo, log: Any
+    ) -> None:
+        """A backup deleted before it completed: stop its job and upload, drop its traces."""
+        if view.status.phase in (BackupPhase.COMPLETED, BackupPhase.FAILED, None):
+            return
+        if memo.upload is not None:
+            memo.upload.cancel()
+        vm_uid = str(vm["metadata"]["uid"])
+        guest = await self.hv.lookup(vm_uid)
+        own = rules.checkpoint_name(view.uid)
+        await self._clean(guest, vm_uid, view.uid, self._disks(vm), own)
+        self.memos.pop(view.uid, None)
+        log.info("unfinished backup abandoned")
+
+    async def _upload(
+        self,
+        key: Key,
+        view: rules.BackupView,
+        vm: Mapping[str, Any],
+        vm_uid: str,
+        disks: list[_Disk],
+        domain_xml: str,
+        memo: _Memo,
+    ) -> None:
+        """Stream every scratch file into the bucket, then write the manifest (last)."""
+        assert view.spec is not None
+        log = self.log.bind(namespace=key[0], vmbackup=key[1])
+        loop = asyncio.get_running_loop()
+        bucket: BackupBucket | None = None
+        try:
+            location, got = await self._location(key[0], view.spec.location)
+            if not isinstance(got, BackupBucket):
+                raise StoreError("LocationUnavailable", got)
+            bucket = got
+            prefix = backup_prefix(location.prefix if location else "", key[0], key[1])
+            results: list[BackupDiskStatus] = []
+            for disk in disks:
+                name = scratch_name(vm_uid, disk.name, view.uid)
+                vol = await storage.lookup_volume(self.hv, disk.pool, name)
+                memo.upload_total += vol.allocation if vol is not None else 0
+                object_key = f"{prefix}disks/{disk.name}.qcow2"
+                pipe = ChunkPipe()
+
+                def count(n: int) -> None:
+                    memo.upload_done += n
+
+                up = loop.run_in_executor(None, bucket.upload, object_key, iter(pipe), count)
+                try:
+                    length, digest = await backup.read_volume(self.hv, disk.pool, name, pipe.put)
+                except BaseException:
+                    pipe.finish(failed=True)
+                    with contextlib.suppress(StoreError):
+                        await up
+                    raise
+                pipe.finish()
+                uploaded = await up
+                if uploaded != length:
+                    raise StoreError("UploadFailed", f"{object_key}: {uploaded} of {length} bytes")
+                info = await self._virtual_size(disk)
+                results.append(
+                    BackupDiskStatus(
+                        name=disk.name,
+                        object_key=object_key,
+                        virtual_size=info,
+                        uploaded_bytes=length,
+                        sha256=digest,
+                    )
+                )
+            status = VMBackupStatus.model_validate(self.backups[key].get("status") or {})
+            manifest = {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": MANIFEST_KIND,
+                "backup": {"namespace": key[0], "name": key[1], "uid": view.uid},
+                "type": status.type,
+                "parent": status.parent,
+                "parentPrefix": next(
+                    (
+                        p.object_prefix
+                        for p in self._parents(view, vm_uid)
+                        if p.name == status.parent
+                    ),
+                    None,
+                ),
+                "checkpoint": status.checkpoint,
+                "node": self.node,
+                "startTime": status.start_time,
+                "completionTime": rfc3339(datetime.now(UTC)),
+                "vm": {
+                    "name": vm["metadata"]["name"],
+                    "uid": vm_uid,
+                    "labels": vm["metadata"].get("labels") or {},
+                    "spec": copy.deepcopy(vm.get("spec") or {}),
+                    "domainXML": domain_xml,
+                },
+                "disks": [d.to_wire() for d in results],
+            }
+            await loop.run_in_executor(None, bucket.put_json, prefix + "manifest.json", manifest)
+            memo.disks = results
+            memo.upload_outcome = rules.Outcome.SUCCEEDED
+            log.info("backup uploaded", bytes=sum(d.uploaded_bytes or 0 for d in results))
+        except asyncio.CancelledError:
+            raise
+        except (StoreError, hv_errors.HypervisorError, KubeError) as exc:
+            memo.upload_outcome = rules.Outcome.FAILED
+            memo.upload_error = getattr(exc, "message", None) or str(exc)
+            log.warning("backup upload failed", error=memo.upload_error)
+        finally:
+            if bucket is not None:
+                bucket.close()
+            self.queue.add(key)
+
+    async def _virtual_size(self, disk: _Disk) -> int | None:
+        vol = await storage.lookup_volume(self.hv, disk.pool, posixpath.basename(disk.path))
+        return vol.capacity if vol is not None else None
+
+
+# --- kopf wiring ----------------------------------------------------------------------
+
+
+def register(registry: kopf.OperatorRegistry, get: Callable[[], BackupAgent]) -> None:
+    @kopf.on.event(API_GROUP, API_VERSION, "vmbackups", registry=registry)  # type: ignore[arg-type]
+    def vmbackup_event(event: dict[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if isinstance(obj, dict):
+            get().on_event(event.get("type"), copy.deepcopy(obj))
+
+
+def start(agent: Agent, locks: VmLocks) -> tuple[BackupAgent, list[asyncio.Task[None]]]:
+    backups = BackupAgent(agent, locks)
+    tasks = [
+        asyncio.create_task(backups.queue.run(backups.reconcile), name="vmbackup-queue"),
+        asyncio.create_task(_resync(backups), name="backup-resync"),
+    ]
+    return backups, tasks
+
+
+async def stop(backups: BackupAgent) -> None:
+    await backups.queue.stop()
+    for memo in backups.memos.values():
+        if memo.upload is not None:
+            memo.upload.cancel()
+
+
+async def _resync(backups: BackupAgent) -> None:
+    while True:
+        await asyncio.sleep(backups.settings.resync_seconds)
+        backups.resync()
+
+
+__all__ = ["NODE_LABEL", "BackupAgent", "BackupType", "register", "start", "stop"]

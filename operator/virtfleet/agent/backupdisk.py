@@ -1,0 +1,144 @@
+"""A disk whose ``source.backup`` the node restores: the chain from the bucket, joined.
+
+The VMBackup names where its objects are; each manifest names its parent's, so the chain
+(full first) is read from the bucket alone. Every object is checked against the sha256
+its manifest recorded, the layers are joined with ``qemu-img`` into one qcow2
+(:func:`~virtfleet.hypervisor.images.flatten_chain`), stored as the disk's base volume,
+and the disk is made an overlay on it, last, as for ``source.http`` disks: the overlay's
+existence says the disk is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from virtfleet.agent.errors import ActionError
+from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.backup import BackupPhase
+from virtfleet.api.virtualmachine import Disk
+from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, StoreError
+from virtfleet.hypervisor import Hypervisor, VolumeRef, images, storage
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.logs import get_logger
+from virtfleet.runtime.kubeapi import KubeApi, KubeError, NotFound
+from virtfleet.runtime.locations import open_location
+
+_log = get_logger("virtfleet.agent.backupdisk")
+#: Longest chain followed (a loop in forged manifests ends here).
+MAX_CHAIN = 1000
+
+
+def backup_base_volume_name(uid: str, disk: str) -> str:
+    return f"{uid}-{disk}.backup-base"
+
+
+def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, str]]:
+    """``(object key, sha256)`` of the disk's layers, full first (blocking)."""
+    layers: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    current: str | None = prefix
+    while current is not None:
+        if current in seen or len(seen) >= MAX_CHAIN:
+            raise StoreError("BrokenChain", f"the backup chain loops at {current}")
+        seen.add(current)
+        manifest = bucket.get_json(current + MANIFEST)
+        if manifest is None:
+            raise StoreError(
+                "BackupIncomplete", f"no manifest at {current}: the backup is not complete"
+            )
+        entry = next((d for d in manifest.get("disks") or [] if d.get("name") == disk), None)
+        if entry is None:
+            raise StoreError("DiskNotInBackup", f"backup at {current} has no disk {disk!r}")
+        layers.append((str(entry["objectKey"]), str(entry["sha256"])))
+        parent = manifest.get("parentPrefix") if manifest.get("type") == "Incremental" else None
+        current = str(parent) if parent else None
+    layers.reverse()
+    return layers
+
+
+class BackupDisks:
+    """Restores ``source.backup`` disks; holds the API client the driver does not have."""
+
+    def __init__(self, kube: KubeApi, settings: AgentSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+
+    async def import_backup(
+        self,
+        hv: Hypervisor,
+        *,
+        namespace: str,
+        uid: str,
+        disk: Disk,
+        pool: str,
+        name: str,
+        size: int | None,
+    ) -> None:
+        assert disk.source.backup is not None
+        source = disk.source.backup
+        try:
+            backup = await self.kube.get("VMBackup", namespace, source.backup_name)
+        except NotFound as exc:
+            raise ActionError(
+                "BackupNotFound",
+                f"disk {disk.name!r}: VMBackup {source.backup_name} does not exist",
+                permanent=False,
+            ) from exc
+        status: dict[str, Any] = backup.get("status") or {}
+        if status.get("phase") != BackupPhase.COMPLETED.value or not status.get("objectPrefix"):
+            raise ActionError(
+                "BackupNotCompleted",
+                f"disk {disk.name!r}: VMBackup {source.backup_name} is not Completed",
+                permanent=False,
+            )
+        location = str((backup.get("spec") or {}).get("location", ""))
+        _, got = await open_location(self.kube, namespace, location)
+        if not isinstance(got, BackupBucket):
+            raise ActionError("LocationUnavailable", f"disk {disk.name!r}: {got}", permanent=False)
+        loop = asyncio.get_running_loop()
+        spool = Path(
+            tempfile.mkdtemp(prefix=f"restore-{uid}-", dir=self.settings.download_dir or None)
+        )
+        try:
+            layers = await loop.run_in_executor(
+                None, chain_of, got, str(status["objectPrefix"]), source.disk
+            )
+            paths = []
+            for index, (key, digest) in enumerate(layers):
+                path = spool / f"layer-{index}.qcow2"
+                actual = await loop.run_in_executor(None, got.download, key, path)
+                if actual != digest:
+                    raise StoreError(
+                        "ChecksumMismatch", f"{key}: sha256 {actual}, manifest says {digest}"
+                    )
+                paths.append(path)
+            flat = spool / "disk.qcow2"
+            await loop.run_in_executor(None, images.flatten_chain, paths, flat)
+            info = await loop.run_in_executor(None, lambda: images.inspect(str(flat)))
+            base = backup_base_volume_name(uid, disk.name)
+            stored = await storage.upload_file(hv, pool, base, str(flat))
+            if stored.format != "qcow2" or stored.backing_path is not None:
+                await storage.delete_volume(hv, pool, base)
+                raise hv_errors.UnsafeImage("the restored disk is not a plain qcow2")
+            grow = size if size is not None and size > info.virtual_size else None
+            await storage.create_overlay(hv, pool, name, VolumeRef(pool, base), grow)
+            _log.info(
+                "disk restored from backup",
+                uid=uid,
+                disk=disk.name,
+                backup=source.backup_name,
+                layers=len(layers),
+            )
+        except StoreError as exc:
+            raise ActionError(
+                exc.reason, f"disk {disk.name!r}: {exc.message}", permanent=False
+            ) from exc
+        except KubeError as exc:
+            raise ActionError("BackupUnreadable", str(exc), permanent=False) from exc
+        finally:
+            got.close()
+            shutil.rmtree(spool, ignore_errors=True)

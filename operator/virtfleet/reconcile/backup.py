@@ -1,0 +1,263 @@
+"""What the VM's agent does next for one VMBackup: a pure function of what it observed.
+
+Phases: ``Pending`` (waiting for the location or the VM) → ``InProgress`` (the libvirt
+push job copies the disks into scratch files next to them) → ``Uploading`` (the scratch
+files stream to the bucket, then the manifest is written, last) → ``Completed``; or
+``Failed`` with a reason. A crash anywhere is a new *attempt* (at most
+:data:`MAX_ATTEMPTS`): what the last one left (its checkpoint, its scratch files) is
+removed first, so the chain the next incremental builds on is never broken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from virtfleet.api.backup import BackupMode, BackupPhase, BackupType, VMBackupSpec, VMBackupStatus
+
+MAX_ATTEMPTS = 3
+PROGRESS_POLL_SECONDS = 1.0
+LOCATION_RETRY_SECONDS = 10.0
+
+
+def checkpoint_name(backup_uid: str) -> str:
+    """The libvirt checkpoint a backup leaves: derived from its uid, found again after a crash."""
+    return f"vf-{backup_uid}"
+
+
+@dataclass(frozen=True)
+class BackupView:
+    name: str
+    namespace: str
+    uid: str
+    spec: VMBackupSpec | None
+    status: VMBackupStatus
+    deleting: bool
+
+
+@dataclass(frozen=True)
+class ParentCandidate:
+    """A Completed backup of the same VM to the same location (newest first in lists)."""
+
+    name: str
+    checkpoint: str | None
+    object_prefix: str | None
+
+
+class Outcome(StrEnum):
+    """How this process last saw the backup's job or upload end (None: it did not see)."""
+
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Observed:
+    vm_uid: str | None
+    running: bool
+    location_found: bool
+    location_available: bool
+    location_message: str
+    #: The domain's checkpoints.
+    checkpoints: tuple[str, ...]
+    job_active: bool
+    #: The push job as this process saw it end, and libvirt's error if it failed.
+    job_outcome: Outcome | None
+    job_error: str | None
+    scratch_present: bool
+    upload_running: bool
+    upload_outcome: Outcome | None
+    upload_error: str | None
+    parents: Sequence[ParentCandidate] = ()
+
+
+# --- actions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Wait:
+    seconds: float
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Adopt the backup (node label) and commit to its type and parent."""
+
+    type: BackupType
+    parent: ParentCandidate | None
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class StartJob:
+    incremental_from: str | None
+    checkpoint: str | None
+    #: Checkpoints to delete first: all but the parent's (at most one is kept per VM).
+    stale_checkpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReportProgress:
+    pass
+
+
+@dataclass(frozen=True)
+class StartUpload:
+    pass
+
+
+@dataclass(frozen=True)
+class Complete:
+    """The manifest is written: scratch files go, the parent's checkpoint too."""
+
+    drop_checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Clean what the failed attempt left, count an attempt, and go again."""
+
+    phase: BackupPhase
+    message: str
+    drop_checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Fail:
+    reason: str
+    message: str
+    drop_checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class Nothing:
+    pass
+
+
+Action = Wait | Claim | StartJob | ReportProgress | StartUpload | Complete | Retry | Fail | Nothing
+
+
+def choose_type(
+    mode: BackupMode, checkpoints: Sequence[str], parents: Sequence[ParentCandidate]
+) -> tuple[BackupType, ParentCandidate | None] | Fail:
+    """Incremental from the newest completed backup whose checkpoint the domain still has."""
+    if mode == BackupMode.FULL:
+        return BackupType.FULL, None
+    parent = next((p for p in parents if p.checkpoint and p.checkpoint in checkpoints), None)
+    if parent is not None:
+        return BackupType.INCREMENTAL, parent
+    if mode == BackupMode.INCREMENTAL:
+        return Fail(
+            "NoCheckpoint",
+            "no earlier backup of this VM to this location left a checkpoint on its domain "
+            "(none was taken, or a migration, a snapshot restore or a deletion removed it); "
+            "use mode Auto or Full",
+            None,
+        )
+    return BackupType.FULL, None
+
+
+def decide(backup: BackupView, seen: Observed) -> Action:
+    status = backup.status
+    phase = status.phase
+    own = checkpoint_name(backup.uid)
+    if (
+        backup.spec is None
+        or backup.deleting
+        or phase in (BackupPhase.COMPLETED, BackupPhase.FAILED)
+    ):
+        return Nothing()
+    attempt = status.attempt or 0
+
+    if phase in (None, BackupPhase.PENDING):
+        if not seen.location_found:
+            return Wait(
+                LOCATION_RETRY_SECONDS,
+                "LocationNotFound",
+                f"VMBackupLocation {backup.spec.location} does not exist",
+            )
+        if not seen.location_available:
+            return Wait(
+                LOCATION_RETRY_SECONDS,
+                "LocationUnavailable",
+                f"VMBackupLocation {backup.spec.location} is not available: "
+                f"{seen.location_message or 'not checked yet'}",
+            )
+        if not seen.running:
+            return Fail(
+                "VMNotRunning",
+                f"VirtualMachine {backup.spec.vm_name} is not running; backups are taken of "
+                "running VMs with libvirt's backup job (start it, then create a new VMBackup)",
+                None,
+            )
+        chosen = choose_type(backup.spec.mode, seen.checkpoints, seen.parents)
+        if isinstance(chosen, Fail):
+            return chosen
+        return Claim(type=chosen[0], parent=chosen[1], checkpoint=own)
+
+    if phase == BackupPhase.IN_PROGRESS:
+        if seen.job_active:
+            return ReportProgress()
+        if seen.job_outcome == Outcome.SUCCEEDED and seen.scratch_present:
+            return StartUpload()
+        if seen.job_outcome == Outcome.FAILED or (
+            seen.job_outcome is None and (seen.scratch_present or own in seen.checkpoints)
+        ):
+            why = seen.job_error or "the backup job was interrupted"
+            return _retry_or_fail(attempt, BackupPhase.IN_PROGRESS, why, own, seen)
+        if not seen.running:
+            return Fail("VMNotRunning", "the VM stopped before its backup began", own)
+        parent = status.parent
+        incremental_from = None
+        if status.type == BackupType.INCREMENTAL:
+            found = next((p for p in seen.parents if p.name == parent), None)
+            if found is None or found.checkpoint not in seen.checkpoints:
+                return Fail(
+                    "ParentCheckpointGone",
+                    f"the checkpoint of parent backup {parent} is gone (the VM migrated, "
+                    "was restored from a snapshot, or the parent was deleted); take a new "
+                    "backup (mode Auto makes it full)",
+                    own if own in seen.checkpoints else None,
+                )
+            incremental_from = found.checkpoint
+        keep = {incremental_from} if incremental_from else set()
+        stale = tuple(sorted(c for c in seen.checkpoints if c not in keep))
+        return StartJob(incremental_from=incremental_from, checkpoint=own, stale_checkpoints=stale)
+
+    if phase == BackupPhase.UPLOADING:
+        if seen.upload_running:
+            return ReportProgress()
+        if seen.upload_outcome == Outcome.SUCCEEDED:
+            prior = next((p for p in seen.parents if p.name == status.parent), None)
+            drop = prior.checkpoint if prior is not None else None
+            return Complete(drop_checkpoint=drop if drop in seen.checkpoints else None)
+        if seen.upload_outcome == Outcome.FAILED:
+            why = seen.upload_error or "the upload failed"
+            if seen.scratch_present:
+                return _retry_or_fail(attempt, BackupPhase.UPLOADING, why, own, seen)
+            return _retry_or_fail(attempt, BackupPhase.IN_PROGRESS, why, own, seen)
+        if seen.scratch_present:
+            return StartUpload()
+        return _retry_or_fail(
+            attempt, BackupPhase.IN_PROGRESS, "the backup's scratch files are gone", own, seen
+        )
+    return Nothing()
+
+
+def _retry_or_fail(
+    attempt: int, phase: BackupPhase, why: str, own: str, seen: Observed
+) -> Retry | Fail:
+    # An upload retry keeps the checkpoint: the data it marks is in the scratch files.
+    drop = own if phase == BackupPhase.IN_PROGRESS and own in seen.checkpoints else None
+    if attempt >= MAX_ATTEMPTS:
+        return Fail(
+            "BackupFailed",
+            f"attempt {attempt} of {MAX_ATTEMPTS} failed: {why}",
+            own if own in seen.checkpoints else None,
+        )
+    if phase == BackupPhase.IN_PROGRESS and not seen.running:
+        return Fail("VMNotRunning", f"the VM stopped during its backup ({why})", drop)
+    return Retry(phase=phase, message=why, drop_checkpoint=drop)
