@@ -38,6 +38,8 @@ def test_a_bucket_holds_what_was_put_and_lists_it(cluster: Cluster) -> None:
     listed = s3.list_objects_v2(Bucket=bucket, Prefix="vm/")
     assert [(o["Key"], o["Size"]) for o in listed["Contents"]] == [("vm/disk.part", len(body))]
     assert s3.get_object(Bucket=bucket, Key="vm/disk.part")["Body"].read() == body
+    s3.delete_object(Bucket=bucket, Key="vm/disk.part")
+    s3.delete_bucket(Bucket=bucket)  # a bucket holds volume slots of the store until deleted
 
 
 def test_a_wrong_secret_is_refused(cluster: Cluster) -> None:

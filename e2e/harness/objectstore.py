@@ -75,7 +75,11 @@ def up(state_dir: Path) -> dict[str, str]:
     secret = _secret(base)
     argv = [
         str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        "-master.telemetry=false", "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+        # Every bucket is a collection that grows 7 volumes at once; with slots counted
+        # from the free disk (volume.max=0, 1 GiB volumes) a few dozen test buckets used
+        # them all ("No writable volumes and no free volumes left"). Volumes are sparse
+        # files: many small slots cost nothing.
+        "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=2000",
         f"-master.port={port}", f"-master.port.grpc={port + 1}",
         f"-volume.port={port + 2}", f"-volume.port.grpc={port + 3}",
         "-filer", f"-filer.port={port + 4}", f"-filer.port.grpc={port + 5}",

@@ -3,7 +3,8 @@
 The layout and fixture format are Argo CD's own (``resource_customizations/<group>/<kind>/
 health.lua`` + ``health_test.yaml`` + ``testdata/``): each case is an input object and the
 health status and message the script must return. Argo CD runs gopher-lua, a Lua 5.1; the
-tests use Debian's ``lua5.1`` with ``lua-cjson`` (installed by ``scripts/bootstrap``).
+tests use Debian's ``lua5.1`` with ``lua-cjson`` (installed by ``scripts/bootstrap``), and
+``run_health.lua`` gives the script only the libraries Argo CD opens for argocd-cm scripts.
 """
 
 from __future__ import annotations
@@ -17,14 +18,24 @@ from typing import Any
 import pytest
 import yaml
 
+from virtfleet.api.backup import BackupPhase, LocationPhase
 from virtfleet.api.migration import MigrationPhase
+from virtfleet.api.resources import KINDS_BY_NAME
 from virtfleet.api.snapshot import RestorePhase, SnapshotPhase
 from virtfleet.api.virtualmachine import PrintableStatus
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTH = REPO / "charts" / "virtfleet" / "health" / "virtfleet.io"
 RUNNER = Path(__file__).with_name("run_health.lua")
-KINDS = ("VirtualMachine", "VMSnapshot", "VMRestore", "VMMigration", "VMHost")
+KINDS = (
+    "VirtualMachine",
+    "VMSnapshot",
+    "VMRestore",
+    "VMMigration",
+    "VMHost",
+    "VMBackup",
+    "VMBackupLocation",
+)
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
 
@@ -43,15 +54,19 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-def run_health(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-    result = subprocess.run(
-        [lua(), str(RUNNER), str(HEALTH / kind / "health.lua")],
+def run_script(script: Path, obj: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [lua(), str(RUNNER), str(script)],
         input=json.dumps(obj),
         capture_output=True,
         text=True,
         check=False,
         timeout=10,
     )
+
+
+def run_health(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+    result = run_script(HEALTH / kind / "health.lua", obj)
     assert result.returncode == 0, result.stderr
     out: dict[str, Any] = json.loads(result.stdout)
     return out
@@ -91,6 +106,8 @@ def _statuses(kind: str) -> dict[str, set[str]]:
         ("VMSnapshot", [s.value for s in SnapshotPhase]),
         ("VMRestore", [s.value for s in RestorePhase]),
         ("VMMigration", [s.value for s in MigrationPhase]),
+        ("VMBackup", [s.value for s in BackupPhase]),
+        ("VMBackupLocation", [s.value for s in LocationPhase]),
     ],
 )
 def test_a_fixture_per_status_value(kind: str, values: list[str]) -> None:
@@ -128,6 +145,16 @@ def _expected(kind: str, fixture: str) -> str:
         ("VMMigration", "succeeded", "Healthy"),
         ("VMMigration", "failed", "Degraded"),
         ("VMMigration", "cancelled", "Degraded"),
+        ("VMBackup", "completed", "Healthy"),
+        ("VMBackup", "failed", "Degraded"),
+        ("VMBackup", "deletion-blocked", "Degraded"),
+        ("VMBackup", "no-status", "Progressing"),
+        ("VMBackup", "uploading", "Progressing"),
+        ("VMBackup", "generation-behind", "Progressing"),
+        ("VMBackupLocation", "available", "Healthy"),
+        ("VMBackupLocation", "unavailable", "Degraded"),
+        ("VMBackupLocation", "no-status", "Progressing"),
+        ("VMBackupLocation", "generation-behind", "Progressing"),
     ],
 )
 def test_the_contract(kind: str, fixture: str, health: str) -> None:
@@ -139,6 +166,79 @@ def test_the_contract(kind: str, fixture: str, health: str) -> None:
 def test_migration_phases_in_flight_are_progressing(phase: str) -> None:
     obj = {"kind": "VMMigration", "metadata": {"name": "m"}, "status": {"phase": phase}}
     assert run_health("VMMigration", obj)["status"] == "Progressing"
+
+
+@pytest.mark.parametrize("phase", ["Pending", "InProgress", "Uploading"])
+def test_backup_phases_in_flight_are_progressing(phase: str) -> None:
+    obj = {"kind": "VMBackup", "metadata": {"name": "b"}, "status": {"phase": phase}}
+    assert run_health("VMBackup", obj) == {"status": "Progressing", "message": f"Backup {phase}"}
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        (512, "512 B"),
+        (1536, "1.5 KiB"),
+        (2**20 - 1, "1.0 MiB"),
+        (10 * 2**20, "10.0 MiB"),
+        (3 * 2**40, "3.0 TiB"),
+    ],
+)
+def test_backup_size_in_binary_units(size: int, shown: str) -> None:
+    status = {"phase": "Completed", "type": "Incremental", "sizeBytes": size}
+    obj = {"kind": "VMBackup", "metadata": {"name": "b"}, "status": status}
+    assert run_health("VMBackup", obj)["message"] == f"Incremental backup completed ({shown})"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        ("VMBackup", {"phase": "Completed", "type": "Full"}),
+        ("VMBackupLocation", {"phase": "Available"}),
+    ],
+)
+def test_no_observed_generation_is_not_behind(kind: str, status: dict[str, Any]) -> None:
+    """As in kstatus, only a written ``observedGeneration`` can be behind (the agent writes
+    none on a VMBackup, whose spec is immutable)."""
+    obj = {"kind": kind, "metadata": {"name": "x", "generation": 3}, "status": status}
+    assert run_health(kind, obj)["status"] == "Healthy"
+
+
+@pytest.mark.parametrize(
+    ("kind", "phase"), [("VMBackup", "Failed"), ("VMBackupLocation", "Unavailable")]
+)
+def test_degraded_without_a_message(kind: str, phase: str) -> None:
+    obj = {"kind": kind, "metadata": {"name": "x"}, "status": {"phase": phase}}
+    result = run_health(kind, obj)
+    assert result["status"] == "Degraded"
+    assert result["message"].startswith(phase)
+
+
+@pytest.mark.parametrize(
+    ("kind", "case"), cases(), ids=lambda v: v if isinstance(v, str) else v["inputPath"]
+)
+def test_fixture_status_uses_the_api_fields(kind: str, case: dict[str, Any]) -> None:
+    """Each fixture's status reads back unchanged through the kind's status model: the
+    scripts are tested against field names (and values) the API has, not typos of them."""
+    obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
+    status = obj.get("status") or {}
+    model = KINDS_BY_NAME[kind].status_model.model_validate(status)
+    wire = model.model_dump(mode="json", by_alias=True, exclude_none=True)  # as to_wire()
+    assert {key: wire.get(key) for key in status} == status
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ['string.format("%d", 1)', "math.floor(1.5)", '("x"):upper()', 'io.write("x")'],
+)
+def test_no_libraries_as_in_argo_cd(tmp_path: Path, expression: str) -> None:
+    """Argo CD opens no string, math or io library for argocd-cm scripts (without
+    ``resource.customizations.useOpenLibs``): a script using one fails there, so here too."""
+    script = tmp_path / "health.lua"
+    script.write_text(f'local _ = {expression}\nreturn {{ status = "Healthy" }}\n')
+    result = run_script(script, {"kind": "X", "metadata": {"name": "x"}})
+    assert result.returncode != 0
+    assert "attempt to" in result.stderr
 
 
 def test_json_null_is_nil_as_in_argo_cd() -> None:

@@ -214,6 +214,7 @@ class BackupAgent:
             upload_outcome=memo.upload_outcome,
             upload_error=memo.upload_error,
             parents=self._parents(view, vm_uid),
+            has_disks=bool(disks) or guest is None,
         )
         if isinstance(bucket_or_reason, BackupBucket):
             bucket_or_reason.close()
@@ -379,7 +380,7 @@ class BackupAgent:
                     body, "Warning", "BackupRetry", (f"attempt {status.attempt}: {action.message}")
                 )
                 await self.store.write_status(key, body, status, cas=True)
-                return 1.0
+                return action.delay
             case rules.Fail(reason=reason, message=message):
                 await self._clean(guest, vm_uid, view.uid, disks, action.drop_checkpoint)
                 self.memos.pop(view.uid, None)
@@ -555,7 +556,7 @@ class BackupAgent:
                 def count(n: int) -> None:
                     memo.upload_done += n
 
-                up = loop.run_in_executor(None, bucket.upload, object_key, iter(pipe), count)
+                up = loop.run_in_executor(None, _upload_or_release, bucket, object_key, pipe, count)
                 try:
                     length, digest = await backup.read_volume(self.hv, disk.pool, name, pipe.put)
                 except BaseException:
@@ -623,6 +624,17 @@ class BackupAgent:
     async def _virtual_size(self, disk: _Disk) -> int | None:
         vol = await storage.lookup_volume(self.hv, disk.pool, posixpath.basename(disk.path))
         return vol.capacity if vol is not None else None
+
+
+def _upload_or_release(
+    bucket: BackupBucket, key: str, pipe: ChunkPipe, count: Callable[[int], None]
+) -> int:
+    """Upload what the pipe brings; on failure release the reader blocked on a full pipe."""
+    try:
+        return bucket.upload(key, iter(pipe), count)
+    except BaseException:
+        pipe.consumer_failed()
+        raise
 
 
 # --- kopf wiring ----------------------------------------------------------------------

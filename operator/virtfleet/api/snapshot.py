@@ -124,6 +124,11 @@ class VMRestoreSpec(ApiModel):
     backup_name: DnsSubdomain | None = Field(
         default=None, description="VMBackup (Completed) in the same namespace to restore from."
     )
+    node_name: DnsSubdomain | None = Field(
+        default=None,
+        description="With backupName: pin the new VM to this node (default: placed like any "
+        "new VM).",
+    )
 
     cel_rules = (
         immutable_spec_rule(),
@@ -131,6 +136,13 @@ class VMRestoreSpec(ApiModel):
             rule="has(self.snapshotName) != has(self.backupName)",
             message="a restore needs exactly one of snapshotName or backupName",
             check=lambda s: (s.snapshot_name is None) != (s.backup_name is None),
+        ),
+        CelRule(
+            rule="!has(self.nodeName) || has(self.backupName)",
+            message="nodeName places a VM restored from a backup; a snapshot restore stays "
+            "where its VM is",
+            check=lambda s: s.node_name is None or s.backup_name is not None,
+            field_path=".nodeName",
         ),
     )
 

@@ -28,7 +28,14 @@ import botocore.exceptions
 from virtfleet.api.backup import VMBackupLocationSpec
 from virtfleet.logs import get_logger
 
-__all__ = ["BackupBucket", "ChunkPipe", "Credentials", "StoreError", "backup_prefix"]
+__all__ = [
+    "BackupBucket",
+    "ChunkPipe",
+    "Credentials",
+    "StoreError",
+    "backup_prefix",
+    "namespace_prefix",
+]
 
 _log = get_logger("virtfleet.backupstore")
 MANIFEST = "manifest.json"
@@ -51,9 +58,14 @@ class Credentials:
     secret_access_key: str
 
 
-def backup_prefix(prefix: str, namespace: str, name: str) -> str:
+def namespace_prefix(prefix: str, namespace: str) -> str:
+    """Where the backups of one namespace are, under a location's prefix."""
     base = prefix.strip("/")
-    return f"{base + '/' if base else ''}backups/{namespace}/{name}/"
+    return f"{base + '/' if base else ''}backups/{namespace}/"
+
+
+def backup_prefix(prefix: str, namespace: str, name: str) -> str:
+    return f"{namespace_prefix(prefix, namespace)}{name}/"
 
 
 def _translate(exc: Exception, what: str) -> StoreError:

@@ -25,7 +25,7 @@ from virtfleet.api.backup import VMBackupLocationSpec
 from virtfleet.api.conditions import Condition, ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.quantity import parse_duration
 from virtfleet.api.snapshot import RestorePhase
-from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, StoreError
+from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, StoreError, namespace_prefix
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import backup_control as rules
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
@@ -117,6 +117,7 @@ class BackupController:
             bucket = await open_bucket(self.kube, key[1], spec)
             try:
                 count = await loop.run_in_executor(None, bucket.check)
+                await self._sync(key, spec, bucket)
             finally:
                 bucket.close()
         except StoreError as exc:
@@ -147,6 +148,38 @@ class BackupController:
             kind = "Normal" if available else "Warning"
             await self.kube.record_event(body, kind, reason, message, COMPONENT)
         return interval if available else min(interval, rules.UNAVAILABLE_RECHECK_SECONDS)
+
+    async def _sync(self, key: BKey, spec: VMBackupLocationSpec, bucket: BackupBucket) -> None:
+        """Backups found in the bucket (this namespace's, under the prefix) that have no
+        VMBackup here become read-only ones (``status.synced``, ``deletionPolicy: Retain``),
+        so a new cluster restores from the bucket alone (Velero's backup sync)."""
+        loop = asyncio.get_running_loop()
+        base = namespace_prefix(spec.prefix, key[1])
+        known = {k[2] for k in self.cache if k[0] == BACKUP and k[1] == key[1]}
+        for manifest_key in await loop.run_in_executor(None, bucket.list_manifests):
+            name = rules.synced_name(manifest_key, base)
+            if name is None or name in known:
+                continue
+            manifest = await loop.run_in_executor(None, bucket.get_json, manifest_key)
+            if not isinstance(manifest, dict):
+                continue
+            body, status = rules.synced_backup(key[1], key[2], name, base + name + "/", manifest)
+            try:
+                created = await self.kube.create(BACKUP, body)
+                await self.kube.patch_status(BACKUP, key[1], name, status)
+            except Conflict:
+                continue  # made meanwhile (by this cluster's agent or an earlier pass)
+            except KubeError as exc:
+                self.log.warning("backup not synced", backup=name, error=str(exc))
+                continue
+            self.log.info("backup synced from the bucket", namespace=key[1], backup=name)
+            await self.kube.record_event(
+                created,
+                "Normal",
+                "Synced",
+                f"found in bucket {spec.bucket} under {base}{name}/",
+                COMPONENT,
+            )
 
     # --- backups (finalizer, deletion) ------------------------------------------------------
 

@@ -17,6 +17,9 @@ from enum import StrEnum
 from virtfleet.api.backup import BackupMode, BackupPhase, BackupType, VMBackupSpec, VMBackupStatus
 
 MAX_ATTEMPTS = 3
+#: The first retry waits this long, each later one twice as long (a store restarting, a
+#: libvirtd coming back): 5 s, 10 s, so three attempts span about half a minute.
+RETRY_BASE_SECONDS = 5.0
 PROGRESS_POLL_SECONDS = 1.0
 LOCATION_RETRY_SECONDS = 10.0
 
@@ -70,6 +73,8 @@ class Observed:
     upload_outcome: Outcome | None
     upload_error: str | None
     parents: Sequence[ParentCandidate] = ()
+    #: The VM has a writable disk (what a backup copies).
+    has_disks: bool = True
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -123,6 +128,7 @@ class Retry:
     phase: BackupPhase
     message: str
     drop_checkpoint: str | None
+    delay: float = RETRY_BASE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,12 @@ def decide(backup: BackupView, seen: Observed) -> Action:
                 "running VMs with libvirt's backup job (start it, then create a new VMBackup)",
                 None,
             )
+        if not seen.has_disks:
+            return Fail(
+                "NoDisks",
+                f"VirtualMachine {backup.spec.vm_name} has no writable disk to back up",
+                None,
+            )
         chosen = choose_type(backup.spec.mode, seen.checkpoints, seen.parents)
         if isinstance(chosen, Fail):
             return chosen
@@ -201,8 +213,12 @@ def decide(backup: BackupView, seen: Observed) -> Action:
     if phase == BackupPhase.IN_PROGRESS:
         if seen.job_active:
             return ReportProgress()
-        if seen.job_outcome == Outcome.SUCCEEDED and seen.scratch_present:
-            return StartUpload()
+        if seen.job_outcome == Outcome.SUCCEEDED:
+            if seen.scratch_present:
+                return StartUpload()
+            return _retry_or_fail(
+                attempt, BackupPhase.IN_PROGRESS, "the backup job's files are gone", own, seen
+            )
         if seen.job_outcome == Outcome.FAILED or (
             seen.job_outcome is None and (seen.scratch_present or own in seen.checkpoints)
         ):
@@ -260,4 +276,9 @@ def _retry_or_fail(
         )
     if phase == BackupPhase.IN_PROGRESS and not seen.running:
         return Fail("VMNotRunning", f"the VM stopped during its backup ({why})", drop)
-    return Retry(phase=phase, message=why, drop_checkpoint=drop)
+    return Retry(
+        phase=phase,
+        message=why,
+        drop_checkpoint=drop,
+        delay=RETRY_BASE_SECONDS * 2 ** max(0, attempt - 1),
+    )

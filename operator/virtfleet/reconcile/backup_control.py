@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from virtfleet.api.backup import BackupPhase
+from virtfleet.api.base import DNS_SUBDOMAIN_PATTERN
 from virtfleet.api.conditions import parse_rfc3339
 from virtfleet.api.snapshot import RestorePhase
 
@@ -21,6 +23,8 @@ DEFAULT_CHECK_SECONDS = 60.0
 #: A location that failed its check is looked at again this soon (bounded by its interval).
 UNAVAILABLE_RECHECK_SECONDS = 10.0
 RESTORED_FROM = "virtfleet.io/restored-from-backup"
+#: On VMBackups a location found in its bucket: the location's name.
+SYNCED_FROM = "virtfleet.io/synced-from-location"
 RESTORE_UID = "virtfleet.io/restore-uid"
 
 
@@ -135,7 +139,8 @@ def restored_vm(
     restore: Mapping[str, Any], backup_name: str, manifest: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The new VirtualMachine: the backed-up VM's spec with every backed-up disk's source
-    the backup, no node pin (any node may take it) and no fixed MAC (a new VM, new MACs)."""
+    the backup, no node pin (any node may take it, unless the restore names one) and no
+    fixed MAC (a new VM, new MACs)."""
     vm = manifest.get("vm") or {}
     spec = copy.deepcopy(vm.get("spec") or {})
     saved = {str(d.get("name")) for d in manifest.get("disks") or []}
@@ -143,6 +148,8 @@ def restored_vm(
         if disk.get("name") in saved:
             disk["source"] = {"backup": {"backupName": backup_name, "disk": disk["name"]}}
     spec.pop("nodeName", None)
+    if (restore.get("spec") or {}).get("nodeName"):
+        spec["nodeName"] = restore["spec"]["nodeName"]
     for nic in spec.get("interfaces") or []:
         nic.pop("macAddress", None)
     labels = {
@@ -160,3 +167,61 @@ def restored_vm(
         },
         "spec": spec,
     }
+
+
+def synced_name(manifest_key: str, base: str) -> str | None:
+    """The backup's name from a manifest's key under ``base`` (``.../backups/<ns>/``);
+    None for keys elsewhere or names that are not valid object names."""
+    if not manifest_key.startswith(base) or not manifest_key.endswith("/manifest.json"):
+        return None
+    name = manifest_key[len(base) : -len("/manifest.json")]
+    if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name) or len(name) > 253:
+        return None
+    return name
+
+
+def synced_backup(
+    namespace: str, location: str, name: str, prefix: str, manifest: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A read-only VMBackup (object, then status) for a backup found in the bucket."""
+    vm = manifest.get("vm") or {}
+    disks = [
+        {k: d[k] for k in ("name", "objectKey", "virtualSize", "uploadedBytes", "sha256") if k in d}
+        for d in manifest.get("disks") or []
+    ]
+    uploaded = sum(int(d.get("uploadedBytes") or 0) for d in disks)
+    body = {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMBackup",
+        "metadata": {"name": name, "namespace": namespace, "labels": {SYNCED_FROM: location}},
+        "spec": {
+            "vmName": str(vm.get("name") or "unknown"),
+            "location": location,
+            "mode": "Incremental" if manifest.get("type") == "Incremental" else "Full",
+            "deletionPolicy": "Retain",
+        },
+    }
+    status = {
+        "phase": BackupPhase.COMPLETED.value,
+        "synced": True,
+        "type": manifest.get("type"),
+        "parent": manifest.get("parent"),
+        "objectPrefix": prefix,
+        "vmUID": vm.get("uid"),
+        "disks": disks,
+        "sizeBytes": sum(int(d.get("virtualSize") or 0) for d in disks),
+        "uploadedBytes": uploaded,
+        "progress": {"bytesTotal": uploaded, "bytesDone": uploaded, "percent": 100},
+        "startTime": manifest.get("startTime"),
+        "completionTime": manifest.get("completionTime"),
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Synced",
+                "message": f"found in the bucket of VMBackupLocation {location}",
+                "lastTransitionTime": manifest.get("completionTime") or "1970-01-01T00:00:00Z",
+            }
+        ],
+    }
+    return body, status

@@ -23,7 +23,7 @@ else
   hs.status = "Progressing"
   hs.message = phase .. target()
   if status.progress ~= nil and status.progress.percent ~= nil then
-    hs.message = hs.message .. string.format(" (%d%%)", status.progress.percent)
+    hs.message = hs.message .. " (" .. status.progress.percent .. "%)"
   end
 end
 return hs

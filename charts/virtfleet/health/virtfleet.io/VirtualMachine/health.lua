@@ -39,7 +39,7 @@ end
 local generation = obj.metadata and obj.metadata.generation
 if generation ~= nil and (status.observedGeneration == nil or status.observedGeneration < generation) then
   hs.status = "Progressing"
-  hs.message = string.format("Waiting for the agent to observe generation %d", generation)
+  hs.message = "Waiting for the agent to observe generation " .. generation
   return hs
 end
 
