@@ -7,6 +7,7 @@ bucket's objects (read with boto3 and hashed), ``virsh`` on the nodes (checkpoin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -40,6 +41,7 @@ from harness.backups import (
 )
 from harness.guest import guest_cmdline
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from virtfleet.api.conditions import parse_rfc3339
 
 
 @pytest.fixture
@@ -337,3 +339,95 @@ def test_the_agent_and_the_store_killed_mid_backup_never_leave_a_broken_one(
     assert third["phase"] == "Completed", third
     uid = system.get("vm", "busy", namespace)["metadata"]["uid"]
     assert not scratch_files(node, uid)
+
+
+def test_a_schedule_backs_up_on_time_and_prunes_without_breaking_a_chain(
+    system: Cluster, namespace: str, bucket: str
+) -> None:
+    location(system, namespace, bucket)
+    location_phase(system, namespace, "default", "Available")
+    system.apply(vm_manifest("daily", namespace, disks=DATA))
+    running_on(system, namespace, "daily")
+    system.apply(
+        {
+            "apiVersion": "virtfleet.io/v1alpha1",
+            "kind": "VMBackupSchedule",
+            "metadata": {"name": "often", "namespace": namespace},
+            "spec": {
+                "schedule": "@every 10s",
+                "vmName": "daily",
+                "location": "default",
+                "fullEvery": 2,
+                "retention": {"keepLast": 2},
+                "startingDeadline": "8s",
+            },
+        }
+    )
+
+    def scheduled() -> list[dict[str, Any]]:
+        out = system.kubectl(
+            "get", "vmbackup", "-n", namespace, "-l", "virtfleet.io/schedule=often", "-o", "json"
+        ).stdout
+        items: list[dict[str, Any]] = json.loads(out)["items"]
+        return items
+
+    made: dict[str, dict[str, Any]] = {}
+
+    def five_made() -> bool:
+        for item in scheduled():
+            made.setdefault(item["metadata"]["name"], item)
+        return len(made) >= 5
+
+    wait_for(five_made, 150, 1.0, "five scheduled backups")
+    for item in made.values():
+        moment = parse_rfc3339(item["metadata"]["annotations"]["virtfleet.io/scheduled-time"])
+        created = parse_rfc3339(item["metadata"]["creationTimestamp"])
+        # On time: within the deadline of its moment (second-resolution timestamps).
+        assert 0 <= (created - moment).total_seconds() <= 9, item["metadata"]
+
+    def pruned() -> list[dict[str, Any]] | None:
+        items = [i for i in scheduled() if not i["metadata"].get("deletionTimestamp")]
+        done = [i for i in items if (i.get("status") or {}).get("phase") == "Completed"]
+        return done if len(done) <= 3 and len(made) >= 5 else None
+
+    kept = wait_for(pruned, 60, 1.0, "retention applied")
+    names = {i["metadata"]["name"] for i in kept}
+    # Every kept incremental's parent is kept: the chain restores.
+    for item in kept:
+        parent = item["status"].get("parent")
+        assert parent is None or parent in names, (item["metadata"]["name"], parent, names)
+    # fullEvery 2: the first backup is full, then every second one.
+    modes = [made[n]["spec"]["mode"] for n in sorted(made)]
+    assert modes[:4] == ["Full", "Auto", "Full", "Auto"], modes
+    print(f"\n[schedule] made {sorted(made)}; kept {sorted(names)}; modes {modes}")
+
+    # The bucket holds exactly the kept backups (pruned objects deleted with their objects).
+    def bucket_matches() -> bool:
+        manifests = check_bucket_matches_manifests(system, bucket)
+        live = {
+            i["metadata"]["name"] for i in scheduled() if not i["metadata"].get("deletionTimestamp")
+        }
+        complete = {
+            i["metadata"]["name"]
+            for i in scheduled()
+            if (i.get("status") or {}).get("phase") == "Completed"
+        }
+        return complete <= {m["backup"]["name"] for m in manifests} <= live
+
+    wait_for(bucket_matches, 60, 1.0, "the bucket to hold exactly the kept backups")
+
+    # A run the controller could not start (it was down) is reported, not made up later.
+    operators.kill(system.state_dir, "controller", signal.SIGKILL)
+    time.sleep(25)
+    operators.start_controller(system.state_dir, system.env)
+
+    def missed() -> dict[str, Any] | None:
+        obj = system.get("vmbackupschedule", "often", namespace)
+        return obj if (obj.get("status") or {}).get("missedRuns", 0) >= 1 else None
+
+    reported = wait_for(missed, 60, 0.5, "missed runs reported")
+    events = system.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=MissedSchedule", "-o", "name"
+    ).stdout
+    assert events.strip(), "no MissedSchedule Event"
+    print(f"[schedule] controller down 25 s: missedRuns {reported['status']['missedRuns']}")

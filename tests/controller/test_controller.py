@@ -185,4 +185,4 @@ def test_the_registry_holds_event_handlers_only() -> None:
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
     # VMs, VMHosts, VMMigrations, VMSnapshots, VMRestores, Nodes
-    assert len(registry._watching.get_all_handlers()) == 8
+    assert len(registry._watching.get_all_handlers()) == 9

@@ -35,6 +35,7 @@ KINDS = (
     "VMHost",
     "VMBackup",
     "VMBackupLocation",
+    "VMBackupSchedule",
 )
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 
@@ -72,6 +73,15 @@ def run_health(kind: str, obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _ready(status: str, reason: str, message: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": "Ready", "status": status, "reason": reason, "message": message, **extra}
+
+
+def _schedule(status: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+    meta = {"name": "s", "generation": generation}
+    return {"kind": "VMBackupSchedule", "metadata": meta, "status": status}
+
+
 @pytest.mark.parametrize(
     ("kind", "case"), cases(), ids=lambda v: v if isinstance(v, str) else v["inputPath"]
 )
@@ -85,15 +95,23 @@ def test_every_kind_has_a_script() -> None:
     assert sorted(p.name for p in HEALTH.iterdir()) == sorted(KINDS)
 
 
+def _status_value(kind: str, status: dict[str, Any]) -> str | None:
+    """The kind's status field; a VMBackupSchedule has no phase: its Ready reason."""
+    if kind == "VMBackupSchedule":
+        ready = [c for c in status.get("conditions") or [] if c["type"] == "Ready"]
+        return str(ready[0]["reason"]) if ready else None
+    value = status.get("printableStatus" if kind == "VirtualMachine" else "phase")
+    return str(value) if value else None
+
+
 def _statuses(kind: str) -> dict[str, set[str]]:
     """value of the kind's status field → health statuses its fixtures expect."""
-    field = "printableStatus" if kind == "VirtualMachine" else "phase"
     seen: dict[str, set[str]] = {}
     for k, case in cases():
         if k != kind:
             continue
         obj = yaml.safe_load((HEALTH / kind / case["inputPath"]).read_text())
-        value = (obj.get("status") or {}).get(field)
+        value = _status_value(kind, obj.get("status") or {})
         if value:
             seen.setdefault(value, set()).add(case["healthStatus"]["status"])
     return seen
@@ -108,6 +126,8 @@ def _statuses(kind: str) -> dict[str, set[str]]:
         ("VMMigration", [s.value for s in MigrationPhase]),
         ("VMBackup", [s.value for s in BackupPhase]),
         ("VMBackupLocation", [s.value for s in LocationPhase]),
+        # The Ready reasons the controller writes (controller/backups.py).
+        ("VMBackupSchedule", ["Scheduled", "Suspended", "InvalidSchedule"]),
     ],
 )
 def test_a_fixture_per_status_value(kind: str, values: list[str]) -> None:
@@ -155,6 +175,13 @@ def _expected(kind: str, fixture: str) -> str:
         ("VMBackupLocation", "unavailable", "Degraded"),
         ("VMBackupLocation", "no-status", "Progressing"),
         ("VMBackupLocation", "generation-behind", "Progressing"),
+        ("VMBackupSchedule", "scheduled", "Healthy"),
+        ("VMBackupSchedule", "missed-runs", "Healthy"),
+        ("VMBackupSchedule", "suspended", "Suspended"),
+        ("VMBackupSchedule", "invalid", "Degraded"),
+        ("VMBackupSchedule", "invalid-after-edit", "Degraded"),
+        ("VMBackupSchedule", "no-status", "Progressing"),
+        ("VMBackupSchedule", "generation-behind", "Progressing"),
     ],
 )
 def test_the_contract(kind: str, fixture: str, health: str) -> None:
@@ -195,6 +222,7 @@ def test_backup_size_in_binary_units(size: int, shown: str) -> None:
     [
         ("VMBackup", {"phase": "Completed", "type": "Full"}),
         ("VMBackupLocation", {"phase": "Available"}),
+        ("VMBackupSchedule", {"conditions": [_ready("True", "Scheduled", "next run x")]}),
     ],
 )
 def test_no_observed_generation_is_not_behind(kind: str, status: dict[str, Any]) -> None:
@@ -212,6 +240,70 @@ def test_degraded_without_a_message(kind: str, phase: str) -> None:
     result = run_health(kind, obj)
     assert result["status"] == "Degraded"
     assert result["message"].startswith(phase)
+
+
+@pytest.mark.parametrize(
+    ("missed", "suffix"),
+    [(None, ""), (0, ""), (1, "; 1 run missed"), (2, "; 2 runs missed"), (10, "; 10 runs missed")],
+)
+@pytest.mark.parametrize(
+    ("reason", "message", "health"),
+    [("Scheduled", "next run x", "Healthy"), ("Suspended", "suspended: no runs", "Suspended")],
+)
+def test_schedule_missed_runs_in_the_message(
+    missed: int | None, suffix: str, reason: str, message: str, health: str
+) -> None:
+    status: dict[str, Any] = {
+        "observedGeneration": 1,
+        "conditions": [_ready("True", reason, message)],
+    }
+    if missed is not None:
+        status["missedRuns"] = missed
+    assert run_health("VMBackupSchedule", _schedule(status)) == {
+        "status": health,
+        "message": message + suffix,
+    }
+
+
+def test_schedule_conditions_without_a_message_show_their_reason() -> None:
+    stalled = {"type": "Stalled", "status": "True", "reason": "InvalidSchedule", "message": ""}
+    status: dict[str, Any] = {"conditions": [_ready("False", "InvalidSchedule"), stalled]}
+    assert run_health("VMBackupSchedule", _schedule(status)) == {
+        "status": "Degraded",
+        "message": "Stalled: InvalidSchedule",
+    }
+    status = {"observedGeneration": 1, "conditions": [_ready("True", "Scheduled")]}
+    assert run_health("VMBackupSchedule", _schedule(status))["message"] == "Scheduled"
+
+
+def test_schedule_not_ready_and_not_stalled_is_progressing() -> None:
+    status = {"observedGeneration": 1, "conditions": [_ready("Unknown", "Starting", "starting")]}
+    assert run_health("VMBackupSchedule", _schedule(status)) == {
+        "status": "Progressing",
+        "message": "starting",
+    }
+
+
+@pytest.mark.parametrize(
+    ("observed", "ready_observed", "health"),
+    [
+        (None, 1, "Progressing"),  # only the Ready condition was stamped, at generation 1
+        (1, 1, "Progressing"),
+        (1, 2, "Degraded"),  # generation 2 was judged unusable: stamped on the conditions only
+        (2, 2, "Degraded"),
+    ],
+)
+def test_schedule_generation_observed_on_status_or_ready(
+    observed: int | None, ready_observed: int, health: str
+) -> None:
+    """The controller writes no status.observedGeneration with InvalidSchedule; its Ready
+    condition carries the generation it judged."""
+    stalled = {"type": "Stalled", "status": "True", "reason": "InvalidSchedule", "message": "no"}
+    ready = _ready("False", "InvalidSchedule", "no", observedGeneration=ready_observed)
+    status: dict[str, Any] = {"conditions": [ready, stalled]}
+    if observed is not None:
+        status["observedGeneration"] = observed
+    assert run_health("VMBackupSchedule", _schedule(status, generation=2))["status"] == health
 
 
 @pytest.mark.parametrize(

@@ -93,9 +93,12 @@ def test_rbac_has_no_wildcards(sets: tuple[str, ...]) -> None:
         for rule in role["rules"]:
             for key in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[key], (role["metadata"]["name"], rule)
-            assert not {"delete", "deletecollection", "update", "escalate", "bind"} & set(
-                rule["verbs"]
-            ), rule
+            forbidden = {"delete", "deletecollection", "update", "escalate", "bind"}
+            if rule["resources"] == ["vmbackups"]:
+                # The one deletion virtfleet makes: a schedule's retention prunes the
+                # VMBackups it made (their data goes behind the backup-objects finalizer).
+                forbidden.discard("delete")
+            assert not forbidden & set(rule["verbs"]), rule
 
 
 def rules(docs: list[dict[str, Any]], name: str) -> set[tuple[str, str, str]]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import kopf
 
-from virtfleet.agent import backup as backup_loop
 from virtfleet.agent import health
 from virtfleet.agent import migration as migration_loops
 from virtfleet.agent.agent import Agent, key_of
+from virtfleet.agent.backups import loop as backup_loop
 from virtfleet.agent.bookkeeping import BookkeepingLog
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks

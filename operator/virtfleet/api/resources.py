@@ -21,6 +21,7 @@ from virtfleet.api.backup import (
 )
 from virtfleet.api.base import DNS_LABEL_PATTERN, ApiModel, CelRule
 from virtfleet.api.migration import VMMigrationSpec, VMMigrationStatus
+from virtfleet.api.schedule import VMBackupScheduleSpec, VMBackupScheduleStatus
 from virtfleet.api.snapshot import VMRestoreSpec, VMRestoreStatus, VMSnapshotSpec, VMSnapshotStatus
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.api.vmhost import VMHostSpec, VMHostStatus
@@ -239,6 +240,26 @@ VM_BACKUP = Kind(
     ),
 )
 
+VM_BACKUP_SCHEDULE = Kind(
+    kind="VMBackupSchedule",
+    plural="vmbackupschedules",
+    singular="vmbackupschedule",
+    short_names=("vmbsched",),
+    namespaced=True,
+    spec_model=VMBackupScheduleSpec,
+    status_model=VMBackupScheduleStatus,
+    description="VMBackups of one VirtualMachine on a schedule, pruned to a retention policy.",
+    columns=(
+        PrinterColumn("VM", "string", ".spec.vmName", "Backed-up VirtualMachine."),
+        PrinterColumn("Schedule", "string", ".spec.schedule", "When."),
+        PrinterColumn("Suspend", "boolean", ".spec.suspend", "No runs while true."),
+        PrinterColumn("Last", "date", ".status.lastScheduleTime", "Last run."),
+        PrinterColumn("Next", "date", ".status.nextScheduleTime", "Next run.", priority=1),
+        PrinterColumn("Missed", "integer", ".status.missedRuns", "Runs missed.", priority=1),
+        AGE,
+    ),
+)
+
 KINDS: tuple[Kind, ...] = (
     VIRTUAL_MACHINE,
     VM_SNAPSHOT,
@@ -247,6 +268,7 @@ KINDS: tuple[Kind, ...] = (
     VM_HOST,
     VM_BACKUP_LOCATION,
     VM_BACKUP,
+    VM_BACKUP_SCHEDULE,
 )
 KINDS_BY_NAME = {k.kind: k for k in KINDS}
 

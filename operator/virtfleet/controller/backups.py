@@ -9,9 +9,10 @@ bucket runs here, so it works when the VM's node is gone:
 - **VMBackup deletion**: the controller's finalizer deletes the backup's objects (manifest
   first) unless ``deletionPolicy: Retain``, and holds the object while a later incremental
   depends on it (condition ``DeletionBlocked`` naming them): a chain is never broken.
-- **VMRestore with backupName**: creates the new VirtualMachine from the backup's manifest
-  (the bucket's copy of the VM's spec) with its disks' source set to the backup, then
-  reports Succeeded once the VM is Ready.
+- **VMRestore with backupName** (:mod:`.backup_restores`): creates the new VirtualMachine
+  from the backup's manifest with its disks' source set to the backup, then reports
+  Succeeded once the VM is Ready.
+- **VMBackupSchedule** (:mod:`.backup_schedules`): runs, missed runs, retention.
 """
 
 from __future__ import annotations
@@ -22,25 +23,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from virtfleet.api.backup import VMBackupLocationSpec
-from virtfleet.api.conditions import Condition, ConditionStatus, kstatus_conditions, rfc3339
+from virtfleet.api.conditions import ConditionStatus, rfc3339
 from virtfleet.api.quantity import parse_duration
-from virtfleet.api.snapshot import RestorePhase
-from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, StoreError, namespace_prefix
+from virtfleet.backupstore.s3 import BackupBucket, StoreError, namespace_prefix
+from virtfleet.controller.backup_common import (
+    BACKUP,
+    BACKUP_FINALIZER,
+    COMPONENT,
+    LOCATION,
+    RESTORE,
+    RETRY_SECONDS,
+    SCHEDULE,
+    BackupObjects,
+    BKey,
+    conditions,
+)
+from virtfleet.controller.backup_restores import reconcile_restore
+from virtfleet.controller.backup_schedules import reconcile_schedule
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import backup_control as rules
-from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
+from virtfleet.reconcile.schedule import SCHEDULE_LABEL
+from virtfleet.runtime.kube import Conflict, KubeApi, KubeError
 from virtfleet.runtime.locations import open_bucket, open_location
 from virtfleet.runtime.queue import WorkQueue
-from virtfleet.runtime.status import status_patch
-
-COMPONENT = "virtfleet-controller"
-#: Held on every VMBackup: its objects are deleted (or kept) before the object goes.
-BACKUP_FINALIZER = "virtfleet.io/backup-objects"
-RETRY_SECONDS = 10.0
-
-#: Queue keys: (kind, namespace, name).
-BKey = tuple[str, str, str]
-LOCATION, BACKUP, RESTORE = "VMBackupLocation", "VMBackup", "VMRestore"
 
 
 class BackupController:
@@ -48,9 +53,10 @@ class BackupController:
         self.kube = kube
         #: The controller's fleet cache of VMs (name → cached VM with ``.body``).
         self.vms = vms
-        self.cache: dict[BKey, dict[str, Any]] = {}
-        self.queue: WorkQueue[BKey] = WorkQueue(name="backups", workers=2)
         self.log = get_logger("virtfleet.controller.backups")
+        self.objects = BackupObjects(kube, self.log)
+        self.cache = self.objects.cache
+        self.queue: WorkQueue[BKey] = WorkQueue(name="backups", workers=2)
 
     # --- intake -------------------------------------------------------------------------
 
@@ -65,6 +71,9 @@ class BackupController:
             return
         self.cache[key] = dict(body)
         self.queue.add(key)
+        schedule = ((body.get("metadata") or {}).get("labels") or {}).get(SCHEDULE_LABEL)
+        if kind == BACKUP and schedule:
+            self.queue.add((SCHEDULE, key[1], schedule))  # its schedule may prune now
 
     def vm_changed(self, namespace: str, name: str) -> None:
         for key, body in self.cache.items():
@@ -82,20 +91,11 @@ class BackupController:
                 return await self._location(key, body)
             if key[0] == BACKUP:
                 return await self._backup(key, body)
-            return await self._restore(key, body)
+            if key[0] == SCHEDULE:
+                return await reconcile_schedule(self.objects, key, body)
+            return await reconcile_restore(self.objects, self.vms, key, body)
         except Conflict:
             return 1.0
-
-    async def _write_status(self, key: BKey, body: Mapping[str, Any], new: dict[str, Any]) -> None:
-        patch = status_patch(body.get("status"), new)
-        if patch is None:
-            return
-        try:
-            updated = await self.kube.patch_status(key[0], key[1], key[2], patch)
-        except NotFound:
-            return
-        if key in self.cache:
-            self.cache[key] = dict(updated)
 
     # --- locations ----------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class BackupController:
         if available:
             status["lastAvailableTime"] = stamp
             status["backupCount"] = count
-        status["conditions"] = _conditions(
+        status["conditions"] = conditions(
             status,
             generation,
             ConditionStatus.TRUE if available else ConditionStatus.FALSE,
@@ -143,7 +143,7 @@ class BackupController:
             message,
             stalled=not available,
         )
-        await self._write_status(key, body, status)
+        await self.objects.write_status(key, body, status)
         if was != status["phase"]:
             kind = "Normal" if available else "Warning"
             await self.kube.record_event(body, kind, reason, message, COMPONENT)
@@ -188,7 +188,7 @@ class BackupController:
         finalizers = list(meta.get("finalizers") or [])
         if not meta.get("deletionTimestamp"):
             if BACKUP_FINALIZER not in finalizers:
-                await self._set_finalizers(key, body, [*finalizers, BACKUP_FINALIZER])
+                await self.objects.set_finalizers(key, body, [*finalizers, BACKUP_FINALIZER])
             return None
         if BACKUP_FINALIZER not in finalizers:
             return None
@@ -213,7 +213,7 @@ class BackupController:
                     "lastTransitionTime": rfc3339(datetime.now(UTC)),
                 },
             ]
-            await self._write_status(key, body, status)
+            await self.objects.write_status(key, body, status)
             await self.kube.record_event(body, "Warning", "DeletionBlocked", message, COMPONENT)
             return RETRY_SECONDS
         policy = (body.get("spec") or {}).get("deletionPolicy", "Delete")
@@ -243,174 +243,7 @@ class BackupController:
                 finally:
                     got.close()
                 self.log.info("backup objects deleted", backup=key[2], objects=deleted)
-        await self._set_finalizers(key, body, [f for f in finalizers if f != BACKUP_FINALIZER])
-        return None
-
-    async def _set_finalizers(self, key: BKey, body: Mapping[str, Any], new: list[str]) -> None:
-        patch = {
-            "metadata": {
-                "finalizers": new,
-                "resourceVersion": body["metadata"].get("resourceVersion"),
-            }
-        }
-        try:
-            updated = await self.kube.patch(key[0], key[1], key[2], patch)
-        except NotFound:
-            return
-        if key in self.cache:
-            self.cache[key] = dict(updated)
-
-    # --- restores from backups ----------------------------------------------------------------
-
-    async def _restore(self, key: BKey, body: Mapping[str, Any]) -> float | None:
-        spec = body.get("spec") or {}
-        backup_name = str(spec.get("backupName"))
-        backup = self.cache.get((BACKUP, key[1], backup_name))
-        cached_vm = self.vms.get((key[1], str(spec.get("vmName"))))
-        vm = getattr(cached_vm, "body", None)
-        action = rules.decide_restore(body, backup, vm)
-        status = dict(body.get("status") or {})
-        generation = body["metadata"].get("generation")
-        now = rfc3339(datetime.now(UTC))
-        status.setdefault("startTime", now)
-        match action:
-            case rules.RestoreNothing():
-                return None
-            case rules.RestoreWait(reason=reason, message=message):
-                status["phase"] = RestorePhase.PENDING.value
-                status["conditions"] = _conditions(
-                    status, generation, ConditionStatus.FALSE, reason, message, stalled=False
-                )
-                await self._write_status(key, body, status)
-                return RETRY_SECONDS
-            case rules.RestoreFail(reason=reason, message=message):
-                status.update(phase=RestorePhase.FAILED.value, complete=False)
-                status["error"] = {"message": message, "time": now}
-                status["conditions"] = _conditions(
-                    status, generation, ConditionStatus.FALSE, reason, message, stalled=True
-                )
-                await self._write_status(key, body, status)
-                await self.kube.record_event(body, "Warning", reason, message, COMPONENT)
-                return None
-            case rules.RestoreProgress(message=message):
-                status["phase"] = RestorePhase.IN_PROGRESS.value
-                status["conditions"] = _conditions(
-                    status, generation, ConditionStatus.FALSE, "Restoring", message, stalled=False
-                )
-                await self._write_status(key, body, status)
-                return None  # the VM's events bring it back
-            case rules.RestoreDone(message=message):
-                status.update(
-                    phase=RestorePhase.SUCCEEDED.value,
-                    complete=True,
-                    restoreTime=now,
-                    nodeName=((vm or {}).get("status") or {}).get("nodeName"),
-                    vmUID=((vm or {}).get("metadata") or {}).get("uid"),
-                )
-                status["conditions"] = _conditions(
-                    status, generation, ConditionStatus.TRUE, "Succeeded", message, stalled=False
-                )
-                await self._write_status(key, body, status)
-                await self.kube.record_event(body, "Normal", "Restored", message, COMPONENT)
-                return None
-            case rules.RestoreCreateVM():
-                assert backup is not None
-                return await self._create_vm(key, body, backup, status)
-        return None
-
-    async def _create_vm(
-        self, key: BKey, body: Mapping[str, Any], backup: Mapping[str, Any], status: dict[str, Any]
-    ) -> float | None:
-        location = str((backup.get("spec") or {}).get("location", ""))
-        prefix = str((backup.get("status") or {}).get("objectPrefix") or "")
-        _, got = await open_location(self.kube, key[1], location)
-        if not isinstance(got, BackupBucket):
-            status["phase"] = RestorePhase.PENDING.value
-            status["conditions"] = _conditions(
-                status,
-                body["metadata"].get("generation"),
-                ConditionStatus.FALSE,
-                "LocationUnavailable",
-                got,
-                stalled=False,
-            )
-            await self._write_status(key, body, status)
-            return RETRY_SECONDS
-        try:
-            manifest = await asyncio.get_running_loop().run_in_executor(
-                None, got.get_json, prefix + MANIFEST
-            )
-        except StoreError as exc:
-            self.log.info("manifest not read", restore=key[2], why=exc.message)
-            return RETRY_SECONDS
-        finally:
-            got.close()
-        if manifest is None:
-            status.update(phase=RestorePhase.FAILED.value, complete=False)
-            message = f"the bucket has no manifest under {prefix}: the backup is gone"
-            status["error"] = {"message": message, "time": rfc3339(datetime.now(UTC))}
-            status["conditions"] = _conditions(
-                status,
-                body["metadata"].get("generation"),
-                ConditionStatus.FALSE,
-                "BackupGone",
-                message,
-                stalled=True,
-            )
-            await self._write_status(key, body, status)
-            return None
-        vm = rules.restored_vm(body, str(body["spec"]["backupName"]), manifest)
-        # Created once: the VM carries this restore's uid (an annotation), so after a crash
-        # between the create and the status write the next pass knows the VM as its own.
-        try:
-            await self.kube.create("VirtualMachine", vm)
-        except Conflict:
-            return 1.0  # it exists: the next pass tells ours from another
-        except KubeError as exc:
-            message = f"the VirtualMachine could not be created: {exc}"
-            status.update(phase=RestorePhase.FAILED.value, complete=False)
-            status["error"] = {"message": message, "time": rfc3339(datetime.now(UTC))}
-            status["conditions"] = _conditions(
-                status,
-                body["metadata"].get("generation"),
-                ConditionStatus.FALSE,
-                "CreateRefused",
-                message,
-                stalled=True,
-            )
-            await self._write_status(key, body, status)
-            return None
-        status.update(phase=RestorePhase.IN_PROGRESS.value, vmCreated=True)
-        message = f"VirtualMachine {vm['metadata']['name']} created from the backup"
-        status["conditions"] = _conditions(
-            status,
-            body["metadata"].get("generation"),
-            ConditionStatus.FALSE,
-            "Restoring",
-            message,
-            stalled=False,
+        await self.objects.set_finalizers(
+            key, body, [f for f in finalizers if f != BACKUP_FINALIZER]
         )
-        await self._write_status(key, body, status)
-        await self.kube.record_event(body, "Normal", "VMCreated", message, COMPONENT)
         return None
-
-
-def _conditions(
-    status: Mapping[str, Any],
-    generation: int | None,
-    ready: ConditionStatus,
-    reason: str,
-    message: str,
-    *,
-    stalled: bool,
-) -> list[dict[str, Any]]:
-    current = [Condition.model_validate(c) for c in status.get("conditions") or []]
-    done = ready == ConditionStatus.TRUE
-    out = kstatus_conditions(
-        current,
-        generation,
-        ready=(ready, reason, message),
-        reconciling=None if done or stalled else (reason, message),
-        stalled=(reason, message) if stalled else None,
-    )
-    return [c.to_wire() for c in out]

@@ -13,6 +13,7 @@ from virtfleet.api.resources import (
     VIRTUAL_MACHINE,
     VM_BACKUP,
     VM_BACKUP_LOCATION,
+    VM_BACKUP_SCHEDULE,
     VM_HOST,
     VM_MIGRATION,
     VM_RESTORE,
@@ -94,6 +95,10 @@ def registry(
     @kopf.on.event(API_GROUP, API_VERSION, VM_BACKUP.plural, registry=registry)
     async def _backup(event: Mapping[str, Any], **_: Any) -> None:
         handlers.backups(VM_BACKUP.kind, event.get("type"), event["object"])
+
+    @kopf.on.event(API_GROUP, API_VERSION, VM_BACKUP_SCHEDULE.plural, registry=registry)
+    async def _schedule(event: Mapping[str, Any], **_: Any) -> None:
+        handlers.backups(VM_BACKUP_SCHEDULE.kind, event.get("type"), event["object"])
 
     @kopf.on.event(API_GROUP, API_VERSION, VM_BACKUP_LOCATION.plural, registry=registry)
     async def _location(event: Mapping[str, Any], **_: Any) -> None:

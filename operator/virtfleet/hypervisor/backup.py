@@ -36,6 +36,7 @@ from virtfleet.logs import get_logger
 
 __all__ = [
     "BackupTarget",
+    "abort",
     "begin",
     "checkpoint_names",
     "completed_job",
@@ -89,6 +90,11 @@ async def begin(
     xml = backup_xml(targets, incremental_from)
     cp = checkpoint_xml(checkpoint, [t.dev for t in targets]) if checkpoint else None
     await guest.executors.run(lambda: guest.handle.backupBegin(xml, cp, 0))
+
+
+async def abort(guest: Guest) -> None:
+    """Cancel the domain's backup job (its target files stay; the caller deletes them)."""
+    await guest.executors.run(guest.handle.abortJob)
 
 
 async def running_job(guest: Guest) -> JobProgress:

@@ -10,23 +10,27 @@ the bucket exactly when its manifest exists.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import posixpath
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from lxml import etree
 
 from virtfleet.agent.agent import COMPONENT, Agent, key_of
+from virtfleet.agent.backups import upload
+from virtfleet.agent.backups.observe import (
+    clean,
+    delete_scratch,
+    parents_of,
+    scratch_present,
+    writable_disks,
+)
+from virtfleet.agent.backups.state import BackupDisk, BackupMemo, scratch_name
 from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.snapshot.store import ObjectStore
-from virtfleet.agent.volumes import pool_for
 from virtfleet.api.backup import (
-    BackupDiskStatus,
     BackupPhase,
     BackupProgress,
     BackupType,
@@ -36,11 +40,9 @@ from virtfleet.api.backup import (
 )
 from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.snapshot import SnapshotError
-from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.backupstore.s3 import BackupBucket, ChunkPipe, StoreError, backup_prefix
+from virtfleet.backupstore.s3 import BackupBucket, StoreError, backup_prefix
 from virtfleet.domain.jobs import JobOperation, JobType
-from virtfleet.domain.naming import disk_name_from_alias
-from virtfleet.hypervisor import Guest, backup, storage
+from virtfleet.hypervisor import backup
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
 from virtfleet.logs import get_logger
@@ -51,36 +53,6 @@ from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import KubeError
 from virtfleet.runtime.locations import open_location
 from virtfleet.runtime.queue import WorkQueue
-
-MANIFEST_KIND = "VMBackupManifest"
-
-
-def scratch_name(vm_uid: str, disk: str, backup_uid: str) -> str:
-    """The push job's file for one disk: next to the disk, uid-prefixed (deleted with the VM)."""
-    return f"{vm_uid}-{disk}.backup-{backup_uid[:8]}.qcow2"
-
-
-@dataclass
-class _Memo:
-    """What this process saw of one backup's job and upload (lost on restart: a new attempt)."""
-
-    job_started: bool = False
-    job_outcome: rules.Outcome | None = None
-    job_error: str | None = None
-    upload: asyncio.Task[None] | None = None
-    upload_outcome: rules.Outcome | None = None
-    upload_error: str | None = None
-    upload_done: int = 0
-    upload_total: int = 0
-    disks: list[BackupDiskStatus] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Disk:
-    name: str
-    dev: str
-    pool: str
-    path: str
 
 
 def _with(status: VMBackupStatus, **changes: Any) -> VMBackupStatus:
@@ -96,7 +68,7 @@ class BackupAgent:
         self.settings = agent.settings
         self.node = agent.settings.node_name
         self.backups: dict[Key, dict[str, Any]] = {}
-        self.memos: dict[str, _Memo] = {}
+        self.memos: dict[str, BackupMemo] = {}
         self.queue: WorkQueue[Key] = WorkQueue(
             name="vmbackups",
             workers=2,
@@ -173,7 +145,7 @@ class BackupAgent:
             status=VMBackupStatus.model_validate(body.get("status") or {}),
             deleting=bool(meta.get("deletionTimestamp")),
         )
-        memo = self.memos.setdefault(view.uid, _Memo())
+        memo = self.memos.setdefault(view.uid, BackupMemo())
         log = self.log.bind(namespace=key[0], vmbackup=key[1], vm=vm["metadata"]["name"])
         if view.deleting:
             await self._abandon(view, vm, memo, log)
@@ -197,8 +169,8 @@ class BackupAgent:
                 )
                 memo.job_outcome = rules.Outcome.SUCCEEDED if ok else rules.Outcome.FAILED
                 memo.job_error = None if ok else (finished.error_message if finished else None)
-        disks = await self._resolve(guest, self._disks(vm)) if guest is not None else []
-        scratch = await self._scratch_present(vm_uid, view.uid, disks)
+        disks = await writable_disks(self.settings, vm, guest) if guest is not None else []
+        scratch = await scratch_present(self.hv, vm_uid, view.uid, disks)
         seen = rules.Observed(
             vm_uid=vm_uid,
             running=running,
@@ -213,7 +185,7 @@ class BackupAgent:
             upload_running=memo.upload is not None and not memo.upload.done(),
             upload_outcome=memo.upload_outcome,
             upload_error=memo.upload_error,
-            parents=self._parents(view, vm_uid),
+            parents=parents_of(self.backups, view, vm_uid),
             has_disks=bool(disks) or guest is None,
         )
         if isinstance(bucket_or_reason, BackupBucket):
@@ -330,7 +302,7 @@ class BackupAgent:
             case rules.Complete():
                 if guest is not None and action.drop_checkpoint:
                     await backup.delete_checkpoint(guest, action.drop_checkpoint)
-                await self._delete_scratch(vm_uid, view.uid, disks)
+                await delete_scratch(self.hv, vm_uid, view.uid, disks)
                 status = _with(status, phase=BackupPhase.COMPLETED)
                 status = _with(status, completion_time=now)
                 status = _with(status, disks=memo.disks)
@@ -371,8 +343,8 @@ class BackupAgent:
                     )
                 return None
             case rules.Retry():
-                await self._clean(guest, vm_uid, view.uid, disks, action.drop_checkpoint)
-                self.memos[view.uid] = _Memo()
+                await clean(self.hv, guest, vm_uid, view.uid, disks, action.drop_checkpoint)
+                self.memos[view.uid] = BackupMemo()
                 status = _with(status, phase=action.phase)
                 status = _with(status, attempt=(status.attempt or 0) + 1)
                 status = _with(status, error=SnapshotError(message=action.message, time=now))
@@ -382,7 +354,7 @@ class BackupAgent:
                 await self.store.write_status(key, body, status, cas=True)
                 return action.delay
             case rules.Fail(reason=reason, message=message):
-                await self._clean(guest, vm_uid, view.uid, disks, action.drop_checkpoint)
+                await clean(self.hv, guest, vm_uid, view.uid, disks, action.drop_checkpoint)
                 self.memos.pop(view.uid, None)
                 status = _with(status, phase=BackupPhase.FAILED)
                 status = _with(status, error=SnapshotError(message=message, time=now))
@@ -426,91 +398,8 @@ class BackupAgent:
     ) -> tuple[VMBackupLocationSpec | None, BackupBucket | str]:
         return await open_location(self.kube, namespace, name)
 
-    def _parents(self, view: rules.BackupView, vm_uid: str) -> list[rules.ParentCandidate]:
-        """Completed backups of the same VM (uid) to the same location, newest first."""
-        assert view.spec is not None
-        found = []
-        for (namespace, _), body in self.backups.items():
-            status = body.get("status") or {}
-            if (
-                namespace == view.namespace
-                and body["metadata"].get("uid") != view.uid
-                and not body["metadata"].get("deletionTimestamp")
-                and (body.get("spec") or {}).get("location") == view.spec.location
-                and status.get("vmUID") == vm_uid
-                and status.get("phase") == BackupPhase.COMPLETED.value
-            ):
-                found.append(
-                    (
-                        str(status.get("completionTime") or ""),
-                        rules.ParentCandidate(
-                            name=str(body["metadata"]["name"]),
-                            checkpoint=status.get("checkpoint"),
-                            object_prefix=status.get("objectPrefix"),
-                        ),
-                    )
-                )
-        return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
-
-    def _disks(self, vm: Mapping[str, Any]) -> list[_Disk]:
-        """The VM's writable disks as its domain names them (from the cached domain XML)."""
-        spec = VirtualMachineSpec.model_validate(vm.get("spec") or {})
-        writable = {d.name: d for d in spec.disks if not d.read_only}
-        out = []
-        for disk in spec.disks:
-            if disk.name in writable:
-                out.append(disk)
-        return [_Disk(name=d.name, dev="", pool=pool_for(self.settings, d), path="") for d in out]
-
-    async def _resolve(self, guest: Guest, disks: list[_Disk]) -> list[_Disk]:
-        root = etree.fromstring((await guest.xml()).encode())
-        by_name: dict[str, tuple[str, str]] = {}
-        for disk in root.iterfind("devices/disk[@device='disk']"):
-            alias = disk.find("alias")
-            name = disk_name_from_alias(alias.get("name") if alias is not None else None)
-            target, source = disk.find("target"), disk.find("source")
-            if name and target is not None and source is not None and source.get("file"):
-                by_name[name] = (str(target.get("dev")), str(source.get("file")))
-        return [
-            _Disk(d.name, by_name[d.name][0], d.pool, by_name[d.name][1])
-            for d in disks
-            if d.name in by_name
-        ]
-
-    async def _scratch_present(self, vm_uid: str, backup_uid: str, disks: list[_Disk]) -> bool:
-        for disk in disks:
-            with contextlib.suppress(hv_errors.HypervisorError):
-                await storage.refresh_pool(self.hv, disk.pool)
-            if await storage.lookup_volume(
-                self.hv, disk.pool, scratch_name(vm_uid, disk.name, backup_uid)
-            ):
-                return True
-        return False
-
-    async def _delete_scratch(self, vm_uid: str, backup_uid: str, disks: list[_Disk]) -> None:
-        for disk in disks:
-            name = scratch_name(vm_uid, disk.name, backup_uid)
-            if await storage.delete_volume(self.hv, disk.pool, name):
-                self.log.debug("scratch deleted", volume=name)
-
-    async def _clean(
-        self,
-        guest: Guest | None,
-        vm_uid: str,
-        backup_uid: str,
-        disks: list[_Disk],
-        drop_checkpoint: str | None,
-    ) -> None:
-        if guest is not None and await guest.is_active():
-            job = await backup.running_job(guest)
-            if job.active and job.operation == JobOperation.BACKUP:
-                await guest.executors.run(guest.handle.abortJob)
-            if drop_checkpoint:
-                await backup.delete_checkpoint(guest, drop_checkpoint)
-        await self._delete_scratch(vm_uid, backup_uid, disks)
-
     async def _abandon(
-        self, view: rules.BackupView, vm: Mapping[str, Any], memo: _Memo, log: Any
+        self, view: rules.BackupView, vm: Mapping[str, Any], memo: BackupMemo, log: Any
     ) -> None:
         """A backup deleted before it completed: stop its job and upload, drop its traces."""
         if view.status.phase in (BackupPhase.COMPLETED, BackupPhase.FAILED, None):
@@ -520,7 +409,9 @@ class BackupAgent:
         vm_uid = str(vm["metadata"]["uid"])
         guest = await self.hv.lookup(vm_uid)
         own = rules.checkpoint_name(view.uid)
-        await self._clean(guest, vm_uid, view.uid, self._disks(vm), own)
+        await clean(
+            self.hv, guest, vm_uid, view.uid, await writable_disks(self.settings, vm, guest), own
+        )
         self.memos.pop(view.uid, None)
         log.info("unfinished backup abandoned")
 
@@ -530,14 +421,13 @@ class BackupAgent:
         view: rules.BackupView,
         vm: Mapping[str, Any],
         vm_uid: str,
-        disks: list[_Disk],
+        disks: list[BackupDisk],
         domain_xml: str,
-        memo: _Memo,
+        memo: BackupMemo,
     ) -> None:
-        """Stream every scratch file into the bucket, then write the manifest (last)."""
+        """The upload task: :mod:`.upload`'s steps, its outcome kept for the next pass."""
         assert view.spec is not None
         log = self.log.bind(namespace=key[0], vmbackup=key[1])
-        loop = asyncio.get_running_loop()
         bucket: BackupBucket | None = None
         try:
             location, got = await self._location(key[0], view.spec.location)
@@ -545,68 +435,25 @@ class BackupAgent:
                 raise StoreError("LocationUnavailable", got)
             bucket = got
             prefix = backup_prefix(location.prefix if location else "", key[0], key[1])
-            results: list[BackupDiskStatus] = []
-            for disk in disks:
-                name = scratch_name(vm_uid, disk.name, view.uid)
-                vol = await storage.lookup_volume(self.hv, disk.pool, name)
-                memo.upload_total += vol.allocation if vol is not None else 0
-                object_key = f"{prefix}disks/{disk.name}.qcow2"
-                pipe = ChunkPipe()
-
-                def count(n: int) -> None:
-                    memo.upload_done += n
-
-                up = loop.run_in_executor(None, _upload_or_release, bucket, object_key, pipe, count)
-                try:
-                    length, digest = await backup.read_volume(self.hv, disk.pool, name, pipe.put)
-                except BaseException:
-                    pipe.finish(failed=True)
-                    with contextlib.suppress(StoreError):
-                        await up
-                    raise
-                pipe.finish()
-                uploaded = await up
-                if uploaded != length:
-                    raise StoreError("UploadFailed", f"{object_key}: {uploaded} of {length} bytes")
-                info = await self._virtual_size(disk)
-                results.append(
-                    BackupDiskStatus(
-                        name=disk.name,
-                        object_key=object_key,
-                        virtual_size=info,
-                        uploaded_bytes=length,
-                        sha256=digest,
-                    )
-                )
+            results = await upload.upload_disks(
+                self.hv, bucket, prefix, vm_uid, view.uid, disks, memo
+            )
             status = VMBackupStatus.model_validate(self.backups[key].get("status") or {})
-            manifest = {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": MANIFEST_KIND,
-                "backup": {"namespace": key[0], "name": key[1], "uid": view.uid},
-                "type": status.type,
-                "parent": status.parent,
-                "parentPrefix": next(
-                    (
-                        p.object_prefix
-                        for p in self._parents(view, vm_uid)
-                        if p.name == status.parent
-                    ),
-                    None,
-                ),
-                "checkpoint": status.checkpoint,
-                "node": self.node,
-                "startTime": status.start_time,
-                "completionTime": rfc3339(datetime.now(UTC)),
-                "vm": {
-                    "name": vm["metadata"]["name"],
-                    "uid": vm_uid,
-                    "labels": vm["metadata"].get("labels") or {},
-                    "spec": copy.deepcopy(vm.get("spec") or {}),
-                    "domainXML": domain_xml,
-                },
-                "disks": [d.to_wire() for d in results],
-            }
-            await loop.run_in_executor(None, bucket.put_json, prefix + "manifest.json", manifest)
+            parent = next(
+                (p for p in parents_of(self.backups, view, vm_uid) if p.name == status.parent), None
+            )
+            body = upload.manifest(
+                namespace=key[0],
+                name=key[1],
+                uid=view.uid,
+                status=status,
+                parent_prefix=parent.object_prefix if parent else None,
+                node=self.node,
+                vm=vm,
+                domain_xml=domain_xml,
+                disks=results,
+            )
+            await upload.write_manifest(bucket, prefix, body)
             memo.disks = results
             memo.upload_outcome = rules.Outcome.SUCCEEDED
             log.info("backup uploaded", bytes=sum(d.uploaded_bytes or 0 for d in results))
@@ -620,21 +467,6 @@ class BackupAgent:
             if bucket is not None:
                 bucket.close()
             self.queue.add(key)
-
-    async def _virtual_size(self, disk: _Disk) -> int | None:
-        vol = await storage.lookup_volume(self.hv, disk.pool, posixpath.basename(disk.path))
-        return vol.capacity if vol is not None else None
-
-
-def _upload_or_release(
-    bucket: BackupBucket, key: str, pipe: ChunkPipe, count: Callable[[int], None]
-) -> int:
-    """Upload what the pipe brings; on failure release the reader blocked on a full pipe."""
-    try:
-        return bucket.upload(key, iter(pipe), count)
-    except BaseException:
-        pipe.consumer_failed()
-        raise
 
 
 # --- kopf wiring ----------------------------------------------------------------------
