@@ -17,7 +17,7 @@ down:
 
 ## Everything CI runs: lint, types, generated files, unit and end-to-end tests.
 test: bootstrap lint
-	$(VENV)/pytest tests e2e
+	$(VENV)/pytest --durations=30 tests e2e
 
 unit: bootstrap
 	$(VENV)/pytest tests

@@ -219,7 +219,11 @@ def test_pod_security_levels_hold(cluster: Cluster) -> None:
         ("controller", "patch", "virtualmachines.virtfleet.io/status", True),
         ("controller", "watch", "nodes", True),
         ("controller", "create", "pods", False),
-        ("controller", "get", "secrets", False),
+        # A VMBackupLocation's credentialsSecret, by name; never a list of them.
+        ("controller", "get", "secrets", True),
+        ("controller", "list", "secrets", False),
+        # Retention prunes VMBackups: the one kind the controller deletes.
+        ("controller", "delete", "vmbackups.virtfleet.io", True),
         ("controller", "delete", "virtualmachines.virtfleet.io", False),
         ("controller", "update", "virtualmachines.virtfleet.io", False),
         ("agent", "patch", "virtualmachines.virtfleet.io", True),

@@ -157,7 +157,7 @@ def test_agent_cannot_write_another_nodes_vmhost(system: Cluster) -> None:
 def test_agent_cannot_write_another_nodes_snapshot_or_migration(
     system: Cluster, namespace: str
 ) -> None:
-    """Labelled for node-b: node-a's agent can neither write nor claim them."""
+    """Labelled for node-b: node-a's agent can neither write nor claim them (backups too)."""
     snapshot = {
         "apiVersion": "virtfleet.io/v1alpha1",
         "kind": "VMSnapshot",
@@ -170,7 +170,21 @@ def test_agent_cannot_write_another_nodes_snapshot_or_migration(
     claim = merge({"metadata": {"labels": {"virtfleet.io/node": NODE_A}}})
     refused(
         as_agent(system, NODE_A, "patch", "vmsnapshot", "theirs", *ns, "--type=merge", "-p", claim),
-        f"may only write snapshots and restores of its node; {namespace}/theirs is on {NODE_B}",
+        f"may only write snapshots, restores and backups of its node; {namespace}/theirs is on "
+        f"{NODE_B}",
+    )
+    backup = {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMBackup",
+        "metadata": {"name": "theirs", "namespace": namespace,
+                     "labels": {"virtfleet.io/node": NODE_B}},
+        "spec": {"vmName": "absent", "location": "default"},
+    }  # fmt: skip
+    system.apply(backup)
+    refused(
+        as_agent(system, NODE_A, "patch", "vmbackup", "theirs", *ns, "--type=merge", "-p", claim),
+        f"may only write snapshots, restores and backups of its node; {namespace}/theirs is on "
+        f"{NODE_B}",
     )
     migration = {
         "apiVersion": "virtfleet.io/v1alpha1",

@@ -1,6 +1,6 @@
 """The bucket module's pure parts: key layout, the reader→uploader pipe, the rate limit.
 
-No network: ``ChunkPipe`` is exercised with two real threads, ``_Throttle`` with a fake clock.
+No network: ``ChunkPipe`` is exercised with two real threads, ``_ChunkReader`` with random chunks.
 """
 
 from __future__ import annotations
@@ -12,8 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtfleet.backupstore import s3
-from virtfleet.backupstore.s3 import ChunkPipe, StoreError, _Throttle, backup_prefix
+from virtfleet.backupstore.s3 import (
+    MAX_PARTS,
+    PART_SIZE,
+    BackupBucket,
+    ChunkPipe,
+    StoreError,
+    _ChunkReader,
+    backup_prefix,
+)
 
 #: Generous: only a broken pipe (a deadlock) ever gets near it.
 JOIN_SECONDS = 10.0
@@ -165,62 +172,32 @@ def test_a_consumer_failure_wakes_a_blocked_reader() -> None:
     assert producer.error.reason == "UploadFailed"
 
 
-# --- _Throttle -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """Stands in for the module's ``time``: sleeping advances the clock."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr(s3, "time", fake)
-    return fake
-
-
-def test_no_rate_never_sleeps(clock: FakeClock) -> None:
-    """Without a bandwidth limit the upload runs at full speed."""
-    throttle = _Throttle(None)
-    for _ in range(5):
-        throttle.pass_bytes(10**12)
-    assert clock.sleeps == []
-
-
-def test_a_rate_sleeps_just_enough(clock: FakeClock) -> None:
-    """250 bytes at 100 B/s take 2.5 s; time already spent is not slept again."""
-    throttle = _Throttle(100)
-    throttle.pass_bytes(250)
-    assert clock.sleeps == [pytest.approx(2.5)]
-    clock.now += 10.0  # the uploader was slow on its own
-    throttle.pass_bytes(100)
-    assert clock.sleeps == [pytest.approx(2.5)]
+# --- _ChunkReader and part sizes ----------------------------------------------------------
 
 
 @given(
-    rate=st.integers(1, 10**6),
-    steps=st.lists(st.tuples(st.integers(0, 10**6), st.floats(0, 5)), max_size=20),
+    chunks=st.lists(st.binary(min_size=0, max_size=50), max_size=20),
+    size=st.integers(min_value=1, max_value=64),
 )
-def test_the_rate_is_never_exceeded(rate: int, steps: list[tuple[int, float]]) -> None:
-    """After every pass, the time elapsed covers the bytes passed at ``rate``."""
-    clock = FakeClock()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(s3, "time", clock)
-        throttle = _Throttle(rate)
-        start, sent = clock.now, 0
-        for count, busy in steps:
-            clock.now += busy
-            throttle.pass_bytes(count)
-            sent += count
-            assert clock.now - start >= sent / rate - 1e-6
+def test_the_reader_returns_the_chunks_bytes_in_order_whatever_the_read_size(
+    chunks: list[bytes], size: int
+) -> None:
+    """upload_fileobj reads fixed sizes; the bytes and the count must be the stream's."""
+    reader = _ChunkReader(iter(chunks))
+    got = bytearray()
+    while block := reader.read(size):
+        assert len(block) <= size
+        got += block
+    assert bytes(got) == b"".join(chunks)
+    assert reader.total == len(got)
+
+
+def test_parts_grow_so_a_huge_disk_stays_under_the_part_limit() -> None:
+    """S3 takes 10,000 parts at most: 16 MiB parts end at 160 GB."""
+    bucket = BackupBucket.__new__(BackupBucket)
+    bucket.rate = None
+    assert bucket._transfers(0).multipart_chunksize == PART_SIZE
+    huge = 4 * 2**40  # 4 TiB of backup data
+    part = bucket._transfers(huge).multipart_chunksize
+    assert part * MAX_PARTS >= huge
+    assert bucket._transfers(huge).max_in_memory_upload_chunks == 6

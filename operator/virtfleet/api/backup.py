@@ -65,7 +65,8 @@ class VMBackupLocationSpec(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="!self.prefix.startsWith('/') && !self.prefix.contains('..')",
+            rule="!has(self.prefix) || "
+            "(!self.prefix.startsWith('/') && !self.prefix.contains('..'))",
             message="prefix must not start with '/' nor contain '..'",
             check=lambda s: not s.prefix.startswith("/") and ".." not in s.prefix,
             field_path=".prefix",

@@ -11,10 +11,10 @@ Calls block (boto3 is synchronous); the agent and controller run them in executo
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
 
 from virtfleet.api.backup import VMBackupLocationSpec
 from virtfleet.logs import get_logger
@@ -39,8 +40,10 @@ __all__ = [
 
 _log = get_logger("virtfleet.backupstore")
 MANIFEST = "manifest.json"
-#: S3 multipart part size (the minimum is 5 MiB).
+#: S3 multipart part size (the minimum is 5 MiB), grown for objects over 160 GB.
 PART_SIZE = 16 * 2**20
+#: S3's limit is 10,000 parts; a margin for a stream longer than announced.
+MAX_PARTS = 9_000
 
 
 class StoreError(Exception):
@@ -81,23 +84,6 @@ def _translate(exc: Exception, what: str) -> StoreError:
     if isinstance(exc, botocore.exceptions.EndpointConnectionError | ConnectionError):
         return StoreError("Unreachable", f"{what}: cannot connect to the endpoint")
     return StoreError("StoreError", f"{what}: {exc}")
-
-
-class _Throttle:
-    """A bandwidth limit: sleeps so that bytes passed stay under ``rate`` per second."""
-
-    def __init__(self, rate: int | None) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.sent = 0
-
-    def pass_bytes(self, count: int) -> None:
-        if not self.rate:
-            return
-        self.sent += count
-        ahead = self.sent / self.rate - (time.monotonic() - self.start)
-        if ahead > 0:
-            time.sleep(ahead)
 
 
 class BackupBucket:
@@ -212,85 +198,84 @@ class BackupBucket:
             raise _translate(exc, f"deleting {prefix}") from exc
         return deleted
 
-    def upload(self, key: str, chunks: Iterator[bytes], on_bytes: Callable[[int], None]) -> int:
-        """Upload a stream of chunks as one object (multipart above one part); an upload
-        that fails is aborted, so no partial object is ever left under ``key``."""
-        throttle = _Throttle(self.rate)
-        buffer = bytearray()
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-        total = 0
+    def _transfers(self, size_hint: int = 0) -> TransferConfig:
+        """boto3's transfer manager: parts in parallel, the location's bandwidth limit, and
+        parts large enough for S3's 10,000-part limit (a stream's size is not known to it)."""
+        part = max(PART_SIZE, -(-size_hint // MAX_PARTS))
+        config = TransferConfig(
+            multipart_threshold=PART_SIZE,
+            multipart_chunksize=part,
+            max_concurrency=4,
+            max_bandwidth=self.rate,
+        )
+        # A stream is read into memory part by part: at most this many parts at once.
+        config.max_in_memory_upload_chunks = 6
+        return config
+
+    def upload(
+        self,
+        key: str,
+        chunks: Iterator[bytes],
+        on_bytes: Callable[[int], None],
+        size_hint: int = 0,
+    ) -> int:
+        """Upload a stream of chunks as one object (multipart above one part, parts in
+        parallel; ``size_hint``, the expected length, sizes the parts). A failed multipart
+        upload is aborted by the transfer manager: no partial object is left under ``key``."""
+        reader = _ChunkReader(chunks)
         try:
-            for chunk in chunks:
-                buffer += chunk
-                total += len(chunk)
-                throttle.pass_bytes(len(chunk))
-                while len(buffer) >= PART_SIZE:
-                    if upload_id is None:
-                        upload_id = str(
-                            self.client.create_multipart_upload(Bucket=self.bucket, Key=key)[
-                                "UploadId"
-                            ]
-                        )
-                    part = bytes(buffer[:PART_SIZE])
-                    del buffer[:PART_SIZE]
-                    number = len(parts) + 1
-                    got = self.client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=part,
-                    )
-                    parts.append({"ETag": got["ETag"], "PartNumber": number})
-                    on_bytes(len(part))
-            if upload_id is None:
-                self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(buffer))
-            else:
-                if buffer:
-                    number = len(parts) + 1
-                    got = self.client.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=bytes(buffer),
-                    )
-                    parts.append({"ETag": got["ETag"], "PartNumber": number})
-                self.client.complete_multipart_upload(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            on_bytes(len(buffer))
+            self.client.upload_fileobj(
+                reader, self.bucket, key, Config=self._transfers(size_hint), Callback=on_bytes
+            )
+        except StoreError:
+            raise
         except Exception as exc:
-            if upload_id is not None:
-                try:
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=key, UploadId=upload_id
-                    )
-                except Exception as abort_exc:
-                    _log.warning("multipart abort failed", key=key, error=str(abort_exc))
-            if isinstance(exc, StoreError):
-                raise
             raise _translate(exc, f"uploading {key}") from exc
-        return total
+        return reader.total
 
     def download(self, key: str, path: Path) -> str:
-        """Download an object into ``path``; returns its sha256."""
-        throttle = _Throttle(self.rate)
-        digest = hashlib.sha256()
+        """Download an object into ``path`` (ranged parts in parallel); returns its sha256."""
         try:
-            got = self.client.get_object(Bucket=self.bucket, Key=key)
-            with path.open("wb") as out:
-                for chunk in got["Body"].iter_chunks(4 * 2**20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    throttle.pass_bytes(len(chunk))
+            self.client.download_file(self.bucket, key, str(path), Config=self._transfers())
         except Exception as exc:
             raise _translate(exc, f"downloading {key}") from exc
+        digest = hashlib.sha256()
+        with path.open("rb") as data:
+            for block in iter(lambda: data.read(4 * 2**20), b""):
+                digest.update(block)
         return digest.hexdigest()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only, non-seekable file over an iterator of chunks (what upload_fileobj reads)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = b""
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while size < 0 or len(out) < size:
+            if not self._pending:
+                following = next(self._chunks, None)
+                if following is None:
+                    break
+                self._pending = following  # an empty chunk is not the end
+                continue
+            take = len(self._pending) if size < 0 else min(size - len(out), len(self._pending))
+            out += self._pending[:take]
+            self._pending = self._pending[take:]
+        self.total += len(out)
+        return bytes(out)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 class ChunkPipe:

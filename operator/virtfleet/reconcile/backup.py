@@ -21,7 +21,16 @@ MAX_ATTEMPTS = 3
 #: libvirtd coming back): 5 s, 10 s, so three attempts span about half a minute.
 RETRY_BASE_SECONDS = 5.0
 PROGRESS_POLL_SECONDS = 1.0
+#: A job or an upload is looked at this soon at first (most of a small one is over in a
+#: few hundred ms), then every PROGRESS_POLL_SECONDS once it has run FAST_POLL_FOR.
+FIRST_POLL_SECONDS = 0.05
+FAST_POLL_FOR = 3.0
 LOCATION_RETRY_SECONDS = 10.0
+
+
+def poll_seconds(running_for: float) -> float:
+    """How soon to look at a running job or upload again."""
+    return FIRST_POLL_SECONDS if running_for < FAST_POLL_FOR else PROGRESS_POLL_SECONDS
 
 
 def checkpoint_name(backup_uid: str) -> str:

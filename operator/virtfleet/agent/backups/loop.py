@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import posixpath
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +43,7 @@ from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc333
 from virtfleet.api.snapshot import SnapshotError
 from virtfleet.backupstore.s3 import BackupBucket, StoreError, backup_prefix
 from virtfleet.domain.jobs import JobOperation, JobType
-from virtfleet.hypervisor import backup
+from virtfleet.hypervisor import DomainEvent, EventKind, backup
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
 from virtfleet.logs import get_logger
@@ -103,6 +104,19 @@ class BackupAgent:
         for bkey, body in self.backups.items():
             if bkey[0] == key[0] and (body.get("spec") or {}).get("vmName") == key[1]:
                 self.queue.add(bkey)
+
+    async def on_domain_event(self, event: DomainEvent) -> None:
+        """A job of a domain ended: look at its VM's running backups now, not at the next
+        poll (a backup job of a few seconds otherwise waited up to a second more)."""
+        if event.event != EventKind.JOB_COMPLETED:
+            return
+        for key, body in self.backups.items():
+            status = body.get("status") or {}
+            if status.get("vmUID") == event.uuid and status.get("phase") in (
+                BackupPhase.IN_PROGRESS.value,
+                BackupPhase.UPLOADING.value,
+            ):
+                self.queue.add(key)
 
     def resync(self) -> None:
         for key, body in self.backups.items():
@@ -169,6 +183,12 @@ class BackupAgent:
                 )
                 memo.job_outcome = rules.Outcome.SUCCEEDED if ok else rules.Outcome.FAILED
                 memo.job_error = None if ok else (finished.error_message if finished else None)
+                log.info(
+                    "backup job ended",
+                    outcome=memo.job_outcome.value,
+                    seconds=round(time.monotonic() - memo.started_at, 3),
+                    error=memo.job_error,
+                )
         disks = await writable_disks(self.settings, vm, guest) if guest is not None else []
         scratch = await scratch_present(self.hv, vm_uid, view.uid, disks)
         seen = rules.Observed(
@@ -263,8 +283,9 @@ class BackupAgent:
                     )
                     return 0.0
                 memo.job_started, memo.job_outcome, memo.job_error = True, None, None
+                memo.started_at = time.monotonic()
                 log.info("backup job started", incremental_from=action.incremental_from)
-                return rules.PROGRESS_POLL_SECONDS
+                return rules.FIRST_POLL_SECONDS
             case rules.ReportProgress():
                 if status.phase == BackupPhase.IN_PROGRESS and guest is not None:
                     running_now = await backup.running_job(guest)
@@ -282,8 +303,14 @@ class BackupAgent:
                         bytes_total=total, bytes_done=done, percent=min(pct, 99)
                     ),
                 )
-                await self.store.write_status(key, body, status)
-                return rules.PROGRESS_POLL_SECONDS
+                now_s = time.monotonic()
+                if now_s - memo.progress_written >= rules.PROGRESS_POLL_SECONDS:
+                    # At most one progress write a second, however often the job is polled.
+                    await self.store.write_status(key, body, status)
+                    memo.progress_written = now_s
+                if status.phase == BackupPhase.UPLOADING:
+                    return rules.PROGRESS_POLL_SECONDS  # the upload's end queues it anyway
+                return rules.poll_seconds(now_s - memo.started_at)
             case rules.StartUpload():
                 if status.phase != BackupPhase.UPLOADING:
                     status = _with(status, phase=BackupPhase.UPLOADING)
@@ -482,6 +509,7 @@ def register(registry: kopf.OperatorRegistry, get: Callable[[], BackupAgent]) ->
 
 def start(agent: Agent, locks: VmLocks) -> tuple[BackupAgent, list[asyncio.Task[None]]]:
     backups = BackupAgent(agent, locks)
+    agent.hv.on_event(backups.on_domain_event)
     tasks = [
         asyncio.create_task(backups.queue.run(backups.reconcile), name="vmbackup-queue"),
         asyncio.create_task(_resync(backups), name="backup-resync"),

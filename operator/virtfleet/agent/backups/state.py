@@ -21,6 +21,9 @@ class BackupMemo:
     """What this process saw of one backup's job and upload (lost on restart: a new attempt)."""
 
     job_started: bool = False
+    #: When this process started the job or the upload (monotonic), and last wrote progress.
+    started_at: float = 0.0
+    progress_written: float = 0.0
     job_outcome: rules.Outcome | None = None
     job_error: str | None = None
     upload: asyncio.Task[None] | None = None

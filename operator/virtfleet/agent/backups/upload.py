@@ -34,10 +34,12 @@ async def upload_disks(
     loop = asyncio.get_running_loop()
     memo.upload_total = memo.upload_done = 0
     results: list[BackupDiskStatus] = []
+    sizes: dict[str, int] = {}
     for disk in disks:
         name = scratch_name(vm_uid, disk.name, backup_uid)
         vol = await storage.lookup_volume(hv, disk.pool, name)
-        memo.upload_total += vol.allocation if vol is not None else 0
+        sizes[disk.name] = vol.allocation if vol is not None else 0
+        memo.upload_total += sizes[disk.name]
     for disk in disks:
         name = scratch_name(vm_uid, disk.name, backup_uid)
         object_key = f"{prefix}disks/{disk.name}.qcow2"
@@ -46,7 +48,9 @@ async def upload_disks(
         def count(n: int) -> None:
             memo.upload_done += n
 
-        up = loop.run_in_executor(None, _upload_or_release, bucket, object_key, pipe, count)
+        up = loop.run_in_executor(
+            None, _upload_or_release, bucket, object_key, pipe, count, sizes[disk.name]
+        )
         try:
             length, digest = await backup.read_volume(hv, disk.pool, name, pipe.put)
         except BaseException:
@@ -111,11 +115,11 @@ async def write_manifest(bucket: BackupBucket, prefix: str, body: Mapping[str, A
 
 
 def _upload_or_release(
-    bucket: BackupBucket, key: str, pipe: ChunkPipe, count: Callable[[int], None]
+    bucket: BackupBucket, key: str, pipe: ChunkPipe, count: Callable[[int], None], size: int
 ) -> int:
     """Upload what the pipe brings; on failure release the reader blocked on a full pipe."""
     try:
-        return bucket.upload(key, iter(pipe), count)
+        return bucket.upload(key, iter(pipe), count, size)
     except BaseException:
         pipe.consumer_failed()
         raise
