@@ -43,6 +43,7 @@ from virtfleet.controller.backup_schedules import reconcile_schedule
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import backup_control as rules
 from virtfleet.reconcile.schedule import SCHEDULE_LABEL
+from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError
 from virtfleet.runtime.locations import open_bucket, open_location
 from virtfleet.runtime.queue import WorkQueue
@@ -56,7 +57,12 @@ class BackupController:
         self.log = get_logger("virtfleet.controller.backups")
         self.objects = BackupObjects(kube, self.log)
         self.cache = self.objects.cache
-        self.queue: WorkQueue[BKey] = WorkQueue(name="backups", workers=2)
+        self.queue: WorkQueue[BKey] = WorkQueue(
+            name="backups",
+            workers=2,
+            # An unexpected error is reported on the object (condition, Event), then retried.
+            on_error=cache_reporter(kube, lambda key: key[0], COMPONENT, self.cache, cas=True),
+        )
 
     # --- intake -------------------------------------------------------------------------
 
