@@ -11,6 +11,7 @@ existence says the disk is complete.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,11 @@ def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, st
             raise StoreError("DiskNotInBackup", f"backup at {current} has no disk {disk!r}")
         layers.append((str(entry["objectKey"]), str(entry["sha256"])))
         parent = manifest.get("parentPrefix") if manifest.get("type") == "Incremental" else None
+        if manifest.get("type") == "Incremental" and not parent:
+            raise StoreError(
+                "BrokenChain",
+                f"the incremental backup at {current} does not say where its parent is",
+            )
         current = str(parent) if parent else None
     layers.reverse()
     return layers
@@ -115,6 +121,16 @@ class BackupDisks:
                     raise StoreError(
                         "ChecksumMismatch", f"{key}: sha256 {actual}, manifest says {digest}"
                     )
+                # Before qemu-img reads anything: a layer from a bucket must not name a
+                # host file (backing file, data file) for qemu-img to follow. Only the
+                # layers above the first get a backing, and it is replaced by the one below.
+                check = functools.partial(
+                    images.inspect,
+                    str(path),
+                    name=f"layer-{index}.qcow2",
+                    allow_backing=index > 0,
+                )
+                await loop.run_in_executor(None, check)
                 paths.append(path)
             flat = spool / "disk.qcow2"
             await loop.run_in_executor(None, images.flatten_chain, paths, flat)
@@ -139,6 +155,8 @@ class BackupDisks:
             ) from exc
         except KubeError as exc:
             raise ActionError("BackupUnreadable", str(exc), permanent=False) from exc
+        except hv_errors.UnsafeImage as exc:
+            raise ActionError("UnsafeImage", f"disk {disk.name!r}: {exc}", permanent=True) from exc
         finally:
             got.close()
             shutil.rmtree(spool, ignore_errors=True)

@@ -71,7 +71,7 @@ def check_name_matches_format(name: str, fmt: str | None) -> None:
         )
 
 
-def inspect(path: str, *, name: str | None = None) -> ImageInfo:
+def inspect(path: str, *, name: str | None = None, allow_backing: bool = False) -> ImageInfo:
     """Inspect the image file at ``path`` (blocking: run it in an executor).
 
     Raises :class:`~virtfleet.hypervisor.errors.UnsafeImage` with a readable reason.
@@ -84,13 +84,20 @@ def inspect(path: str, *, name: str | None = None) -> ImageInfo:
             size = handle.tell()
     except OSError as exc:
         raise errors.UnsafeImage(f"image {label!r} could not be read: {exc.strerror}") from exc
-    return inspect_header(header, size, label)
+    return inspect_header(header, size, label, allow_backing=allow_backing)
 
 
-def inspect_header(header: bytes, file_size: int, label: str) -> ImageInfo:
-    """The checks of :func:`inspect` on the file's first bytes and its size (pure)."""
+def inspect_header(
+    header: bytes, file_size: int, label: str, *, allow_backing: bool = False
+) -> ImageInfo:
+    """The checks of :func:`inspect` on the file's first bytes and its size (pure).
+
+    ``allow_backing``: a backing-file name is tolerated (a backup's incremental layer, whose
+    backing is replaced by the layer below before anything reads it); data files and
+    encryption never are.
+    """
     if header.startswith(QCOW2_MAGIC):
-        info = _qcow2(header, label)
+        info = _qcow2(header, label, allow_backing=allow_backing)
     else:
         for magic, fmt in _OTHER_MAGIC.items():
             if header.startswith(magic):
@@ -102,7 +109,7 @@ def inspect_header(header: bytes, file_size: int, label: str) -> ImageInfo:
     return info
 
 
-def _qcow2(header: bytes, label: str) -> ImageInfo:
+def _qcow2(header: bytes, label: str, *, allow_backing: bool = False) -> ImageInfo:
     if len(header) < 72:
         raise errors.UnsafeImage(f"image {label!r} has a truncated qcow2 header")
     version, backing_offset, backing_size, _cluster_bits, size, crypt = struct.unpack_from(
@@ -112,7 +119,7 @@ def _qcow2(header: bytes, label: str) -> ImageInfo:
         raise errors.UnsafeImage(f"image {label!r} has format 'qcow'; use qcow2 or raw")
     if version not in (2, 3):
         raise errors.UnsafeImage(f"image {label!r} has an unknown qcow2 version {version}")
-    if backing_offset or backing_size:
+    if (backing_offset or backing_size) and not allow_backing:
         name = header[backing_offset : backing_offset + min(backing_size, 1023)]
         shown = name.decode(errors="replace") if name else "beyond the header"
         raise errors.UnsafeImage(

@@ -48,10 +48,9 @@ from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import backup as rules
-from virtfleet.reconcile.snapshot_types import Adopt
 from virtfleet.reconcile.vm_model import EventNote
 from virtfleet.runtime.failures import cache_reporter
-from virtfleet.runtime.kube import KubeError
+from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.locations import open_location
 from virtfleet.runtime.queue import WorkQueue
 
@@ -232,10 +231,10 @@ class BackupAgent:
                 await self.store.write_status(key, body, status)
                 return seconds
             case rules.Claim():
-                await self.store.adopt(
-                    key,
-                    Adopt(vm_name=vm["metadata"]["name"], vm_uid=vm_uid, finalizer=False),
-                )
+                # The node label only: no ownerReference to the VM, unlike a snapshot, so
+                # deleting the VM never garbage-collects its off-node backups with it.
+                if not await self._label_for_node(key):
+                    return 0.5
                 status = _with(status, phase=BackupPhase.IN_PROGRESS)
                 status = _with(status, type=action.type)
                 status = _with(status, parent=action.parent.name if action.parent else None)
@@ -401,6 +400,24 @@ class BackupAgent:
                 return None
         return None
 
+    async def _label_for_node(self, key: Key) -> bool:
+        body = self.backups.get(key)
+        if body is None:
+            return False
+        try:
+            updated = await self.kube.patch_metadata(
+                "VMBackup",
+                key[0],
+                key[1],
+                labels={NODE_LABEL: self.node},
+                resource_version=str(body["metadata"].get("resourceVersion")),
+            )
+        except (Conflict, NotFound) as exc:
+            self.log.info("backup not labelled yet", backup=key[1], error=str(exc))
+            return False
+        self.backups[key] = dict(updated)
+        return True
+
     # --- helpers ----------------------------------------------------------------------
 
     def _set_conditions(
@@ -466,15 +483,19 @@ class BackupAgent:
                 self.hv, bucket, prefix, vm_uid, view.uid, disks, memo
             )
             status = VMBackupStatus.model_validate(self.backups[key].get("status") or {})
-            parent = next(
-                (p for p in parents_of(self.backups, view, vm_uid) if p.name == status.parent), None
+            # Parents go to the same location: its prefix is derived, never looked up (a
+            # parent being deleted meanwhile is still the chain's base, held by its child).
+            parent_prefix = (
+                backup_prefix(location.prefix if location else "", key[0], status.parent)
+                if status.parent
+                else None
             )
             body = upload.manifest(
                 namespace=key[0],
                 name=key[1],
                 uid=view.uid,
                 status=status,
-                parent_prefix=parent.object_prefix if parent else None,
+                parent_prefix=parent_prefix,
                 node=self.node,
                 vm=vm,
                 domain_xml=domain_xml,
