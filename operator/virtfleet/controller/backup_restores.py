@@ -41,27 +41,14 @@ async def reconcile_restore(
         case rules.RestoreNothing():
             return None
         case rules.RestoreWait(reason=reason, message=message):
-            status["phase"] = RestorePhase.PENDING.value
-            status["conditions"] = conditions(
-                status, generation, ConditionStatus.FALSE, reason, message, stalled=False
-            )
-            await objs.write_status(key, body, status)
+            await _not_yet(objs, key, body, status, RestorePhase.PENDING, reason, message)
             return RETRY_SECONDS
         case rules.RestoreFail(reason=reason, message=message):
-            status.update(phase=RestorePhase.FAILED.value, complete=False)
-            status["error"] = {"message": message, "time": now}
-            status["conditions"] = conditions(
-                status, generation, ConditionStatus.FALSE, reason, message, stalled=True
-            )
-            await objs.write_status(key, body, status)
+            await _fail(objs, key, body, status, reason, message)
             await objs.kube.record_event(body, "Warning", reason, message, COMPONENT)
             return None
         case rules.RestoreProgress(message=message):
-            status["phase"] = RestorePhase.IN_PROGRESS.value
-            status["conditions"] = conditions(
-                status, generation, ConditionStatus.FALSE, "Restoring", message, stalled=False
-            )
-            await objs.write_status(key, body, status)
+            await _not_yet(objs, key, body, status, RestorePhase.IN_PROGRESS, "Restoring", message)
             return None  # the VM's events bring it back
         case rules.RestoreDone(message=message):
             status.update(
@@ -94,16 +81,7 @@ async def _create_vm(
     prefix = str((backup.get("status") or {}).get("objectPrefix") or "")
     _, got = await open_location(objs.kube, key[1], location)
     if not isinstance(got, BackupBucket):
-        status["phase"] = RestorePhase.PENDING.value
-        status["conditions"] = conditions(
-            status,
-            body["metadata"].get("generation"),
-            ConditionStatus.FALSE,
-            "LocationUnavailable",
-            got,
-            stalled=False,
-        )
-        await objs.write_status(key, body, status)
+        await _not_yet(objs, key, body, status, RestorePhase.PENDING, "LocationUnavailable", got)
         return RETRY_SECONDS
     try:
         manifest = await asyncio.get_running_loop().run_in_executor(
@@ -115,18 +93,8 @@ async def _create_vm(
     finally:
         got.close()
     if manifest is None:
-        status.update(phase=RestorePhase.FAILED.value, complete=False)
         message = f"the bucket has no manifest under {prefix}: the backup is gone"
-        status["error"] = {"message": message, "time": rfc3339(datetime.now(UTC))}
-        status["conditions"] = conditions(
-            status,
-            body["metadata"].get("generation"),
-            ConditionStatus.FALSE,
-            "BackupGone",
-            message,
-            stalled=True,
-        )
-        await objs.write_status(key, body, status)
+        await _fail(objs, key, body, status, "BackupGone", message)
         return None
     vm = rules.restored_vm(body, str(body["spec"]["backupName"]), manifest)
     # Created once: the VM carries this restore's uid (an annotation), so after a crash
@@ -137,28 +105,46 @@ async def _create_vm(
         return 1.0  # it exists: the next pass tells ours from another
     except KubeError as exc:
         message = f"the VirtualMachine could not be created: {exc}"
-        status.update(phase=RestorePhase.FAILED.value, complete=False)
-        status["error"] = {"message": message, "time": rfc3339(datetime.now(UTC))}
-        status["conditions"] = conditions(
-            status,
-            body["metadata"].get("generation"),
-            ConditionStatus.FALSE,
-            "CreateRefused",
-            message,
-            stalled=True,
-        )
-        await objs.write_status(key, body, status)
+        await _fail(objs, key, body, status, "CreateRefused", message)
         return None
-    status.update(phase=RestorePhase.IN_PROGRESS.value, vmCreated=True)
+    status["vmCreated"] = True
     message = f"VirtualMachine {vm['metadata']['name']} created from the backup"
-    status["conditions"] = conditions(
-        status,
-        body["metadata"].get("generation"),
-        ConditionStatus.FALSE,
-        "Restoring",
-        message,
-        stalled=False,
-    )
-    await objs.write_status(key, body, status)
+    await _not_yet(objs, key, body, status, RestorePhase.IN_PROGRESS, "Restoring", message)
     await objs.kube.record_event(body, "Normal", "VMCreated", message, COMPONENT)
     return None
+
+
+async def _not_yet(
+    objs: BackupObjects,
+    key: BKey,
+    body: Mapping[str, Any],
+    status: dict[str, Any],
+    phase: RestorePhase,
+    reason: str,
+    message: str,
+) -> None:
+    """Pending or InProgress, with the reason in Ready and Reconciling."""
+    status["phase"] = phase.value
+    generation = body["metadata"].get("generation")
+    status["conditions"] = conditions(
+        status, generation, ConditionStatus.FALSE, reason, message, stalled=False
+    )
+    await objs.write_status(key, body, status)
+
+
+async def _fail(
+    objs: BackupObjects,
+    key: BKey,
+    body: Mapping[str, Any],
+    status: dict[str, Any],
+    reason: str,
+    message: str,
+) -> None:
+    """Failed for good: the error, and the reason in Ready and Stalled."""
+    status.update(phase=RestorePhase.FAILED.value, complete=False)
+    status["error"] = {"message": message, "time": rfc3339(datetime.now(UTC))}
+    generation = body["metadata"].get("generation")
+    status["conditions"] = conditions(
+        status, generation, ConditionStatus.FALSE, reason, message, stalled=True
+    )
+    await objs.write_status(key, body, status)

@@ -29,7 +29,7 @@ import libvirt
 from lxml import etree
 
 from virtfleet.domain.jobs import JobProgress, parse_job_stats
-from virtfleet.hypervisor import errors
+from virtfleet.hypervisor import errors, storage
 from virtfleet.hypervisor.connection import Hypervisor
 from virtfleet.hypervisor.guest import Guest
 from virtfleet.logs import get_logger
@@ -182,26 +182,13 @@ async def read_volume(
         pool_obj = conn.storagePoolLookupByName(pool)
         with contextlib.suppress(libvirt.libvirtError):
             pool_obj.refresh(0)  # QEMU made the file behind libvirt's back
-        vol = pool_obj.storageVolLookupByName(name)
-        stream = conn.newStream(0)
         digest = hashlib.sha256()
-        total = 0
-        try:
-            vol.download(stream, 0, 0, 0)
-            while True:
-                chunk = stream.recv(_CHUNK)
-                if isinstance(chunk, int):
-                    continue
-                if not chunk:
-                    break
-                digest.update(chunk)
-                sink(chunk)
-                total += len(chunk)
-            stream.finish()
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            raise
+
+        def both(chunk: bytes) -> None:
+            digest.update(chunk)
+            sink(chunk)
+
+        total = storage.stream_out(conn, pool, name, both, _CHUNK)
         return total, digest.hexdigest()
 
     return await hv.call_long(call)

@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -412,6 +412,38 @@ async def upload_file(hv: Hypervisor, pool: str, name: str, path: str) -> Volume
     return await hv.call_long(call)
 
 
+def stream_out(
+    conn: Any,
+    pool: str,
+    name: str,
+    sink: Callable[[bytes], object],
+    chunk_size: int = _UPLOAD_CHUNK,
+) -> int:
+    """Worker thread: volume ``name``'s bytes into ``sink`` (``virStorageVolDownload``);
+    returns how many. An interrupted stream is aborted, never left open."""
+    vol = _lookup(_pool(conn, pool), name)
+    if vol is None:
+        raise errors.NotFound(f"volume {name!r} not in pool {pool!r}")
+    stream = conn.newStream(0)
+    try:
+        vol.download(stream, 0, 0, 0)
+        total = 0
+        while True:
+            chunk = stream.recv(chunk_size)
+            if isinstance(chunk, int):  # -2: would block (not with a blocking stream)
+                continue
+            if not chunk:
+                break
+            sink(chunk)
+            total += len(chunk)
+        stream.finish()
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            stream.abort()
+        raise
+    return total
+
+
 async def copy_volume(source: Hypervisor, target: Hypervisor, pool: str, name: str) -> int:
     """Copy volume ``name``'s bytes from ``source`` into the existing volume on ``target``.
 
@@ -425,27 +457,7 @@ async def copy_volume(source: Hypervisor, target: Hypervisor, pool: str, name: s
     spool = tempfile.SpooledTemporaryFile(max_size=32 * 2**20)  # noqa: SIM115
 
     def download(conn: Any) -> int:
-        vol = _lookup(_pool(conn, pool), name)
-        if vol is None:
-            raise errors.NotFound(f"volume {name!r} not in pool {pool!r}")
-        stream = conn.newStream(0)
-        try:
-            vol.download(stream, 0, 0, 0)
-            total = 0
-            while True:
-                chunk = stream.recv(_UPLOAD_CHUNK)
-                if isinstance(chunk, int):  # -2: would block (not with a blocking stream)
-                    continue
-                if not chunk:
-                    break
-                spool.write(chunk)
-                total += len(chunk)
-            stream.finish()
-        except BaseException:
-            with contextlib.suppress(libvirt.libvirtError):
-                stream.abort()
-            raise
-        return total
+        return stream_out(conn, pool, name, spool.write)
 
     def upload(conn: Any, length: int) -> None:
         vol = _lookup(_pool(conn, pool), name)
