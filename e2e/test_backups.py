@@ -333,10 +333,22 @@ def test_the_agent_and_the_store_killed_mid_backup_never_leave_a_broken_one(
     complete = {m["backup"]["name"] for m in manifests}
     for name, st in (("busy-1", first), ("busy-2", second)):
         assert (name in complete) == (st["phase"] == "Completed"), (name, st["phase"])
-    # The next backup works, and no scratch file is left on the node.
-    backup(system, namespace, "busy-3", "busy")
+    # libvirtd SIGKILLed while the agent streams the scratch file out of it.
+    backup(system, namespace, "busy-3", "busy", mode="Full")
+    wait_for(lambda: uploading("busy-3"), 60, 0.05, "busy-3 uploading")
+    hn.restart_libvirtd(node, crash=True)
     third = backup_done(system, namespace, "busy-3", timeout=180)["status"]
-    assert third["phase"] == "Completed", third
+    print(
+        f"[backup] libvirtd SIGKILLed while uploading: {third['phase']}, attempt {third['attempt']}"
+    )
+    assert third["phase"] in ("Completed", "Failed"), third
+    assert system.get("vm", "busy", namespace)["status"]["printableStatus"] == "Running"
+    manifests = check_bucket_matches_manifests(system, bucket)
+    assert ("busy-3" in {m["backup"]["name"] for m in manifests}) == (third["phase"] == "Completed")
+    # The next backup works, and no scratch file is left on the node.
+    backup(system, namespace, "busy-4", "busy")
+    fourth = backup_done(system, namespace, "busy-4", timeout=180)["status"]
+    assert fourth["phase"] == "Completed", fourth
     uid = system.get("vm", "busy", namespace)["metadata"]["uid"]
     assert not scratch_files(node, uid)
 
@@ -431,3 +443,116 @@ def test_a_schedule_backs_up_on_time_and_prunes_without_breaking_a_chain(
     ).stdout
     assert events.strip(), "no MissedSchedule Event"
     print(f"[schedule] controller down 12 s: missedRuns {reported['status']['missedRuns']}")
+
+
+def test_a_stopped_vm_is_backed_up_from_its_volumes_and_restored_into_itself(
+    system: Cluster, namespace: str, bucket: str
+) -> None:
+    """A stopped VM's backup copies its volumes (no job, no checkpoint); restoring it into
+    the same VM waits for the VM to stop, then replaces its disk bit for bit: the guest
+    boots with the counter it had when it was backed up."""
+    location(system, namespace, bucket)
+    location_phase(system, namespace, "default", "Available")
+    system.apply(vm_manifest("keep", namespace, cmdline=guest_cmdline(counter=True), disks=DATA))
+    node = running_on(system, namespace, "keep")
+    dom = domain_name(namespace, "keep")
+    hn.wait_for_serial(node, dom, r"^VF-COUNTER 3\s*$", timeout=90)
+    set_strategy(system, namespace, "keep", "Halted")
+    uid = system.get("vm", "keep", namespace)["metadata"]["uid"]
+    at_backup = raw_sha256(node, hn.LOCAL_POOL, f"{uid}-data.qcow2")
+
+    backup(system, namespace, "keep-1", "keep")
+    st = backup_done(system, namespace, "keep-1")["status"]
+    assert st["phase"] == "Completed", st
+    assert st["type"] == "Full"
+    assert not st.get("checkpoint"), st
+    assert st["uploadedBytes"] > 0
+    assert virsh(node, "checkpoint-list", dom, "--name").split() == []
+    assert not scratch_files(node, uid)
+    check_bucket_matches_manifests(system, bucket)
+
+    # The guest runs on from that disk and writes more; then the backup is restored into it.
+    offset = len(hn.serial_log(node, dom))
+    set_strategy(system, namespace, "keep", "Always", wait_for_stop=False)
+    booted = int(hn.wait_for_serial(node, dom, BOOT, timeout=90, after=offset).group(1))
+    hn.wait_for_serial(node, dom, rf"^VF-COUNTER {booted + 3}\s*$", timeout=60, after=offset)
+    restore(system, namespace, "keep-back", "keep", "keep-1")
+
+    def waiting() -> dict[str, Any] | None:
+        obj = system.get("vmrestore", "keep-back", namespace)
+        ready = condition(obj, "Ready")
+        return obj if ready and ready["reason"] == "VMRunning" else None
+
+    pending = wait_for(waiting, 60, 0.3, "keep-back waiting for the VM to stop")
+    assert pending["status"]["phase"] == "Pending"
+    assert raw_sha256(node, hn.LOCAL_POOL, f"{uid}-data.qcow2") != at_backup
+
+    set_strategy(system, namespace, "keep", "Halted")
+    done = restore_done(system, namespace, "keep-back")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert done["status"]["nodeName"] == node.name
+    assert system.get("vm", "keep", namespace)["metadata"]["uid"] == uid  # the same VM
+    assert raw_sha256(node, hn.LOCAL_POOL, f"{uid}-data.qcow2") == at_backup
+
+    offset = len(hn.serial_log(node, dom))
+    set_strategy(system, namespace, "keep", "Always", wait_for_stop=False)
+    again = int(hn.wait_for_serial(node, dom, BOOT, timeout=90, after=offset).group(1))
+    assert again == booted, (booted, again)
+    print(f"\n[backup] stopped VM backed up and restored into itself: boots at {again} again")
+
+    # A backup of one VM is never restored over another.
+    system.apply(vm_manifest("other", namespace, disks=DATA, runStrategy="Halted"))
+    restore(system, namespace, "wrong", "other", "keep-1")
+    refused = restore_done(system, namespace, "wrong", timeout=60)
+    assert refused["status"]["phase"] == "Failed"
+    assert condition(refused, "Stalled")["reason"] == "BackupOfAnotherVM"  # type: ignore[index]
+
+
+def set_strategy(
+    system: Cluster, namespace: str, vm: str, strategy: str, *, wait_for_stop: bool = True
+) -> None:
+    patch = json.dumps({"spec": {"runStrategy": strategy}})
+    system.kubectl("patch", "vm", vm, "-n", namespace, "--type=merge", "-p", patch)
+    if wait_for_stop:
+        wait_for(
+            lambda: (
+                (system.get("vm", vm, namespace).get("status") or {}).get("printableStatus")
+                == "Stopped"
+            ),
+            60,
+            0.3,
+            f"vm {vm} Stopped",
+        )
+
+
+def test_a_node_out_of_space_fails_the_backup_with_the_reason_and_leaves_nothing(
+    system: Cluster, namespace: str, bucket: str
+) -> None:
+    """The disk lives on a small tmpfs pool that holds it but not a copy of it: the backup
+    job runs out of space, is tried 3 times, then Failed with libvirt's reason; no scratch
+    file, no checkpoint and no manifest are left, and the guest runs on."""
+    location(system, namespace, bucket)
+    location_phase(system, namespace, "default", "Available")
+    fill = hn.SMALL_POOL_MIB * 6 // 10  # the disk holds 60 % of the pool: no room for a copy
+    disk = [{"name": "data", "size": "64Mi", "pool": hn.SMALL_POOL, "source": {"blank": {}}}]
+    cmdline = guest_cmdline(extra=f"vf.fill={fill}@1")
+    system.apply(vm_manifest("crowded", namespace, cmdline=cmdline, disks=disk))
+    node = running_on(system, namespace, "crowded")
+    dom = domain_name(namespace, "crowded")
+    hn.wait_for_serial(node, dom, rf"^VF-FILLED {fill}\s*$", timeout=120)
+
+    backup(system, namespace, "crowded-1", "crowded")
+    failed = backup_done(system, namespace, "crowded-1", timeout=120)
+    st = failed["status"]
+    stalled = condition(failed, "Stalled")
+    print(f"\n[backup] out of space: {st['phase']} after {st['attempt']} attempts: {st['error']}")
+    assert st["phase"] == "Failed", st
+    assert st["attempt"] == 3
+    assert stalled is not None
+    assert stalled["reason"] == "BackupFailed"
+    assert "attempt 3 of 3" in stalled["message"]
+    uid = system.get("vm", "crowded", namespace)["metadata"]["uid"]
+    assert not scratch_files(node, uid, hn.SMALL_POOL)
+    assert virsh(node, "checkpoint-list", dom, "--name").split() == []
+    assert objects(system, bucket) == {}
+    assert system.get("vm", "crowded", namespace)["status"]["printableStatus"] == "Running"

@@ -145,8 +145,13 @@ def check_bucket_matches_manifests(system: Cluster, bucket: str) -> list[dict[st
     for manifest in manifests:
         for disk in manifest["disks"]:
             data = found[disk["objectKey"]]
-            assert hashlib.sha256(data).hexdigest() == disk["sha256"], disk["objectKey"]
             assert len(data) == disk["uploadedBytes"]
+            size = disk["partSize"]
+            parts = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+            digests = [hashlib.sha256(p).hexdigest() for p in parts]
+            assert digests == disk["partSha256"], disk["objectKey"]
+            summary = hashlib.sha256("".join(digests).encode()).hexdigest()
+            assert summary == disk["sha256"], disk["objectKey"]
     return manifests
 
 
@@ -168,10 +173,10 @@ def virsh(node: hn.Node, *args: str) -> str:
     ).stdout
 
 
-def scratch_files(node: hn.Node, vm_uid: str) -> list[str]:
+def scratch_files(node: hn.Node, vm_uid: str, pool: str = hn.LOCAL_POOL) -> list[str]:
     """The backup job's files of that VM left in the node's pool."""
-    virsh(node, "pool-refresh", hn.LOCAL_POOL)
-    names = virsh(node, "vol-list", hn.LOCAL_POOL).split()
+    virsh(node, "pool-refresh", pool)
+    names = virsh(node, "vol-list", pool).split()
     return [v for v in names if v.startswith(vm_uid) and re.search(r"\.backup-[0-9a-f]{8}\.", v)]
 
 

@@ -84,6 +84,7 @@ __all__ = [
     "POOL_PATHS",
     "SERIAL_DIR_IN_NODE",
     "SHARED_POOL",
+    "SMALL_POOL",
     "Node",
     "NodeError",
     "down",
@@ -109,10 +110,15 @@ QEMU_GID_BASE = 64600
 IMAGES_POOL = "virtfleet-images"
 LOCAL_POOL = "virtfleet-local"
 SHARED_POOL = "virtfleet-shared"
+#: A small pool on a tmpfs of SMALL_POOL_MIB inside each node's namespace (gone with it):
+#: where a test fills a disk until the node runs out of space.
+SMALL_POOL = "virtfleet-small"
+SMALL_POOL_MIB = 80
 POOL_PATHS: dict[str, str] = {
     IMAGES_POOL: "/var/lib/libvirt/virtfleet/images",
     LOCAL_POOL: "/var/lib/libvirt/virtfleet/local",
     SHARED_POOL: "/var/lib/libvirt/virtfleet/shared",
+    SMALL_POOL: "/var/lib/libvirt/virtfleet/small",
 }
 #: Volumes every node's image store holds after ``up``.
 KERNEL_VOLUME = "guest-vmlinuz"
@@ -497,6 +503,12 @@ def _supervise(node_root: str, shared_dir: str) -> None:
     shared = POOL_PATHS[SHARED_POOL]
     os.makedirs(shared, exist_ok=True)
     subprocess.run(["mount", "--bind", shared_dir, shared], check=True)
+    small = POOL_PATHS[SMALL_POOL]
+    os.makedirs(small, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_POOL_MIB}m,mode=0711", "tmpfs", small],
+        check=True,
+    )
     os.makedirs("/run/libvirt", exist_ok=True)
     os.makedirs(SERIAL_DIR_IN_NODE, exist_ok=True)
 

@@ -68,6 +68,7 @@ def agent_argv(node: nodes.Node) -> list[str]:
         "--libvirt-uri", node.uri,
         "--pool", nodes.LOCAL_POOL,
         "--pool", nodes.SHARED_POOL,
+        "--pool", nodes.SMALL_POOL,
         "--shared-pool", nodes.SHARED_POOL,
         "--serial-log-dir", node.serial_dir_in_node,
         "--resync-seconds", "15",

@@ -48,7 +48,7 @@ VM_MEMORY_MIB = 16
 HEADROOM_MIB = 256
 CPUS = 64
 #: Pools the harness's agents are configured with (``operators.agent_argv``).
-POOLS = (nodes.IMAGES_POOL, nodes.LOCAL_POOL, nodes.SHARED_POOL)
+POOLS = (nodes.IMAGES_POOL, nodes.LOCAL_POOL, nodes.SHARED_POOL, nodes.SMALL_POOL)
 READY_TIMEOUT_S = 60.0
 #: Deleting a VM on the test driver takes milliseconds; this bounds a whole fleet's.
 DELETE_TIMEOUT_S = 300.0

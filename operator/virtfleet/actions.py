@@ -461,19 +461,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     restore = sub.add_parser(
         "restore",
-        help="create a VM from a VMBackup, or bring a VM back to a VMSnapshot (creates a "
-        "VMRestore)",
+        help="create a VM from a VMBackup or replace a stopped VM's disks with its own "
+        "backup's, or bring a VM back to a VMSnapshot (creates a VMRestore)",
     )
     restore.add_argument(
         "vm",
         metavar="VM",
-        help="with --from-backup: the new VirtualMachine's name; with --from-snapshot: the "
-        "VM to restore",
+        help="with --from-backup: a new VirtualMachine's name, or the (stopped) VM the backup "
+        "was taken of; with --from-snapshot: the VM to restore",
     )
     source = restore.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--from-backup", metavar="BACKUP", help="VMBackup to create the new VM from"
-    )
+    source.add_argument("--from-backup", metavar="BACKUP", help="VMBackup to restore from")
     source.add_argument(
         "--from-snapshot", metavar="SNAPSHOT", help="VMSnapshot of VM to restore in place"
     )

@@ -207,3 +207,23 @@ def test_volume_xml_shape() -> None:
 def test_xml_escapes_instead_of_templating() -> None:
     xml = storage.dir_pool_xml("p", "/srv/a&b<c>")
     assert etree.fromstring(xml.encode()).findtext("target/path") == "/srv/a&b<c>"
+
+
+async def test_copy_flat_makes_a_new_qcow2_and_refuses_clashes(
+    hv: Hypervisor, disk_pool: PoolInfo
+) -> None:
+    """A stopped VM's backup copies its volume: a qcow2 of the same capacity, without
+    backing; a missing source or an existing target is refused, not overwritten."""
+    await storage.create_blank(hv, disk_pool.name, "vm-root.qcow2", 64 * MiB)
+    copy = await storage.copy_flat(hv, disk_pool.name, "vm-root.qcow2", "vm-root.backup.qcow2")
+    assert (copy.name, copy.capacity, copy.backing_path) == (
+        "vm-root.backup.qcow2",
+        64 * MiB,
+        None,
+    )
+    with pytest.raises(AlreadyExists):
+        await storage.copy_flat(hv, disk_pool.name, "vm-root.qcow2", "vm-root.backup.qcow2")
+    with pytest.raises(NotFound):
+        await storage.copy_flat(hv, disk_pool.name, "gone.qcow2", "gone.backup.qcow2")
+    with pytest.raises(InvalidName):
+        await storage.copy_flat(hv, disk_pool.name, "vm-root.qcow2", "../escape")

@@ -17,6 +17,7 @@ from virtfleet.reconcile.backup import (
     BackupView,
     Claim,
     Complete,
+    CopyVolumes,
     Fail,
     Nothing,
     Observed,
@@ -65,10 +66,20 @@ def backup(
     attempt: int | None = 1,
     deleting: bool = False,
     with_spec: bool = True,
+    checkpoint: str | None = OWN,
 ) -> BackupView:
+    """A backup of a running VM claims its own checkpoint; ``checkpoint=None``: a stopped
+    VM's backup (its volumes are copied)."""
     spec = VMBackupSpec.model_validate({"vmName": "web", "location": "s3-main", "mode": mode})
+    claimed = phase not in (None, BackupPhase.PENDING)
     status = VMBackupStatus.model_validate(
-        {"phase": phase, "type": type_, "parent": parent, "attempt": attempt}
+        {
+            "phase": phase,
+            "type": type_,
+            "parent": parent,
+            "attempt": attempt,
+            "checkpoint": checkpoint if claimed else None,
+        }
     )
     return BackupView(
         name="b",
@@ -81,15 +92,25 @@ def backup(
 
 
 def in_progress(
-    type_: BackupType = BackupType.FULL, parent: str | None = None, attempt: int | None = 1
+    type_: BackupType = BackupType.FULL,
+    parent: str | None = None,
+    attempt: int | None = 1,
+    checkpoint: str | None = OWN,
 ) -> BackupView:
-    return backup(BackupPhase.IN_PROGRESS, type_=type_, parent=parent, attempt=attempt)
+    return backup(
+        BackupPhase.IN_PROGRESS, type_=type_, parent=parent, attempt=attempt, checkpoint=checkpoint
+    )
 
 
 def uploading(
-    type_: BackupType = BackupType.FULL, parent: str | None = None, attempt: int | None = 1
+    type_: BackupType = BackupType.FULL,
+    parent: str | None = None,
+    attempt: int | None = 1,
+    checkpoint: str | None = OWN,
 ) -> BackupView:
-    return backup(BackupPhase.UPLOADING, type_=type_, parent=parent, attempt=attempt)
+    return backup(
+        BackupPhase.UPLOADING, type_=type_, parent=parent, attempt=attempt, checkpoint=checkpoint
+    )
 
 
 def test_checkpoint_name_is_derived_from_the_uid() -> None:
@@ -152,13 +173,80 @@ def test_an_unchecked_location_says_so() -> None:
     assert "not checked yet" in action.message
 
 
-def test_pending_fails_when_the_vm_is_not_running() -> None:
-    """Backups use libvirt's backup job, which needs a running domain: a clear failure."""
-    action = decide(backup(), STOPPED)
+def test_a_stopped_vm_is_claimed_full_without_a_checkpoint() -> None:
+    """A stopped VM is backed up from its volumes: always full, no job, no checkpoint, even
+    when an earlier backup's checkpoint could serve (its disks do not change while stopped)."""
+    seen = replace(STOPPED, checkpoints=("vf-p2",), parents=(P_NEW,))
+    action = decide(backup(), seen)
+    assert action == Claim(type=BackupType.FULL, parent=None, checkpoint=None)
+
+
+def test_an_incremental_of_a_stopped_vm_fails_with_what_to_use() -> None:
+    """Incremental needs a job on a running domain; say which modes work."""
+    action = decide(backup(mode=BackupMode.INCREMENTAL), STOPPED)
     assert isinstance(action, Fail)
     assert action.reason == "VMNotRunning"
+    assert "Auto or Full" in action.message
     assert action.drop_checkpoint is None
+
+
+def test_a_vm_without_a_domain_fails() -> None:
+    """No domain on the node: no volumes known, nothing to copy."""
+    action = decide(backup(), replace(STOPPED, defined=False))
+    assert isinstance(action, Fail)
+    assert action.reason == "VMNotDefined"
     assert "web" in action.message
+
+
+def test_a_stopped_vms_backup_copies_its_volumes() -> None:
+    """Claimed without a checkpoint, nothing copied yet: copy (under the VM's lock)."""
+    assert decide(in_progress(checkpoint=None), STOPPED) == CopyVolumes()
+
+
+def test_copied_volumes_are_uploaded_even_if_the_vm_started_since() -> None:
+    """The copy is a consistent image of the stopped disks: the VM may run meanwhile."""
+    seen = replace(RUNNING, job_outcome=Outcome.SUCCEEDED, scratch_present=True)
+    assert decide(in_progress(checkpoint=None), seen) == StartUpload()
+
+
+def test_a_vm_started_before_its_volumes_were_copied_fails() -> None:
+    """A running VM's disks change: copying them is not a backup; say what to do."""
+    action = decide(in_progress(checkpoint=None), RUNNING)
+    assert isinstance(action, Fail)
+    assert action.reason == "VMStarted"
+    assert action.drop_checkpoint is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "scratch"), [(Outcome.FAILED, False), (None, True), (Outcome.FAILED, True)]
+)
+def test_a_failed_or_interrupted_copy_is_retried(outcome: Outcome | None, scratch: bool) -> None:
+    """A copy that failed, or one a crash interrupted (its file left), goes again, clean."""
+    seen = replace(STOPPED, job_outcome=outcome, job_error="ENOSPC", scratch_present=scratch)
+    action = decide(in_progress(checkpoint=None), seen)
+    assert isinstance(action, Retry)
+    assert action.phase == BackupPhase.IN_PROGRESS
+    assert action.drop_checkpoint is None
+
+
+def test_a_copy_failing_every_attempt_fails() -> None:
+    seen = replace(STOPPED, job_outcome=Outcome.FAILED, job_error="No space left on device")
+    action = decide(in_progress(checkpoint=None, attempt=MAX_ATTEMPTS), seen)
+    assert isinstance(action, Fail)
+    assert action.reason == "BackupFailed"
+    assert "No space left" in action.message
+
+
+def test_a_stopped_vms_upload_without_scratch_copies_again() -> None:
+    """The upload lost its files: back to the copy, which needs no running domain."""
+    seen = replace(STOPPED, upload_outcome=Outcome.FAILED, upload_error="boom")
+    action = decide(uploading(checkpoint=None), seen)
+    assert action == Retry(phase=BackupPhase.IN_PROGRESS, message="boom", drop_checkpoint=None)
+
+
+def test_a_stopped_vms_completed_upload_drops_no_checkpoint() -> None:
+    seen = replace(STOPPED, upload_outcome=Outcome.SUCCEEDED, checkpoints=("vf-p2",))
+    assert decide(uploading(checkpoint=None), seen) == Complete(drop_checkpoint=None)
 
 
 def test_full_mode_claims_a_full_backup_even_with_a_usable_parent() -> None:

@@ -14,6 +14,7 @@ from virtfleet.api.backup import VMBackupStatus
 from virtfleet.api.conditions import rfc3339
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.backupstore.s3 import namespace_prefix
+from virtfleet.identity import NODE_LABEL
 from virtfleet.reconcile.backup_control import (
     RESTORE_UID,
     RESTORED_FROM,
@@ -186,13 +187,19 @@ def test_a_finished_restore_does_nothing(phase: str) -> None:
 
 
 @pytest.mark.parametrize("restore_uid", [None, "another-restore"])
-def test_an_existing_vm_that_is_not_ours_fails(restore_uid: str | None) -> None:
-    """A restore from a backup never overwrites a VM it did not create."""
-    action = decide_restore(
-        restore_obj(), completed_backup(), vm_obj(restore_uid=restore_uid, ready=None)
-    )
-    assert isinstance(action, RestoreFail)
-    assert action.reason == "VMExists"
+def test_an_existing_placed_vm_is_left_to_its_agent(restore_uid: str | None) -> None:
+    """A VM the restore did not create has its disks replaced in place by its node's agent
+    (which also refuses a backup of another VM): the controller says nothing."""
+    vm = vm_obj(restore_uid=restore_uid, ready=None)
+    vm["metadata"]["labels"] = {NODE_LABEL: "node-b"}
+    assert decide_restore(restore_obj(), completed_backup(), vm) == RestoreNothing()
+
+
+def test_an_existing_unplaced_vm_waits_with_the_reason() -> None:
+    """No node, no agent to replace its disks: Pending says why, not silence."""
+    action = decide_restore(restore_obj(), completed_backup(), vm_obj(restore_uid=None))
+    assert isinstance(action, RestoreWait)
+    assert action.reason == "VMNotPlaced"
     assert "web-restored" in action.message
 
 

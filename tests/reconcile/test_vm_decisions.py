@@ -380,3 +380,30 @@ class TestPowerRequests:
 
     def test_well_formed_request(self) -> None:
         assert PowerRequest.parse("pause/abc") == PowerRequest("pause", "abc")
+
+
+class TestStartHeld:
+    """A restore replacing the VM's disks holds it stopped: no start, by strategy or request."""
+
+    HELD = "its disks are being restored from VMBackup b1"
+
+    def test_always_does_not_start_a_held_vm(self) -> None:
+        vm = VmView(**{**view().__dict__, "start_held": self.HELD})
+        d = decide(vm, stopped(StopCause.NONE), NOW)
+        assert Start not in kinds(d)
+
+    def test_a_start_request_on_a_held_vm_is_ignored_with_the_reason(self) -> None:
+        base = view(strategy="Manual")
+        request = PowerRequest("start", "r")
+        vm = VmView(**{**base.__dict__, "start_held": self.HELD, "power_request": request})
+        d = decide(vm, stopped(StopCause.NONE), NOW)
+        assert Start not in kinds(d)
+        assert any(e.reason == "PowerRequestIgnored" and self.HELD in e.message for e in d.events)
+
+    def test_a_held_vm_that_runs_is_not_stopped_by_the_hold(self) -> None:
+        """The hold only keeps a stopped VM stopped; the restore waits for a stop."""
+        vm = VmView(**{**view().__dict__, "start_held": self.HELD})
+        assert Stop not in kinds(decide(vm, RUNNING, NOW))
+
+    def test_without_a_hold_always_starts(self) -> None:
+        assert Start in kinds(decide(view(), stopped(StopCause.NONE), NOW))

@@ -56,7 +56,13 @@ class Manifests(BackupBucket):
 
 
 def disk(key: str) -> dict[str, Any]:
-    return {"name": "data", "objectKey": key, "sha256": "0" * 64}
+    return {
+        "name": "data",
+        "objectKey": key,
+        "uploadedBytes": 20,
+        "partSize": 16,
+        "partSha256": ["0" * 64, "1" * 64],
+    }
 
 
 def test_the_chain_is_read_from_the_manifests_full_first() -> None:
@@ -100,3 +106,23 @@ def test_a_chain_that_loops_is_refused() -> None:
     )
     with pytest.raises(StoreError, match="loops"):
         chain_of(bucket, "p/a/", "data")
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"partSha256": None},
+        {"partSize": 0},
+        {"partSha256": ["0" * 64]},  # 20 bytes in parts of 16 are two parts
+        {"uploadedBytes": "many"},
+    ],
+)
+def test_a_manifest_without_a_sound_part_list_is_refused(broken: dict[str, Any]) -> None:
+    """Without each part's digest nothing could be checked: refused, never trusted."""
+    entry = {**disk("p/b1/d"), **broken}
+    if broken.get("partSha256", "") is None:
+        del entry["partSha256"]
+    bucket = Manifests({"p/b1/manifest.json": {"type": "Full", "disks": [entry]}})
+    with pytest.raises(StoreError) as refused:
+        chain_of(bucket, "p/b1/", "data")
+    assert refused.value.reason == "UnsupportedManifest"

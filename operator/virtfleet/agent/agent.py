@@ -99,6 +99,9 @@ class Agent:
         self._forget_hooks: list[Callable[[Key], None]] = []
         #: uids of VMs labelled for this node without a placement (logged once each).
         self.unplaced: set[str] = set()
+        #: Asked before a VM starts: a reason to keep it stopped, or None (a restore that is
+        #: replacing its disks: agent.backups.inplace).
+        self.start_holds: list[Callable[[Key], str | None]] = []
         self.log = get_logger("virtfleet.agent", node=settings.node_name)
 
     # --- signals → keys ---------------------------------------------------------------
@@ -266,7 +269,15 @@ class Agent:
             power_request=PowerRequest.parse(
                 (meta.get("annotations") or {}).get(POWER_REQUEST_ANNOTATION)
             ),
+            start_held=self._start_held((str(meta["namespace"]), str(meta["name"]))),
         )
+
+    def _start_held(self, key: Key) -> str | None:
+        for hold in self.start_holds:
+            reason = hold(key)
+            if reason:
+                return reason
+        return None
 
     async def _user_data(self, view: VmView) -> str | None:
         if view.spec is None or view.spec.cloud_init is None or view.deleting:

@@ -21,7 +21,7 @@ from virtfleet.agent.errors import ActionError
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.backup import BackupPhase
 from virtfleet.api.virtualmachine import Disk
-from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, StoreError
+from virtfleet.backupstore.s3 import MANIFEST, BackupBucket, PartDigests, StoreError
 from virtfleet.hypervisor import Hypervisor, VolumeRef, images, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.logs import get_logger
@@ -37,9 +37,9 @@ def backup_base_volume_name(uid: str, disk: str) -> str:
     return f"{uid}-{disk}.backup-base"
 
 
-def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, str]]:
-    """``(object key, sha256)`` of the disk's layers, full first (blocking)."""
-    layers: list[tuple[str, str]] = []
+def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, PartDigests]]:
+    """``(object key, its parts' digests)`` of the disk's layers, full first (blocking)."""
+    layers: list[tuple[str, PartDigests]] = []
     seen: set[str] = set()
     current: str | None = prefix
     while current is not None:
@@ -54,7 +54,7 @@ def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, st
         entry = next((d for d in manifest.get("disks") or [] if d.get("name") == disk), None)
         if entry is None:
             raise StoreError("DiskNotInBackup", f"backup at {current} has no disk {disk!r}")
-        layers.append((str(entry["objectKey"]), str(entry["sha256"])))
+        layers.append((str(entry["objectKey"]), _digests(entry, current)))
         parent = manifest.get("parentPrefix") if manifest.get("type") == "Incremental" else None
         if manifest.get("type") == "Incremental" and not parent:
             raise StoreError(
@@ -64,6 +64,43 @@ def chain_of(bucket: BackupBucket, prefix: str, disk: str) -> list[tuple[str, st
         current = str(parent) if parent else None
     layers.reverse()
     return layers
+
+
+def _digests(entry: dict[str, Any], where: str) -> PartDigests:
+    """The parts a manifest records for one disk; a manifest without them is refused."""
+    try:
+        length, size = int(entry["uploadedBytes"]), int(entry["partSize"])
+        digests = tuple(str(d) for d in entry["partSha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(
+            "UnsupportedManifest", f"the manifest at {where} does not record its parts' sha256"
+        ) from exc
+    if length <= 0 or size <= 0 or len(digests) != PartDigests.count(length, size):
+        raise StoreError("UnsupportedManifest", f"the manifest at {where} has a bad part list")
+    return PartDigests(length, size, digests)
+
+
+async def fetch_flat(bucket: BackupBucket, prefix: str, disk: str, spool: Path) -> tuple[Path, int]:
+    """Disk ``disk`` of the backup at ``prefix`` as one checked qcow2 in ``spool``: every
+    layer of its chain downloaded, each part's sha256 compared with its manifest's, its
+    header checked, then the chain joined. Returns the file and how many layers it joined."""
+    loop = asyncio.get_running_loop()
+    layers = await loop.run_in_executor(None, chain_of, bucket, prefix, disk)
+    paths = []
+    for index, (key, parts) in enumerate(layers):
+        path = spool / f"{disk}-layer-{index}.qcow2"
+        await loop.run_in_executor(None, bucket.download_verified, key, path, parts)
+        # Before qemu-img reads anything: a layer from a bucket must not name a host file
+        # (backing file, data file) for qemu-img to follow. Only the layers above the first
+        # get a backing, and it is replaced by the one below.
+        check = functools.partial(
+            images.inspect, str(path), name=f"layer-{index}.qcow2", allow_backing=index > 0
+        )
+        await loop.run_in_executor(None, check)
+        paths.append(path)
+    flat = spool / f"{disk}.qcow2"
+    await loop.run_in_executor(None, images.flatten_chain, paths, flat)
+    return flat, len(layers)
 
 
 class BackupDisks:
@@ -110,30 +147,7 @@ class BackupDisks:
             tempfile.mkdtemp(prefix=f"restore-{uid}-", dir=self.settings.download_dir or None)
         )
         try:
-            layers = await loop.run_in_executor(
-                None, chain_of, got, str(status["objectPrefix"]), source.disk
-            )
-            paths = []
-            for index, (key, digest) in enumerate(layers):
-                path = spool / f"layer-{index}.qcow2"
-                actual = await loop.run_in_executor(None, got.download, key, path)
-                if actual != digest:
-                    raise StoreError(
-                        "ChecksumMismatch", f"{key}: sha256 {actual}, manifest says {digest}"
-                    )
-                # Before qemu-img reads anything: a layer from a bucket must not name a
-                # host file (backing file, data file) for qemu-img to follow. Only the
-                # layers above the first get a backing, and it is replaced by the one below.
-                check = functools.partial(
-                    images.inspect,
-                    str(path),
-                    name=f"layer-{index}.qcow2",
-                    allow_backing=index > 0,
-                )
-                await loop.run_in_executor(None, check)
-                paths.append(path)
-            flat = spool / "disk.qcow2"
-            await loop.run_in_executor(None, images.flatten_chain, paths, flat)
+            flat, layers = await fetch_flat(got, str(status["objectPrefix"]), source.disk, spool)
             info = await loop.run_in_executor(None, lambda: images.inspect(str(flat)))
             base = backup_base_volume_name(uid, disk.name)
             stored = await storage.upload_file(hv, pool, base, str(flat))
@@ -147,7 +161,7 @@ class BackupDisks:
                 uid=uid,
                 disk=disk.name,
                 backup=source.backup_name,
-                layers=len(layers),
+                layers=layers,
             )
         except StoreError as exc:
             raise ActionError(

@@ -19,6 +19,7 @@ from virtfleet.agent import health
 from virtfleet.agent import migration as migration_loops
 from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.backups import loop as backup_loop
+from virtfleet.agent.backups import wiring as backup_wiring
 from virtfleet.agent.bookkeeping import BookkeepingLog
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks
@@ -90,7 +91,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
 
     snapshot_loops.register(registry, settings, snaps)
     migration_loops.register(registry, settings, migrations)
-    backup_loop.register(registry, backups)
+    backup_wiring.register(registry, backups)
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
@@ -119,7 +120,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         holder["migrations"], migration_tasks = migration_loops.start(
             the_agent, locks, holder["snapshots"]
         )
-        holder["backups"], backup_tasks = backup_loop.start(the_agent, locks)
+        holder["backups"], backup_tasks = backup_wiring.start(the_agent, locks)
+        await holder["backups"].restores.preload()  # before any VM may start: its holds
         await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
@@ -144,7 +146,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             return
         await the_agent.queue.stop()
         await snapshot_loops.stop(holder["snapshots"])
-        await backup_loop.stop(holder["backups"])
+        await backup_wiring.stop(holder["backups"])
         await holder["migrations"].queue.stop()
         for task in holder.get("tasks", []):
             task.cancel()

@@ -148,7 +148,9 @@ class VMBackupStatus(StatusModel):
     type: BackupType | None = None
     parent: str | None = Field(default=None, description="Backup this incremental builds on.")
     checkpoint: str | None = Field(
-        default=None, description="libvirt checkpoint the next incremental starts from."
+        default=None,
+        description="libvirt checkpoint the next incremental starts from; none for a "
+        "stopped VM's backup (its volumes were copied whole).",
     )
     node_name: str | None = None
     vm_uid: str | None = Field(default=None, alias="vmUID")

@@ -112,11 +112,14 @@ class RestorePhase(StrEnum):
 
 class VMRestoreSpec(ApiModel):
     """Exactly one source: a ``snapshotName`` (restored into the VM, in place) or a
-    ``backupName`` (restored as a new VM named ``vmName``, on any node)."""
+    ``backupName`` (restored as a new VM named ``vmName``, on any node; or, when ``vmName``
+    is the existing VM the backup was taken of, into it: its disks replaced while it is
+    stopped)."""
 
     vm_name: DnsLabel = Field(
         description="With snapshotName: the VirtualMachine in the same namespace to restore. "
-        "With backupName: the name of the new VirtualMachine to create from the backup."
+        "With backupName: the new VirtualMachine to create from the backup, or the existing "
+        "VirtualMachine the backup was taken of (its disks are replaced once it is stopped)."
     )
     snapshot_name: DnsLabel | None = Field(
         default=None, description="VMSnapshot of that VM to bring back."
@@ -164,6 +167,11 @@ class VMRestoreStatus(StatusModel):
     )
     vm_created: bool | None = Field(
         default=None, description="From a backup: this restore created the VirtualMachine."
+    )
+    attempt: int | None = Field(
+        default=None,
+        ge=0,
+        description="From a backup into an existing VM: tries so far (a failed read retries).",
     )
     memory_restored: bool | None = Field(
         default=None,

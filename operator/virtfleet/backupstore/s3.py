@@ -11,12 +11,14 @@ Calls block (boto3 is synchronous); the agent and controller run them in executo
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import os
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,26 +26,29 @@ from typing import Any
 import boto3
 import botocore.config
 import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
 
 from virtfleet.api.backup import VMBackupLocationSpec
 from virtfleet.logs import get_logger
 
 __all__ = [
+    "TRANSFER_WORKERS",
     "BackupBucket",
-    "ChunkPipe",
     "Credentials",
+    "PartDigests",
     "StoreError",
     "backup_prefix",
     "namespace_prefix",
+    "part_size_for",
 ]
 
 _log = get_logger("virtfleet.backupstore")
 MANIFEST = "manifest.json"
 #: S3 multipart part size (the minimum is 5 MiB), grown for objects over 160 GB.
 PART_SIZE = 16 * 2**20
-#: S3's limit is 10,000 parts; a margin for a stream longer than announced.
+#: S3's limit is 10,000 parts; a margin.
 MAX_PARTS = 9_000
+#: Parts moved at once, each way (each holds one part in memory).
+TRANSFER_WORKERS = 4
 
 
 class StoreError(Exception):
@@ -116,6 +121,7 @@ class BackupBucket:
             ),
         )
         self.rate = spec.bandwidth_limit.bytes if spec.bandwidth_limit else None
+        self._throttle = _Throttle(self.rate)
 
     def close(self) -> None:
         self.client.close()
@@ -198,131 +204,159 @@ class BackupBucket:
             raise _translate(exc, f"deleting {prefix}") from exc
         return deleted
 
-    def _transfers(self, size_hint: int = 0) -> TransferConfig:
-        """boto3's transfer manager: parts in parallel, the location's bandwidth limit, and
-        parts large enough for S3's 10,000-part limit (a stream's size is not known to it)."""
-        part = max(PART_SIZE, -(-size_hint // MAX_PARTS))
-        config = TransferConfig(
-            multipart_threshold=PART_SIZE,
-            multipart_chunksize=part,
-            max_concurrency=4,
-            max_bandwidth=self.rate,
-        )
-        # A stream is read into memory part by part: at most this many parts at once.
-        config.max_in_memory_upload_chunks = 6
-        return config
+    # --- transfers in parts --------------------------------------------------------------
 
-    def upload(
-        self,
-        key: str,
-        chunks: Iterator[bytes],
-        on_bytes: Callable[[int], None],
-        size_hint: int = 0,
-    ) -> int:
-        """Upload a stream of chunks as one object (multipart above one part, parts in
-        parallel; ``size_hint``, the expected length, sizes the parts). A failed multipart
-        upload is aborted by the transfer manager: no partial object is left under ``key``."""
-        reader = _ChunkReader(chunks)
+    def begin_upload(self, key: str) -> str:
+        """A multipart upload of ``key``; its id. Nothing is visible under ``key`` until
+        :meth:`finish_upload` (an aborted one leaves nothing)."""
         try:
-            self.client.upload_fileobj(
-                reader, self.bucket, key, Config=self._transfers(size_hint), Callback=on_bytes
-            )
-        except StoreError:
-            raise
+            return str(self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
         except Exception as exc:
             raise _translate(exc, f"uploading {key}") from exc
-        return reader.total
 
-    def download(self, key: str, path: Path) -> str:
-        """Download an object into ``path`` (ranged parts in parallel); returns its sha256."""
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """One part (numbered from 1), within the location's bandwidth limit; its ETag."""
+        self._throttle.take(len(data))
         try:
-            self.client.download_file(self.bucket, key, str(path), Config=self._transfers())
+            got = self.client.upload_part(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=data
+            )
         except Exception as exc:
-            raise _translate(exc, f"downloading {key}") from exc
-        digest = hashlib.sha256()
-        with path.open("rb") as data:
-            for block in iter(lambda: data.read(4 * 2**20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            raise _translate(exc, f"uploading part {number} of {key}") from exc
+        return str(got["ETag"])
+
+    def finish_upload(self, key: str, upload_id: str, etags: list[str]) -> None:
+        parts = [{"PartNumber": n, "ETag": tag} for n, tag in enumerate(etags, start=1)]
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except Exception as exc:
+            raise _translate(exc, f"completing {key}") from exc
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Best effort: a store that refuses keeps the parts until its own expiry."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            _log.warning("multipart upload not aborted", key=key, error=str(exc))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._throttle.take(len(data))
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except Exception as exc:
+            raise _translate(exc, f"uploading {key}") from exc
+
+    def object_size(self, key: str) -> int | None:
+        """The object's length; None when there is no such object."""
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except botocore.exceptions.ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
+                return None
+            raise _translate(exc, f"reading {key}") from exc
+        except Exception as exc:
+            raise _translate(exc, f"reading {key}") from exc
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            got = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            data = bytes(got["Body"].read())
+        except Exception as exc:
+            raise _translate(exc, f"reading {key}") from exc
+        self._throttle.take(len(data))
+        return data
+
+    def download_verified(
+        self, key: str, path: Path, parts: PartDigests, workers: int = TRANSFER_WORKERS
+    ) -> None:
+        """Download ``key`` into ``path``, its parts in parallel, each checked against the
+        sha256 the manifest recorded for it before it is written: a file is only ever
+        made of verified bytes (a mismatch raises ``ChecksumMismatch``)."""
+        size = self.object_size(key)
+        if size is None:
+            raise StoreError("ObjectMissing", f"{key}: no such object")
+        if size != parts.length:
+            raise StoreError(
+                "ChecksumMismatch", f"{key}: {size} bytes, manifest says {parts.length}"
+            )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+
+            def one(index: int) -> None:
+                offset, length = parts.span(index)
+                data = self.read_range(key, offset, length)
+                digest = hashlib.sha256(data).hexdigest()
+                if len(data) != length or digest != parts.sha256[index]:
+                    raise StoreError(
+                        "ChecksumMismatch",
+                        f"{key}: part {index + 1} has sha256 {digest}, the manifest says "
+                        f"{parts.sha256[index]}",
+                    )
+                os.pwrite(fd, data, offset)
+
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-get") as pool:
+                for done in [pool.submit(one, i) for i in range(len(parts.sha256))]:
+                    done.result()
+        finally:
+            os.close(fd)
 
 
-class _ChunkReader(io.RawIOBase):
-    """A read-only, non-seekable file over an iterator of chunks (what upload_fileobj reads)."""
+@dataclass(frozen=True)
+class PartDigests:
+    """An object as the manifest records it: ``length`` bytes in parts of ``part_size``
+    (the last shorter), the sha256 of each part. Parts are hashed, not the whole object,
+    so that parts are read, hashed and moved in parallel both ways."""
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._pending = b""
-        self.total = 0
+    length: int
+    part_size: int
+    sha256: tuple[str, ...]
 
-    def readable(self) -> bool:
-        return True
+    def span(self, index: int) -> tuple[int, int]:
+        offset = index * self.part_size
+        return offset, min(self.part_size, self.length - offset)
 
-    def read(self, size: int = -1) -> bytes:
-        out = bytearray()
-        while size < 0 or len(out) < size:
-            if not self._pending:
-                following = next(self._chunks, None)
-                if following is None:
-                    break
-                self._pending = following  # an empty chunk is not the end
-                continue
-            take = len(self._pending) if size < 0 else min(size - len(out), len(self._pending))
-            out += self._pending[:take]
-            self._pending = self._pending[take:]
-        self.total += len(out)
-        return bytes(out)
+    @property
+    def summary(self) -> str:
+        """One value for status: the sha256 of the parts' digests, in order."""
+        return hashlib.sha256("".join(self.sha256).encode()).hexdigest()
 
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+    @staticmethod
+    def count(length: int, part_size: int) -> int:
+        return max(1, -(-length // part_size))
 
 
-class ChunkPipe:
-    """Hands chunks from the thread that reads a volume to the thread that uploads them.
+def part_size_for(length: int) -> int:
+    """PART_SIZE, grown (in MiB) so that a huge object stays under S3's part limit."""
+    need = -(-length // MAX_PARTS)
+    return max(PART_SIZE, -(-need // 2**20) * 2**20)
 
-    Bounded (``depth`` chunks), so neither side holds more than a few chunks in memory.
-    A reader that fails says so (``finish(failed=True)``): the uploader then raises
-    instead of completing a truncated object.
-    """
 
-    def __init__(self, depth: int = 8) -> None:
-        self._items: list[bytes] = []
-        self._cond = threading.Condition()
-        self._depth = depth
-        self._closed = False
-        self._reader_failed = False
-        self._consumer_failed = False
+class _Throttle:
+    """Keeps the bytes moved by all threads of one bucket under ``rate`` per second."""
 
-    def put(self, chunk: bytes) -> None:
-        with self._cond:
-            while len(self._items) >= self._depth and not self._consumer_failed:
-                self._cond.wait()
-            if self._consumer_failed:
-                raise StoreError("UploadFailed", "the upload stopped")
-            self._items.append(chunk)
-            self._cond.notify_all()
+    def __init__(
+        self,
+        rate: int | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._rate = rate
+        self._lock = threading.Lock()
+        self._free_at = 0.0
+        self._clock = clock
+        self._sleep = sleep
 
-    def finish(self, *, failed: bool = False) -> None:
-        with self._cond:
-            self._closed = True
-            self._reader_failed = failed
-            self._cond.notify_all()
-
-    def consumer_failed(self) -> None:
-        with self._cond:
-            self._consumer_failed = True
-            self._cond.notify_all()
-
-    def __iter__(self) -> Iterator[bytes]:
-        while True:
-            with self._cond:
-                while not self._items and not self._closed:
-                    self._cond.wait()
-                if not self._items:
-                    if self._reader_failed:
-                        raise StoreError("SourceFailed", "reading the disk data failed")
-                    return
-                chunk = self._items.pop(0)
-                self._cond.notify_all()
-            yield chunk
+    def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under the rate (after those reserved before)."""
+        if not self._rate or n <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._free_at)
+            self._free_at = start + n / self._rate
+            wait = self._free_at - now
+        self._sleep(wait)

@@ -1,7 +1,8 @@
 """What the VM's agent does next for one VMBackup: a pure function of what it observed.
 
 Phases: ``Pending`` (waiting for the location or the VM) → ``InProgress`` (the libvirt
-push job copies the disks into scratch files next to them) → ``Uploading`` (the scratch
+push job copies the disks into scratch files next to them; for a stopped VM, libvirt
+copies its volumes, their backing chains read through) → ``Uploading`` (the scratch
 files stream to the bucket, then the manifest is written, last) → ``Completed``; or
 ``Failed`` with a reason. A crash anywhere is a new *attempt* (at most
 :data:`MAX_ATTEMPTS`): what the last one left (its checkpoint, its scratch files) is
@@ -84,6 +85,8 @@ class Observed:
     parents: Sequence[ParentCandidate] = ()
     #: The VM has a writable disk (what a backup copies).
     has_disks: bool = True
+    #: The VM's domain is defined on this node (a stopped VM is backed up from its volumes).
+    defined: bool = True
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -111,6 +114,12 @@ class StartJob:
     checkpoint: str | None
     #: Checkpoints to delete first: all but the parent's (at most one is kept per VM).
     stale_checkpoints: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CopyVolumes:
+    """A stopped VM: copy each disk's volume (backing chain read through) into its scratch
+    file, under the VM's lock so that it cannot start meanwhile."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +161,18 @@ class Nothing:
     pass
 
 
-Action = Wait | Claim | StartJob | ReportProgress | StartUpload | Complete | Retry | Fail | Nothing
+Action = (
+    Wait
+    | Claim
+    | StartJob
+    | CopyVolumes
+    | ReportProgress
+    | StartUpload
+    | Complete
+    | Retry
+    | Fail
+    | Nothing
+)
 
 
 def choose_type(
@@ -201,11 +221,11 @@ def decide(backup: BackupView, seen: Observed) -> Action:
                 f"VMBackupLocation {backup.spec.location} is not available: "
                 f"{seen.location_message or 'not checked yet'}",
             )
-        if not seen.running:
+        if not seen.running and not seen.defined:
             return Fail(
-                "VMNotRunning",
-                f"VirtualMachine {backup.spec.vm_name} is not running; backups are taken of "
-                "running VMs with libvirt's backup job (start it, then create a new VMBackup)",
+                "VMNotDefined",
+                f"VirtualMachine {backup.spec.vm_name} has no domain on its node yet: "
+                "nothing to back up",
                 None,
             )
         if not seen.has_disks:
@@ -214,10 +234,24 @@ def decide(backup: BackupView, seen: Observed) -> Action:
                 f"VirtualMachine {backup.spec.vm_name} has no writable disk to back up",
                 None,
             )
+        if not seen.running:
+            # No job, no checkpoint: a stopped VM's disks do not change, and the next backup
+            # of the running VM is incremental from the last checkpoint its domain kept.
+            if backup.spec.mode == BackupMode.INCREMENTAL:
+                return Fail(
+                    "VMNotRunning",
+                    f"VirtualMachine {backup.spec.vm_name} is stopped: a stopped VM's backup "
+                    "copies its volumes whole; use mode Auto or Full",
+                    None,
+                )
+            return Claim(type=BackupType.FULL, parent=None, checkpoint=None)
         chosen = choose_type(backup.spec.mode, seen.checkpoints, seen.parents)
         if isinstance(chosen, Fail):
             return chosen
         return Claim(type=chosen[0], parent=chosen[1], checkpoint=own)
+
+    if phase == BackupPhase.IN_PROGRESS and status.checkpoint is None:
+        return _offline(attempt, seen)
 
     if phase == BackupPhase.IN_PROGRESS:
         if seen.job_active:
@@ -253,6 +287,7 @@ def decide(backup: BackupView, seen: Observed) -> Action:
         return StartJob(incremental_from=incremental_from, checkpoint=own, stale_checkpoints=stale)
 
     if phase == BackupPhase.UPLOADING:
+        job_cp = own if status.checkpoint is not None else None
         if seen.upload_running:
             return ReportProgress()
         if seen.upload_outcome == Outcome.SUCCEEDED:
@@ -262,19 +297,37 @@ def decide(backup: BackupView, seen: Observed) -> Action:
         if seen.upload_outcome == Outcome.FAILED:
             why = seen.upload_error or "the upload failed"
             if seen.scratch_present:
-                return _retry_or_fail(attempt, BackupPhase.UPLOADING, why, own, seen)
-            return _retry_or_fail(attempt, BackupPhase.IN_PROGRESS, why, own, seen)
+                return _retry_or_fail(attempt, BackupPhase.UPLOADING, why, job_cp, seen)
+            return _retry_or_fail(attempt, BackupPhase.IN_PROGRESS, why, job_cp, seen)
         if seen.scratch_present:
             return StartUpload()
         return _retry_or_fail(
-            attempt, BackupPhase.IN_PROGRESS, "the backup's scratch files are gone", own, seen
+            attempt, BackupPhase.IN_PROGRESS, "the backup's scratch files are gone", job_cp, seen
         )
     return Nothing()
 
 
+def _offline(attempt: int, seen: Observed) -> Action:
+    """A stopped VM's backup (claimed without a checkpoint): its volumes are copied."""
+    if seen.job_outcome == Outcome.SUCCEEDED and seen.scratch_present:
+        return StartUpload()
+    if seen.job_outcome is not None or seen.scratch_present:
+        why = seen.job_error or "the copy of the volumes was interrupted"
+        return _retry_or_fail(attempt, BackupPhase.IN_PROGRESS, why, None, seen)
+    if seen.running:
+        return Fail(
+            "VMStarted",
+            "the VM started before its volumes were copied (a stopped VM is backed up from "
+            "its volumes); create a new VMBackup: the running VM's is taken by a backup job",
+            None,
+        )
+    return CopyVolumes()
+
+
 def _retry_or_fail(
-    attempt: int, phase: BackupPhase, why: str, own: str, seen: Observed
+    attempt: int, phase: BackupPhase, why: str, own: str | None, seen: Observed
 ) -> Retry | Fail:
+    """``own`` is the attempt's checkpoint; None for a stopped VM's copy (it has none)."""
     # An upload retry keeps the checkpoint: the data it marks is in the scratch files.
     drop = own if phase == BackupPhase.IN_PROGRESS and own in seen.checkpoints else None
     if attempt >= MAX_ATTEMPTS:
@@ -283,7 +336,7 @@ def _retry_or_fail(
             f"attempt {attempt} of {MAX_ATTEMPTS} failed: {why}",
             own if own in seen.checkpoints else None,
         )
-    if phase == BackupPhase.IN_PROGRESS and not seen.running:
+    if phase == BackupPhase.IN_PROGRESS and own is not None and not seen.running:
         return Fail("VMNotRunning", f"the VM stopped during its backup ({why})", drop)
     return Retry(
         phase=phase,

@@ -18,6 +18,7 @@ from virtfleet.api.backup import BackupPhase
 from virtfleet.api.base import DNS_SUBDOMAIN_PATTERN
 from virtfleet.api.conditions import parse_rfc3339
 from virtfleet.api.snapshot import RestorePhase
+from virtfleet.identity import NODE_LABEL
 
 DEFAULT_CHECK_SECONDS = 60.0
 #: A location that failed its check is looked at again this soon (bounded by its interval).
@@ -93,7 +94,8 @@ def decide_restore(
     backup: Mapping[str, Any] | None,
     vm: Mapping[str, Any] | None,
 ) -> RestoreAction:
-    """A restore from a backup creates the VM ``spec.vmName`` once, then waits until it runs."""
+    """A restore from a backup creates the VM ``spec.vmName`` once, then waits until it runs;
+    into an existing VM it is the agent's of the VM's node."""
     status = restore.get("status") or {}
     spec = restore.get("spec") or {}
     if status.get("phase") in (RestorePhase.SUCCEEDED.value, RestorePhase.FAILED.value):
@@ -103,11 +105,15 @@ def decide_restore(
     if vm is not None:
         ours = (vm["metadata"].get("annotations") or {}).get(RESTORE_UID) == uid
         if not ours:
-            return RestoreFail(
-                "VMExists",
-                f"VirtualMachine {vm_name} already exists; a restore from a backup creates a "
-                "new VM: choose another vmName (or delete that VM first)",
-            )
+            # An existing VM: its node's agent replaces its disks (agent.backups.inplace,
+            # rules in reconcile.backup_inplace), once the controller has placed it.
+            if not (vm["metadata"].get("labels") or {}).get(NODE_LABEL):
+                return RestoreWait(
+                    "VMNotPlaced",
+                    f"VirtualMachine {vm_name} exists but is on no node yet; its disks are "
+                    "replaced by its node's agent",
+                )
+            return RestoreNothing()
         vm_status = vm.get("status") or {}
         ready = any(
             c.get("type") == "Ready" and c.get("status") == "True"

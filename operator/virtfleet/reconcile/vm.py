@@ -120,7 +120,9 @@ def decide(vm: VmView, observed: Observed, now: datetime) -> Decision:
     requeue: float | None = None
     backing_off = False
 
-    if wish.run is True and not observed.active:
+    if wish.run is True and not observed.active and vm.start_held:
+        pass  # started when the hold ends (its end queues the VM)
+    elif wish.run is True and not observed.active:
         status, start_now, requeue = _crash_loop(vm.status, status, wish, now)
         if start_now:
             if wish.event is not None:
@@ -163,6 +165,8 @@ def _power_request(
                 f"{ignored}: runStrategy {strategy.value} decides power; change runStrategy "
                 "in the manifest, or use Manual for start/stop by hand",
             )
+        case "start" | "restart" if vm.start_held:
+            return [], warning("PowerRequestIgnored", f"{ignored}: {vm.start_held}")
         case "start":
             if observed.active:
                 return [], EventNote("Normal", "PowerRequest", "start: already running")

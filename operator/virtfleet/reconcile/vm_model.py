@@ -57,6 +57,8 @@ class VmView:
     invalid: str | None = None
     #: An imperative power request not yet handled (from the power-request annotation).
     power_request: PowerRequest | None = None
+    #: Why the VM must not start now (its disks are being replaced by a restore); None: free.
+    start_held: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,15 @@ the bucket exactly when its manifest exists.
 from __future__ import annotations
 
 import asyncio
-import copy
 import posixpath
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
-
 from virtfleet.agent.agent import COMPONENT, Agent, key_of
 from virtfleet.agent.backups import upload
+from virtfleet.agent.backups.inplace import InPlaceRestores
 from virtfleet.agent.backups.observe import (
     clean,
     delete_scratch,
@@ -34,7 +32,6 @@ from virtfleet.agent.snapshot.store import ObjectStore
 from virtfleet.api.backup import (
     BackupPhase,
     BackupProgress,
-    BackupType,
     VMBackupLocationSpec,
     VMBackupSpec,
     VMBackupStatus,
@@ -43,14 +40,14 @@ from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc333
 from virtfleet.api.snapshot import SnapshotError
 from virtfleet.backupstore.s3 import BackupBucket, StoreError, backup_prefix
 from virtfleet.domain.jobs import JobOperation, JobType
-from virtfleet.hypervisor import DomainEvent, EventKind, backup
+from virtfleet.hypervisor import DomainEvent, EventKind, backup, storage
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.identity import API_GROUP, API_VERSION, NODE_LABEL, Key
+from virtfleet.identity import Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import backup as rules
 from virtfleet.reconcile.vm_model import EventNote
 from virtfleet.runtime.failures import cache_reporter
-from virtfleet.runtime.kube import Conflict, KubeError, NotFound
+from virtfleet.runtime.kube import KubeError
 from virtfleet.runtime.locations import open_location
 from virtfleet.runtime.queue import WorkQueue
 
@@ -83,6 +80,8 @@ class BackupAgent:
             finalizer=self.settings.finalizer,
             log=self.log,
         )
+        self.restores = InPlaceRestores(self)
+        agent.start_holds.append(self.restores.held)
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -98,8 +97,12 @@ class BackupAgent:
         self.backups[key] = dict(body)
         if self._vm_of(body) is not None:
             self.queue.add(key)
+        for rkey, restore in self.restores.restores.items():
+            if rkey[0] == key[0] and restore["spec"].get("backupName") == key[1]:
+                self.restores.queue.add(rkey)
 
     def on_vm_event(self, key: Key) -> None:
+        self.restores.on_vm_event(key)
         for bkey, body in self.backups.items():
             if bkey[0] == key[0] and (body.get("spec") or {}).get("vmName") == key[1]:
                 self.queue.add(bkey)
@@ -121,9 +124,16 @@ class BackupAgent:
         for key, body in self.backups.items():
             if self._vm_of(body) is not None:
                 self.queue.add(key)
+        for key in self.restores.restores:
+            self.restores.queue.add(key)
 
     def bookkeeping(self) -> dict[str, int]:
-        return {"backups": len(self.backups), "backup_memos": len(self.memos)}
+        return {
+            "backups": len(self.backups),
+            "backup_memos": len(self.memos),
+            "backup_restores": len(self.restores.restores),
+            "backup_restore_memos": len(self.restores.memos),
+        }
 
     def _vm_of(self, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         namespace = str(body["metadata"].get("namespace"))
@@ -206,6 +216,7 @@ class BackupAgent:
             upload_error=memo.upload_error,
             parents=parents_of(self.backups, view, vm_uid),
             has_disks=bool(disks) or guest is None,
+            defined=guest is not None,
         )
         if isinstance(bucket_or_reason, BackupBucket):
             bucket_or_reason.close()
@@ -233,7 +244,7 @@ class BackupAgent:
             case rules.Claim():
                 # The node label only: no ownerReference to the VM, unlike a snapshot, so
                 # deleting the VM never garbage-collects its off-node backups with it.
-                if not await self._label_for_node(key):
+                if not await self.store.label_for_node(key):
                     return 0.5
                 status = _with(status, phase=BackupPhase.IN_PROGRESS)
                 status = _with(status, type=action.type)
@@ -285,6 +296,24 @@ class BackupAgent:
                 memo.started_at = time.monotonic()
                 log.info("backup job started", incremental_from=action.incremental_from)
                 return rules.FIRST_POLL_SECONDS
+            case rules.CopyVolumes():
+                # Under the VM's lock (reconcile holds it): the VM cannot start meanwhile.
+                started = time.monotonic()
+                try:
+                    for d in disks:
+                        await storage.copy_flat(
+                            self.hv,
+                            d.pool,
+                            posixpath.basename(d.path),
+                            scratch_name(vm_uid, d.name, view.uid),
+                        )
+                except hv_errors.HypervisorError as exc:
+                    memo.job_outcome, memo.job_error = rules.Outcome.FAILED, str(exc)
+                    log.warning("volumes not copied", error=str(exc))
+                    return 0.0
+                memo.job_outcome, memo.job_error = rules.Outcome.SUCCEEDED, None
+                log.info("volumes copied", seconds=round(time.monotonic() - started, 3))
+                return 0.0
             case rules.ReportProgress():
                 if status.phase == BackupPhase.IN_PROGRESS and guest is not None:
                     running_now = await backup.running_job(guest)
@@ -319,6 +348,7 @@ class BackupAgent:
                     if not await self.store.write_status(key, body, status, cas=True):
                         return 0.5
                 memo.upload_outcome, memo.upload_error = None, None
+                memo.started_at = time.monotonic()
                 guest_xml = await guest.xml() if guest is not None else ""
                 memo.upload = asyncio.create_task(
                     self._upload(key, view, vm, vm_uid, disks, guest_xml, memo),
@@ -400,24 +430,6 @@ class BackupAgent:
                 return None
         return None
 
-    async def _label_for_node(self, key: Key) -> bool:
-        body = self.backups.get(key)
-        if body is None:
-            return False
-        try:
-            updated = await self.kube.patch_metadata(
-                "VMBackup",
-                key[0],
-                key[1],
-                labels={NODE_LABEL: self.node},
-                resource_version=str(body["metadata"].get("resourceVersion")),
-            )
-        except (Conflict, NotFound) as exc:
-            self.log.info("backup not labelled yet", backup=key[1], error=str(exc))
-            return False
-        self.backups[key] = dict(updated)
-        return True
-
     # --- helpers ----------------------------------------------------------------------
 
     def _set_conditions(
@@ -478,77 +490,41 @@ class BackupAgent:
             if not isinstance(got, BackupBucket):
                 raise StoreError("LocationUnavailable", got)
             bucket = got
-            prefix = backup_prefix(location.prefix if location else "", key[0], key[1])
-            results = await upload.upload_disks(
-                self.hv, bucket, prefix, vm_uid, view.uid, disks, memo
-            )
-            status = VMBackupStatus.model_validate(self.backups[key].get("status") or {})
-            # Parents go to the same location: its prefix is derived, never looked up (a
-            # parent being deleted meanwhile is still the chain's base, held by its child).
-            parent_prefix = (
-                backup_prefix(location.prefix if location else "", key[0], status.parent)
-                if status.parent
-                else None
-            )
-            body = upload.manifest(
-                namespace=key[0],
-                name=key[1],
-                uid=view.uid,
-                status=status,
-                parent_prefix=parent_prefix,
+            results = await upload.upload_backup(
+                self.hv,
+                bucket,
+                location.prefix if location else "",
+                key,
+                view.uid,
+                VMBackupStatus.model_validate(self.backups[key].get("status") or {}),
                 node=self.node,
                 vm=vm,
+                vm_uid=vm_uid,
+                disks=disks,
                 domain_xml=domain_xml,
-                disks=results,
+                memo=memo,
             )
-            await upload.write_manifest(bucket, prefix, body)
-            memo.disks = results
+            memo.disks = [r.status for r in results]
             memo.upload_outcome = rules.Outcome.SUCCEEDED
-            log.info("backup uploaded", bytes=sum(d.uploaded_bytes or 0 for d in results))
+            log.info(
+                "backup uploaded",
+                bytes=sum(r.parts.length for r in results),
+                seconds=round(time.monotonic() - memo.started_at, 3),
+            )
         except asyncio.CancelledError:
             raise
         except (StoreError, hv_errors.HypervisorError, KubeError) as exc:
             memo.upload_outcome = rules.Outcome.FAILED
             memo.upload_error = getattr(exc, "message", None) or str(exc)
             log.warning("backup upload failed", error=memo.upload_error)
+        except Exception as exc:  # a bug or an unforeseen library error: an attempt all the same
+            memo.upload_outcome = rules.Outcome.FAILED
+            memo.upload_error = f"{type(exc).__name__}: {exc}"
+            log.exception("backup upload failed unexpectedly")
         finally:
             if bucket is not None:
                 bucket.close()
             self.queue.add(key)
 
 
-# --- kopf wiring ----------------------------------------------------------------------
-
-
-def register(registry: kopf.OperatorRegistry, get: Callable[[], BackupAgent]) -> None:
-    @kopf.on.event(API_GROUP, API_VERSION, "vmbackups", registry=registry)  # type: ignore[arg-type]
-    def vmbackup_event(event: dict[str, Any], **_: Any) -> None:
-        obj = event.get("object")
-        if isinstance(obj, dict):
-            get().on_event(event.get("type"), copy.deepcopy(obj))
-
-
-def start(agent: Agent, locks: VmLocks) -> tuple[BackupAgent, list[asyncio.Task[None]]]:
-    backups = BackupAgent(agent, locks)
-    agent.hv.on_event(backups.on_domain_event)
-    tasks = [
-        asyncio.create_task(backups.queue.run(backups.reconcile), name="vmbackup-queue"),
-        asyncio.create_task(_resync(backups), name="backup-resync"),
-    ]
-    return backups, tasks
-
-
-async def stop(backups: BackupAgent) -> None:
-    await backups.queue.stop()
-    for memo in backups.memos.values():
-        if memo.upload is not None:
-            memo.upload.cancel()
-
-
-async def _resync(backups: BackupAgent) -> None:
-    while True:
-        await asyncio.sleep(backups.settings.resync_seconds)
-        backups.resync()
-
-
-__all__ = ["NODE_LABEL", "BackupAgent", "BackupType", "register", "start", "stop"]
+__all__ = ["BackupAgent"]

@@ -78,6 +78,26 @@ class ObjectStore:
             raise ActionError("Conflict", str(exc), permanent=False) from exc
         self.cache[key] = dict(updated)
 
+    async def label_for_node(self, key: Key) -> bool:
+        """Claim the object for this node (its label only), with the resourceVersion read:
+        False when it changed meanwhile or is gone (the next pass looks again)."""
+        body = self.cache.get(key)
+        if body is None:
+            return False
+        try:
+            updated = await self.kube.patch_metadata(
+                self.kind,
+                key[0],
+                key[1],
+                labels={NODE_LABEL: self.node},
+                resource_version=str(body["metadata"].get("resourceVersion")),
+            )
+        except (Conflict, NotFound) as exc:
+            self.log.info("not labelled yet", kind=self.kind, name=key[1], error=str(exc))
+            return False
+        self.cache[key] = dict(updated)
+        return True
+
     async def write_status(
         self,
         key: Key,
