@@ -12,6 +12,7 @@ from virtfleet.api.backup import BackupMode, BackupPhase, BackupType, VMBackupSp
 from virtfleet.reconcile.backup import (
     LOCATION_RETRY_SECONDS,
     MAX_ATTEMPTS,
+    POOL_BUSY_RECHECK_SECONDS,
     RETRY_BASE_SECONDS,
     Action,
     BackupView,
@@ -23,6 +24,7 @@ from virtfleet.reconcile.backup import (
     Observed,
     Outcome,
     ParentCandidate,
+    Recheck,
     ReportProgress,
     Retry,
     StartJob,
@@ -688,3 +690,13 @@ def test_finished_or_deleting_backups_get_nothing(view: BackupView, seen: Observ
     """No action on a backup that is gone or done."""
     if view.deleting or view.status.phase in (BackupPhase.COMPLETED, BackupPhase.FAILED):
         assert decide(view, seen) == Nothing()
+
+
+@pytest.mark.parametrize("phase", [BackupPhase.IN_PROGRESS, BackupPhase.UPLOADING])
+def test_a_busy_pool_is_looked_at_again_not_taken_for_lost_files(phase: BackupPhase) -> None:
+    """A pool libvirt would not refresh (a long copy in it) does not know QEMU's new files:
+    no attempt is spent on "the files are gone"."""
+    seen = replace(RUNNING, job_outcome=Outcome.SUCCEEDED, pool_busy=True, checkpoints=(OWN,))
+    assert decide(backup(phase, type_=BackupType.FULL), seen) == Recheck(POOL_BUSY_RECHECK_SECONDS)
+    # Once the pool answers, a missing file is a missing file.
+    assert isinstance(decide(in_progress(), replace(seen, pool_busy=False)), Retry)

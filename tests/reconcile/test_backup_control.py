@@ -242,6 +242,17 @@ def test_a_vm_deleted_after_creation_fails_the_restore() -> None:
     assert action.reason == "VMDeleted"
 
 
+@pytest.mark.parametrize("phase", ["Pending", "InProgress"])
+def test_a_vm_deleted_during_an_in_place_restore_is_not_made_from_the_backup(phase: str) -> None:
+    """The agent recorded which existing VM it restores into (vmUID): that VM deleted is a
+    failure, not a request for a new VM from the backup."""
+    restore = restore_obj(phase)
+    restore["status"]["vmUID"] = "old-vm-uid"
+    action = decide_restore(restore, completed_backup(), None)
+    assert isinstance(action, RestoreFail)
+    assert action.reason == "VMDeleted"
+
+
 def test_a_missing_backup_is_waited_for() -> None:
     """The backup may be synced from the bucket later: wait, don't fail."""
     action = decide_restore(restore_obj(), None, None)

@@ -161,3 +161,23 @@ def test_disks_gone_mid_restore_fail_with_that_reason() -> None:
     action = decide_in_place(IN_PROGRESS, replace(STOPPED, vm_disks=()))
     assert isinstance(action, Fail)
     assert action.reason == "NoDisksToRestore"
+
+
+def test_a_failed_replacement_is_an_attempt() -> None:
+    seen = replace(STOPPED, fetch_outcome=Outcome.SUCCEEDED, replace_error="ENOSPC")
+    action = decide_in_place(IN_PROGRESS, seen)
+    assert isinstance(action, Retry)
+    assert action.message == "ENOSPC"
+
+
+def test_a_failure_after_the_replacement_began_says_the_disks_may_be_changed() -> None:
+    """Never "not replaced" once a volume may have been: the VM stays held instead."""
+    began = replace(view(RestorePhase.IN_PROGRESS, attempt=MAX_ATTEMPTS), replacing=True)
+    seen = replace(STOPPED, fetch_outcome=Outcome.FAILED, fetch_error="NoSuchKey")
+    action = decide_in_place(began, seen)
+    assert isinstance(action, Fail)
+    assert "partly replaced" in action.message
+    assert "not replaced" not in action.message
+    gone = decide_in_place(replace(began, attempt=1), replace(STOPPED, backup=None))
+    assert isinstance(gone, Fail)
+    assert "partly replaced" in gone.message

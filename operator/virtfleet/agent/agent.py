@@ -269,10 +269,11 @@ class Agent:
             power_request=PowerRequest.parse(
                 (meta.get("annotations") or {}).get(POWER_REQUEST_ANNOTATION)
             ),
-            start_held=self._start_held((str(meta["namespace"]), str(meta["name"]))),
+            start_held=self.held((str(meta["namespace"]), str(meta["name"]))),
         )
 
-    def _start_held(self, key: Key) -> str | None:
+    def held(self, key: Key) -> str | None:
+        """Why the VM must not start, migrate or be snapshotted now (None: it may)."""
         for hold in self.start_holds:
             reason = hold(key)
             if reason:

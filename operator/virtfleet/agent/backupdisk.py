@@ -14,6 +14,7 @@ import asyncio
 import functools
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from virtfleet.runtime.locations import open_location
 _log = get_logger("virtfleet.agent.backupdisk")
 #: Longest chain followed (a loop in forged manifests ends here).
 MAX_CHAIN = 1000
+#: S3's largest part: a manifest saying more is not one virtfleet wrote.
+MAX_PART_SIZE = 5 * 2**30
 
 
 def backup_base_volume_name(uid: str, disk: str) -> str:
@@ -75,12 +78,22 @@ def _digests(entry: dict[str, Any], where: str) -> PartDigests:
         raise StoreError(
             "UnsupportedManifest", f"the manifest at {where} does not record its parts' sha256"
         ) from exc
-    if length <= 0 or size <= 0 or len(digests) != PartDigests.count(length, size):
+    if (
+        length <= 0
+        or not 0 < size <= MAX_PART_SIZE
+        or len(digests) != PartDigests.count(length, size)
+    ):
         raise StoreError("UnsupportedManifest", f"the manifest at {where} has a bad part list")
     return PartDigests(length, size, digests)
 
 
-async def fetch_flat(bucket: BackupBucket, prefix: str, disk: str, spool: Path) -> tuple[Path, int]:
+async def fetch_flat(
+    bucket: BackupBucket,
+    prefix: str,
+    disk: str,
+    spool: Path,
+    stop: threading.Event | None = None,
+) -> tuple[Path, int]:
     """Disk ``disk`` of the backup at ``prefix`` as one checked qcow2 in ``spool``: every
     layer of its chain downloaded, each part's sha256 compared with its manifest's, its
     header checked, then the chain joined. Returns the file and how many layers it joined."""
@@ -89,7 +102,8 @@ async def fetch_flat(bucket: BackupBucket, prefix: str, disk: str, spool: Path) 
     paths = []
     for index, (key, parts) in enumerate(layers):
         path = spool / f"{disk}-layer-{index}.qcow2"
-        await loop.run_in_executor(None, bucket.download_verified, key, path, parts)
+        download = functools.partial(bucket.download_verified, key, path, parts, stop=stop)
+        await loop.run_in_executor(None, download)
         # Before qemu-img reads anything: a layer from a bucket must not name a host file
         # (backing file, data file) for qemu-img to follow. Only the layers above the first
         # get a backing, and it is replaced by the one below.

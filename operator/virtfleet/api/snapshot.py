@@ -173,6 +173,11 @@ class VMRestoreStatus(StatusModel):
         ge=0,
         description="From a backup into an existing VM: tries so far (a failed read retries).",
     )
+    disks_replacing: bool | None = Field(
+        default=None,
+        description="From a backup into an existing VM: the replacement of its disks began "
+        "(a failure from then on keeps the VM stopped until this VMRestore is deleted).",
+    )
     memory_restored: bool | None = Field(
         default=None,
         description="True: the guest resumes at the snapshot's moment. False: disks only; "

@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,10 @@ MANIFEST = "manifest.json"
 PART_SIZE = 16 * 2**20
 #: S3's limit is 10,000 parts; a margin.
 MAX_PARTS = 9_000
-#: Parts moved at once, each way (each holds one part in memory).
+#: Parts moved at once, each way (an upload holds each in memory; a download streams).
 TRANSFER_WORKERS = 4
+#: A download's read size within a part.
+_CHUNK = 2**20
 
 
 class StoreError(Exception):
@@ -259,48 +261,66 @@ class BackupBucket:
         except Exception as exc:
             raise _translate(exc, f"reading {key}") from exc
 
-    def read_range(self, key: str, offset: int, length: int) -> bytes:
-        try:
-            got = self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
-            )
-            data = bytes(got["Body"].read())
-        except Exception as exc:
-            raise _translate(exc, f"reading {key}") from exc
-        self._throttle.take(len(data))
-        return data
-
     def download_verified(
-        self, key: str, path: Path, parts: PartDigests, workers: int = TRANSFER_WORKERS
+        self,
+        key: str,
+        path: Path,
+        parts: PartDigests,
+        workers: int = TRANSFER_WORKERS,
+        stop: threading.Event | None = None,
     ) -> None:
-        """Download ``key`` into ``path``, its parts in parallel, each checked against the
-        sha256 the manifest recorded for it before it is written: a file is only ever
-        made of verified bytes (a mismatch raises ``ChecksumMismatch``)."""
+        """Download ``key`` into ``path``, its parts in parallel (each streamed in chunks:
+        memory stays small whatever the part size), each checked against the sha256 the
+        manifest recorded for it; the first mismatch or error stops the rest and raises
+        (``ChecksumMismatch`` for a mismatch). The file is the caller's to discard then.
+        ``stop`` set by the caller ends the download early (it then raises StoreError)."""
         size = self.object_size(key)
         if size is None:
             raise StoreError("ObjectMissing", f"{key}: no such object")
         if size != parts.length:
             raise StoreError(
-                "ChecksumMismatch", f"{key}: {size} bytes, manifest says {parts.length}"
+                "ChecksumMismatch", f"{key}: {size} bytes, the manifest says {parts.length}"
             )
+        halt = stop or threading.Event()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
 
             def one(index: int) -> None:
                 offset, length = parts.span(index)
-                data = self.read_range(key, offset, length)
-                digest = hashlib.sha256(data).hexdigest()
-                if len(data) != length or digest != parts.sha256[index]:
+                digest = hashlib.sha256()
+                got = 0
+                try:
+                    body = self.client.get_object(
+                        Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+                    )["Body"]
+                    while not halt.is_set():
+                        chunk = body.read(_CHUNK)
+                        if not chunk:
+                            break
+                        self._throttle.take(len(chunk))
+                        digest.update(chunk)
+                        os.pwrite(fd, chunk, offset + got)
+                        got += len(chunk)
+                except Exception as exc:
+                    raise _translate(exc, f"reading {key}") from exc
+                if halt.is_set():
+                    raise StoreError("Cancelled", f"{key}: download stopped")
+                if got != length or digest.hexdigest() != parts.sha256[index]:
                     raise StoreError(
                         "ChecksumMismatch",
-                        f"{key}: part {index + 1} has sha256 {digest}, the manifest says "
-                        f"{parts.sha256[index]}",
+                        f"{key}: part {index + 1} has sha256 {digest.hexdigest()} "
+                        f"({got} bytes), the manifest says {parts.sha256[index]}",
                     )
-                os.pwrite(fd, data, offset)
 
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-get") as pool:
-                for done in [pool.submit(one, i) for i in range(len(parts.sha256))]:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-get")
+            try:
+                for done in as_completed([pool.submit(one, i) for i in range(len(parts.sha256))]):
                     done.result()
+            except BaseException:
+                halt.set()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             os.close(fd)
 

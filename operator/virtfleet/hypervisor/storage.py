@@ -489,6 +489,8 @@ async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: 
     """``length`` bytes of volume ``name``'s file from ``offset`` (fewer at its end), through
     a libvirt stream of their own: several ranges of one file are read in parallel."""
     validate_name(name)
+    if length <= 0:
+        raise ValueError("length must be positive (0 would mean the whole file to libvirt)")
 
     def call(conn: Any) -> bytes:
         vol = _lookup(_pool(conn, pool), name)
@@ -498,8 +500,8 @@ async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: 
         stream = conn.newStream(0)
         try:
             vol.download(stream, offset, length, 0)
-            while len(out) < length:
-                chunk = stream.recv(length - len(out))
+            while True:  # to the end of the stream (libvirt sends at most ``length``)
+                chunk = stream.recv(max(length - len(out), _UPLOAD_CHUNK))
                 if isinstance(chunk, int):  # -2: would block (not with a blocking stream)
                     continue
                 if not chunk:

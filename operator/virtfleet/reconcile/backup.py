@@ -27,6 +27,7 @@ PROGRESS_POLL_SECONDS = 1.0
 FIRST_POLL_SECONDS = 0.05
 FAST_POLL_FOR = 3.0
 LOCATION_RETRY_SECONDS = 10.0
+POOL_BUSY_RECHECK_SECONDS = 2.0
 
 
 def poll_seconds(running_for: float) -> float:
@@ -87,6 +88,9 @@ class Observed:
     has_disks: bool = True
     #: The VM's domain is defined on this node (a stopped VM is backed up from its volumes).
     defined: bool = True
+    #: A pool could not be refreshed (busy with a long job): files QEMU wrote since are not
+    #: known to it, so a scratch file not found may still exist.
+    pool_busy: bool = False
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -157,6 +161,13 @@ class Fail:
 
 
 @dataclass(frozen=True)
+class Recheck:
+    """Look again in ``seconds`` without writing anything (what was seen is not sure)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Nothing:
     pass
 
@@ -171,6 +182,7 @@ Action = (
     | Complete
     | Retry
     | Fail
+    | Recheck
     | Nothing
 )
 
@@ -249,6 +261,16 @@ def decide(backup: BackupView, seen: Observed) -> Action:
         if isinstance(chosen, Fail):
             return chosen
         return Claim(type=chosen[0], parent=chosen[1], checkpoint=own)
+
+    if (
+        phase in (BackupPhase.IN_PROGRESS, BackupPhase.UPLOADING)
+        and seen.pool_busy
+        and not seen.scratch_present
+        and not seen.job_active
+        and not seen.upload_running
+    ):
+        # "Files gone" would cost an attempt: look again once the pool answers.
+        return Recheck(POOL_BUSY_RECHECK_SECONDS)
 
     if phase == BackupPhase.IN_PROGRESS and status.checkpoint is None:
         return _offline(attempt, seen)

@@ -125,7 +125,9 @@ def decide_restore(
                 f"on node {vm_status.get('nodeName')}"
             )
         return RestoreProgress(f"VirtualMachine {vm_name} created; waiting for it to be Ready")
-    if status.get("vmCreated"):
+    if status.get("vmCreated") or status.get("vmUID"):
+        # Made by this restore, or the existing VM its agent was restoring into: either
+        # way not one to make (again) from the backup.
         return RestoreFail("VMDeleted", f"VirtualMachine {vm_name} was deleted during the restore")
     if backup is None:
         return RestoreWait("BackupNotFound", f"VMBackup {spec.get('backupName')} does not exist")

@@ -14,8 +14,12 @@ restore over a namespace's objects). The rules, in order:
 3. the chain is fetched and checked (every sha256, every layer's header) and joined into
    one qcow2 per disk *before* any disk is touched: a backup that cannot be read leaves
    the VM's disks as they were (``Failed`` says so);
-4. under the VM's lock: the domain's checkpoints are forgotten (their bitmaps were in the
-   old files) and each disk's volume is replaced by its restored image.
+4. under the VM's lock: ``disksReplacing`` is recorded (compare-and-swap) before the
+   first volume is touched, the domain's checkpoints are forgotten (their bitmaps were in
+   the old files) and each disk's volume is replaced by its restored image. A failure
+   from then on cannot say "nothing changed": the restore fails saying the disks may be
+   partly replaced, and the VM stays held until that VMRestore is deleted (an explicit
+   act: the user decides whether to boot such disks or to restore again).
 
 A VM with VMSnapshots is refused: their data lives inside its disks (internal qcow2
 snapshots) and would be lost with them.
@@ -42,6 +46,8 @@ class InPlaceView:
     backup_name: str
     phase: RestorePhase | None
     attempt: int
+    #: Status says a replacement began (some disks may already be the backup's).
+    replacing: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class InPlaceObserved:
     fetch_error: str | None
     #: This process replaced the disks in this attempt (it writes Succeeded next).
     replaced: bool
+    #: The replacement of this attempt failed (libvirt's error).
+    replace_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -151,23 +159,24 @@ def decide_in_place(view: InPlaceView, seen: InPlaceObserved) -> InPlaceAction:
         )
     if seen.fetch_running:
         return Nothing()
-    if seen.fetch_outcome == Outcome.FAILED:
-        why = seen.fetch_error or "the backup could not be read"
+    failed = seen.replace_error or (
+        (seen.fetch_error or "the backup could not be read")
+        if seen.fetch_outcome == Outcome.FAILED
+        else None
+    )
+    if failed is not None:
         if view.attempt >= MAX_ATTEMPTS:
-            return Fail(
-                "RestoreFailed",
-                f"attempt {view.attempt} of {MAX_ATTEMPTS} failed: {why}; the VM's disks were "
-                "not replaced",
+            return _fail(
+                view, "RestoreFailed", f"attempt {view.attempt} of {MAX_ATTEMPTS} failed: {failed}"
             )
-        return Retry(why, RETRY_SECONDS * 2 ** max(0, view.attempt - 1))
+        return Retry(failed, RETRY_SECONDS * 2 ** max(0, view.attempt - 1))
     if backup is None or backup.phase != BackupPhase.COMPLETED.value:
-        return Fail(
-            "BackupGone",
-            f"VMBackup {view.backup_name} went away during the restore; the VM's disks were "
-            "not replaced",
+        return _fail(
+            view, "BackupGone", f"VMBackup {view.backup_name} went away during the restore"
         )
     if not disks:
-        return Fail(
+        return _fail(
+            view,
             "NoDisksToRestore",
             f"VirtualMachine {view.vm_name} no longer has a disk VMBackup {view.backup_name} "
             "holds (its domain or its disks went away during the restore)",
@@ -181,6 +190,19 @@ def decide_in_place(view: InPlaceView, seen: InPlaceObserved) -> InPlaceAction:
     if seen.fetch_outcome == Outcome.SUCCEEDED:
         return Replace(disks)
     return Fetch(disks)
+
+
+def _fail(view: InPlaceView, reason: str, why: str) -> Fail:
+    """Failed, saying what became of the disks: untouched, or perhaps partly replaced (then
+    the VM stays held until this VMRestore is deleted)."""
+    if view.replacing:
+        return Fail(
+            reason,
+            f"{why}; the VM's disks may be partly replaced, so it is kept stopped until "
+            f"VMRestore {view.name} is deleted (restore again, or delete it to boot the disks "
+            "as they are)",
+        )
+    return Fail(reason, f"{why}; the VM's disks were not replaced")
 
 
 def _refusal(view: InPlaceView, seen: InPlaceObserved) -> Wait | Fail | None:

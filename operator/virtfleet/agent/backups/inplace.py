@@ -13,6 +13,7 @@ import functools
 import posixpath
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 from virtfleet.agent.agent import COMPONENT, key_of
 from virtfleet.agent.backupdisk import fetch_flat
 from virtfleet.agent.backups.observe import writable_disks
+from virtfleet.agent.backups.state import BackupDisk
 from virtfleet.agent.snapshot.store import ObjectStore
+from virtfleet.agent.snapshot.views import newer
 from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.snapshot import RestorePhase, SnapshotError, VMRestoreStatus
 from virtfleet.backupstore.s3 import BackupBucket, StoreError
-from virtfleet.hypervisor import backup, images, snapshots, storage
+from virtfleet.hypervisor import Guest, backup, images, snapshots, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import NODE_LABEL, Key
 from virtfleet.logs import get_logger
@@ -53,8 +56,12 @@ class FetchMemo:
     spool: Path | None = None
     flat: dict[str, Path] = field(default_factory=dict)
     replaced: bool = False
+    replace_error: str | None = None
+    #: Set to stop the download threads (a cancelled task does not stop them).
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def discard(self) -> None:
+        self.stop.set()
         if self.task is not None:
             self.task.cancel()
         if self.spool is not None:
@@ -85,16 +92,23 @@ class InPlaceRestores:
             log=self.log,
         )
 
-    async def preload(self) -> None:
+    async def preload(self, attempts: int = 30) -> None:
         """Before the VM loop starts: this node's restores (committed ones carry its label),
         so that a VM held by one is not started in the moment before the watch brings it
         (after a crash between a replacement and its status write, a start then would let
-        the guest write what the replacement's repetition overwrites)."""
-        try:
-            found = await self.kube.list("VMRestore", label_selector=f"{NODE_LABEL}={self.node}")
-        except KubeError as exc:
-            self.log.warning("restores not preloaded; holds known once watched", error=str(exc))
-            return
+        the guest write what the replacement's repetition overwrites). Without them the
+        agent does not start (kopf restarts it)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                found = await self.kube.list(
+                    "VMRestore", label_selector=f"{NODE_LABEL}={self.node}"
+                )
+                break
+            except KubeError as exc:
+                if attempt == attempts:
+                    raise
+                self.log.warning("restores not listed yet", attempt=attempt, error=str(exc))
+                await asyncio.sleep(1.0)
         for body in found:
             if (body.get("spec") or {}).get("backupName"):
                 self.restores.setdefault(key_of(body), dict(body))
@@ -113,6 +127,8 @@ class InPlaceRestores:
                 memo.discard()
             self._wake_vm(body)
             return
+        if not newer(self.restores.get(key), body):
+            return  # our own newer write is already cached
         self.restores[key] = dict(body)
         if self._vm_of(body) is not None:
             self.queue.add(key)
@@ -123,18 +139,23 @@ class InPlaceRestores:
                 self.queue.add(rkey)
 
     def held(self, vm_key: Key) -> str | None:
-        """Why the VM must stay stopped: a restore of this node is replacing its disks."""
+        """Why the VM must stay stopped: a restore is replacing its disks, or one failed
+        after it began replacing them (until that VMRestore is deleted)."""
+        vm = self.agent.cache.get(vm_key)
+        uid = vm["metadata"].get("uid") if vm is not None else None
         for (namespace, name), body in self.restores.items():
             status = body.get("status") or {}
-            if (
-                namespace == vm_key[0]
-                and body["spec"].get("vmName") == vm_key[1]
-                and status.get("phase") == RestorePhase.IN_PROGRESS.value
-                and status.get("nodeName") == self.node
-            ):
+            if namespace != vm_key[0] or not uid or status.get("vmUID") != uid:
+                continue
+            backup_name = body["spec"]["backupName"]
+            if status.get("phase") == RestorePhase.IN_PROGRESS.value:
                 return (
-                    f"its disks are being restored from VMBackup {body['spec']['backupName']} "
-                    f"(VMRestore {name})"
+                    f"its disks are being restored from VMBackup {backup_name} (VMRestore {name})"
+                )
+            if status.get("phase") == RestorePhase.FAILED.value and status.get("disksReplacing"):
+                return (
+                    f"VMRestore {name} failed while replacing its disks from VMBackup "
+                    f"{backup_name}; delete that VMRestore to boot the disks as they are"
                 )
         return None
 
@@ -184,6 +205,7 @@ class InPlaceRestores:
             backup_name=str(spec["backupName"]),
             phase=status.phase,
             attempt=status.attempt or 0,
+            replacing=bool(status.disks_replacing),
         )
         seen = rules.InPlaceObserved(
             backup=self._backup_facts(key[0], view.backup_name),
@@ -194,6 +216,7 @@ class InPlaceRestores:
             fetch_outcome=memo.outcome,
             fetch_error=memo.error,
             replaced=memo.replaced,
+            replace_error=memo.replace_error,
         )
         action = rules.decide_in_place(view, seen)
         log.debug("in-place restore decision", action=type(action).__name__)
@@ -202,7 +225,10 @@ class InPlaceRestores:
             case rules.Nothing():
                 return None
             case rules.Wait(reason=reason, message=message, seconds=seconds):
-                status = status.model_copy(update={"phase": RestorePhase.PENDING})
+                # A committed restore stays InProgress (the VM stays held); the VM's uid
+                # says which VM it is for (the controller fails it if that VM goes).
+                phase = status.phase or RestorePhase.PENDING
+                status = status.model_copy(update={"phase": phase, "vm_uid": vm_uid})
                 await self._write(key, body, status, reason, message)
                 return seconds
             case rules.Commit(disks=names):
@@ -231,15 +257,22 @@ class InPlaceRestores:
                 return None  # the fetch's end queues it
             case rules.Replace(disks=names):
                 assert guest is not None
-                await backup.forget_checkpoints(guest)
-                for disk in (d for d in disks if d.name in names):
-                    path = str(memo.flat[disk.name])
-                    stored = await storage.upload_file(
-                        self.hv, disk.pool, posixpath.basename(disk.path), path
-                    )
-                    if stored.format != "qcow2" or stored.backing_path is not None:
-                        raise hv_errors.UnsafeImage(f"disk {disk.name}: not a plain qcow2")
-                    log.info("disk replaced from backup", disk=disk.name, bytes=stored.allocation)
+                if any(name not in memo.flat for name in names):
+                    memo.outcome = None  # a disk joined since the fetch: fetch again
+                    return 0.0
+                if not status.disks_replacing:
+                    # Recorded before the first volume is touched: from here a failure can
+                    # no longer say the disks are as they were.
+                    status = status.model_copy(update={"disks_replacing": True})
+                    message = f"replacing disks {', '.join(names)}"
+                    if not await self._write(key, body, status, "Restoring", message, True):
+                        return 0.5
+                try:
+                    await self._replace(guest, [d for d in disks if d.name in names], memo, log)
+                except hv_errors.HypervisorError as exc:
+                    memo.replace_error = f"replacing the disks: {exc}"
+                    log.warning("disks not replaced", error=str(exc))
+                    return 0.0
                 memo.replaced = True
                 return 0.0
             case rules.Done(message=message):
@@ -280,6 +313,19 @@ class InPlaceRestores:
                 return None
         return None
 
+    async def _replace(
+        self, guest: Guest, disks: list[BackupDisk], memo: FetchMemo, log: Any
+    ) -> None:
+        """Under the VM's lock: checkpoints forgotten, each disk's volume replaced."""
+        await backup.forget_checkpoints(guest)
+        for disk in disks:
+            stored = await storage.upload_file(
+                self.hv, disk.pool, posixpath.basename(disk.path), str(memo.flat[disk.name])
+            )
+            if stored.format != "qcow2" or stored.backing_path is not None:
+                raise hv_errors.UnsafeImage(f"disk {disk.name}: not a plain qcow2")
+            log.info("disk replaced from backup", disk=disk.name, bytes=stored.allocation)
+
     def _finish(self, uid: str, body: Mapping[str, Any] | None) -> None:
         memo = self.memos.pop(uid, None)
         if memo is not None:
@@ -306,7 +352,7 @@ class InPlaceRestores:
                 )
             )
             for name in names:
-                flat, _ = await fetch_flat(bucket, prefix, name, memo.spool)
+                flat, _ = await fetch_flat(bucket, prefix, name, memo.spool, memo.stop)
                 info = await asyncio.get_running_loop().run_in_executor(
                     None, functools.partial(images.inspect, str(flat))
                 )

@@ -38,7 +38,7 @@ from virtfleet.api.backup import (
 )
 from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.snapshot import SnapshotError
-from virtfleet.backupstore.s3 import BackupBucket, StoreError, backup_prefix
+from virtfleet.backupstore.s3 import TRANSFER_WORKERS, BackupBucket, StoreError, backup_prefix
 from virtfleet.domain.jobs import JobOperation, JobType
 from virtfleet.hypervisor import DomainEvent, EventKind, backup, storage
 from virtfleet.hypervisor import errors as hv_errors
@@ -80,6 +80,8 @@ class BackupAgent:
             finalizer=self.settings.finalizer,
             log=self.log,
         )
+        #: Parts in flight (each in memory) across all this node's uploads.
+        self.transfer_gate = asyncio.Semaphore(TRANSFER_WORKERS)
         self.restores = InPlaceRestores(self)
         agent.start_holds.append(self.restores.held)
 
@@ -199,7 +201,7 @@ class BackupAgent:
                     error=memo.job_error,
                 )
         disks = await writable_disks(self.settings, vm, guest) if guest is not None else []
-        scratch = await scratch_present(self.hv, vm_uid, view.uid, disks)
+        scratch, pool_busy = await scratch_present(self.hv, vm_uid, view.uid, disks)
         seen = rules.Observed(
             vm_uid=vm_uid,
             running=running,
@@ -217,6 +219,7 @@ class BackupAgent:
             parents=parents_of(self.backups, view, vm_uid),
             has_disks=bool(disks) or guest is None,
             defined=guest is not None,
+            pool_busy=pool_busy,
         )
         if isinstance(bucket_or_reason, BackupBucket):
             bucket_or_reason.close()
@@ -227,6 +230,8 @@ class BackupAgent:
         match action:
             case rules.Nothing():
                 return None
+            case rules.Recheck(seconds=seconds):
+                return seconds
             case rules.Wait(seconds=seconds, reason=reason, message=message):
                 status = _with(status, phase=BackupPhase.PENDING)
                 status = _with(
@@ -503,6 +508,7 @@ class BackupAgent:
                 disks=disks,
                 domain_xml=domain_xml,
                 memo=memo,
+                gate=self.transfer_gate,
             )
             memo.disks = [r.status for r in results]
             memo.upload_outcome = rules.Outcome.SUCCEEDED

@@ -76,15 +76,20 @@ async def writable_disks(
 
 async def scratch_present(
     hv: Hypervisor, vm_uid: str, backup_uid: str, disks: list[BackupDisk]
-) -> bool:
+) -> tuple[bool, bool]:
+    """Whether a scratch file of the backup is in a pool, and whether that could not be
+    told: a pool libvirt would not refresh (a long pool job: a stopped VM's copy) does
+    not know the files QEMU wrote since, so "not found" there means "not known yet"."""
+    unsure = False
     for disk in disks:
         try:
             await storage.refresh_pool(hv, disk.pool)
         except hv_errors.HypervisorError as exc:  # a busy pool: the lookup below still answers
             _log.info("pool not refreshed", pool=disk.pool, error=str(exc))
+            unsure = True
         if await storage.lookup_volume(hv, disk.pool, scratch_name(vm_uid, disk.name, backup_uid)):
-            return True
-    return False
+            return True, False
+    return False, unsure
 
 
 async def delete_scratch(

@@ -60,10 +60,12 @@ async def upload_backup(
     disks: list[BackupDisk],
     domain_xml: str,
     memo: BackupMemo,
+    gate: asyncio.Semaphore,
 ) -> list[DiskUpload]:
-    """The disks, then the manifest (last: the backup exists once it does)."""
+    """The disks, then the manifest (last: the backup exists once it does). ``gate`` bounds
+    the parts in flight (each in memory) across all uploads of the node."""
     prefix = backup_prefix(location_prefix, key[0], key[1])
-    results = await upload_disks(hv, bucket, prefix, vm_uid, uid, disks, memo)
+    results = await upload_disks(hv, bucket, prefix, vm_uid, uid, disks, memo, gate)
     # Parents go to the same location: its prefix is derived, never looked up (a parent
     # being deleted meanwhile is still the chain's base, held by its child).
     parent_prefix = backup_prefix(location_prefix, key[0], status.parent) if status.parent else None
@@ -90,6 +92,7 @@ async def upload_disks(
     backup_uid: str,
     disks: list[BackupDisk],
     memo: BackupMemo,
+    gate: asyncio.Semaphore,
 ) -> list[DiskUpload]:
     """Each disk's scratch file into ``<prefix>disks/<disk>.qcow2``, in parts."""
     memo.upload_total = memo.upload_done = 0
@@ -104,7 +107,7 @@ async def upload_disks(
         object_key = f"{prefix}disks/{disk.name}.qcow2"
         scratch = scratch_name(vm_uid, disk.name, backup_uid)
         parts = await upload_parts(
-            hv, bucket, object_key, disk.pool, scratch, sizes[disk.name], memo
+            hv, bucket, object_key, disk.pool, scratch, sizes[disk.name], memo, gate
         )
         source = await storage.lookup_volume(hv, disk.pool, disk.path.rsplit("/", 1)[-1])
         status = BackupDiskStatus(
@@ -126,8 +129,10 @@ async def upload_parts(
     volume: str,
     length: int,
     memo: BackupMemo,
+    gate: asyncio.Semaphore,
 ) -> PartDigests:
-    """The volume's file as object ``key``: TRANSFER_WORKERS parts at a time, each read
+    """The volume's file as object ``key``: parts in parallel (as many as ``gate`` lets
+    through), each read
     through a libvirt stream of its own, hashed and uploaded (no part is read twice, no
     copy of the file is made). A failure aborts the multipart upload: nothing half-made
     is left under ``key``."""
@@ -140,27 +145,32 @@ async def upload_parts(
     digests: list[str] = [""] * count
     etags: list[str] = [""] * count
     if count == 1:
-        data = await storage.read_range(hv, pool, volume, 0, length)
-        digests[0] = await loop.run_in_executor(None, _sha256, data)
-        await loop.run_in_executor(None, bucket.put_bytes, key, data)
+        async with gate:
+            data = await storage.read_range(hv, pool, volume, 0, length)
+            if len(data) != length:
+                raise StoreError("SourceFailed", f"{volume}: {len(data)} of {length} bytes read")
+            digests[0] = await loop.run_in_executor(None, _sha256, data)
+            await loop.run_in_executor(None, bucket.put_bytes, key, data)
         memo.upload_done += len(data)
         return PartDigests(length, part_size, tuple(digests))
     upload_id = await loop.run_in_executor(None, bucket.begin_upload, key)
-    gate = asyncio.Semaphore(TRANSFER_WORKERS)
 
-    async def one(index: int) -> None:
-        offset, size = shape.span(index)
-        async with gate:
-            data = await storage.read_range(hv, pool, volume, offset, size)
-            if len(data) != size:
-                raise StoreError("SourceFailed", f"{volume}: part {index + 1} is short")
-            digests[index] = await loop.run_in_executor(None, _sha256, data)
-            etags[index] = await loop.run_in_executor(
-                None, bucket.upload_part, key, upload_id, index + 1, data
-            )
+    pending = iter(range(count))  # shared by the workers: each part taken once
+
+    async def worker() -> None:
+        for index in pending:
+            offset, size = shape.span(index)
+            async with gate:
+                data = await storage.read_range(hv, pool, volume, offset, size)
+                if len(data) != size:
+                    raise StoreError("SourceFailed", f"{volume}: part {index + 1} is short")
+                digests[index] = await loop.run_in_executor(None, _sha256, data)
+                etags[index] = await loop.run_in_executor(
+                    None, bucket.upload_part, key, upload_id, index + 1, data
+                )
             memo.upload_done += size
 
-    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    tasks = [asyncio.create_task(worker()) for _ in range(min(TRANSFER_WORKERS, count))]
     try:
         await asyncio.gather(*tasks)
         await loop.run_in_executor(None, bucket.finish_upload, key, upload_id, etags)

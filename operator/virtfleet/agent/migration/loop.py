@@ -235,6 +235,11 @@ class MigrationAgent:
                 return CACHE_BEHIND_RETRY_SECONDS
             try:
                 vm_body, guest, vm_spec = await checks.check_vm(self.ctx, spec, cached_vm)
+                held = self.agent.held(vm_key)
+                if held:
+                    raise ActionError(
+                        "RestoreInProgress", f"the VM cannot move: {held}", permanent=True
+                    )
                 checks.check_snapshots(
                     self.ctx,
                     self.snaps.snapshots,

@@ -127,7 +127,7 @@ class SnapshotLoop:
         ]
         if busy:
             return f"VMRestore {', '.join(sorted(busy))} of the VM is in progress"
-        return None
+        return self.snaps.agent.held((namespace, vm.name))
 
     async def _act(
         self,
