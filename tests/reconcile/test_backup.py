@@ -700,3 +700,10 @@ def test_a_busy_pool_is_looked_at_again_not_taken_for_lost_files(phase: BackupPh
     assert decide(backup(phase, type_=BackupType.FULL), seen) == Recheck(POOL_BUSY_RECHECK_SECONDS)
     # Once the pool answers, a missing file is a missing file.
     assert isinstance(decide(in_progress(), replace(seen, pool_busy=False)), Retry)
+
+
+@pytest.mark.parametrize("phase", [BackupPhase.IN_PROGRESS, BackupPhase.UPLOADING])
+def test_a_retry_waits_out_its_back_off_whatever_wakes_it(phase: BackupPhase) -> None:
+    """The retry's own status write comes back as a watch event at once: not a start."""
+    seen = replace(RUNNING, retry_in=4.5, scratch_present=True)
+    assert decide(backup(phase, type_=BackupType.FULL), seen) == Recheck(4.5)

@@ -17,6 +17,7 @@ from virtfleet.reconcile.backup_inplace import (
     Fetch,
     InPlaceObserved,
     InPlaceView,
+    Later,
     Nothing,
     Replace,
     Retry,
@@ -181,3 +182,8 @@ def test_a_failure_after_the_replacement_began_says_the_disks_may_be_changed() -
     gone = decide_in_place(replace(began, attempt=1), replace(STOPPED, backup=None))
     assert isinstance(gone, Fail)
     assert "partly replaced" in gone.message
+
+
+def test_a_retry_waits_out_its_back_off() -> None:
+    """The retry's own status write wakes the loop at once: not a new fetch yet."""
+    assert decide_in_place(IN_PROGRESS, replace(STOPPED, retry_in=3.0)) == Later(3.0)

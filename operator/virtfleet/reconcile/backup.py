@@ -91,6 +91,9 @@ class Observed:
     #: A pool could not be refreshed (busy with a long job): files QEMU wrote since are not
     #: known to it, so a scratch file not found may still exist.
     pool_busy: bool = False
+    #: Seconds until the next attempt may start (a retry's back-off; the watch event of
+    #: the retry's own status write must not start it at once).
+    retry_in: float = 0.0
 
 
 # --- actions -------------------------------------------------------------------------------
@@ -261,6 +264,14 @@ def decide(backup: BackupView, seen: Observed) -> Action:
         if isinstance(chosen, Fail):
             return chosen
         return Claim(type=chosen[0], parent=chosen[1], checkpoint=own)
+
+    if (
+        phase in (BackupPhase.IN_PROGRESS, BackupPhase.UPLOADING)
+        and seen.retry_in > 0
+        and not seen.job_active
+        and not seen.upload_running
+    ):
+        return Recheck(seen.retry_in)
 
     if (
         phase in (BackupPhase.IN_PROGRESS, BackupPhase.UPLOADING)

@@ -74,6 +74,8 @@ class InPlaceObserved:
     replaced: bool
     #: The replacement of this attempt failed (libvirt's error).
     replace_error: str | None = None
+    #: Seconds until the next attempt may start (a retry's back-off).
+    retry_in: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,18 @@ class Fail:
 
 
 @dataclass(frozen=True)
+class Later:
+    """Look again in ``seconds``, writing nothing."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Nothing:
     pass
 
 
-InPlaceAction = Wait | Commit | Fetch | Replace | Done | Retry | Fail | Nothing
+InPlaceAction = Wait | Commit | Fetch | Replace | Done | Retry | Fail | Later | Nothing
 
 
 def restorable_disks(backup: BackupFacts, vm_disks: Sequence[str]) -> tuple[str, ...]:
@@ -159,6 +168,8 @@ def decide_in_place(view: InPlaceView, seen: InPlaceObserved) -> InPlaceAction:
         )
     if seen.fetch_running:
         return Nothing()
+    if seen.retry_in > 0:
+        return Later(seen.retry_in)
     failed = seen.replace_error or (
         (seen.fetch_error or "the backup could not be read")
         if seen.fetch_outcome == Outcome.FAILED

@@ -14,6 +14,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,8 @@ class FetchMemo:
     replace_error: str | None = None
     #: Set to stop the download threads (a cancelled task does not stop them).
     stop: threading.Event = field(default_factory=threading.Event)
+    #: Monotonic time before which the next attempt does not start (a retry's back-off).
+    not_before: float = 0.0
 
     def discard(self) -> None:
         self.stop.set()
@@ -217,6 +220,7 @@ class InPlaceRestores:
             fetch_error=memo.error,
             replaced=memo.replaced,
             replace_error=memo.replace_error,
+            retry_in=max(0.0, memo.not_before - time.monotonic()),
         )
         action = rules.decide_in_place(view, seen)
         log.debug("in-place restore decision", action=type(action).__name__)
@@ -288,8 +292,11 @@ class InPlaceRestores:
                     self._finish(uid, body)
                     await self._event(body, "Normal", "Restored", message)
                 return None
+            case rules.Later(seconds=seconds):
+                return seconds
             case rules.Retry(message=message, seconds=seconds):
                 self._finish(uid, None)
+                self.memos[uid] = FetchMemo(not_before=time.monotonic() + seconds)
                 status = status.model_copy(
                     update={
                         "attempt": (status.attempt or 0) + 1,

@@ -220,6 +220,7 @@ class BackupAgent:
             has_disks=bool(disks) or guest is None,
             defined=guest is not None,
             pool_busy=pool_busy,
+            retry_in=max(0.0, memo.not_before - time.monotonic()),
         )
         if isinstance(bucket_or_reason, BackupBucket):
             bucket_or_reason.close()
@@ -405,7 +406,7 @@ class BackupAgent:
                 return None
             case rules.Retry():
                 await clean(self.hv, guest, vm_uid, view.uid, disks, action.drop_checkpoint)
-                self.memos[view.uid] = BackupMemo()
+                self.memos[view.uid] = BackupMemo(not_before=time.monotonic() + action.delay)
                 status = _with(status, phase=action.phase)
                 status = _with(status, attempt=(status.attempt or 0) + 1)
                 status = _with(status, error=SnapshotError(message=action.message, time=now))

@@ -32,6 +32,8 @@ class BackupMemo:
     upload_done: int = 0
     upload_total: int = 0
     disks: list[BackupDiskStatus] = field(default_factory=list)
+    #: Monotonic time before which the next attempt does not start (a retry's back-off).
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True)
