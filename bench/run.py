@@ -17,6 +17,7 @@ import json
 import os
 import pkgutil
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -150,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             document["scenarios"].append(run_one(name, ctx))
             json_path.write_text(json.dumps(document, indent=2) + "\n")  # partial results survive
     finally:
+        # Scenarios' files (downloaded disks: gigabytes) go, whatever happened.
+        shutil.rmtree(scratch, ignore_errors=True)
         if started and not args.keep:
             cluster.down(state_dir)
     json_path.write_text(json.dumps(document, indent=2) + "\n")

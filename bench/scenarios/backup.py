@@ -19,6 +19,7 @@ bitmaps see every write, as they would see the guest's.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import tempfile
 import time
@@ -124,7 +125,7 @@ def raw_restore(node: hn.Node, bucket: str, env: dict[str, str], scratch: Path) 
     started = time.monotonic()
     full, incr, flat = scratch / "r-full.qcow2", scratch / "r-incr.qcow2", scratch / "r.qcow2"
     client_ = s3(env)
-    client_.download_file(bucket, "raw/full.qcow2", str(full))
+    client_.download_file(bucket, "raw/full2.qcow2", str(full))
     client_.download_file(bucket, "raw/incr.qcow2", str(incr))
     subprocess.run(
         ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", str(full), "-F", "qcow2", str(incr)],
@@ -144,10 +145,14 @@ def raw_restore(node: hn.Node, bucket: str, env: dict[str, str], scratch: Path) 
     return seconds
 
 
-def restored_status(api: client.ApiClient, namespace: str) -> str | None:
+def is_running(api: client.ApiClient, namespace: str, vm: str) -> bool:
+    return restored_status(api, namespace, vm) == "Running"
+
+
+def restored_status(api: client.ApiClient, namespace: str, vm: str) -> str | None:
     """The restored VM's printableStatus; None until the controller made it."""
     try:
-        return guests.printable_status(api, namespace, "copy")
+        return guests.printable_status(api, namespace, vm)
     except client.ApiException as exc:
         if exc.status == 404:
             return None
@@ -248,43 +253,67 @@ def run(ctx: BenchContext) -> ScenarioResult:
         samples = [line.strip() for line in out.splitlines() if line.strip()]
         paused = sum(1 for s in samples if s != "running")
         vf_full_bytes = int(status.get("uploadedBytes") or 0)
-        raw_full, raw_full_bytes = raw_backup(
+        raw_full_1, raw_full_bytes = raw_backup(
             node, raw_name, bucket, ctx.env, scratch, "full", None
         )
+        # A second full backup of each, in the other order: the best of two is reported
+        # (on 2 shared CPUs one run varies by ±20 %; whoever goes first is not favoured).
+        raw_full_2, _ = raw_backup(node, raw_name, bucket, ctx.env, scratch, "full2", None)
+        vf_full_2, _ = operator.timed(
+            "VMBackup", "vmbackups", "full2", {"location": "default", "mode": "Full"}, "Completed"
+        )
+        vf_full, raw_full = min(vf_full, vf_full_2), min(raw_full_1, raw_full_2)
 
-        for domain in (operator.domain, raw_name):
-            write(node, domain, (1 + full_mib) * MiB, incr_mib * MiB, 0x6B)
-        vf_incr, status = operator.timed(
-            "VMBackup", "vmbackups", "incr", {"location": "default"}, "Completed"
-        )
-        if status.get("type") != "Incremental":
-            raise guests.BenchError(f"the operator's second backup was {status.get('type')}")
-        vf_incr_bytes = int(status.get("uploadedBytes") or 0)
-        raw_incr, raw_incr_bytes = raw_backup(
-            node, raw_name, bucket, ctx.env, scratch, "incr", "full"
-        )
+        # Incrementals, each after incr_mib more MiB: two of each, in alternating order.
+        incr_times: tuple[list[float], list[float]] = ([], [])
+        vf_incr_bytes = raw_incr_bytes = 0
+        for round_, (name, parent) in enumerate((("incr", "full2"), ("incr2", "incr"))):
+            for domain in (operator.domain, raw_name):
+                write(node, domain, (1 + full_mib + round_ * incr_mib) * MiB, incr_mib * MiB, 0x6B)
+            for side in (0, 1) if round_ == 0 else (1, 0):
+                if side == 0:
+                    took, status = operator.timed(
+                        "VMBackup", "vmbackups", name, {"location": "default"}, "Completed"
+                    )
+                    if status.get("type") != "Incremental":
+                        raise guests.BenchError(f"the operator's {name} was {status.get('type')}")
+                    vf_incr_bytes = int(status.get("uploadedBytes") or 0)
+                else:
+                    took, raw_incr_bytes = raw_backup(
+                        node, raw_name, bucket, ctx.env, scratch, name, parent
+                    )
+                incr_times[side].append(took)
+        vf_incr, raw_incr = min(incr_times[0]), min(incr_times[1])
 
-        started = time.monotonic()
-        operator.objects.create_namespaced_custom_object(
-            guests.GROUP,
-            guests.VERSION,
-            namespace,
-            "vmrestores",
-            {
-                "apiVersion": f"{guests.GROUP}/{guests.VERSION}",
-                "kind": "VMRestore",
-                "metadata": {"name": "back", "namespace": namespace},
-                "spec": {"vmName": "copy", "backupName": "incr", "nodeName": node.name},
-            },
-        )
-        guests.wait(
-            lambda: restored_status(operator.api, namespace) == "Running",
-            600,
-            0.05,
-            "the restored VM Running",
-        )
-        vf_restore = time.monotonic() - started
-        raw_restore_s = raw_restore(node, bucket, ctx.env, scratch)
+        # Restores of the chain full2 + incr: two of each, in alternating order.
+        restore_times: tuple[list[float], list[float]] = ([], [])
+        for round_ in (0, 1):
+            for side in (0, 1) if round_ == 0 else (1, 0):
+                if side == 1:
+                    restore_times[1].append(raw_restore(node, bucket, ctx.env, scratch))
+                    continue
+                vm = f"copy{round_}"
+                started = time.monotonic()
+                operator.objects.create_namespaced_custom_object(
+                    guests.GROUP,
+                    guests.VERSION,
+                    namespace,
+                    "vmrestores",
+                    {
+                        "apiVersion": f"{guests.GROUP}/{guests.VERSION}",
+                        "kind": "VMRestore",
+                        "metadata": {"name": f"back{round_}", "namespace": namespace},
+                        "spec": {"vmName": vm, "backupName": "incr", "nodeName": node.name},
+                    },
+                )
+                guests.wait(
+                    functools.partial(is_running, operator.api, namespace, vm),
+                    600,
+                    0.05,
+                    f"the restored VM {vm} Running",
+                )
+                restore_times[0].append(time.monotonic() - started)
+        vf_restore, raw_restore_s = min(restore_times[0]), min(restore_times[1])
 
         for metric, vf, raw in (
             (f"full backup, {full_mib} MiB written of {disk_mib} MiB", vf_full, raw_full),
@@ -319,14 +348,15 @@ def run(ctx: BenchContext) -> ScenarioResult:
             )
         )
     finally:
-        # The restore first, or the controller may make its VM after the VMs were deleted.
-        try:
-            operator.objects.delete_namespaced_custom_object(
-                guests.GROUP, guests.VERSION, namespace, "vmrestores", "back"
-            )
-        except client.ApiException as exc:
-            notes.append(f"no VMRestore to delete ({exc.status})")
-        guests.delete_vms(ctx.env, namespace, [operator.name, "copy"], node.name)
+        # The restores first, or the controller may make a VM after the VMs were deleted.
+        for restore in ("back0", "back1"):
+            try:
+                operator.objects.delete_namespaced_custom_object(
+                    guests.GROUP, guests.VERSION, namespace, "vmrestores", restore
+                )
+            except client.ApiException as exc:
+                notes.append(f"no VMRestore {restore} to delete ({exc.status})")
+        guests.delete_vms(ctx.env, namespace, [operator.name, "copy0", "copy1"], node.name)
         subprocess.run(["virsh", "-c", node.uri, "destroy", raw_name], capture_output=True)
         subprocess.run(
             ["virsh", "-c", node.uri, "undefine", raw_name, "--checkpoints-metadata"],
@@ -348,13 +378,16 @@ def run(ctx: BenchContext) -> ScenarioResult:
     )
     notes.append(
         "raw = virsh backup-begin (push, checkpoint) + wait + virsh vol-download + boto3 "
-        "upload_file; virtfleet streams the file from libvirt into an S3 multipart upload "
-        "(no local copy) and writes a manifest with the sha256 of every object."
+        "upload_file; virtfleet reads the file from libvirt in 32 MiB ranges, three at a time, "
+        "hashes and uploads each as a part of an S3 multipart upload (no local copy) and "
+        "writes a manifest with the sha256 of every part. Full backups: two of each, in "
+        "alternating order, the best of two reported; the same for incrementals and restores."
     )
     notes.append(
         "restore: virtfleet = VMRestore created → the new VM Running (controller creates it, "
-        "the node downloads and checks the chain, joins it with qemu-img, imports it, starts "
-        "the domain); raw = downloads + qemu-img rebase/convert + virsh vol-upload (no VM)."
+        "the node downloads the chain's parts in parallel and checks each, joins it with "
+        "qemu-img, imports it in four parallel ranges, starts the domain); raw = downloads + "
+        "qemu-img rebase/convert + virsh vol-upload (no VM)."
     )
     return ScenarioResult(
         name="backup",

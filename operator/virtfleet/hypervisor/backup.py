@@ -19,18 +19,14 @@ harness nodes (libvirt 9.0, QEMU 7.2) that shaped the rules in ``docs/backups.md
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import libvirt
 from lxml import etree
 
 from virtfleet.domain.jobs import JobProgress, parse_job_stats
-from virtfleet.hypervisor import errors, storage
-from virtfleet.hypervisor.connection import Hypervisor
+from virtfleet.hypervisor import errors
 from virtfleet.hypervisor.guest import Guest
 from virtfleet.logs import get_logger
 
@@ -43,12 +39,10 @@ __all__ = [
     "delete_checkpoint",
     "drop_checkpoints",
     "forget_checkpoints",
-    "read_volume",
     "running_job",
 ]
 
 _log = get_logger("virtfleet.hypervisor.backup")
-_CHUNK = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -198,25 +192,3 @@ async def forget_checkpoints(guest: Guest) -> list[str]:
     if forgotten:
         _log.info("checkpoints forgotten", domain=guest.name, checkpoints=forgotten)
     return forgotten
-
-
-async def read_volume(
-    hv: Hypervisor, pool: str, name: str, sink: Callable[[bytes], None]
-) -> tuple[int, str]:
-    """Stream volume ``name``'s bytes into ``sink`` (``virStorageVolDownload``); returns the
-    byte count and their sha256. Works against a remote libvirtd like every pool call."""
-
-    def call(conn: Any) -> tuple[int, str]:
-        pool_obj = conn.storagePoolLookupByName(pool)
-        with contextlib.suppress(libvirt.libvirtError):
-            pool_obj.refresh(0)  # QEMU made the file behind libvirt's back
-        digest = hashlib.sha256()
-
-        def both(chunk: bytes) -> None:
-            digest.update(chunk)
-            sink(chunk)
-
-        total = storage.stream_out(conn, pool, name, both, _CHUNK)
-        return total, digest.hexdigest()
-
-    return await hv.call_long(call)

@@ -54,6 +54,7 @@ __all__ = [
 #: Formats we create or accept as a backing image. Others (vmdk, iso, ...) are refused.
 FORMATS = frozenset({"qcow2", "raw"})
 _UPLOAD_CHUNK = 256 * 1024
+_DOWNLOAD_CHUNK = 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +493,7 @@ def stream_out(
     pool: str,
     name: str,
     sink: Callable[[bytes], object],
-    chunk_size: int = _UPLOAD_CHUNK,
+    chunk_size: int = _DOWNLOAD_CHUNK,
 ) -> int:
     """Worker thread: volume ``name``'s bytes into ``sink`` (``virStorageVolDownload``);
     returns how many. An interrupted stream is aborted, never left open."""
@@ -536,14 +537,14 @@ async def file_size(hv: Hypervisor, pool: str, name: str) -> int:
     return await hv.call(call)
 
 
-async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: int) -> bytes:
+async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: int) -> bytearray:
     """``length`` bytes of volume ``name``'s file from ``offset`` (fewer at its end), through
     a libvirt stream of their own: several ranges of one file are read in parallel."""
     validate_name(name)
     if length <= 0:
         raise ValueError("length must be positive (0 would mean the whole file to libvirt)")
 
-    def call(conn: Any) -> bytes:
+    def call(conn: Any) -> bytearray:
         vol = _lookup(_pool(conn, pool), name)
         if vol is None:
             raise errors.NotFound(f"volume {name!r} not in pool {pool!r}")
@@ -552,7 +553,10 @@ async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: 
         try:
             vol.download(stream, offset, length, 0)
             while True:  # to the end of the stream (libvirt sends at most ``length``)
-                chunk = stream.recv(max(length - len(out), _UPLOAD_CHUNK))
+                # A modest buffer: the binding allocates what is asked for every call, and
+                # a message carries at most 256 KiB (measured: 16 MiB asks made reading
+                # 512 MiB take 2.1 s, 1 MiB asks 0.6 s).
+                chunk = stream.recv(_DOWNLOAD_CHUNK)
                 if isinstance(chunk, int):  # -2: would block (not with a blocking stream)
                     continue
                 if not chunk:
@@ -563,7 +567,7 @@ async def read_range(hv: Hypervisor, pool: str, name: str, offset: int, length: 
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
             raise
-        return bytes(out)
+        return out  # not copied into bytes: boto3 and hashlib take a bytearray
 
     return await hv.call_long(call)
 

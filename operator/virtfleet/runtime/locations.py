@@ -35,6 +35,22 @@ async def open_bucket(kube: KubeApi, namespace: str, spec: VMBackupLocationSpec)
     return BackupBucket(spec, await credentials(kube, namespace, spec))
 
 
+async def location_state(
+    kube: KubeApi, namespace: str, name: str
+) -> tuple[VMBackupLocationSpec | None, str | None]:
+    """The location's spec and, when its last check did not say Available, why (None: it
+    is available). Opens nothing: what a loop asks on every pass."""
+    try:
+        body: Mapping[str, Any] = await kube.get(LOCATION_KIND, namespace, name)
+    except NotFound:
+        return None, f"VMBackupLocation {name} does not exist"
+    spec = VMBackupLocationSpec.model_validate(body.get("spec") or {})
+    status = body.get("status") or {}
+    if status.get("phase") != LocationPhase.AVAILABLE.value:
+        return spec, str(status.get("message") or "its reachability was not checked yet")
+    return spec, None
+
+
 async def open_location(
     kube: KubeApi, namespace: str, name: str, *, require_available: bool = True
 ) -> tuple[VMBackupLocationSpec | None, BackupBucket | str]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from virtfleet.agent.agent import COMPONENT, Agent, key_of
-from virtfleet.agent.backups import upload
+from virtfleet.agent.backups import left, upload
 from virtfleet.agent.backups.inplace import InPlaceRestores
 from virtfleet.agent.backups.observe import (
     clean,
@@ -48,7 +48,7 @@ from virtfleet.reconcile import backup as rules
 from virtfleet.reconcile.vm_model import EventNote
 from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import KubeError
-from virtfleet.runtime.locations import open_location
+from virtfleet.runtime.locations import location_state, open_location
 from virtfleet.runtime.queue import WorkQueue
 
 
@@ -84,6 +84,8 @@ class BackupAgent:
         self.transfer_gate = asyncio.Semaphore(TRANSFER_WORKERS)
         self.restores = InPlaceRestores(self)
         agent.start_holds.append(self.restores.held)
+        agent.on_forget(self.vm_left)
+        self.left_tasks: set[asyncio.Task[None]] = set()
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -102,6 +104,9 @@ class BackupAgent:
         for rkey, restore in self.restores.restores.items():
             if rkey[0] == key[0] and restore["spec"].get("backupName") == key[1]:
                 self.restores.queue.add(rkey)
+
+    def vm_left(self, vm_key: Key) -> None:
+        left.stop_backups(self, vm_key)
 
     def on_vm_event(self, key: Key) -> None:
         self.restores.on_vm_event(key)
@@ -179,7 +184,7 @@ class BackupAgent:
         vm_uid = str(vm["metadata"]["uid"])
         guest = await self.hv.lookup(vm_uid)
         running = guest is not None and await guest.is_active()
-        location, bucket_or_reason = await self._location(key[0], view.spec.location)
+        location, unavailable = await location_state(self.kube, key[0], view.spec.location)
         checkpoints = tuple(await backup.checkpoint_names(guest)) if running and guest else ()
         job_active = False
         if running and guest is not None and memo.job_started and memo.job_outcome is None:
@@ -206,8 +211,8 @@ class BackupAgent:
             vm_uid=vm_uid,
             running=running,
             location_found=location is not None,
-            location_available=not isinstance(bucket_or_reason, str),
-            location_message=bucket_or_reason if isinstance(bucket_or_reason, str) else "",
+            location_available=unavailable is None,
+            location_message=unavailable or "",
             checkpoints=checkpoints,
             job_active=job_active,
             job_outcome=memo.job_outcome,
@@ -222,8 +227,6 @@ class BackupAgent:
             pool_busy=pool_busy,
             retry_in=max(0.0, memo.not_before - time.monotonic()),
         )
-        if isinstance(bucket_or_reason, BackupBucket):
-            bucket_or_reason.close()
         action = rules.decide(view, seen)
         log.debug("backup decision", action=type(action).__name__)
         status = view.status.model_copy(deep=True)

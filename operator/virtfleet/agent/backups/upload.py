@@ -183,7 +183,7 @@ async def upload_parts(
     return PartDigests(length, part_size, tuple(digests))
 
 
-def _sha256(data: bytes) -> str:
+def _sha256(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
