@@ -507,6 +507,17 @@ def test_a_stopped_vm_is_backed_up_from_its_volumes_and_restored_into_itself(
     assert refused["status"]["phase"] == "Failed"
     assert condition(refused, "Stalled")["reason"] == "BackupOfAnotherVM"  # type: ignore[index]
 
+    # A name the bucket already holds (another cluster's backup, say) is never written
+    # over. (Its manifest here is one the location's sync skips, so no synced VMBackup of
+    # that name races the new one.)
+    taken = f"backups/{namespace}/keep-3/manifest.json"
+    s3(system).put_object(Bucket=bucket, Key=taken, Body=b"[]")
+    backup(system, namespace, "keep-3", "keep")
+    clash = backup_done(system, namespace, "keep-3", timeout=60)
+    assert clash["status"]["phase"] == "Failed"
+    assert condition(clash, "Stalled")["reason"] == "BackupExists"  # type: ignore[index]
+    assert [k for k in objects(system, bucket) if "/keep-3/" in k] == [taken]
+
 
 def set_strategy(
     system: Cluster, namespace: str, vm: str, strategy: str, *, wait_for_stop: bool = True

@@ -707,3 +707,17 @@ def test_a_retry_waits_out_its_back_off_whatever_wakes_it(phase: BackupPhase) ->
     """The retry's own status write comes back as a watch event at once: not a start."""
     seen = replace(RUNNING, retry_in=4.5, scratch_present=True)
     assert decide(backup(phase, type_=BackupType.FULL), seen) == Recheck(4.5)
+
+
+def test_a_name_the_bucket_already_holds_is_never_overwritten() -> None:
+    """A retained backup (or another cluster's) under the same name stays: Failed, why."""
+    action = decide(backup(), replace(RUNNING, prefix_taken=True))
+    assert isinstance(action, Fail)
+    assert action.reason == "BackupExists"
+    assert "another name" in action.message
+
+
+def test_a_store_that_cannot_say_whether_the_name_is_taken_is_waited_for() -> None:
+    action = decide(backup(), replace(RUNNING, prefix_taken=None))
+    assert isinstance(action, Wait)
+    assert action.reason == "LocationUnavailable"

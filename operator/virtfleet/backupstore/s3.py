@@ -199,7 +199,10 @@ class BackupBucket:
             raise _translate(exc, f"reading {key}") from exc
         except Exception as exc:
             raise _translate(exc, f"reading {key}") from exc
-        return json.loads(got["Body"].read())
+        try:
+            return json.loads(got["Body"].read())
+        except ValueError as exc:
+            raise StoreError("BadManifest", f"{key} is not JSON: {exc}") from exc
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; the manifest first, so a half-deleted

@@ -166,8 +166,13 @@ class BackupController:
             name = rules.synced_name(manifest_key, base)
             if name is None or name in known:
                 continue
-            manifest = await loop.run_in_executor(None, bucket.get_json, manifest_key)
+            try:
+                manifest = await loop.run_in_executor(None, bucket.get_json, manifest_key)
+            except StoreError as exc:
+                self.log.warning("manifest not synced", key=manifest_key, error=exc.message)
+                continue
             if not isinstance(manifest, dict):
+                self.log.warning("manifest not synced: not an object", key=manifest_key)
                 continue
             body, status = rules.synced_backup(key[1], key[2], name, base + name + "/", manifest)
             try:

@@ -91,6 +91,9 @@ class Observed:
     #: A pool could not be refreshed (busy with a long job): files QEMU wrote since are not
     #: known to it, so a scratch file not found may still exist.
     pool_busy: bool = False
+    #: The bucket already holds a backup of this name (asked before the claim; None: the
+    #: store could not tell).
+    prefix_taken: bool | None = False
     #: Seconds until the next attempt may start (a retry's back-off; the watch event of
     #: the retry's own status write must not start it at once).
     retry_in: float = 0.0
@@ -235,6 +238,21 @@ def decide(backup: BackupView, seen: Observed) -> Action:
                 "LocationUnavailable",
                 f"VMBackupLocation {backup.spec.location} is not available: "
                 f"{seen.location_message or 'not checked yet'}",
+            )
+        if seen.prefix_taken is None:
+            return Wait(
+                LOCATION_RETRY_SECONDS,
+                "LocationUnavailable",
+                f"VMBackupLocation {backup.spec.location} could not be asked whether it "
+                f"already holds a backup named {backup.name}",
+            )
+        if seen.prefix_taken:
+            return Fail(
+                "BackupExists",
+                f"the bucket of VMBackupLocation {backup.spec.location} already holds a "
+                f"backup named {backup.name} (kept from a deleted VMBackup, or another "
+                "cluster's): it is never overwritten; choose another name",
+                None,
             )
         if not seen.running and not seen.defined:
             return Fail(

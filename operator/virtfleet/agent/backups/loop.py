@@ -38,7 +38,13 @@ from virtfleet.api.backup import (
 )
 from virtfleet.api.conditions import ConditionStatus, kstatus_conditions, rfc3339
 from virtfleet.api.snapshot import SnapshotError
-from virtfleet.backupstore.s3 import TRANSFER_WORKERS, BackupBucket, StoreError, backup_prefix
+from virtfleet.backupstore.s3 import (
+    MANIFEST,
+    TRANSFER_WORKERS,
+    BackupBucket,
+    StoreError,
+    backup_prefix,
+)
 from virtfleet.domain.jobs import JobOperation, JobType
 from virtfleet.hypervisor import DomainEvent, EventKind, backup, storage
 from virtfleet.hypervisor import errors as hv_errors
@@ -185,6 +191,9 @@ class BackupAgent:
         guest = await self.hv.lookup(vm_uid)
         running = guest is not None and await guest.is_active()
         location, unavailable = await location_state(self.kube, key[0], view.spec.location)
+        taken = None
+        if view.status.phase in (None, BackupPhase.PENDING) and location and not unavailable:
+            taken = await self._taken(key, view.spec.location, location.prefix)
         checkpoints = tuple(await backup.checkpoint_names(guest)) if running and guest else ()
         job_active = False
         if running and guest is not None and memo.job_started and memo.job_outcome is None:
@@ -224,6 +233,7 @@ class BackupAgent:
             parents=parents_of(self.backups, view, vm_uid),
             has_disks=bool(disks) or guest is None,
             defined=guest is not None,
+            prefix_taken=taken,
             pool_busy=pool_busy,
             retry_in=max(0.0, memo.not_before - time.monotonic()),
         )
@@ -457,6 +467,22 @@ class BackupAgent:
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, msg: str) -> None:
         await self.store.record_events(body, [EventNote(type_, reason, msg)])
+
+    async def _taken(self, key: Key, location: str, prefix: str) -> bool | None:
+        """Whether the bucket already holds a backup by this name (retained from a deleted
+        VMBackup, or another cluster's): None when the store could not tell."""
+        _, got = await open_location(self.kube, key[0], location)
+        if not isinstance(got, BackupBucket):
+            return None
+        manifest = backup_prefix(prefix, key[0], key[1]) + MANIFEST
+        try:
+            size = await asyncio.get_running_loop().run_in_executor(None, got.object_size, manifest)
+        except StoreError as exc:
+            self.log.info("bucket not asked", vmbackup=key[1], error=exc.message)
+            return None
+        finally:
+            got.close()
+        return size is not None
 
     async def _location(
         self, namespace: str, name: str
