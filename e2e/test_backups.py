@@ -510,7 +510,7 @@ def test_a_stopped_vm_is_backed_up_from_its_volumes_and_restored_into_itself(
     # A name the bucket already holds (another cluster's backup, say) is never written
     # over. (Its manifest here is one the location's sync skips, so no synced VMBackup of
     # that name races the new one.)
-    taken = f"backups/{namespace}/keep-3/manifest.json"
+    taken = f"cluster-a/backups/{namespace}/keep-3/manifest.json"
     s3(system).put_object(Bucket=bucket, Key=taken, Body=b"[]")
     backup(system, namespace, "keep-3", "keep")
     clash = backup_done(system, namespace, "keep-3", timeout=60)
