@@ -56,14 +56,9 @@ async def open_location(
 ) -> tuple[VMBackupLocationSpec | None, BackupBucket | str]:
     """The location's spec and an open bucket; or, instead of the bucket, why not (a
     message). ``require_available``: only when its last check said Available."""
-    try:
-        body: Mapping[str, Any] = await kube.get(LOCATION_KIND, namespace, name)
-    except NotFound:
-        return None, f"VMBackupLocation {name} does not exist"
-    spec = VMBackupLocationSpec.model_validate(body.get("spec") or {})
-    status = body.get("status") or {}
-    if require_available and status.get("phase") != LocationPhase.AVAILABLE.value:
-        return spec, str(status.get("message") or "its reachability was not checked yet")
+    spec, unavailable = await location_state(kube, namespace, name)
+    if spec is None or (require_available and unavailable):
+        return spec, str(unavailable)
     try:
         return spec, await open_bucket(kube, namespace, spec)
     except StoreError as exc:

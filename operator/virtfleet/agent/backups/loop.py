@@ -54,7 +54,7 @@ from virtfleet.reconcile import backup as rules
 from virtfleet.reconcile.vm_model import EventNote
 from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import KubeError
-from virtfleet.runtime.locations import location_state, open_location
+from virtfleet.runtime.locations import location_state, open_bucket, open_location
 from virtfleet.runtime.queue import WorkQueue
 
 
@@ -193,7 +193,7 @@ class BackupAgent:
         location, unavailable = await location_state(self.kube, key[0], view.spec.location)
         taken = None
         if view.status.phase in (None, BackupPhase.PENDING) and location and not unavailable:
-            taken = await self._taken(key, view.spec.location, location.prefix)
+            taken = await self._taken(key, location)
         checkpoints = tuple(await backup.checkpoint_names(guest)) if running and guest else ()
         job_active = False
         if running and guest is not None and memo.job_started and memo.job_outcome is None:
@@ -468,13 +468,16 @@ class BackupAgent:
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, msg: str) -> None:
         await self.store.record_events(body, [EventNote(type_, reason, msg)])
 
-    async def _taken(self, key: Key, location: str, prefix: str) -> bool | None:
+    async def _taken(self, key: Key, location: VMBackupLocationSpec) -> bool | None:
         """Whether the bucket already holds a backup by this name (retained from a deleted
-        VMBackup, or another cluster's): None when the store could not tell."""
-        _, got = await open_location(self.kube, key[0], location)
-        if not isinstance(got, BackupBucket):
+        VMBackup, or another cluster's): None when the store could not tell. The location
+        is the one this pass read (not fetched again)."""
+        try:
+            got = await open_bucket(self.kube, key[0], location)
+        except StoreError as exc:
+            self.log.info("bucket not opened", vmbackup=key[1], error=exc.message)
             return None
-        manifest = backup_prefix(prefix, key[0], key[1]) + MANIFEST
+        manifest = backup_prefix(location.prefix, key[0], key[1]) + MANIFEST
         try:
             size = await asyncio.get_running_loop().run_in_executor(None, got.object_size, manifest)
         except StoreError as exc:
