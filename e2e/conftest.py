@@ -47,6 +47,19 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture
+def bucket(system: Cluster) -> Iterator[str]:
+    """A bucket of its own per test (deleted with what is left in it)."""
+    from harness.backups import empty_bucket, s3
+
+    name = f"bk-{uuid.uuid4().hex[:10]}"
+    client = s3(system)
+    client.create_bucket(Bucket=name)
+    yield name
+    empty_bucket(system, name)
+    client.delete_bucket(Bucket=name)
+
+
 @pytest.fixture(scope="session")
 def system(cluster: Cluster) -> Cluster:
     """The cluster with virtfleet running: an agent per node and the controller, each with

@@ -11,11 +11,7 @@ import json
 import os
 import signal
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from harness import nodes as hn
 from harness import objectstore, operators, pidfiles
@@ -27,7 +23,6 @@ from harness.backups import (
     backup_done,
     check_bucket_matches_manifests,
     counts,
-    empty_bucket,
     location,
     location_phase,
     objects,
@@ -42,17 +37,6 @@ from harness.backups import (
 from harness.guest import guest_cmdline
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 from virtfleet.api.conditions import parse_rfc3339
-
-
-@pytest.fixture
-def bucket(system: Cluster) -> Iterator[str]:
-    """A bucket of its own per test (deleted with what is left in it)."""
-    name = f"bk-{uuid.uuid4().hex[:10]}"
-    client = s3(system)
-    client.create_bucket(Bucket=name)
-    yield name
-    empty_bucket(system, name)
-    client.delete_bucket(Bucket=name)
 
 
 def test_a_running_guest_is_backed_up_and_restored_as_a_new_vm_on_the_other_node(

@@ -234,3 +234,20 @@ def test_policy_is_installed_and_type_checked(system: Cluster) -> None:
     policy = system.get("validatingadmissionpolicy", name)
     warnings = (policy["status"].get("typeChecking") or {}).get("expressionWarnings") or []
     assert warnings == []
+
+
+def test_agent_renews_only_its_own_lease_and_cannot_touch_its_fence_mark(system: Cluster) -> None:
+    """The heartbeat Lease is the fencing record (docs/failover.md): an agent may renew
+    its own, never another node's, and never write the controller's fence mark."""
+
+    def patch_lease(node: str, body: str) -> subprocess.CompletedProcess[str]:
+        lease = f"virtfleet-agent-{node}"
+        return as_agent(
+            system, NODE_A, "patch", "lease", lease, "-n", "kube-node-lease", "--type=merge",
+            "-p", body,
+        )  # fmt: skip
+
+    refused(patch_lease(NODE_B, annotate("x")), "may only renew its own Lease")
+    mark = merge({"metadata": {"annotations": {"virtfleet.io/fenced": "{}"}}})
+    refused(patch_lease(NODE_A, mark), "and not change its fence mark")
+    admitted(patch_lease(NODE_A, annotate("ok")))

@@ -85,6 +85,8 @@ __all__ = [
     "SERIAL_DIR_IN_NODE",
     "SHARED_POOL",
     "SMALL_POOL",
+    "WATCHDOG_IN_NODE",
+    "WATCHDOG_TIMEOUT",
     "Node",
     "NodeError",
     "down",
@@ -128,6 +130,14 @@ BASE_IMAGE_VOLUME = "base-zeros.qcow2"
 BASE_IMAGE_COUNTER_VOLUME = "base-counter-1000.qcow2"
 
 SERIAL_DIR_IN_NODE = "/var/log/libvirt/virtfleet-serial"
+
+#: The node's simulated watchdog device (a file; ``N/run/virtfleet-watchdog`` on the
+#: host): each write by the agent pets it, a last byte ``V`` (magic close) disarms it.
+#: Armed and not petted for WATCHDOG_TIMEOUT seconds, the supervisor "resets" the node:
+#: it SIGKILLs every QEMU of the node (libvirtd sees its guests crash), as a hardware
+#: watchdog's reset would end them (docs/failover.md).
+WATCHDOG_IN_NODE = "/run/virtfleet-watchdog"
+WATCHDOG_TIMEOUT = 5.0
 
 #: in-node mount point -> subdirectory of the node's state dir.
 _BIND_DIRS: dict[str, str] = {
@@ -425,6 +435,13 @@ def _prepare_dirs(node: Node, index: int) -> bool:
 # ------------------------------------------------------------------------ supervisor
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _children_of(ppid: int) -> list[int]:
     kids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -524,6 +541,26 @@ def _supervise(node_root: str, shared_dir: str) -> None:
         nonlocal restart_requested
         restart_requested = signum
 
+    fired_at: list[float] = [0.0]  # mtime of the pet the watchdog last fired after
+
+    def watchdog() -> None:
+        try:
+            st = os.stat(WATCHDOG_IN_NODE)
+            with open(WATCHDOG_IN_NODE, "rb") as fh:
+                last = fh.read()[-1:]
+        except FileNotFoundError:
+            return
+        if last == b"V" or st.st_mtime == fired_at[0]:
+            return
+        if time.time() - st.st_mtime <= WATCHDOG_TIMEOUT:
+            return
+        fired_at[0] = st.st_mtime
+        victims = [p for p in _children_of(os.getpid()) if _comm(p).startswith("qemu")]
+        print(f"supervisor: watchdog expired: killing QEMUs {victims}", flush=True)
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
@@ -550,6 +587,7 @@ def _supervise(node_root: str, shared_dir: str) -> None:
             _forget_dead_domains(Path("/run/libvirt/qemu"), Path(FORGET_LIST_IN_NODE))
             libvirtd = subprocess.Popen(["libvirtd", "--listen", "-p", "/run/libvirtd.pid"])
             daemons[libvirtd.pid] = "libvirtd"
+        watchdog()
         dead = _reap_any() & set(daemons)
         if dead:
             print(

@@ -73,11 +73,21 @@ def agent_argv(node: nodes.Node) -> list[str]:
         "--serial-log-dir", node.serial_dir_in_node,
         "--resync-seconds", "15",
         "--heartbeat-seconds", "5",
+        *_watchdog(node),
         "--log-format", "json",
         # The http-source tests serve images on 127.0.0.1, which agents deny by default.
         "--http-allow-cidr", "127.0.0.0/8",
         *_guest_firewall(node),
     ]  # fmt: skip
+
+
+def _watchdog(node: nodes.Node) -> list[str]:
+    """The node's simulated watchdog (nodes.WATCHDOG_IN_NODE): armed only while the agent
+    holds HA VMs. Nodes without QEMU (test driver) have none."""
+    if node.qemu_gid is None:
+        return []
+    path = node.root / "run" / nodes.WATCHDOG_IN_NODE.removeprefix("/run/")
+    return ["--watchdog", str(path), "--watchdog-timeout", f"{nodes.WATCHDOG_TIMEOUT:g}"]
 
 
 def _guest_firewall(node: nodes.Node) -> list[str]:
@@ -92,7 +102,12 @@ def _guest_firewall(node: nodes.Node) -> list[str]:
 
 
 def controller_argv() -> list[str]:
-    return [sys.executable, "-m", "virtfleet.cli", "controller", "--standalone"]
+    # Failover tests fail the nodes one after the other: a shorter damping than the
+    # default 30 s keeps them from waiting on each other (the rule is unit-tested).
+    return [
+        sys.executable, "-m", "virtfleet.cli", "controller", "--standalone",
+        "--failure-damping", "5",
+    ]  # fmt: skip
 
 
 def _spawn(state_dir: Path, name: str, argv: Sequence[str], env: Mapping[str, str]) -> int:

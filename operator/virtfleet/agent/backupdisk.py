@@ -124,6 +124,16 @@ class BackupDisks:
         self.kube = kube
         self.settings = settings
 
+    async def disk_names(self, namespace: str, backup_name: str) -> set[str]:
+        """The disks VMBackup ``backup_name`` holds (empty when it cannot be read)."""
+        try:
+            backup = await self.kube.get("VMBackup", namespace, backup_name)
+        except KubeError as exc:
+            _log.warning("backup not read", backup=backup_name, error=str(exc))
+            return set()
+        disks = (backup.get("status") or {}).get("disks") or []
+        return {str(d.get("name")) for d in disks if isinstance(d, dict)}
+
     async def import_backup(
         self,
         hv: Hypervisor,

@@ -46,6 +46,34 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent.add_argument("--workers", type=int, default=defaults.workers)
     agent.add_argument("--resync-seconds", type=float, default=defaults.resync_seconds)
     agent.add_argument("--heartbeat-seconds", type=float, default=defaults.heartbeat_seconds)
+    agent.add_argument("--lease-namespace", default=defaults.lease_namespace)
+    agent.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=defaults.lease_seconds,
+        help="the heartbeat Lease's duration: silent this long, the node counts as failed",
+    )
+    agent.add_argument("--lease-renew-seconds", type=float, default=defaults.lease_renew_seconds)
+    agent.add_argument(
+        "--self-fence-after",
+        type=float,
+        default=defaults.self_fence_after,
+        metavar="SECONDS",
+        help="destroy HA VMs' domains when the Lease could not be renewed this long (0: never)",
+    )
+    agent.add_argument(
+        "--watchdog",
+        default=defaults.watchdog_path,
+        metavar="DEVICE",
+        help="a watchdog device to pet while the node holds HA VMs (e.g. /dev/watchdog)",
+    )
+    agent.add_argument(
+        "--watchdog-timeout",
+        type=float,
+        default=defaults.watchdog_timeout_seconds,
+        metavar="SECONDS",
+        help="the watchdog device's timeout (declared to the controller)",
+    )
     agent.add_argument(
         "--http-max-bytes",
         type=int,
@@ -160,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
         watch_server_timeout=args.watch_server_timeout,
         watch_stale_seconds=args.watch_stale_seconds,
         network=agent_network.policy_from_args(args),
+        lease_namespace=args.lease_namespace,
+        lease_seconds=args.lease_seconds,
+        lease_renew_seconds=args.lease_renew_seconds,
+        self_fence_after=args.self_fence_after or None,
+        watchdog_path=args.watchdog or None,
+        watchdog_timeout_seconds=args.watchdog_timeout,
     )
     asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))
     return 0

@@ -127,7 +127,20 @@ def _hypervisor_failure(exc: hv_errors.HypervisorError) -> ActionError:
         return ActionError(type(exc).__name__, str(exc), permanent=True)
     if isinstance(exc, hv_errors.ConnectionLost):
         return ActionError("HypervisorUnavailable", str(exc), permanent=False)
+    if '"write" lock' in str(exc) or "resource busy" in str(exc).lower():
+        return ActionError(
+            DISK_LOCKED,
+            "a disk of the VM is locked by another process: another copy of this VM may "
+            "still run (e.g. on a failed node that is not powered off yet); the start is "
+            f"retried. libvirt: {exc}",
+            permanent=False,
+        )
     return ActionError(type(exc).__name__, str(exc), permanent=False)
+
+
+#: The reason of a start refused by a disk lock (QEMU's image locking, libvirt's lock
+#: manager): the lease layer of fencing at work (docs/failover.md).
+DISK_LOCKED = "DiskLocked"
 
 
 def power_of(state: GuestState, reason: str) -> tuple[Power, StopCause]:

@@ -21,6 +21,7 @@ from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.backups import loop as backup_loop
 from virtfleet.agent.backups import wiring as backup_wiring
 from virtfleet.agent.bookkeeping import BookkeepingLog
+from virtfleet.agent.fencing import NodeFencing
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import DELETE_WAIT_SECONDS, AgentSettings
@@ -122,6 +123,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         )
         holder["backups"], backup_tasks = backup_wiring.start(the_agent, locks)
         await holder["backups"].restores.preload()  # before any VM may start: its holds
+        fencing = NodeFencing(the_agent)  # its hold keeps HA VMs until the Lease is read
+        fencing_tasks = await fencing.start()
         await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
@@ -131,8 +134,10 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
                 name="vm-queue",
             ),
             asyncio.create_task(
-                _periodic(the_agent, _bookkeeping(the_agent, locks, holder)), name="node-periodic"
+                _periodic(the_agent, _bookkeeping(the_agent, locks, holder), fencing),
+                name="node-periodic",
             ),
+            *fencing_tasks,
             *snapshot_tasks,
             *migration_tasks,
             *backup_tasks,
@@ -210,7 +215,9 @@ def _bookkeeping(agent: Agent, locks: VmLocks, holder: dict[str, Any]) -> Bookke
     return BookkeepingLog(count, agent.settings.node_name)
 
 
-async def _periodic(agent: Agent, books: BookkeepingLog | None = None) -> None:
+async def _periodic(
+    agent: Agent, books: BookkeepingLog | None = None, fencing: NodeFencing | None = None
+) -> None:
     """Heartbeat every few seconds; resync and orphan sweep every ``resync_seconds``.
 
     With each heartbeat, the per-object bookkeeping is logged if it changed and freed
@@ -222,7 +229,9 @@ async def _periodic(agent: Agent, books: BookkeepingLog | None = None) -> None:
     next_resync = loop.time() + agent.settings.resync_seconds
     while True:
         try:
-            previous = await heartbeat(agent, previous)
+            previous = await heartbeat(
+                agent, previous, fencing.quarantined_vms if fencing else None
+            )
         except Exception as exc:  # a missed beat is retried at the next one
             log.warning("heartbeat failed", error=str(exc))
         if books is not None:
@@ -232,6 +241,10 @@ async def _periodic(agent: Agent, books: BookkeepingLog | None = None) -> None:
             next_resync = loop.time() + agent.settings.resync_seconds
             await agent.driver.firewall.ensure(agent.hv)  # heals a flushed ruleset
             agent.resync()
+            if fencing is not None and not fencing.may_sweep:
+                log.info("orphan sweep skipped: the node recovers from a fence")
+                await asyncio.sleep(agent.settings.heartbeat_seconds)
+                continue
             try:
                 removed = await sweep_orphans(agent)
                 if removed:

@@ -8,11 +8,12 @@ from collections.abc import Container
 from datetime import UTC, datetime
 from typing import Any
 
-from virtfleet.agent.agent import Agent
+from virtfleet.agent import quarantine
+from virtfleet.agent.agent import COMPONENT, Agent
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.migration import MigrationPhase
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.api.vmhost import PoolStatus, VMHostStatus
+from virtfleet.api.vmhost import FencingStatus, PoolStatus, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
@@ -22,8 +23,11 @@ from virtfleet.runtime.kube import NotFound
 _UID_PREFIX = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})-")
 
 
-async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus:
-    """This node's VMHost status: capacity, use, versions, pools, images, heartbeat."""
+async def host_status(
+    agent: Agent, previous: VMHostStatus | None, quarantined_vms: dict[str, str] | None = None
+) -> VMHostStatus:
+    """This node's VMHost status: capacity, use, versions, pools, images, heartbeat,
+    fencing, quarantined disks."""
     facts = await agent.hv.host_facts()
     pools = []
     for name in (*agent.settings.pools, agent.settings.image_pool):
@@ -32,7 +36,12 @@ async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStat
         except hv_errors.NotFound:
             continue
         pools.append(
-            PoolStatus(name=name, capacity_bytes=info.capacity, available_bytes=info.available)
+            PoolStatus(
+                name=name,
+                shared=name in agent.settings.shared_pools or None,
+                capacity_bytes=info.capacity,
+                available_bytes=info.available,
+            )
         )
     try:
         images = sorted(
@@ -55,7 +64,16 @@ async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStat
         message=f"libvirt {facts.libvirt_version} answers at {agent.settings.libvirt_uri}",
         now=now,
     )
+    s = agent.settings
+    fencing = FencingStatus(
+        lease=f"{s.lease_namespace}/virtfleet-agent-{s.node_name}",
+        self_fence_after_seconds=s.self_fence_after,
+        watchdog=s.watchdog_path,
+        watchdog_timeout_seconds=s.watchdog_timeout_seconds if s.watchdog_path else None,
+    )
     return VMHostStatus(
+        fencing=fencing,
+        quarantined_volumes=await quarantine.list_quarantined(agent, quarantined_vms or {}),
         cpus=facts.cpus,
         memory_bytes=facts.memory_bytes,
         free_memory_bytes=facts.free_memory_bytes,
@@ -72,10 +90,32 @@ async def host_status(agent: Agent, previous: VMHostStatus | None) -> VMHostStat
     )
 
 
-async def heartbeat(agent: Agent, previous: VMHostStatus | None) -> VMHostStatus:
-    status = await host_status(agent, previous)
-    await agent.kube.upsert_vmhost_status(agent.settings.node_name, status.to_wire())
+async def heartbeat(
+    agent: Agent, previous: VMHostStatus | None, quarantined_vms: dict[str, str] | None = None
+) -> VMHostStatus:
+    status = await host_status(agent, previous, quarantined_vms)
+    body = await agent.kube.upsert_vmhost_status(agent.settings.node_name, status.to_wire())
+    request = ((body.get("metadata") or {}).get("annotations") or {}).get(
+        quarantine.DELETE_ANNOTATION
+    )
+    if request:
+        await _delete_quarantined(agent, body, str(request))
     return status
+
+
+async def _delete_quarantined(agent: Agent, body: dict[str, Any], request: str) -> None:
+    """A person asked (VMHost annotation) to delete quarantined disks: do it, say so."""
+    deleted = await quarantine.delete_requested(agent, request)
+    await agent.kube.patch_metadata(
+        "VMHost", None, agent.settings.node_name, annotations={quarantine.DELETE_ANNOTATION: None}
+    )
+    message = (
+        f"quarantined disks deleted on request: {', '.join(deleted)}"
+        if deleted
+        else f"no quarantined disk matches {request!r}"
+    )
+    agent.log.warning("quarantined disks deleted", deleted=deleted, request=request)
+    await agent.kube.record_event(body, "Normal", "QuarantineDeleted", message, COMPONENT)
 
 
 async def sweep_orphans(agent: Agent) -> list[str]:

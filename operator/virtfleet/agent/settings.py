@@ -67,6 +67,22 @@ class AgentSettings:
     #: Seconds without the VMHost echo before the liveness probe says "deaf"
     #: (None: :func:`virtfleet.agent.health.stale_after` derives it from the heartbeat).
     watch_stale_seconds: float | None = None
+    #: Namespace of this agent's heartbeat Lease ``virtfleet-agent-<node>``.
+    lease_namespace: str = "kube-node-lease"
+    #: The Lease's ``leaseDurationSeconds``: silent this long, the node counts as failed.
+    lease_seconds: float = 10.0
+    #: How often the Lease is renewed.
+    lease_renew_seconds: float = 2.0
+    #: Destroy HA VMs' domains when the Lease could not be renewed this long (None: never;
+    #: then the controller never fences the node automatically). Keep it ≤ lease_seconds.
+    self_fence_after: float | None = 10.0
+    #: A watchdog device the agent pets while it holds HA VMs (``/dev/watchdog`` with
+    #: softdog or a hardware watchdog); None: none. Without one the node is not fenced
+    #: automatically (an agent that dies cannot stop its QEMUs).
+    watchdog_path: str | None = None
+    #: The device's timeout (set on the device, e.g. ``softdog soft_margin``): declared in
+    #: the Lease, so the controller knows when a silent node has reset.
+    watchdog_timeout_seconds: float = 30.0
     #: What VMs' NICs may reach on this node (allowed bridges and networks, nwfilter,
     #: the user-NIC firewall): see :mod:`virtfleet.agent.network`.
     network: NetworkPolicy = field(default_factory=NetworkPolicy)

@@ -7,7 +7,8 @@ from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.seed import build_iso, seed_files
 from virtfleet.agent.settings import AgentSettings
-from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
+from virtfleet.api.disks import BackupSource, DiskSource
+from virtfleet.api.virtualmachine import Disk, HighAvailability, VirtualMachineSpec
 from virtfleet.hypervisor import Hypervisor, VolumeRef, download, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.reconcile.vm import VmView
@@ -49,9 +50,14 @@ async def ensure_volumes(
     backup_disks: BackupDisks | None = None,
 ) -> None:
     """Create the volumes ``names`` (disk names, or the seed) that the domain lacks."""
+    restored = await _failover_backup(settings, vm, backup_disks)
     for disk in spec.disks:
         if disk.name not in names:
             continue
+        if restored is not None and disk.name in restored[1] and not disk.read_only:
+            # RestoreFromBackup failover: the disk comes from the VM's latest backup.
+            from_backup = BackupSource(backup_name=restored[0], disk=disk.name)
+            disk = disk.model_copy(update={"source": DiskSource(backup=from_backup)})
         pool = pool_for(settings, disk)
         name = volume_name(vm.uid, disk.name)
         size = disk.size.bytes if disk.size is not None else None
@@ -117,6 +123,22 @@ async def ensure_volumes(
             build_iso(files),
             replace=True,
         )
+
+
+async def _failover_backup(
+    settings: AgentSettings, vm: VmView, backup_disks: BackupDisks | None
+) -> tuple[str, set[str]] | None:
+    """(backup, its disks) when the VM failed over to this node by RestoreFromBackup."""
+    failover = vm.status.failover
+    if (
+        failover is None
+        or backup_disks is None
+        or failover.policy is not HighAvailability.RESTORE_FROM_BACKUP
+        or failover.to_node != settings.node_name
+        or not failover.backup_name
+    ):
+        return None
+    return failover.backup_name, await backup_disks.disk_names(vm.namespace, failover.backup_name)
 
 
 async def delete_volumes(hv: Hypervisor, settings: AgentSettings, uid: str) -> list[str]:

@@ -110,6 +110,13 @@ VIRTUAL_MACHINE = Kind(
         PrinterColumn("Strategy", "string", ".spec.runStrategy", "Run strategy.", priority=1),
         PrinterColumn("Memory", "string", ".spec.memory.size", "Guest RAM.", priority=1),
         PrinterColumn("Restarts", "integer", ".status.restartCount", "Restarts.", priority=1),
+        PrinterColumn(
+            "FailedOver",
+            "string",
+            ".status.failover.fromNode",
+            "Last failed node it left.",
+            priority=1,
+        ),
     ),
     categories=("virtfleet", "all"),
     root_rules=(_VM_NAME_RULE,),
@@ -182,9 +189,11 @@ VM_HOST = Kind(
     namespaced=False,
     spec_model=VMHostSpec,
     status_model=VMHostStatus,
-    description="A node's hypervisor as its virtfleet agent sees it. Written by agents only.",
+    description="A node's hypervisor as its virtfleet agent sees it. Written by its agent, "
+    "except status.health (the controller's view: Healthy, Failed, Fenced, Recovering).",
     columns=(
         READY,
+        PrinterColumn("Health", "string", ".status.health.state", "Healthy, Failed, Fenced..."),
         PrinterColumn("VMs", "integer", ".status.vmCount", "VMs placed on the node."),
         PrinterColumn("CPUs", "integer", ".status.cpus", "Host logical CPUs."),
         PrinterColumn("Free", "integer", ".status.freeMemoryBytes", "Free host RAM, bytes."),

@@ -70,6 +70,14 @@ class EvictionStrategy(StrEnum):
     LIVE_MIGRATE = "LiveMigrate"
 
 
+class HighAvailability(StrEnum):
+    """What happens to the VM when its node fails and is fenced (docs/failover.md)."""
+
+    NONE = "None"  # stay on the failed node (Unknown) until it returns
+    RESTART = "Restart"  # disks in a shared pool: start on another node from the same disks
+    RESTORE_FROM_BACKUP = "RestoreFromBackup"  # node-local disks: the latest completed VMBackup
+
+
 class FirmwareType(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
@@ -182,6 +190,13 @@ class VirtualMachineSpec(ApiModel):
         default=EvictionStrategy.NONE,
         description="What a node drain does: None (default; reported, not moved) or LiveMigrate.",
     )
+    high_availability: HighAvailability = Field(
+        default=HighAvailability.NONE,
+        description="When the VM's node fails and is fenced: None (default; the VM stays "
+        "Unknown until the node returns), Restart (start it on another node from the same "
+        "disks; every writable disk must be in a shared pool) or RestoreFromBackup (restore "
+        "its latest completed VMBackup on another node; data since that backup is lost).",
+    )
     cpu: Cpu = Field(default_factory=Cpu)
     memory: Memory
     machine: (
@@ -260,6 +275,31 @@ class InterfaceStatus(StatusModel):
     ip: str | None = None
 
 
+class FailoverStatus(StatusModel):
+    """The last time the VM was moved off a failed node (docs/failover.md)."""
+
+    count: int = Field(default=0, ge=0, description="Failovers of this VM so far.")
+    from_node: str | None = Field(default=None, description="The failed node it left.")
+    to_node: str | None = Field(default=None, description="The node it was placed on.")
+    time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    policy: HighAvailability | None = None
+    reason: str | None = Field(default=None, description="Why the old node counts as fenced.")
+    backup_name: str | None = Field(
+        default=None, description="RestoreFromBackup: the VMBackup its disks came from."
+    )
+    backup_time: str | None = Field(
+        default=None,
+        description="RestoreFromBackup: when that backup completed.",
+        json_schema_extra={"format": "date-time"},
+    )
+    rpo_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        alias="rpoSeconds",
+        description="RestoreFromBackup: the backup's age at the failover (data lost at most).",
+    )
+
+
 class VirtualMachineStatus(StatusModel):
     observed_generation: int | None = Field(default=None, ge=0)
     printable_status: PrintableStatus | None = Field(
@@ -285,4 +325,8 @@ class VirtualMachineStatus(StatusModel):
         "(annotation virtfleet.io/power-request), so each acts once.",
     )
     interfaces: list[InterfaceStatus] = Field(default_factory=list)
+    failover: FailoverStatus | None = Field(
+        default=None,
+        description="Written by the controller when it moves the VM off a failed node.",
+    )
     conditions: Conditions

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from pydantic import Field
 
 from virtfleet.api.base import ApiModel, StatusModel
@@ -14,8 +16,59 @@ class VMHostSpec(ApiModel):
 
 class PoolStatus(StatusModel):
     name: str
+    shared: bool | None = Field(
+        default=None, description="The same storage on every node (the agent's --shared-pool)."
+    )
     capacity_bytes: int | None = Field(default=None, ge=0)
     available_bytes: int | None = Field(default=None, ge=0)
+
+
+class NodeHealthState(StrEnum):
+    HEALTHY = "Healthy"
+    FAILED = "Failed"  # lease not renewed in time; its VMs are Unknown
+    FENCED = "Fenced"  # proven unable to write its VMs' disks; their failover may begin
+    RECOVERING = "Recovering"  # back after a fence; no placements until the hold ends
+
+
+class FencingStatus(StatusModel):
+    """How this node's agent fences itself (written by the agent; docs/failover.md)."""
+
+    lease: str | None = Field(default=None, description="namespace/name of its heartbeat Lease.")
+    self_fence_after_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="The agent stops its HA VMs when it could not renew its Lease this long.",
+    )
+    watchdog: str | None = Field(default=None, description="The watchdog device the agent pets.")
+    watchdog_timeout_seconds: float | None = Field(
+        default=None, ge=0, description="The node resets this long after the last pet."
+    )
+
+
+class NodeHealth(StatusModel):
+    """The controller's view of the node (written by the controller)."""
+
+    state: NodeHealthState = NodeHealthState.HEALTHY
+    reason: str | None = None
+    message: str | None = None
+    since: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    failures: int = Field(default=0, ge=0, description="Failures in the damping window.")
+    placeable_after: str | None = Field(
+        default=None,
+        description="Recovering: VMs are placed here again from this time on (damping).",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+class QuarantinedVolume(StatusModel):
+    """A node-local disk of a VM restored elsewhere from a backup: kept, it may hold newer
+    data than that backup. Deleted only by annotating the VMHost (docs/failover.md)."""
+
+    pool: str
+    volume: str
+    uid: str = Field(description="The VirtualMachine's uid.")
+    vm: str | None = Field(default=None, description="namespace/name of that VM, if it exists.")
+    capacity_bytes: int | None = Field(default=None, ge=0)
 
 
 class VMHostStatus(StatusModel):
@@ -35,4 +88,7 @@ class VMHostStatus(StatusModel):
     heartbeat_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     pools: list[PoolStatus] = Field(default_factory=list)
     images: list[str] = Field(default_factory=list, description="Names in the node's image store.")
+    fencing: FencingStatus | None = None
+    health: NodeHealth | None = None
+    quarantined_volumes: list[QuarantinedVolume] = Field(default_factory=list)
     conditions: Conditions

@@ -7,11 +7,14 @@ node's memory immediately, before the watch echoes it back.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 from virtfleet.controller.macs import MacIndex, explicit_macs
 from virtfleet.identity import Key
+from virtfleet.reconcile.node_health import LEASE_PREFIX, LeaseView
 from virtfleet.reconcile.views import CachedVm, HostView, NodeView
 
 
@@ -32,6 +35,8 @@ class FleetCache:
         self.vms: dict[Key, CachedVm] = {}
         self.hosts: dict[str, HostView] = {}
         self.nodes: dict[str, NodeView] = {}
+        #: Agents' heartbeat Leases by node (reconcile.node_health).
+        self.leases: dict[str, LeaseView] = {}
         #: Explicit MACs in use, so a placement checks uniqueness without a scan.
         self.macs = MacIndex()
 
@@ -50,9 +55,33 @@ class FleetCache:
         return self.vms.pop(key, None)
 
     def upsert_host(self, body: Mapping[str, Any]) -> HostView:
-        view = HostView.from_body(body)
+        view = self._with_lease(HostView.from_body(body))
         self.hosts[view.name] = view
         return view
+
+    def upsert_lease(self, body: Mapping[str, Any], now: datetime) -> LeaseView | None:
+        """Store an agent's Lease (None for other Leases); its host sees the renewal."""
+        name = str((body.get("metadata") or {}).get("name") or "")
+        previous = self.leases.get(name.removeprefix(LEASE_PREFIX))
+        view = LeaseView.from_body(body, now, previous)
+        if view is None:
+            return None
+        self.leases[view.node] = view
+        host = self.hosts.get(view.node)
+        if host is not None:
+            self.hosts[view.node] = self._with_lease(host)
+        return view
+
+    def _with_lease(self, host: HostView) -> HostView:
+        lease = self.leases.get(host.name)
+        if lease is None:
+            return host
+        return dataclasses.replace(
+            host,
+            lease_seen=lease.seen,
+            lease_duration=lease.duration,
+            fenced=lease.mark is not None,
+        )
 
     def upsert_node(self, body: Mapping[str, Any]) -> NodeView:
         view = NodeView.from_body(body)

@@ -52,6 +52,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         **seconds,  # type: ignore[arg-type]
     )
     parser.add_argument(
+        "--lease-namespace",
+        default=defaults.lease_namespace,
+        help="namespace of the agents' heartbeat Leases",
+    )
+    parser.add_argument(
+        "--lease-poll-interval",
+        default=defaults.lease_poll_interval,
+        help="how often the agents' Leases are read and node health judged",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--fence-margin",
+        default=defaults.fence_margin,
+        help="added to a node's self-fence + watchdog time before the controller fences it",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
+        "--failure-damping",
+        default=defaults.failure_damping,
+        help="no placements on a node back from a failure for this long (doubled per "
+        "failure in 10 minutes)",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
         "--heartbeat-check-interval",
         default=defaults.heartbeat_check_interval,
         help="how often heartbeats are checked",
@@ -93,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
             resync_interval=args.resync_interval,
             heartbeat_timeout=args.heartbeat_timeout,
             heartbeat_check_interval=args.heartbeat_check_interval,
+            lease_namespace=args.lease_namespace,
+            lease_poll_interval=args.lease_poll_interval,
+            fence_margin=args.fence_margin,
+            failure_damping=args.failure_damping,
             overcommit=args.overcommit,
             workers=args.workers,
             max_migrations_per_node=args.max_migrations_per_node,

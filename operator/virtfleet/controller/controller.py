@@ -42,7 +42,9 @@ from virtfleet.controller import decisions, wiring
 from virtfleet.controller.backups import BackupController
 from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.drain import Drainer
+from virtfleet.controller.failover import Failover
 from virtfleet.controller.migrations import MigrationScheduler
+from virtfleet.controller.nodes import NodeKeeper
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.unclaimed import UnclaimedWatcher
 from virtfleet.identity import Key
@@ -117,6 +119,18 @@ class Controller:
         self.backups = BackupController(kube, self.cache.vms)
         #: Cordoned nodes: live-migrate their VMs away, or say why one stays.
         self.drains = Drainer(self.cache, kube, self.migrations)
+        #: Agents' Leases: node health, fencing (docs/failover.md).
+        self.nodes = NodeKeeper(self.cache, kube, self.settings, clock, self._node_changed)
+        #: VMs of fenced nodes, by their highAvailability policy.
+        self.failover = Failover(
+            self.cache,
+            kube,
+            self.settings,
+            self.nodes,
+            self.backups.cache,
+            self._placing,
+            clock,
+        )
 
     # --- intake (called from kopf's on.event handlers) ------------------------------------
 
@@ -128,6 +142,7 @@ class Controller:
         if event_type == "DELETED":
             gone = self.cache.remove_vm(key)
             self.queue.forget(key)
+            self.failover.forget(key)
             if gone is not None and gone.node_name is not None:
                 self._enqueue_unplaced()  # its memory is free again
             return
@@ -158,6 +173,15 @@ class Controller:
                     self.queue.add(vm.key)  # drain
             else:
                 self.drains.forget_node(name)
+        self._enqueue_unplaced()
+
+    def _node_changed(self, node: str) -> None:
+        """A node's health changed: its VMs (failover, Unknown), the VMs of fenced nodes
+        (a node that fits may have appeared) and the unplaced ones."""
+        for name, host in self.cache.hosts.items():
+            if name == node or host.fenced:
+                for vm in self.cache.placed_on(name):
+                    self.queue.add(vm.key)
         self._enqueue_unplaced()
 
     def _enqueue_unplaced(self) -> None:
@@ -259,6 +283,13 @@ class Controller:
         return None if isinstance(outcome, Placement) else self.settings.retry_interval
 
     async def _check_node(self, key: Key, log: Any) -> float | None:
+        moved, again = await self.failover.handle(key, log)
+        if moved:
+            return again
+        unknown = await self._mark_unknown(key, log)
+        return again if again is not None else unknown
+
+    async def _mark_unknown(self, key: Key, log: Any) -> float | None:
         vm = self.cache.vms.get(key)
         if vm is None or vm.node_name is None:
             return None
@@ -309,6 +340,8 @@ class Controller:
 
         False when the VM changed meanwhile (its next watch event brings it back here).
         """
+        if (vm.status.get("failover") or {}).get("toNode") == node:
+            return await self.failover.move_metadata(vm, node, log)
         metadata = decisions.placement_metadata(
             vm.labels, vm.body.get("metadata", {}).get("finalizers") or [], node
         )
@@ -360,6 +393,7 @@ class Controller:
         background = [
             asyncio.create_task(self.queue.run(self.reconcile), name="controller-queue"),
             asyncio.create_task(self.periodic(), name="controller-periodic"),
+            asyncio.create_task(self.nodes.run(), name="node-health"),
             asyncio.create_task(
                 self.migrations.queue.run(self.migrations.reconcile), name="migration-queue"
             ),

@@ -23,6 +23,15 @@ class ControllerSettings:
     heartbeat_timeout: float = 40.0
     #: How often heartbeats are checked for staleness (only the in-memory cache is read).
     heartbeat_check_interval: float = 5.0
+    #: Namespace of the agents' heartbeat Leases (``virtfleet-agent-<node>``).
+    lease_namespace: str = "kube-node-lease"
+    #: How often the Leases are listed and node health judged (docs/failover.md).
+    lease_poll_interval: float = 1.0
+    #: Added to a node's own fencing time (self-fence + watchdog) before it is fenced.
+    fence_margin: float = 2.0
+    #: No placements on a node that is back from a failure for this long, doubled for
+    #: each failure in the last 10 minutes (at most 10 minutes): a flapping node is damped.
+    failure_damping: float = 30.0
     #: Placeable memory = ``VMHost.status.memoryBytes * overcommit`` (1.0: none).
     overcommit: float = 1.0
     #: Concurrent reconciles. Placement decisions are serialised regardless, so that

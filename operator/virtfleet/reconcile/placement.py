@@ -116,6 +116,12 @@ def place(
         if not host.fresh(now, heartbeat_timeout):
             reasons.append(f"{name}: {stale_heartbeat(host)}")
             continue
+        if host.placeable_after is not None and now < host.placeable_after:
+            reasons.append(
+                f"{name}: recovering from a node failure, no placements until "
+                f"{rfc3339(host.placeable_after)}"
+            )
+            continue
         free = capacity - vms_on_nodes.get(name, 0)
         if capacity < need:
             reasons.append(
@@ -138,6 +144,10 @@ def place(
 
 def stale_heartbeat(host: HostView) -> str:
     """A stable phrase (no "N seconds ago", so status does not change every pass)."""
+    if host.fenced:
+        return "node is fenced (its agent's Lease carries a fence mark)"
+    if host.lease_seen is not None:
+        return f"agent Lease not renewed since {rfc3339(host.lease_seen)}"
     if host.heartbeat is None:
         return "agent has not sent a heartbeat"
     return f"agent heartbeat stale since {rfc3339(host.heartbeat)}"

@@ -135,11 +135,27 @@ class HostView:
     ready_reason: str
     heartbeat: datetime | None
     memory_bytes: int | None
+    #: Pools the agent reports as shared by every node.
+    shared_pools: frozenset[str] = frozenset()
+    #: Damping after a failure (``status.health.placeableAfter``): no placements before.
+    placeable_after: datetime | None = None
+    #: From the node's Lease, when it has one (controller clock; see reconcile.node_health):
+    #: when a renewal was last seen, and for how long one counts.
+    lease_seen: datetime | None = None
+    lease_duration: float | None = None
+    #: The Lease carries a fence mark (the node is fenced or recovering from it).
+    fenced: bool = False
 
     def heartbeat_age(self, now: datetime) -> float | None:
         return None if self.heartbeat is None else (now - self.heartbeat).total_seconds()
 
     def fresh(self, now: datetime, timeout: float) -> bool:
+        """The agent is alive: its Lease renewed in time (when it has one; a Lease says
+        how long it counts), else its VMHost heartbeat within ``timeout``."""
+        if self.fenced:
+            return False
+        if self.lease_seen is not None and self.lease_duration is not None:
+            return (now - self.lease_seen).total_seconds() <= self.lease_duration
         age = self.heartbeat_age(now)
         return age is not None and age <= timeout
 
@@ -155,12 +171,21 @@ class HostView:
             None,
         )
         memory = status.get("memoryBytes")
+        health = status.get("health") or {}
         return cls(
             name=str((body.get("metadata") or {}).get("name") or ""),
             ready=bool(ready and ready.get("status") == ConditionStatus.TRUE),
             ready_reason=str((ready or {}).get("reason") or "NoReadyCondition"),
             heartbeat=parse_time(status.get("heartbeatTime")),
             memory_bytes=int(memory) if isinstance(memory, int) and memory >= 0 else None,
+            shared_pools=frozenset(
+                str(p.get("name"))
+                for p in status.get("pools") or ()
+                if isinstance(p, Mapping) and p.get("shared")
+            ),
+            placeable_after=parse_time(health.get("placeableAfter"))
+            if isinstance(health, Mapping)
+            else None,
         )
 
 
@@ -171,6 +196,8 @@ class NodeView:
     name: str
     labels: Mapping[str, str]
     unschedulable: bool = False
+    #: The ``node.kubernetes.io/out-of-service`` taint: an admin says the node is down.
+    out_of_service: bool = False
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> NodeView:
@@ -179,4 +206,8 @@ class NodeView:
             name=str(meta.get("name") or ""),
             labels=dict(meta.get("labels") or {}),
             unschedulable=bool((body.get("spec") or {}).get("unschedulable")),
+            out_of_service=any(
+                isinstance(t, Mapping) and t.get("key") == "node.kubernetes.io/out-of-service"
+                for t in (body.get("spec") or {}).get("taints") or ()
+            ),
         )

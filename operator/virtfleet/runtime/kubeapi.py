@@ -121,6 +121,7 @@ CORE_KINDS = (
     ApiKind("Namespace", "", "v1", "namespaces", namespaced=False),
     ApiKind("Secret", "", "v1", "secrets", namespaced=True),
     ApiKind("Event", "", "v1", "events", namespaced=True),
+    ApiKind("Lease", "coordination.k8s.io", "v1", "leases", namespaced=True),
 )
 API_KINDS: dict[str, ApiKind] = {
     **{k.kind: k for k in CORE_KINDS},

@@ -1,0 +1,245 @@
+"""The node's own fencing: Lease renewal, self-fencing of HA VMs, the watchdog, and the
+recovery after the controller fenced the node (rules: ``reconcile.node_fencing``).
+
+Two tasks: the Lease is renewed every ``lease_renew_seconds``; every second the fence
+loop destroys HA VMs' domains when the rules say so and pets the watchdog when they allow
+it. After a fence mark the agent keeps renewing; the controller, seeing it back, stops
+moving its VMs and clears the mark; then the recovery reads every VM afresh, removes the
+stale copies of VMs that failed over (quarantining their node-local disks) and lets the
+VMs still placed here start again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from virtfleet.agent.agent import COMPONENT, Agent, key_of
+from virtfleet.agent.lease import NodeLease
+from virtfleet.agent.quarantine import quarantine_volumes
+from virtfleet.api.virtualmachine import HighAvailability
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.identity import Key
+from virtfleet.logs import get_logger
+from virtfleet.reconcile import node_fencing as rules
+from virtfleet.reconcile.failover import failed_over_from
+from virtfleet.runtime.kube import KubeError
+
+#: How often the fence loop looks (and pets the watchdog when allowed).
+FENCE_TICK_SECONDS = 1.0
+
+
+def high_availability(body: Mapping[str, Any] | None) -> HighAvailability:
+    raw = ((body or {}).get("spec") or {}).get("highAvailability")
+    try:
+        return HighAvailability(raw) if raw else HighAvailability.NONE
+    except ValueError:
+        return HighAvailability.NONE
+
+
+class Watchdog:
+    """A watchdog device (``/dev/watchdog``, or the harness's file): each write pets it.
+
+    Armed while the node holds HA VMs; disarmed by the magic close ('V', then close) when
+    it holds none, so a node without HA VMs is never reset by it. A process that dies
+    leaves it armed: that is the point.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self.log = get_logger("virtfleet.agent.watchdog", device=path)
+
+    @property
+    def armed(self) -> bool:
+        return self._fd is not None
+
+    def pet(self) -> None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+                self.log.info("watchdog armed")
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                os.ftruncate(self._fd, 0)
+            os.write(self._fd, b"\0")
+        except OSError as exc:
+            self.log.warning("watchdog not petted", error=str(exc))
+
+    def disarm(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                os.lseek(self._fd, 0, os.SEEK_SET)
+                os.ftruncate(self._fd, 0)
+            os.write(self._fd, b"V")
+        except OSError as exc:
+            self.log.warning("watchdog magic close failed", error=str(exc))
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            self.log.info("watchdog disarmed: no HA VM on this node")
+
+
+class NodeFencing:
+    """State and loops of the node's fencing (see the module doc)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.settings = agent.settings
+        self.lease = NodeLease(agent.kube, agent.settings)
+        self.watchdog = (
+            Watchdog(self.settings.watchdog_path) if self.settings.watchdog_path else None
+        )
+        #: uid → "namespace/name" of VMs whose disks this agent quarantined.
+        self.quarantined_vms: dict[str, str] = {}
+        self.log = get_logger("virtfleet.agent.fencing", node=self.settings.node_name)
+        agent.start_holds.append(self.hold)
+
+    # --- what other loops ask -------------------------------------------------------------
+
+    def hold(self, key: Key) -> str | None:
+        """A start hold (``Agent.start_holds``) for HA VMs while the Lease does not hold."""
+        if high_availability(self.agent.cache.get(key)) is HighAvailability.NONE:
+            return None
+        return rules.start_hold(self.lease.state, time.monotonic(), self.settings.self_fence_after)
+
+    @property
+    def may_sweep(self) -> bool:
+        """The orphan sweep runs only once the Lease was read and no fence recovery is
+        pending: until then it might delete disks the recovery must quarantine."""
+        state = self.lease.state
+        return self.lease.resource_version is not None and not (state.fenced or state.recovering)
+
+    # --- loops ----------------------------------------------------------------------------
+
+    async def start(self) -> list[asyncio.Task[None]]:
+        """Read the Lease once (so holds know it), then the loops."""
+        try:
+            await self.lease.load()
+        except KubeError as exc:
+            self.log.warning("Lease not read at start", error=str(exc))
+        return [
+            asyncio.create_task(self._renew_loop(), name="lease-renew"),
+            asyncio.create_task(self._fence_loop(), name="node-fencing"),
+        ]
+
+    async def _renew_loop(self) -> None:
+        while True:
+            was_fenced = self.lease.state.fenced
+            renewed = await self.lease.renew()
+            if renewed and was_fenced != self.lease.state.fenced:
+                self.agent.resync()
+            await asyncio.sleep(self.settings.lease_renew_seconds)
+
+    async def _fence_loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as exc:  # the loop must outlive one bad pass; logged
+                self.log.exception("fence pass failed", error=str(exc))
+            await asyncio.sleep(FENCE_TICK_SECONDS)
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        state = self.lease.state
+        sfa = self.settings.self_fence_after
+        ha_active: int | None = None
+        if rules.must_self_fence(state, now, sfa):
+            ha_active = await self._fence_ha_domains()
+        if self.watchdog is not None:
+            has_ha = any(
+                high_availability(b) is not HighAvailability.NONE for b in self.agent.cache.values()
+            )
+            if not has_ha and not rules.must_self_fence(state, now, sfa):
+                self.watchdog.disarm()
+            elif rules.pet_watchdog(state, now, sfa, ha_active) and (has_ha or self.watchdog.armed):
+                self.watchdog.pet()
+        if state.recovering and not state.fenced:
+            await self.recover()
+
+    async def _fence_ha_domains(self) -> int | None:
+        """Destroy every active domain of an HA VM here; how many are still active
+        (None: libvirtd did not answer)."""
+        active = 0
+        try:
+            for key, body in list(self.agent.cache.items()):
+                if high_availability(body) is HighAvailability.NONE:
+                    continue
+                guest = await self.agent.hv.lookup(str(body["metadata"]["uid"]))
+                if guest is None or not (await guest.status()).state.active:
+                    continue
+                try:
+                    await guest.destroy()
+                    self.log.warning(
+                        "self-fenced: HA VM's domain destroyed (the node's Lease does not "
+                        "hold; the controller may restart it elsewhere)",
+                        namespace=key[0],
+                        vm=key[1],
+                        fence_mark=self.lease.fence_mark,
+                    )
+                except hv_errors.HypervisorError as exc:
+                    self.log.error("self-fence failed", namespace=key[0], vm=key[1], error=str(exc))
+                    active += 1
+        except (hv_errors.HypervisorError, OSError) as exc:
+            self.log.error("self-fence: libvirtd does not answer", error=str(exc))
+            return None
+        return active
+
+    # --- after a fence mark -----------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Once the controller cleared the fence mark (it moves no VM of this node any
+        more): read every VM afresh, remove the stale copies of those that failed over and
+        quarantine their node-local disks, then let the VMs still placed here start."""
+        agent = self.agent
+        node = self.settings.node_name
+        try:
+            listed = await agent.kube.list("VirtualMachine")
+        except KubeError as exc:
+            self.log.info("recovery waits for the VM list", error=str(exc))
+            return
+        by_uid = {str(vm["metadata"]["uid"]): vm for vm in listed}
+        for key, body in list(agent.cache.items()):
+            fresh = by_uid.get(str(body["metadata"]["uid"]))
+            if fresh is None or not agent.is_mine(fresh):
+                agent.forget(key)
+            else:
+                agent.on_vm_event("MODIFIED", fresh)
+        for item in await agent.hv.list_owned():
+            vm = by_uid.get(item.guest.uuid)
+            if vm is None or failed_over_from(vm, node) is None:
+                continue
+            with contextlib.suppress(hv_errors.NotFound):
+                if (await item.guest.status()).state.active:
+                    await item.guest.destroy()
+                await item.guest.undefine()
+            where = failed_over_from(vm, node)
+            message = (
+                f"node {node} is back: its stale copy of the VM was destroyed "
+                f"(the VM runs on {where} since its failover)"
+            )
+            self.log.warning("stale copy removed", namespace=key_of(vm)[0], vm=key_of(vm)[1])
+            await agent.kube.record_event(vm, "Normal", "StaleCopyRemoved", message, COMPONENT)
+        for vm in listed:
+            if failed_over_from(vm, node) is None:
+                continue
+            kept = await quarantine_volumes(agent, str(vm["metadata"]["uid"]))
+            if kept:
+                ns, name = key_of(vm)
+                self.quarantined_vms[str(vm["metadata"]["uid"])] = f"{ns}/{name}"
+                message = (
+                    f"node {node} is back: its node-local disks of this VM are kept as "
+                    f"{', '.join(kept)} (quarantined: they may hold newer data than the "
+                    "backup it was restored from); see VMHost " + node
+                )
+                await agent.kube.record_event(vm, "Warning", "DisksQuarantined", message, COMPONENT)
+        self.lease.recovered()
+        self.log.info("recovered from the fence: stale copies removed")
+        agent.resync()

@@ -1,0 +1,82 @@
+"""Quarantined disks: node-local disks of a VM that failed over while this node was away.
+
+They may hold data newer than the backup the VM was restored from elsewhere, so they are
+neither used nor deleted: each is copied to ``quarantined-<uid>-<disk>.qcow2`` (a name no
+VM's volume has, so no sweep or later placement of the VM here can touch or reuse it),
+listed in the VMHost's ``status.quarantinedVolumes``, and deleted only when a person asks
+by annotating the VMHost (``virtfleet.io/delete-quarantined``: volume names, or ``all``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from virtfleet.agent.agent import Agent
+from virtfleet.api.vmhost import QuarantinedVolume
+from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.hypervisor import storage
+
+PREFIX = "quarantined-"
+DELETE_ANNOTATION = "virtfleet.io/delete-quarantined"
+
+
+def _local_pools(agent: Agent) -> list[str]:
+    return [p for p in agent.settings.pools if p not in agent.settings.shared_pools]
+
+
+async def quarantine_volumes(agent: Agent, uid: str) -> list[str]:
+    """Keep the VM's node-local disks under quarantine names, drop its other volumes
+    (the cloud-init seed: made again wherever the VM runs); returns ``pool/name`` kept."""
+    kept = []
+    for pool in _local_pools(agent):
+        try:
+            volumes = {v.name for v in await storage.list_volumes(agent.hv, pool)}
+        except hv_errors.NotFound:
+            continue
+        for name in sorted(volumes):
+            if not name.startswith(f"{uid}-"):
+                continue
+            if name.endswith(".qcow2"):
+                target = PREFIX + name
+                if target in volumes:  # an earlier attempt may have stopped half-way
+                    await storage.delete_volume(agent.hv, pool, target)
+                await storage.copy_flat(agent.hv, pool, name, target)
+                kept.append(f"{pool}/{target}")
+                agent.log.warning("disk quarantined", pool=pool, volume=name, kept_as=target)
+            await storage.delete_volume(agent.hv, pool, name)
+    return kept
+
+
+async def list_quarantined(agent: Agent, vms: Mapping[str, str]) -> list[QuarantinedVolume]:
+    """What ``status.quarantinedVolumes`` shows (``vms``: uid → namespace/name, if known)."""
+    found = []
+    for pool in _local_pools(agent):
+        try:
+            volumes = await storage.list_volumes(agent.hv, pool)
+        except hv_errors.NotFound:
+            continue
+        for volume in volumes:
+            if not volume.name.startswith(PREFIX):
+                continue
+            uid = volume.name[len(PREFIX) :][:36]
+            found.append(
+                QuarantinedVolume(
+                    pool=pool,
+                    volume=volume.name,
+                    uid=uid,
+                    vm=vms.get(uid),
+                    capacity_bytes=volume.capacity,
+                )
+            )
+    return sorted(found, key=lambda q: (q.pool, q.volume))
+
+
+async def delete_requested(agent: Agent, request: str) -> list[str]:
+    """Delete the quarantined volumes named in the annotation's value (``all``: every one)."""
+    wanted = {w.strip() for w in request.split(",") if w.strip()}
+    deleted = []
+    for item in await list_quarantined(agent, {}):
+        chosen = "all" in wanted or item.volume in wanted or item.uid in wanted
+        if chosen and await storage.delete_volume(agent.hv, item.pool, item.volume):
+            deleted.append(f"{item.pool}/{item.volume}")
+    return deleted

@@ -1,0 +1,127 @@
+"""The controller's failover with a fake API: fence the silent node (compare-and-swap on
+its Lease), then move its HA VM (status first, then label and finalizer swap)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from tests.controller.fleet_builders import GI, NOW, vm_body
+
+from testkit.kube import FakeKube
+from virtfleet.controller.controller import Controller
+from virtfleet.controller.settings import ControllerSettings
+from virtfleet.identity import NODE_LABEL
+from virtfleet.reconcile.node_fencing import (
+    FENCED_ANNOTATION,
+    SELF_FENCE_ANNOTATION,
+    WATCHDOG_ANNOTATION,
+)
+
+SHARED = "virtfleet-shared"
+
+
+def host_body(name: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "memoryBytes": 8 * GI,
+            "heartbeatTime": "2026-01-01T11:59:55Z",
+            "pools": [{"name": SHARED, "shared": True}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady"}],
+        },
+    }
+
+
+def lease_body(node: str, renew: str = "2026-01-01T11:59:40.000000Z") -> dict[str, Any]:
+    return {
+        "kind": "Lease",
+        "metadata": {
+            "name": f"virtfleet-agent-{node}",
+            "namespace": "kube-node-lease",
+            "annotations": {SELF_FENCE_ANNOTATION: "10", WATCHDOG_ANNOTATION: "5"},
+        },
+        "spec": {"renewTime": renew, "leaseDurationSeconds": 10},
+    }
+
+
+def make() -> tuple[Controller, FakeKube]:
+    kube = FakeKube(keyed_by_name=True, event_fields=("name", "type", "reason"), clock=lambda: NOW)
+    controller = Controller(kube, ControllerSettings(), clock=lambda: NOW)
+    for name in ("node-a", "node-b"):
+        controller.node_event(None, {"metadata": {"name": name, "labels": {}}})
+        controller.host_event(None, host_body(name))
+    return controller, kube
+
+
+def add_vm(controller: Controller, kube: FakeKube, name: str, **spec: Any) -> None:
+    body = vm_body(
+        name,
+        status={"nodeName": "node-a", "printableStatus": "Running"},
+        labels={NODE_LABEL: "node-a"},
+        **spec,
+    )
+    body["metadata"]["finalizers"] = ["virtfleet.io/agent-node-a", "example.com/keep"]
+    controller.vm_event(None, kube.put(body))
+
+
+async def test_a_silent_node_is_fenced_then_its_restart_vm_moves_and_others_stay() -> None:
+    controller, kube = make()
+    lease = kube.put(lease_body("node-a"))
+    # Seen 20 s ago: past the node's own deadline (10 s self-fence + 5 s watchdog + 2 s).
+    controller.cache.upsert_lease(lease, NOW - timedelta(seconds=20))
+    shared_disk = [{"name": "d", "size": "1Gi", "source": {"blank": {}}, "pool": SHARED}]
+    add_vm(controller, kube, "ha", highAvailability="Restart", disks=shared_disk)
+    add_vm(controller, kube, "plain")
+    local_disk = [{"name": "d", "size": "1Gi", "source": {"blank": {}}}]
+    add_vm(controller, kube, "local", highAvailability="Restart", disks=local_disk)
+
+    await controller.nodes.judge("node-a")
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION in stored["metadata"]["annotations"]
+    assert ("node-a", "Warning", "NodeFenced") in kube.events
+    assert not controller.cache.hosts["node-a"].fresh(NOW, 40)
+
+    kube.calls.clear()
+    await controller.reconcile(("ns", "ha"))
+    assert [c[0] for c in kube.calls] == ["status", "metadata"]
+    status = kube.calls[0][2]
+    assert status["nodeName"] == "node-b"
+    assert status["failover"]["fromNode"] == "node-a"
+    meta = kube.objects[("ns", "ha")]["metadata"]
+    assert meta["labels"][NODE_LABEL] == "node-b"
+    assert meta["finalizers"] == ["example.com/keep", "virtfleet.io/agent-node-b"]
+    assert ("ha", "Warning", "FailedOver") in kube.events
+
+    await controller.reconcile(("ns", "plain"))
+    await controller.reconcile(("ns", "local"))
+    assert kube.objects[("ns", "plain")]["status"]["printableStatus"] == "Unknown"
+    assert kube.objects[("ns", "local")]["status"]["nodeName"] == "node-a"
+    assert ("local", "Warning", "DisksNotShared") in kube.events
+
+
+async def test_a_renewal_wins_over_the_fence_and_no_vm_moves() -> None:
+    controller, kube = make()
+    lease = kube.put(lease_body("node-a"))
+    controller.cache.upsert_lease(lease, NOW - timedelta(seconds=20))
+    kube.put(lease_body("node-a", renew="2026-01-01T12:00:00.000000Z"))  # the agent renewed
+    await controller.nodes.judge("node-a")  # its compare-and-swap loses
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION not in stored["metadata"]["annotations"]
+    assert controller.nodes.fence_mark("node-a") is None
+
+
+async def test_the_agent_back_after_a_fence_gets_its_mark_cleared_and_the_node_is_damped() -> None:
+    controller, kube = make()
+    lease = kube.put(lease_body("node-a"))
+    controller.cache.upsert_lease(lease, NOW - timedelta(seconds=20))
+    await controller.nodes.judge("node-a")
+    fenced = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    back = {**fenced, "spec": {**fenced["spec"], "renewTime": "2026-01-01T12:00:01.000000Z"}}
+    controller.cache.upsert_lease(kube.put(back), NOW)
+    await controller.nodes.judge("node-a")
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION not in (stored["metadata"].get("annotations") or {})
+    assert ("node-a", "Normal", "NodeRecovered") in kube.events
+    memory = controller.nodes.memory["node-a"]
+    assert memory.placeable_after == NOW + timedelta(seconds=30)
