@@ -168,7 +168,7 @@ def test_the_fence_mark_round_trips_and_a_garbled_one_still_fences() -> None:
 
 
 def test_a_lease_sighting_moves_only_when_the_renewal_changes() -> None:
-    body = {
+    body: dict[str, Any] = {
         "metadata": {
             "name": "virtfleet-agent-node-a",
             "resourceVersion": "5",
