@@ -13,7 +13,13 @@ from pathlib import Path
 from harness.testing import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("start_latency_guests", "drift_healing", "migration_snapshot", "backup")
+SCENARIOS = (
+    "start_latency_guests",
+    "drift_healing",
+    "migration_snapshot",
+    "backup",
+    "failover",
+)
 
 
 def virsh_domains(uri: str) -> list[str]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from harness import nodes as hn
 from harness import operators
@@ -23,13 +26,14 @@ from harness.failover import (
     power_on,
     thaw_watchdog,
 )
-from harness.guest import guest_cmdline
+from harness.guest import BOOT_MARKER, guest_cmdline
+from harness.relay import Relay
 from harness.testing import Cluster, condition, domain_name, domains, vm_manifest, wait_for
 
 SHARED_DATA = [{"name": "data", "size": "16Mi", "source": {"blank": {}}, "pool": hn.SHARED_POOL}]
 LOCAL_DATA = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
-#: The harness agents' defaults: Lease 10 s, self-fence 10 s, watchdog 5 s (+2 s margin).
-FENCE_AFTER_S = 17
+#: The harness agents' defaults: Lease 10 s, self-fence 10 s, watchdog 10 s (+2 s margin).
+FENCE_AFTER_S = 22
 
 
 def ha_vm(
@@ -229,3 +233,64 @@ def test_restore_from_backup_brings_the_vm_back_from_its_latest_backup_and_quara
     wait_for(lambda: not listed(), 60, what="the quarantined disk deleted on request")
     assert quarantined not in virsh(src, "vol-list", hn.LOCAL_POOL).split()
     hn.wait_for_serial(dst, dom, rf"^VF-COUNTER {boot + 2}\s*$", timeout=60)
+
+
+def test_an_agent_cut_off_from_the_apiserver_fences_its_ha_vms_itself(
+    system: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The agent lives, the apiserver is out of its reach: after its self-fence time it
+    destroys its HA VM's domain (and only that: a VM without HA runs on, and the watchdog
+    stays quiet); the VM fails over; when the network returns, the agent learns of the
+    fence, waits for the controller to clear it, and removes its stale copy."""
+    src, dst = ha_vm(system, namespace, "island", "Restart", SHARED_DATA)
+    system.apply(vm_manifest("bystander", namespace, nodeName=src.name))
+    wait_for(lambda: _running_on(system, namespace, "bystander"), 90, what="bystander Running")
+    dom, other = domain_name(namespace, "island"), domain_name(namespace, "bystander")
+    hn.wait_for_serial(src, other, r"^VF-UPTIME 2", timeout=60)
+    relay = Relay(system.env["KUBE_APISERVER"])
+    agent = f"agent-{src.name}"
+    try:
+        kubeconfig = yaml.safe_load(
+            Path(system.env[operators.agent_kubeconfig_var(src.name)]).read_text()
+        )
+        kubeconfig["clusters"][0]["cluster"]["server"] = relay.url
+        through_relay = tmp_path / "agent.kubeconfig"
+        through_relay.write_text(yaml.safe_dump(kubeconfig))
+        operators.kill(system.state_dir, agent)
+        operators.start_agent(system.state_dir, system.env, src, kubeconfig=through_relay)
+        renewed = lease_renew_time(system, src.name)
+        wait_for(lambda: lease_renew_time(system, src.name) != renewed, 60, what="a renewal")
+
+        relay.cut()
+        cut = time.monotonic()
+        wait_for(lambda: domains(src).get(dom) == "shut off", 30, 0.2, "the self-fence")
+        fenced_after = time.monotonic() - cut
+        booted = booted_on(dst, dom, timeout=60)
+        print(
+            f"\n[failover] cut off: self-fenced after {fenced_after:.1f}s, booted on "
+            f"{dst.name} {time.monotonic() - cut:.1f}s after the cut (at {booted})"
+        )
+        assert booted >= max(counts(src, dom))
+        # Only the HA VM: the bystander ran on, never reset by the watchdog.
+        assert domains(src).get(other) == "running"
+        assert hn.serial_log(src, other).count(BOOT_MARKER) == 1
+
+        relay.restore()
+        wait_for(lambda: dom not in domains(src), 90, what="the stale copy to go")
+        wait_for(
+            lambda: host_health(system, src.name).get("state") in ("Recovering", "Healthy"),
+            60,
+            what=f"{src.name} back",
+        )
+        assert domains(src).get(other) == "running"
+        assert hn.serial_log(src, other).count(BOOT_MARKER) == 1
+        hn.wait_for_serial(dst, dom, rf"^VF-COUNTER {booted + 2}\s*$", timeout=60)
+    finally:
+        relay.close()
+        operators.kill(system.state_dir, agent)
+        operators.start_agent(system.state_dir, system.env, src)
+
+
+def lease_renew_time(system: Cluster, node: str) -> str:
+    lease = system.get("lease", f"virtfleet-agent-{node}", "kube-node-lease")
+    return str(lease["spec"].get("renewTime"))

@@ -137,7 +137,9 @@ SERIAL_DIR_IN_NODE = "/var/log/libvirt/virtfleet-serial"
 #: it SIGKILLs every QEMU of the node (libvirtd sees its guests crash), as a hardware
 #: watchdog's reset would end them (docs/failover.md).
 WATCHDOG_IN_NODE = "/run/virtfleet-watchdog"
-WATCHDOG_TIMEOUT = 5.0
+#: Longer than an agent's restart on a loaded 2-core machine (~6 s to its first pet): a
+#: restarted agent must pet in time, as on a real node (docs/failover.md).
+WATCHDOG_TIMEOUT = 10.0
 
 #: in-node mount point -> subdirectory of the node's state dir.
 _BIND_DIRS: dict[str, str] = {

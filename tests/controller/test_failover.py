@@ -125,3 +125,17 @@ async def test_the_agent_back_after_a_fence_gets_its_mark_cleared_and_the_node_i
     assert ("node-a", "Normal", "NodeRecovered") in kube.events
     memory = controller.nodes.memory["node-a"]
     assert memory.placeable_after == NOW + timedelta(seconds=30)
+
+
+async def test_a_vm_deleted_on_a_fenced_node_does_not_wait_for_that_node() -> None:
+    controller, kube = make()
+    lease = kube.put(lease_body("node-a"))
+    controller.cache.upsert_lease(lease, NOW - timedelta(seconds=20))
+    add_vm(controller, kube, "gone")
+    await controller.nodes.judge("node-a")
+    body = kube.objects[("ns", "gone")]
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    controller.vm_event(None, kube.put(body))
+    await controller.reconcile(("ns", "gone"))
+    assert kube.objects[("ns", "gone")]["metadata"]["finalizers"] == ["example.com/keep"]
+    assert ("gone", "Normal", "FinalizerReleased") in kube.events

@@ -227,9 +227,12 @@ class Controller:
     async def reconcile(self, key: Key) -> float | None:
         """Converge one VM; returns seconds until it should be looked at again, if ever."""
         vm = self.cache.vms.get(key)
-        if vm is None or vm.deleting:
+        if vm is None:
             return None
         log = self._log.bind(namespace=vm.namespace, vm=vm.name)
+        if vm.deleting:
+            await self.failover.release_deleted(key, log)
+            return None
         node = vm.node_name
         if node is None:
             return await self._schedule(key, log)

@@ -65,6 +65,8 @@ class Failover:
         if vm is None or vm.node_name is None or vm.deleting:
             return False, None
         old_node = vm.node_name
+        if self.nodes.fence_mark(old_node) is None:
+            return False, None  # the common case, without taking any lock
         async with self.nodes.lock(old_node), self.placing:
             mark = self.nodes.fence_mark(old_node)
             vm = self.cache.vms.get(key)
@@ -129,6 +131,38 @@ class Failover:
         await self.kube.record_event(body, "Warning", rules.FAILED_OVER, message, COMPONENT)
         self._said.pop(key, None)
         return True, None
+
+    async def release_deleted(self, key: Key, log: Any) -> None:
+        """A VM deleted while its node is fenced: drop that node's agent finalizer, so the
+        deletion does not wait for a node that may never return (KubeVirt's VMIs stay
+        Terminating there). The node's agent finds the domain's VM gone when it returns,
+        and its sweep removes the domain and volumes."""
+        vm = self.cache.vms.get(key)
+        if vm is None or not vm.deleting or vm.node_name is None:
+            return
+        if self.nodes.fence_mark(vm.node_name) is None:
+            return
+        finalizer = node_finalizer(vm.node_name)
+        finalizers = list(vm.body.get("metadata", {}).get("finalizers") or [])
+        if finalizer not in finalizers:
+            return
+        patch = {
+            "metadata": {
+                "finalizers": [f for f in finalizers if f != finalizer],
+                "resourceVersion": vm.resource_version,
+            }
+        }
+        try:
+            body = await self.kube.patch("VirtualMachine", vm.namespace, vm.name, patch)
+        except (Conflict, NotFound):
+            return  # the next event brings it back
+        self.cache.upsert_vm(body)
+        message = (
+            f"node {vm.node_name} is fenced: its agent's finalizer is released so the "
+            "deletion completes; the node removes its leftovers when it returns"
+        )
+        log.warning("finalizer of a fenced node released", node=vm.node_name)
+        await self.kube.record_event(body, "Normal", "FinalizerReleased", message, COMPONENT)
 
     async def move_metadata(self, vm: Any, node: str, log: Any) -> bool:
         """Label → ``node``; the failed node's finalizer out, ``node``'s in. False on a
