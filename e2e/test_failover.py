@@ -216,7 +216,7 @@ def test_restore_from_backup_brings_the_vm_back_from_its_latest_backup_and_quara
     assert "RPO" in condition(system.get("vm", "keeper", namespace), "FailedOver")["message"]  # type: ignore[index]
 
     power_on(system, src)
-    quarantined = f"quarantined-{uid}-data.qcow2"
+    quarantined = f"quarantined-{uid}-f1-data.qcow2"
 
     def listed() -> list[dict[str, Any]]:
         vols = (system.get("vmhost", src.name).get("status") or {}).get("quarantinedVolumes")

@@ -54,10 +54,10 @@ def make() -> tuple[Controller, FakeKube]:
     return controller, kube
 
 
-def add_vm(controller: Controller, kube: FakeKube, name: str, **spec: Any) -> None:
+def add_vm(controller: Controller, kube: FakeKube, name: str, seen: int = 3, **spec: Any) -> None:
     body = vm_body(
         name,
-        status={"nodeName": "node-a", "printableStatus": "Running"},
+        status={"nodeName": "node-a", "printableStatus": "Running", "observedGeneration": seen},
         labels={NODE_LABEL: "node-a"},
         **spec,
     )
@@ -75,6 +75,9 @@ async def test_a_silent_node_is_fenced_then_its_restart_vm_moves_and_others_stay
     add_vm(controller, kube, "plain")
     local_disk = [{"name": "d", "size": "1Gi", "source": {"blank": {}}}]
     add_vm(controller, kube, "local", highAvailability="Restart", disks=local_disk)
+    # Made HA after its node last reported (generation 3, observed 2): the node may not
+    # know, and may not have stopped it.
+    add_vm(controller, kube, "unseen", seen=2, highAvailability="Restart", disks=shared_disk)
 
     await controller.nodes.judge("node-a")
     stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
@@ -98,6 +101,9 @@ async def test_a_silent_node_is_fenced_then_its_restart_vm_moves_and_others_stay
     assert kube.objects[("ns", "plain")]["status"]["printableStatus"] == "Unknown"
     assert kube.objects[("ns", "local")]["status"]["nodeName"] == "node-a"
     assert ("local", "Warning", "DisksNotShared") in kube.events
+    await controller.reconcile(("ns", "unseen"))
+    assert kube.objects[("ns", "unseen")]["status"]["nodeName"] == "node-a"
+    assert ("unseen", "Warning", "SpecNotObserved") in kube.events
 
 
 async def test_a_renewal_wins_over_the_fence_and_no_vm_moves() -> None:
@@ -139,3 +145,16 @@ async def test_a_vm_deleted_on_a_fenced_node_does_not_wait_for_that_node() -> No
     await controller.reconcile(("ns", "gone"))
     assert kube.objects[("ns", "gone")]["metadata"]["finalizers"] == ["example.com/keep"]
     assert ("gone", "Normal", "FinalizerReleased") in kube.events
+
+
+async def test_a_controller_blind_for_a_while_measures_silence_from_when_it_sees_again() -> None:
+    controller, kube = make()
+    kube.put(lease_body("node-a"))
+    clock = [NOW - timedelta(seconds=60)]
+    controller.nodes.clock = lambda: clock[0]
+    await controller.nodes.poll()  # seen 60 s ago, then the apiserver was out of reach
+    clock[0] = NOW
+    await controller.nodes.poll()
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION not in stored["metadata"]["annotations"]
+    assert controller.cache.leases["node-a"].seen == NOW

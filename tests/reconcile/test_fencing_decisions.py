@@ -40,7 +40,8 @@ def test_self_fence_when_the_lease_lapses_or_the_controller_fenced() -> None:
     assert not nf.must_self_fence(state(), 100.0 + SFA - 0.01, SFA)
     assert nf.must_self_fence(state(), 100.0 + SFA, SFA)
     assert nf.must_self_fence(state(fenced=True), 100.1, SFA)
-    assert not nf.must_self_fence(state(None), 1e9, SFA)  # never renewed: never started any
+    # No renewal known (the Lease unreadable at start): what runs is not covered any more.
+    assert nf.must_self_fence(state(None), 0.0, SFA)
     assert not nf.must_self_fence(state(), 1e9, None)
 
 
@@ -100,6 +101,7 @@ def judge(lease: nh.LeaseView, after: float, **kwargs: Any) -> nh.Verdict:
         out_of_service=kwargs.pop("out_of_service", False),
         memory=memory,
         settings=nh.HealthSettings(),
+        disruption=kwargs.pop("disruption", False),
     )
 
 
@@ -126,6 +128,15 @@ def test_a_node_without_a_watchdog_waits_for_the_out_of_service_taint() -> None:
     assert tainted.fence is not None
     assert "out-of-service" in tainted.fence.reason
     assert judge(lease, 5, out_of_service=True).fence is None  # renewing: not failed at all
+
+
+def test_an_agent_back_then_silent_again_before_the_clear_is_fenced_anew() -> None:
+    mark = nh.FenceMark(T0 + timedelta(seconds=17), "r1", "deadline")
+    back_then_gone = make_lease(mark=mark, renew="r2", seen=T0 + timedelta(seconds=60))
+    assert judge(back_then_gone, 65).clear_mark
+    verdict = judge(back_then_gone, 60 + 23)
+    assert verdict.fence is not None
+    assert verdict.fence.renew_time == "r2"  # a new mark: this silence's
 
 
 def test_fenced_until_the_agent_renews_then_the_mark_is_cleared() -> None:
@@ -188,3 +199,14 @@ def test_a_lease_sighting_moves_only_when_the_renewal_changes() -> None:
     assert moved is not None
     assert moved.seen == T0 + timedelta(seconds=9)
     assert nh.LeaseView.from_body({"metadata": {"name": "node-a"}}, T0, None) is None
+
+
+def test_most_nodes_silent_at_once_is_a_disruption_not_a_fence() -> None:
+    one = make_lease()
+    fresh = nh.LeaseView(**{**one.__dict__, "node": "node-b", "seen": T0 + timedelta(seconds=30)})
+    at = T0 + timedelta(seconds=30)
+    assert not nh.disrupted([one, fresh], at)  # one of two: an ordinary failure
+    assert nh.disrupted([one, one, fresh], at)  # two of three
+    verdict = judge(one, 30, disruption=True)
+    assert verdict.reason == "ClusterDisruption"
+    assert verdict.fence is None

@@ -28,6 +28,7 @@ from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.claim import Claim, vm_claim
 from virtfleet.reconcile.vm import Decision, EventNote, PowerRequest, VmView, decide, failed
+from virtfleet.reconcile.vm_model import Start
 from virtfleet.runtime.failures import error_reporter
 from virtfleet.runtime.kube import Forbidden, KubeApi, KubeError, NotFound, secret_value
 from virtfleet.runtime.queue import WorkQueue
@@ -243,6 +244,13 @@ class Agent:
 
     async def _act(self, view: VmView, observation: VmObservation, decision: Decision) -> None:
         for action in decision.actions:
+            if isinstance(action, Start):
+                # Asked again right before: a hold (a node's Lease that just ran out, a
+                # restore that just committed) may have come since the view was made.
+                held = self.held((view.namespace, view.name))
+                if held:
+                    self.log.info("start held", namespace=view.namespace, vm=view.name, why=held)
+                    continue
             await self.driver.execute(view, observation, action)
 
     async def _view(self, body: Mapping[str, Any]) -> VmView:

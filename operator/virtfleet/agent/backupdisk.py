@@ -125,12 +125,16 @@ class BackupDisks:
         self.settings = settings
 
     async def disk_names(self, namespace: str, backup_name: str) -> set[str]:
-        """The disks VMBackup ``backup_name`` holds (empty when it cannot be read)."""
+        """The disks VMBackup ``backup_name`` holds. A backup that cannot be read fails the
+        pass (retried): creating the disks from the spec instead would never restore them."""
         try:
             backup = await self.kube.get("VMBackup", namespace, backup_name)
         except KubeError as exc:
-            _log.warning("backup not read", backup=backup_name, error=str(exc))
-            return set()
+            raise ActionError(
+                "BackupUnreadable",
+                f"failover from VMBackup {backup_name}: the backup cannot be read: {exc}",
+                permanent=False,
+            ) from exc
         disks = (backup.get("status") or {}).get("disks") or []
         return {str(d.get("name")) for d in disks if isinstance(d, dict)}
 

@@ -28,10 +28,12 @@ from virtfleet.identity import Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile import node_fencing as rules
 from virtfleet.reconcile.failover import failed_over_from
-from virtfleet.runtime.kube import KubeError
+from virtfleet.runtime.kube import KubeApi, KubeError
 
 #: How often the fence loop looks (and pets the watchdog when allowed).
 FENCE_TICK_SECONDS = 1.0
+#: A failed recovery after a fence is tried again this much later.
+RECOVERY_RETRY_SECONDS = 10.0
 
 
 def high_availability(body: Mapping[str, Any] | None) -> HighAvailability:
@@ -90,15 +92,19 @@ class Watchdog:
 class NodeFencing:
     """State and loops of the node's fencing (see the module doc)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, lease_kube: KubeApi | None = None) -> None:
         self.agent = agent
         self.settings = agent.settings
-        self.lease = NodeLease(agent.kube, agent.settings)
+        # Its own client (own connections and threads) where given: a renewal must not
+        # queue behind slow calls of the VM loops, or HA VMs would self-fence for nothing.
+        self.lease = NodeLease(lease_kube or agent.kube, agent.settings)
         self.watchdog = (
             Watchdog(self.settings.watchdog_path) if self.settings.watchdog_path else None
         )
         #: uid → "namespace/name" of VMs whose disks this agent quarantined.
         self.quarantined_vms: dict[str, str] = {}
+        self._recovery: asyncio.Task[None] | None = None
+        self._recover_after = 0.0
         self.log = get_logger("virtfleet.agent.fencing", node=self.settings.node_name)
         agent.start_holds.append(self.hold)
 
@@ -132,10 +138,13 @@ class NodeFencing:
 
     async def _renew_loop(self) -> None:
         while True:
-            was_fenced = self.lease.state.fenced
-            renewed = await self.lease.renew()
-            if renewed and was_fenced != self.lease.state.fenced:
-                self.agent.resync()
+            try:
+                was_fenced = self.lease.state.fenced
+                renewed = await self.lease.renew()
+                if renewed and was_fenced != self.lease.state.fenced:
+                    self.agent.resync()
+            except Exception as exc:  # the loop must outlive one bad pass; logged
+                self.log.exception("Lease renewal failed", error=str(exc))
             await asyncio.sleep(self.settings.lease_renew_seconds)
 
     async def _fence_loop(self) -> None:
@@ -161,8 +170,11 @@ class NodeFencing:
                 self.watchdog.disarm()
             elif rules.pet_watchdog(state, now, sfa, ha_active) and (has_ha or self.watchdog.armed):
                 self.watchdog.pet()
-        if state.recovering and not state.fenced:
-            await self.recover()
+        idle = self._recovery is None or self._recovery.done()
+        if state.recovering and not state.fenced and now >= self._recover_after and idle:
+            # Its own task: copying a quarantined disk may take minutes, and the watchdog
+            # must be petted meanwhile.
+            self._recovery = asyncio.create_task(self._recover_once(), name="fence-recovery")
 
     async def _fence_ha_domains(self) -> int | None:
         """Destroy every active domain of an HA VM here; how many are still active
@@ -194,12 +206,20 @@ class NodeFencing:
 
     # --- after a fence mark -----------------------------------------------------------------
 
+    async def _recover_once(self) -> None:
+        try:
+            await self.recover()
+        except Exception as exc:  # retried with a back-off; logged
+            self._recover_after = time.monotonic() + RECOVERY_RETRY_SECONDS
+            self.log.exception("fence recovery failed; retrying", error=str(exc))
+
     async def recover(self) -> None:
         """Once the controller cleared the fence mark (it moves no VM of this node any
         more): read every VM afresh, remove the stale copies of those that failed over and
         quarantine their node-local disks, then let the VMs still placed here start."""
         agent = self.agent
         node = self.settings.node_name
+        epoch = self.lease.mark_epoch
         try:
             listed = await agent.kube.list("VirtualMachine")
         except KubeError as exc:
@@ -230,7 +250,7 @@ class NodeFencing:
         for vm in listed:
             if failed_over_from(vm, node) is None:
                 continue
-            kept = await quarantine_volumes(agent, str(vm["metadata"]["uid"]))
+            kept = await quarantine_volumes(agent, vm)
             if kept:
                 ns, name = key_of(vm)
                 self.quarantined_vms[str(vm["metadata"]["uid"])] = f"{ns}/{name}"
@@ -240,6 +260,6 @@ class NodeFencing:
                     "backup it was restored from); see VMHost " + node
                 )
                 await agent.kube.record_event(vm, "Warning", "DisksQuarantined", message, COMPONENT)
-        self.lease.recovered()
-        self.log.info("recovered from the fence: stale copies removed")
-        agent.resync()
+        if self.lease.recovered(epoch):
+            self.log.info("recovered from the fence: stale copies removed")
+            agent.resync()

@@ -123,7 +123,12 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         )
         holder["backups"], backup_tasks = backup_wiring.start(the_agent, locks)
         await holder["backups"].restores.preload()  # before any VM may start: its holds
-        fencing = NodeFencing(the_agent)  # its hold keeps HA VMs until the Lease is read
+        # Its hold keeps HA VMs until the Lease is read. The Lease has a client of its own
+        # (one thread, short timeout): renewals never queue behind the VM loops' calls.
+        fencing = NodeFencing(
+            the_agent, lease_kube=KubeClient(max_workers=1, request_timeout=5.0)
+        )
+        holder["fencing"] = fencing
         fencing_tasks = await fencing.start()
         await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
@@ -159,6 +164,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
                 await task
         await the_agent.hv.close()
         await the_agent.kube.close()
+        if "fencing" in holder:
+            await holder["fencing"].lease.kube.close()
 
     @kopf.on.event(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)  # type: ignore[arg-type]
     def vm_event(event: dict[str, Any], **_: Any) -> None:

@@ -17,6 +17,7 @@ from virtfleet.api.vmhost import FencingStatus, PoolStatus, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
+from virtfleet.reconcile.failover import failed_over_from
 from virtfleet.reconcile.leftovers import unwanted_domain, unwanted_volume
 from virtfleet.runtime.kube import NotFound
 
@@ -171,6 +172,18 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid, why=reason)
         removed.append(f"domain/{item.guest.name}")
         domains_here.discard(uid)
+    moved_here = {
+        uid: vm
+        for uid, vm in vms.items()
+        if failed_over_from(vm, agent.settings.node_name) is not None
+        and any(v[2] == uid and v[0] not in agent.settings.shared_pools for v in volumes)
+    }
+    for uid, vm in moved_here.items():
+        # A recovery cut short (an agent restart after the fence mark was cleared) left
+        # them: they are quarantined, as the recovery would have done.
+        if uid not in domains_here:
+            kept = await quarantine.quarantine_volumes(agent, vm)
+            removed.extend(f"quarantined/{k}" for k in kept)
     for pool, volume_name, uid in volumes:
         vm = vms.get(uid)
         vm_key = (str(vm["metadata"]["namespace"]), str(vm["metadata"]["name"])) if vm else None

@@ -56,6 +56,9 @@ class NodeLease:
         self.state = LeaseState(last_sent=None, fenced=False, recovering=False)
         #: The fence mark as the controller wrote it (time and reason), for messages.
         self.fence_mark: str | None = None
+        #: Counts the fence marks seen: a recovery that began before the latest one does
+        #: not end the recovering state (the controller may have moved more VMs since).
+        self.mark_epoch = 0
         self._failing_since: float | None = None
         self.log = get_logger("virtfleet.agent.lease", node=settings.node_name)
 
@@ -86,7 +89,8 @@ class NodeLease:
         self.resource_version = str(meta.get("resourceVersion") or "") or None
         mark = (meta.get("annotations") or {}).get(FENCED_ANNOTATION)
         fenced = bool(mark)
-        if fenced and not self.state.fenced:
+        if fenced and str(mark) != self.fence_mark:
+            self.mark_epoch += 1
             self.log.warning("the controller fenced this node", mark=mark)
         self.fence_mark = str(mark) if mark else None
         if not fenced and self.state.fenced:
@@ -144,6 +148,7 @@ class NodeLease:
                 except Conflict:
                     await self.load()  # someone else wrote it: the controller's fence mark?
                     continue
+
                 self._absorb(body, sent=sent)
                 if self._failing_since is not None:
                     self.log.info(
@@ -152,6 +157,7 @@ class NodeLease:
                     )
                     self._failing_since = None
                 return True
+            self.log.warning("Lease not renewed: it changed under two attempts", lease=self.where)
         except NotFound:
             self.resource_version = None  # deleted: created again on the next renewal
         except KubeError as exc:
@@ -160,6 +166,10 @@ class NodeLease:
                 self.log.warning("Lease not renewed", lease=self.where, error=str(exc))
         return False
 
-    def recovered(self) -> None:
-        """The recovery after a fence is done (the controller had cleared the mark)."""
+    def recovered(self, epoch: int) -> bool:
+        """The recovery that began at mark ``epoch`` is done; False (still recovering)
+        when another mark came meanwhile."""
+        if epoch != self.mark_epoch or self.state.fenced:
+            return False
         self.state = replace(self.state, recovering=False)
+        return True

@@ -1,7 +1,8 @@
 """Quarantined disks: node-local disks of a VM that failed over while this node was away.
 
 They may hold data newer than the backup the VM was restored from elsewhere, so they are
-neither used nor deleted: each is copied to ``quarantined-<uid>-<disk>.qcow2`` (a name no
+neither used nor deleted: each is copied to ``quarantined-<uid>-f<n>-<disk>.qcow2`` (``n``:
+the VM's failover count, so a later failover from this node keeps its own; a name no
 VM's volume has, so no sweep or later placement of the VM here can touch or reuse it),
 listed in the VMHost's ``status.quarantinedVolumes``, and deleted only when a person asks
 by annotating the VMHost (``virtfleet.io/delete-quarantined``: volume names, or ``all``).
@@ -10,6 +11,7 @@ by annotating the VMHost (``virtfleet.io/delete-quarantined``: volume names, or 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from virtfleet.agent.agent import Agent
 from virtfleet.api.vmhost import QuarantinedVolume
@@ -24,9 +26,11 @@ def _local_pools(agent: Agent) -> list[str]:
     return [p for p in agent.settings.pools if p not in agent.settings.shared_pools]
 
 
-async def quarantine_volumes(agent: Agent, uid: str) -> list[str]:
+async def quarantine_volumes(agent: Agent, vm: Mapping[str, Any]) -> list[str]:
     """Keep the VM's node-local disks under quarantine names, drop its other volumes
     (the cloud-init seed: made again wherever the VM runs); returns ``pool/name`` kept."""
+    uid = str(vm["metadata"]["uid"])
+    count = int(((vm.get("status") or {}).get("failover") or {}).get("count") or 0)
     kept = []
     for pool in _local_pools(agent):
         try:
@@ -37,8 +41,8 @@ async def quarantine_volumes(agent: Agent, uid: str) -> list[str]:
             if not name.startswith(f"{uid}-"):
                 continue
             if name.endswith(".qcow2"):
-                target = PREFIX + name
-                if target in volumes:  # an earlier attempt may have stopped half-way
+                target = f"{PREFIX}{uid}-f{count}-{name.removeprefix(uid + '-')}"
+                if target in volumes:  # this failover's earlier attempt stopped half-way
                     await storage.delete_volume(agent.hv, pool, target)
                 await storage.copy_flat(agent.hv, pool, name, target)
                 kept.append(f"{pool}/{target}")

@@ -72,6 +72,14 @@ class FleetCache:
             self.hosts[view.node] = self._with_lease(host)
         return view
 
+    def renew_sightings(self, now: datetime) -> None:
+        """Count every Lease as seen renewed at ``now`` (after the controller was blind)."""
+        for node, lease in list(self.leases.items()):
+            self.leases[node] = dataclasses.replace(lease, seen=now)
+            host = self.hosts.get(node)
+            if host is not None:
+                self.hosts[node] = self._with_lease(host)
+
     def _with_lease(self, host: HostView) -> HostView:
         lease = self.leases.get(host.name)
         if lease is None:

@@ -128,6 +128,7 @@ class Controller:
             self.settings,
             self.nodes,
             self.backups.cache,
+            self.migrations.cache,
             self._placing,
             clock,
         )

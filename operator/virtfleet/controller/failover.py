@@ -31,6 +31,9 @@ from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.status import status_patch
 
 COMPONENT = "virtfleet-controller"
+#: VMMigration phases during which a copy of the VM may sit on the target too (the
+#: controller sets Scheduled; unset means Pending, nothing made yet).
+UNFINISHED_MIGRATION = frozenset({"Scheduled", "Running"})
 #: A VM that waits for a node to fit is looked at again this often (in-memory checks).
 WAIT_RETRY = 5.0
 
@@ -43,6 +46,7 @@ class Failover:
         settings: ControllerSettings,
         nodes: NodeKeeper,
         backups: Mapping[tuple[str, str, str], Mapping[str, Any]],
+        migrations: Mapping[Key, Mapping[str, Any]],
         placing: asyncio.Lock,
         clock: Callable[[], datetime],
     ) -> None:
@@ -51,6 +55,7 @@ class Failover:
         self.settings = settings
         self.nodes = nodes
         self.backups = backups
+        self.migrations = migrations
         self.placing = placing
         self.clock = clock
         #: The last reason each VM was told it does not fail over (one Event per reason).
@@ -58,6 +63,14 @@ class Failover:
 
     def forget(self, key: Key) -> None:
         self._said.pop(key, None)
+
+    def _migrating(self, namespace: str, name: str) -> bool:
+        for (ns, _), body in self.migrations.items():
+            if ns != namespace or (body.get("spec") or {}).get("vmName") != name:
+                continue
+            if (body.get("status") or {}).get("phase") in UNFINISHED_MIGRATION:
+                return True
+        return False
 
     async def handle(self, key: Key, log: Any) -> tuple[bool, float | None]:
         """Fail the VM over if its node is fenced: (moved, when to look again)."""
@@ -83,7 +96,15 @@ class Failover:
                 vm.uid,
                 (b for k, b in self.backups.items() if k[0] == BACKUP and k[1] == vm.namespace),
             )
-            plan = rules.plan_failover(spec, shared, None, backups)
+            observed = vm.status.get("observedGeneration")
+            plan = rules.plan_failover(
+                spec,
+                shared,
+                None,
+                backups,
+                spec_seen_by_node=observed == vm.generation,
+                migrating=self._migrating(vm.namespace, vm.name),
+            )
             if isinstance(plan, rules.Stay):
                 await self._say(vm.body, key, plan.reason, plan.message, log)
                 return False, None if plan.stalled else WAIT_RETRY  # stays Unknown meanwhile

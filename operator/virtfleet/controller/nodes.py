@@ -25,6 +25,8 @@ from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
 
 COMPONENT = "virtfleet-controller"
 LEASE = "Lease"
+#: Leases not listed for this long (at least): the controller was blind meanwhile.
+BLIND_SECONDS = 5.0
 
 
 class NodeKeeper:
@@ -51,6 +53,7 @@ class NodeKeeper:
         #: moved once the controller decided the agent is back.
         self.locks: dict[str, asyncio.Lock] = {}
         self._written: dict[str, dict[str, Any]] = {}
+        self._listed: datetime | None = None
         self.log = get_logger("virtfleet.controller.nodes")
 
     def lock(self, node: str) -> asyncio.Lock:
@@ -70,6 +73,8 @@ class NodeKeeper:
                 await self.poll()
             except KubeError as exc:
                 self.log.info("Leases not listed", error=str(exc))
+            except Exception as exc:  # the loop must outlive one bad pass; logged
+                self.log.exception("node health pass failed", error=str(exc))
             await asyncio.sleep(self.settings.lease_poll_interval)
 
     async def poll(self) -> None:
@@ -77,13 +82,21 @@ class NodeKeeper:
         now = self.clock()
         for body in bodies:
             self.cache.upsert_lease(body, now)
+        blind = (now - self._listed).total_seconds() if self._listed is not None else 0.0
+        self._listed = now
+        if blind > max(BLIND_SECONDS, 3 * self.settings.lease_poll_interval):
+            # The controller could not see renewals meanwhile: it cannot say anyone was
+            # silent, so every node's silence counts from now.
+            self.log.warning("Leases unreadable for a while; sightings restart", seconds=blind)
+            self.cache.renew_sightings(now)
+        disruption = rules.disrupted(list(self.cache.leases.values()), now)
         for node in list(self.cache.leases):
             try:
-                await self.judge(node)
+                await self.judge(node, disruption=disruption)
             except KubeError as exc:
                 self.log.warning("node health not written", node=node, error=str(exc))
 
-    async def judge(self, node: str) -> None:
+    async def judge(self, node: str, *, disruption: bool = False) -> None:
         lease = self.cache.leases[node]
         now = self.clock()
         memory = self.memory.get(node)
@@ -93,7 +106,12 @@ class NodeKeeper:
         node_view = self.cache.nodes.get(node)
         out_of_service = bool(node_view and node_view.out_of_service)
         verdict = rules.judge(
-            lease, now, out_of_service=out_of_service, memory=memory, settings=self.health
+            lease,
+            now,
+            out_of_service=out_of_service,
+            memory=memory,
+            settings=self.health,
+            disruption=disruption,
         )
         if verdict.fence is not None:
             memory = await self._fence(node, lease, verdict, memory, now)
@@ -101,7 +119,12 @@ class NodeKeeper:
             memory = await self._clear(node, lease, memory, now)
         lease = self.cache.leases[node]
         verdict = rules.judge(
-            lease, now, out_of_service=out_of_service, memory=memory, settings=self.health
+            lease,
+            now,
+            out_of_service=out_of_service,
+            memory=memory,
+            settings=self.health,
+            disruption=disruption,
         )
         if verdict.state != memory.state:
             self.log.info("node health", node=node, state=verdict.state.value, why=verdict.message)

@@ -85,8 +85,18 @@ def plan_failover(
     shared_pools: Collection[str],
     default_pool: str | None,
     backups: Iterable[BackupRef],
+    *,
+    spec_seen_by_node: bool = True,
+    migrating: bool = False,
 ) -> Plan | Stay:
-    """Whether (and how) a VM on a fenced node fails over."""
+    """Whether (and how) a VM on a fenced node fails over.
+
+    ``spec_seen_by_node``: the node's agent reported the current generation (its status'
+    ``observedGeneration``). Only then did the node know the VM's policy when it went
+    silent — and self-fences HA VMs only: a VM made HA while its node was cut off may
+    still run there. ``migrating``: a VMMigration of it is not finished (its target may
+    hold a copy that only the migration's recovery can judge).
+    """
     if spec is None:
         return Stay("InvalidSpec", "the spec cannot be read: no failover", stalled=True)
     policy = spec.high_availability
@@ -95,6 +105,19 @@ def plan_failover(
             "NoHighAvailability",
             "spec.highAvailability is None: the VM stays until its node returns",
             stalled=True,
+        )
+    if not spec_seen_by_node:
+        return Stay(
+            "SpecNotObserved",
+            "the node's agent had not seen the VM's current spec when the node went silent "
+            "(it may not know the VM is HA, so it may not have stopped it): the VM stays "
+            "until the node returns",
+            stalled=True,
+        )
+    if migrating:
+        return Stay(
+            "MigrationInProgress",
+            "a VMMigration of the VM is not finished: no failover until it is",
         )
     if policy is HighAvailability.RESTART:
         local = [

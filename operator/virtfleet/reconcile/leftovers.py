@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from virtfleet.identity import NODE_LABEL
+from virtfleet.reconcile.failover import failed_over_from
 
 
 def unwanted_domain(
@@ -32,6 +33,9 @@ def unwanted_domain(
     """
     if vm is None or str(vm["metadata"].get("uid")) != uid:
         return "its VM is gone"
+    moved = failed_over_from(vm, node)
+    if moved is not None:
+        return f"its VM failed over to {moved} while this node was fenced"
     elsewhere = _lives_elsewhere(vm, node)
     if elsewhere is None or migrating or domain_active:
         return None
@@ -56,8 +60,8 @@ def unwanted_volume(
     """
     if vm is None:
         return "its VM is gone"
-    if shared_pool or migrating or domain_here:
-        return None
+    if shared_pool or migrating or domain_here or failed_over_from(vm, node) is not None:
+        return None  # failed over from here: quarantined (agent.quarantine), never deleted
     elsewhere = _lives_elsewhere(vm, node)
     return None if elsewhere is None else f"its VM lives on {elsewhere}"
 

@@ -72,8 +72,10 @@ def must_self_fence(state: LeaseState, now: float, self_fence_after: float | Non
     """The HA VMs' domains here must be destroyed now."""
     if state.fenced:
         return True  # the controller has fenced us: whatever runs here is a stale copy
-    if self_fence_after is None or state.last_sent is None:
-        return False  # no renewal yet in this process: nothing was started either
+    if self_fence_after is None:
+        return False
+    # No renewal known (the Lease could not be read): the promise of the previous process
+    # may have run out, so HA domains left running by it must not run on.
     return not lease_valid(state, now, self_fence_after)
 
 

@@ -160,6 +160,14 @@ class Verdict:
     events: tuple[tuple[str, str, str], ...] = field(default=())
 
 
+def disrupted(leases: list[LeaseView], now: datetime) -> bool:
+    """More than half of the nodes silent at once (and more than one): more likely the
+    control plane or the network than the nodes (Kubernetes' node lifecycle controller
+    stops evicting then too). No node is fenced automatically meanwhile."""
+    silent = sum(1 for lease in leases if lease.mark is None and not lease.fresh(now))
+    return silent > 1 and silent * 2 > len(leases)
+
+
 def judge(
     lease: LeaseView,
     now: datetime,
@@ -167,23 +175,26 @@ def judge(
     out_of_service: bool,
     memory: NodeMemory,
     settings: HealthSettings,
+    disruption: bool = False,
 ) -> Verdict:
     """The node's state now, and what the controller should do about it."""
     node = lease.node
-    if lease.mark is not None:
-        if lease.back_after_fence and lease.fresh(now):
-            return Verdict(
-                NodeHealthState.RECOVERING,
-                "AgentBack",
-                f"the agent of {node} renews its Lease again after the fence; its stale "
-                "copies are being removed",
-                clear_mark=True,
-            )
+    if lease.mark is not None and not lease.back_after_fence:
         return Verdict(
             NodeHealthState.FENCED,
             "Fenced",
             f"{node} is fenced ({lease.mark.reason}); its HA VMs fail over",
         )
+    if lease.mark is not None and lease.fresh(now):
+        return Verdict(
+            NodeHealthState.RECOVERING,
+            "AgentBack",
+            f"the agent of {node} renews its Lease again after the fence; its stale "
+            "copies are being removed",
+            clear_mark=True,
+        )
+    # No mark, or a mark the agent renewed after and then went silent again before it
+    # was cleared: a new failure, fenced anew (a new mark) at its own deadline.
     if lease.fresh(now):
         if memory.placeable_after is not None and now < memory.placeable_after:
             return Verdict(
@@ -207,6 +218,14 @@ def judge(
             fence=FenceMark(now, lease.renew_time, reason),
         )
     deadline = lease.fence_deadline(settings)
+    if disruption:
+        return Verdict(
+            NodeHealthState.FAILED,
+            "ClusterDisruption",
+            f"{node} failed: {stale}; but more than half of the nodes are silent at once "
+            "(a control-plane or network outage is likelier): no node is fenced "
+            "automatically until most of them renew again",
+        )
     if deadline is None:
         return Verdict(
             NodeHealthState.FAILED,
