@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from harness import nodes as hn
@@ -34,6 +36,23 @@ SHARED_DATA = [{"name": "data", "size": "16Mi", "source": {"blank": {}}, "pool":
 LOCAL_DATA = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
 #: The harness agents' defaults: Lease 10 s, self-fence 10 s, watchdog 10 s (+2 s margin).
 FENCE_AFTER_S = 22
+
+
+@pytest.fixture(autouse=True)
+def nodes_healthy_after(system: Cluster) -> Iterator[None]:
+    """The tests after these find every node back and out of its damping."""
+    yield
+    for node in system.nodes:
+        if not hn.node_pids(node):
+            power_on(system, node)
+        elif operators.pid_of(system.state_dir, f"agent-{node.name}") is None:
+            operators.start_agent(system.state_dir, system.env, node)
+    wait_for(
+        lambda: all(host_health(system, n.name).get("state") == "Healthy" for n in system.nodes),
+        120,
+        1.0,
+        "every node Healthy",
+    )
 
 
 def ha_vm(

@@ -125,9 +125,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         await holder["backups"].restores.preload()  # before any VM may start: its holds
         # Its hold keeps HA VMs until the Lease is read. The Lease has a client of its own
         # (one thread, short timeout): renewals never queue behind the VM loops' calls.
-        fencing = NodeFencing(
-            the_agent, lease_kube=KubeClient(max_workers=1, request_timeout=5.0)
-        )
+        fencing = NodeFencing(the_agent, lease_kube=KubeClient(max_workers=1, request_timeout=5.0))
         holder["fencing"] = fencing
         fencing_tasks = await fencing.start()
         await _open_when_libvirtd_answers(hv, log)

@@ -76,6 +76,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         **seconds,  # type: ignore[arg-type]
     )
     parser.add_argument(
+        "--failure-damping-max",
+        default=defaults.failure_damping_max,
+        help="the longest such hold",
+        **seconds,  # type: ignore[arg-type]
+    )
+    parser.add_argument(
         "--heartbeat-check-interval",
         default=defaults.heartbeat_check_interval,
         help="how often heartbeats are checked",
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             lease_poll_interval=args.lease_poll_interval,
             fence_margin=args.fence_margin,
             failure_damping=args.failure_damping,
+            failure_damping_max=args.failure_damping_max,
             overcommit=args.overcommit,
             workers=args.workers,
             max_migrations_per_node=args.max_migrations_per_node,

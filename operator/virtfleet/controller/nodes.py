@@ -46,7 +46,9 @@ class NodeKeeper:
         self.clock = clock
         self.on_change = on_change
         self.health = rules.HealthSettings(
-            fence_margin=settings.fence_margin, damping_base=settings.failure_damping
+            fence_margin=settings.fence_margin,
+            damping_base=settings.failure_damping,
+            damping_max=settings.failure_damping_max,
         )
         self.memory: dict[str, rules.NodeMemory] = {}
         #: Taken to move a VM off a fenced node and to clear that node's mark: no VM is

@@ -32,6 +32,8 @@ class ControllerSettings:
     #: No placements on a node that is back from a failure for this long, doubled for
     #: each failure in the last 10 minutes (at most 10 minutes): a flapping node is damped.
     failure_damping: float = 30.0
+    #: The longest such hold.
+    failure_damping_max: float = 600.0
     #: Placeable memory = ``VMHost.status.memoryBytes * overcommit`` (1.0: none).
     overcommit: float = 1.0
     #: Concurrent reconciles. Placement decisions are serialised regardless, so that
