@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from tests.controller.fleet_builders import GI, NOW, vm_body
 
 from testkit.kube import FakeKube
@@ -17,6 +18,7 @@ from virtfleet.reconcile.node_fencing import (
     SELF_FENCE_ANNOTATION,
     WATCHDOG_ANNOTATION,
 )
+from virtfleet.runtime.kube import ApiUnavailable
 
 SHARED = "virtfleet-shared"
 
@@ -54,10 +56,15 @@ def make() -> tuple[Controller, FakeKube]:
     return controller, kube
 
 
-def add_vm(controller: Controller, kube: FakeKube, name: str, seen: int = 3, **spec: Any) -> None:
+def add_vm(
+    controller: Controller, kube: FakeKube, name: str, known: str | None = None, **spec: Any
+) -> None:
+    """A VM running on node-a; ``known``: the policy node-a's agent reported acting on
+    (default: the spec's)."""
+    policy = known or spec.get("highAvailability", "None")
     body = vm_body(
         name,
-        status={"nodeName": "node-a", "printableStatus": "Running", "observedGeneration": seen},
+        status={"nodeName": "node-a", "printableStatus": "Running", "highAvailability": policy},
         labels={NODE_LABEL: "node-a"},
         **spec,
     )
@@ -75,9 +82,9 @@ async def test_a_silent_node_is_fenced_then_its_restart_vm_moves_and_others_stay
     add_vm(controller, kube, "plain")
     local_disk = [{"name": "d", "size": "1Gi", "source": {"blank": {}}}]
     add_vm(controller, kube, "local", highAvailability="Restart", disks=local_disk)
-    # Made HA after its node last reported (generation 3, observed 2): the node may not
-    # know, and may not have stopped it.
-    add_vm(controller, kube, "unseen", seen=2, highAvailability="Restart", disks=shared_disk)
+    # Made HA after its node last reported: the node may not know, and may not have
+    # stopped it.
+    add_vm(controller, kube, "unseen", known="None", highAvailability="Restart", disks=shared_disk)
 
     await controller.nodes.judge("node-a")
     stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
@@ -153,8 +160,30 @@ async def test_a_controller_blind_for_a_while_measures_silence_from_when_it_sees
     clock = [NOW - timedelta(seconds=60)]
     controller.nodes.clock = lambda: clock[0]
     await controller.nodes.poll()  # seen 60 s ago, then the apiserver was out of reach
+    listing = kube.list
+
+    async def unreachable(*args: Any, **kwargs: Any) -> Any:
+        raise ApiUnavailable("connection refused")
+
+    kube.list = unreachable  # type: ignore[method-assign]
+    clock[0] = NOW - timedelta(seconds=50)
+    with pytest.raises(ApiUnavailable):
+        await controller.nodes.poll()
+    kube.list = listing  # type: ignore[method-assign]
     clock[0] = NOW
     await controller.nodes.poll()
     stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
     assert FENCED_ANNOTATION not in stored["metadata"]["annotations"]
     assert controller.cache.leases["node-a"].seen == NOW
+
+
+async def test_a_slow_pass_of_the_controller_is_not_blindness() -> None:
+    controller, kube = make()
+    kube.put(lease_body("node-a"))
+    clock = [NOW - timedelta(seconds=60)]
+    controller.nodes.clock = lambda: clock[0]
+    await controller.nodes.poll()
+    clock[0] = NOW  # 60 s later, every list having worked: the node is silent
+    await controller.nodes.poll()
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION in stored["metadata"]["annotations"]

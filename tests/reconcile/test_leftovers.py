@@ -72,3 +72,20 @@ def test_local_volumes_of_a_vm_that_lives_elsewhere_are_left_overs() -> None:
     assert not unwanted_volume(
         here, "node-a", shared_pool=False, migrating=False, domain_here=False
     )
+
+
+def test_a_stale_copy_of_a_failed_over_vm_goes_even_running_but_never_mid_migration() -> None:
+    moved = vm("node-b", "node-b")
+    moved["status"]["failover"] = {"fromNode": "node-a", "toNode": "node-b", "count": 1}
+    assert "failed over" in (
+        unwanted_domain(moved, UID, "node-a", domain_active=True, migrating=False) or ""
+    )
+    # Migrating back to the node it once failed over from: the migration judges.
+    assert unwanted_domain(moved, UID, "node-a", domain_active=True, migrating=True) is None
+    # Its node-local volumes stay until quarantined; later leftovers go as usual.
+    kept = unwanted_volume(
+        moved, "node-a", shared_pool=False, migrating=False, domain_here=False,
+        quarantine_pending=True,
+    )  # fmt: skip
+    assert kept is None
+    assert unwanted_volume(moved, "node-a", shared_pool=False, migrating=False, domain_here=False)

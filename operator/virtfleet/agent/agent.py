@@ -225,6 +225,13 @@ class Agent:
             except ActionError as exc:
                 return await self._failed(body, view, exc)
             decision = decide(view, observation.observed, datetime.now(UTC))
+            held = self._start_now_held(view, decision)
+            if held is not None:
+                # A hold came after the view was made (a node's Lease that just ran out,
+                # a restore that just committed): decide again with it, so nothing of the
+                # start (status, a consumed power request) is written.
+                view = VmView(**{**view.__dict__, "start_held": held})
+                continue
             await self._events(body, decision.events)
             view = VmView(**{**view.__dict__, "status": decision.status})
             if not decision.actions:
@@ -242,15 +249,14 @@ class Agent:
         await self._write_status(body, decision.status)
         return decision.requeue_after if decision.actions == () else 0.5
 
+    def _start_now_held(self, view: VmView, decision: Decision) -> str | None:
+        """The hold on a start the decision asks for, if one came since ``view``."""
+        if view.start_held or not any(isinstance(a, Start) for a in decision.actions):
+            return None
+        return self.held((view.namespace, view.name))
+
     async def _act(self, view: VmView, observation: VmObservation, decision: Decision) -> None:
         for action in decision.actions:
-            if isinstance(action, Start):
-                # Asked again right before: a hold (a node's Lease that just ran out, a
-                # restore that just committed) may have come since the view was made.
-                held = self.held((view.namespace, view.name))
-                if held:
-                    self.log.info("start held", namespace=view.namespace, vm=view.name, why=held)
-                    continue
             await self.driver.execute(view, observation, action)
 
     async def _view(self, body: Mapping[str, Any]) -> VmView:

@@ -129,6 +129,14 @@ class BackupDisks:
         pass (retried): creating the disks from the spec instead would never restore them."""
         try:
             backup = await self.kube.get("VMBackup", namespace, backup_name)
+        except NotFound as exc:
+            raise ActionError(
+                "BackupNotFound",
+                f"failover from VMBackup {backup_name}: the backup was deleted before the VM "
+                "started on this node; restore it from another backup (VMRestore) or "
+                "delete the VM",
+                permanent=True,
+            ) from exc
         except KubeError as exc:
             raise ActionError(
                 "BackupUnreadable",

@@ -21,7 +21,7 @@ from typing import Any
 
 from virtfleet.agent.agent import COMPONENT, Agent, key_of
 from virtfleet.agent.lease import NodeLease
-from virtfleet.agent.quarantine import quarantine_volumes
+from virtfleet.agent.quarantine import quarantine_pending, quarantine_volumes
 from virtfleet.api.virtualmachine import HighAvailability
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
@@ -248,7 +248,7 @@ class NodeFencing:
             self.log.warning("stale copy removed", namespace=key_of(vm)[0], vm=key_of(vm)[1])
             await agent.kube.record_event(vm, "Normal", "StaleCopyRemoved", message, COMPONENT)
         for vm in listed:
-            if failed_over_from(vm, node) is None:
+            if failed_over_from(vm, node) is None or not await quarantine_pending(agent, vm):
                 continue
             kept = await quarantine_volumes(agent, vm)
             if kept:

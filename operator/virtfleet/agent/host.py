@@ -172,13 +172,16 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         agent.log.warning("removed orphan domain", domain=item.guest.name, uid=uid, why=reason)
         removed.append(f"domain/{item.guest.name}")
         domains_here.discard(uid)
-    moved_here = {
-        uid: vm
-        for uid, vm in vms.items()
-        if failed_over_from(vm, agent.settings.node_name) is not None
-        and any(v[2] == uid and v[0] not in agent.settings.shared_pools for v in volumes)
-    }
-    for uid, vm in moved_here.items():
+    pending: set[str] = set()
+    for uid, vm in vms.items():
+        if (
+            failed_over_from(vm, agent.settings.node_name) is None
+            or (str(vm["metadata"]["namespace"]), str(vm["metadata"]["name"])) in migrating
+            or not any(v[2] == uid and v[0] not in agent.settings.shared_pools for v in volumes)
+            or not await quarantine.quarantine_pending(agent, vm)
+        ):
+            continue
+        pending.add(uid)
         # A recovery cut short (an agent restart after the fence mark was cleared) left
         # them: they are quarantined, as the recovery would have done.
         if uid not in domains_here:
@@ -193,6 +196,7 @@ async def sweep_orphans(agent: Agent) -> list[str]:
             shared_pool=pool in agent.settings.shared_pools,
             migrating=vm_key in migrating,
             domain_here=uid in domains_here,
+            quarantine_pending=uid in pending,
         )
         if reason is None:
             continue

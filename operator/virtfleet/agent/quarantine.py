@@ -19,7 +19,30 @@ from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor import storage
 
 PREFIX = "quarantined-"
+#: Written once every disk of a failover is quarantined: that failover is done here, and
+#: the VM's node-local volumes found later are ordinary leftovers (a later migration's).
+DONE_SUFFIX = ".done"
 DELETE_ANNOTATION = "virtfleet.io/delete-quarantined"
+
+
+def failover_count(vm: Mapping[str, Any]) -> int:
+    return int(((vm.get("status") or {}).get("failover") or {}).get("count") or 0)
+
+
+def done_marker(uid: str, count: int) -> str:
+    return f"{PREFIX}{uid}-f{count}{DONE_SUFFIX}"
+
+
+async def quarantine_pending(agent: Agent, vm: Mapping[str, Any]) -> bool:
+    """The VM's failover from this node was not quarantined here yet."""
+    marker = done_marker(str(vm["metadata"]["uid"]), failover_count(vm))
+    for pool in _local_pools(agent):
+        try:
+            if await storage.lookup_volume(agent.hv, pool, marker) is not None:
+                return False
+        except hv_errors.NotFound:
+            continue
+    return True
 
 
 def _local_pools(agent: Agent) -> list[str]:
@@ -30,8 +53,8 @@ async def quarantine_volumes(agent: Agent, vm: Mapping[str, Any]) -> list[str]:
     """Keep the VM's node-local disks under quarantine names, drop its other volumes
     (the cloud-init seed: made again wherever the VM runs); returns ``pool/name`` kept."""
     uid = str(vm["metadata"]["uid"])
-    count = int(((vm.get("status") or {}).get("failover") or {}).get("count") or 0)
-    kept = []
+    count = failover_count(vm)
+    kept: list[str] = []
     for pool in _local_pools(agent):
         try:
             volumes = {v.name for v in await storage.list_volumes(agent.hv, pool)}
@@ -42,12 +65,17 @@ async def quarantine_volumes(agent: Agent, vm: Mapping[str, Any]) -> list[str]:
                 continue
             if name.endswith(".qcow2"):
                 target = f"{PREFIX}{uid}-f{count}-{name.removeprefix(uid + '-')}"
-                if target in volumes:  # this failover's earlier attempt stopped half-way
+                # Each original goes right after its copy: one still here was not copied
+                # completely (an earlier attempt stopped half-way), so its target is redone.
+                if target in volumes:
                     await storage.delete_volume(agent.hv, pool, target)
                 await storage.copy_flat(agent.hv, pool, name, target)
                 kept.append(f"{pool}/{target}")
                 agent.log.warning("disk quarantined", pool=pool, volume=name, kept_as=target)
             await storage.delete_volume(agent.hv, pool, name)
+    await storage.upload(
+        agent.hv, agent.settings.default_pool, done_marker(uid, count), b"done\n", replace=True
+    )
     return kept
 
 
@@ -60,7 +88,7 @@ async def list_quarantined(agent: Agent, vms: Mapping[str, str]) -> list[Quarant
         except hv_errors.NotFound:
             continue
         for volume in volumes:
-            if not volume.name.startswith(PREFIX):
+            if not volume.name.startswith(PREFIX) or volume.name.endswith(DONE_SUFFIX):
                 continue
             uid = volume.name[len(PREFIX) :][:36]
             found.append(

@@ -11,6 +11,7 @@ from virtfleet.api.disks import BackupSource, DiskSource
 from virtfleet.api.virtualmachine import Disk, HighAvailability, VirtualMachineSpec
 from virtfleet.hypervisor import Hypervisor, VolumeRef, download, storage
 from virtfleet.hypervisor import errors as hv_errors
+from virtfleet.reconcile.views import parse_time
 from virtfleet.reconcile.vm import VmView
 
 #: The name ``decide()`` uses for the cloud-init seed among missing volumes.
@@ -138,6 +139,9 @@ async def _failover_backup(
         or not failover.backup_name
     ):
         return None
+    started, moved = parse_time(vm.status.last_start_time), parse_time(failover.time)
+    if started is not None and moved is not None and started > moved:
+        return None  # started here since: a disk missing now is a new one, made from spec
     return failover.backup_name, await backup_disks.disk_names(vm.namespace, failover.backup_name)
 
 

@@ -325,6 +325,11 @@ class VirtualMachineStatus(StatusModel):
         "(annotation virtfleet.io/power-request), so each acts once.",
     )
     interfaces: list[InterfaceStatus] = Field(default_factory=list)
+    high_availability: HighAvailability | None = Field(
+        default=None,
+        description="The highAvailability policy the node's agent acts on (it self-fences "
+        "HA VMs); the controller fails a VM over only by the policy its node knew.",
+    )
     failover: FailoverStatus | None = Field(
         default=None,
         description="Written by the controller when it moves the VM off a failed node.",

@@ -31,9 +31,10 @@ from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.status import status_patch
 
 COMPONENT = "virtfleet-controller"
-#: VMMigration phases during which a copy of the VM may sit on the target too (the
-#: controller sets Scheduled; unset means Pending, nothing made yet).
-UNFINISHED_MIGRATION = frozenset({"Scheduled", "Running"})
+#: VMMigration phases during which a copy of the VM may sit on the target too. A
+#: Scheduled one has made nothing yet (its source agent sets Running, compare-and-swap,
+#: before it touches the target), and a fenced source never will.
+UNFINISHED_MIGRATION = frozenset({"Running"})
 #: A VM that waits for a node to fit is looked at again this often (in-memory checks).
 WAIT_RETRY = 5.0
 
@@ -96,13 +97,13 @@ class Failover:
                 vm.uid,
                 (b for k, b in self.backups.items() if k[0] == BACKUP and k[1] == vm.namespace),
             )
-            observed = vm.status.get("observedGeneration")
+            known = vm.status.get("highAvailability")
             plan = rules.plan_failover(
                 spec,
                 shared,
                 None,
                 backups,
-                spec_seen_by_node=observed == vm.generation,
+                spec_seen_by_node=spec is not None and known == spec.high_availability.value,
                 migrating=self._migrating(vm.namespace, vm.name),
             )
             if isinstance(plan, rules.Stay):

@@ -55,7 +55,7 @@ class NodeKeeper:
         #: moved once the controller decided the agent is back.
         self.locks: dict[str, asyncio.Lock] = {}
         self._written: dict[str, dict[str, Any]] = {}
-        self._listed: datetime | None = None
+        self._blind_since: datetime | None = None
         self.log = get_logger("virtfleet.controller.nodes")
 
     def lock(self, node: str) -> asyncio.Lock:
@@ -80,12 +80,20 @@ class NodeKeeper:
             await asyncio.sleep(self.settings.lease_poll_interval)
 
     async def poll(self) -> None:
-        bodies = await self.kube.list(LEASE, namespace=self.settings.lease_namespace)
+        asked = self.clock()
+        try:
+            bodies = await self.kube.list(LEASE, namespace=self.settings.lease_namespace)
+        except KubeError:
+            self._blind_since = self._blind_since or asked
+            raise
         now = self.clock()
         for body in bodies:
             self.cache.upsert_lease(body, now)
-        blind = (now - self._listed).total_seconds() if self._listed is not None else 0.0
-        self._listed = now
+        # Blind: the list calls failed, or this one took long (the apiserver was out of
+        # reach). Not the time between passes: a slow pass of our own sees every renewal.
+        since = self._blind_since or asked
+        self._blind_since = None
+        blind = (now - since).total_seconds()
         if blind > max(BLIND_SECONDS, 3 * self.settings.lease_poll_interval):
             # The controller could not see renewals meanwhile: it cannot say anyone was
             # silent, so every node's silence counts from now.

@@ -91,11 +91,10 @@ def plan_failover(
 ) -> Plan | Stay:
     """Whether (and how) a VM on a fenced node fails over.
 
-    ``spec_seen_by_node``: the node's agent reported the current generation (its status'
-    ``observedGeneration``). Only then did the node know the VM's policy when it went
-    silent — and self-fences HA VMs only: a VM made HA while its node was cut off may
-    still run there. ``migrating``: a VMMigration of it is not finished (its target may
-    hold a copy that only the migration's recovery can judge).
+    ``spec_seen_by_node``: the policy the node's agent last reported acting on
+    (``status.highAvailability``) is the spec's. The node self-fences HA VMs only: a VM
+    made HA while its node was cut off may still run there. ``migrating``: a VMMigration
+    of it is running (its target may hold a copy only the migration's recovery can judge).
     """
     if spec is None:
         return Stay("InvalidSpec", "the spec cannot be read: no failover", stalled=True)
@@ -109,9 +108,8 @@ def plan_failover(
     if not spec_seen_by_node:
         return Stay(
             "SpecNotObserved",
-            "the node's agent had not seen the VM's current spec when the node went silent "
-            "(it may not know the VM is HA, so it may not have stopped it): the VM stays "
-            "until the node returns",
+            "the node's agent had not seen the VM's highAvailability policy when the node "
+            "went silent (it may not have stopped it): the VM stays until the node returns",
             stalled=True,
         )
     if migrating:

@@ -33,9 +33,11 @@ def unwanted_domain(
     """
     if vm is None or str(vm["metadata"].get("uid")) != uid:
         return "its VM is gone"
+    if migrating:
+        return None  # only the migration's recovery judges a copy during a migration
     moved = failed_over_from(vm, node)
     if moved is not None:
-        return f"its VM failed over to {moved} while this node was fenced"
+        return f"its VM failed over to {moved}: a stale copy (this node was fenced)"
     elsewhere = _lives_elsewhere(vm, node)
     if elsewhere is None or migrating or domain_active:
         return None
@@ -49,6 +51,7 @@ def unwanted_volume(
     shared_pool: bool,
     migrating: bool,
     domain_here: bool,
+    quarantine_pending: bool = False,
 ) -> str | None:
     """Why a VM's volume on ``node`` is a left-over to delete, or None to keep it.
 
@@ -60,8 +63,8 @@ def unwanted_volume(
     """
     if vm is None:
         return "its VM is gone"
-    if shared_pool or migrating or domain_here or failed_over_from(vm, node) is not None:
-        return None  # failed over from here: quarantined (agent.quarantine), never deleted
+    if shared_pool or migrating or domain_here or quarantine_pending:
+        return None  # a failover from here not quarantined yet: agent.quarantine keeps it
     elsewhere = _lives_elsewhere(vm, node)
     return None if elsewhere is None else f"its VM lives on {elsewhere}"
 

@@ -53,6 +53,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
             "node_name": vm.node,
             "domain_uuid": vm.uid,
             "interfaces": interfaces,
+            "high_availability": spec.high_availability,
         }
     )
 
