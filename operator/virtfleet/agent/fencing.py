@@ -105,6 +105,8 @@ class NodeFencing:
         self.quarantined_vms: dict[str, str] = {}
         self._recovery: asyncio.Task[None] | None = None
         self._recover_after = 0.0
+        #: This node's VMs were listed once: the cache knows every HA VM.
+        self._listed = False
         self.log = get_logger("virtfleet.agent.fencing", node=self.settings.node_name)
         agent.start_holds.append(self.hold)
 
@@ -126,15 +128,32 @@ class NodeFencing:
     # --- loops ----------------------------------------------------------------------------
 
     async def start(self) -> list[asyncio.Task[None]]:
-        """Read the Lease once (so holds know it), then the loops."""
+        """Read the Lease and this node's VMs once (so holds, self-fencing and the watchdog
+        know them before kopf's watch does), then the loops."""
         try:
             await self.lease.load()
         except KubeError as exc:
             self.log.warning("Lease not read at start", error=str(exc))
+        await self._list_vms()
         return [
             asyncio.create_task(self._renew_loop(), name="lease-renew"),
             asyncio.create_task(self._fence_loop(), name="node-fencing"),
         ]
+
+    async def _list_vms(self) -> None:
+        """The node's VMs into the agent's cache (as kopf's first list would): until this
+        worked, the agent cannot tell its HA VMs, so it must not vouch for the node."""
+        node = self.settings.node_name
+        try:
+            found = await self.agent.kube.list(
+                "VirtualMachine", label_selector=f"virtfleet.io/node={node}"
+            )
+        except KubeError as exc:
+            self.log.warning("VMs not listed yet", error=str(exc))
+            return
+        for body in found:
+            self.agent.on_vm_event(None, body)
+        self._listed = True
 
     async def _renew_loop(self) -> None:
         while True:
@@ -156,19 +175,25 @@ class NodeFencing:
             await asyncio.sleep(FENCE_TICK_SECONDS)
 
     async def tick(self) -> None:
+        if not self._listed:
+            await self._list_vms()
         now = time.monotonic()
         state = self.lease.state
         sfa = self.settings.self_fence_after
         ha_active: int | None = None
         if rules.must_self_fence(state, now, sfa):
-            ha_active = await self._fence_ha_domains()
+            # Not listed yet: HA VMs unknown, so none can be counted as stopped (None).
+            ha_active = await self._fence_ha_domains() if self._listed else None
         if self.watchdog is not None:
             has_ha = any(
                 high_availability(b) is not HighAvailability.NONE for b in self.agent.cache.values()
             )
-            if not has_ha and not rules.must_self_fence(state, now, sfa):
+            if self._listed and not has_ha and not rules.must_self_fence(state, now, sfa):
                 self.watchdog.disarm()
-            elif rules.pet_watchdog(state, now, sfa, ha_active) and (has_ha or self.watchdog.armed):
+            elif rules.pet_watchdog(state, now, sfa, ha_active) and (
+                has_ha or self.watchdog.armed or not self._listed
+            ):
+                # Before the list, too: a previous agent process may have armed it.
                 self.watchdog.pet()
         idle = self._recovery is None or self._recovery.done()
         if state.recovering and not state.fenced and now >= self._recover_after and idle:
