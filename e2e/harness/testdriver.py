@@ -196,10 +196,14 @@ def _epoch(rfc3339: str) -> float:
 
 
 def stop(td: TestDriverNode, env: Mapping[str, str]) -> None:
-    """Stop the agent and remove the node's Node and VMHost objects (idempotent)."""
+    """Stop the agent and remove the node's Node, VMHost and Lease (idempotent)."""
     kill_agent(td, signal.SIGTERM)
     for kind in ("vmhost", "node"):
         local_system.kubectl(env, "delete", kind, td.name, "--ignore-not-found", check=False)
+    local_system.kubectl(
+        env, "delete", "lease", "-n", "kube-node-lease", f"virtfleet-agent-{td.name}",
+        "--ignore-not-found", check=False,
+    )  # fmt: skip
 
 
 def vm_manifest(

@@ -210,3 +210,14 @@ def test_most_nodes_silent_at_once_is_a_disruption_not_a_fence() -> None:
     verdict = judge(one, 30, disruption=True)
     assert verdict.reason == "ClusterDisruption"
     assert verdict.fence is None
+
+
+def test_a_node_dead_for_long_does_not_make_a_new_failure_a_disruption() -> None:
+    long_dead = nh.LeaseView(
+        **{**make_lease().__dict__, "node": "old", "seen": T0 - timedelta(hours=1)}
+    )
+    failing = make_lease()
+    fresh = nh.LeaseView(
+        **{**failing.__dict__, "node": "node-b", "seen": T0 + timedelta(seconds=30)}
+    )
+    assert not nh.disrupted([long_dead, failing, fresh], T0 + timedelta(seconds=30))

@@ -72,6 +72,14 @@ class FleetCache:
             self.hosts[view.node] = self._with_lease(host)
         return view
 
+    def drop_lease(self, node: str) -> None:
+        self.leases.pop(node, None)
+        host = self.hosts.get(node)
+        if host is not None:
+            self.hosts[node] = dataclasses.replace(
+                host, lease_seen=None, lease_duration=None, fenced=False
+            )
+
     def renew_sightings(self, now: datetime) -> None:
         """Count every Lease as seen renewed at ``now`` (after the controller was blind)."""
         for node, lease in list(self.leases.items()):

@@ -87,8 +87,15 @@ class NodeKeeper:
             self._blind_since = self._blind_since or asked
             raise
         now = self.clock()
+        listed = set()
         for body in bodies:
-            self.cache.upsert_lease(body, now)
+            lease = self.cache.upsert_lease(body, now)
+            if lease is not None:
+                listed.add(lease.node)
+        for gone in set(self.cache.leases) - listed:
+            self.log.info("Lease gone: the node is judged by its VMHost heartbeat", node=gone)
+            self.cache.drop_lease(gone)
+            self.memory.pop(gone, None)
         # Blind: the list calls failed, or this one took long (the apiserver was out of
         # reach). Not the time between passes: a slow pass of our own sees every renewal.
         since = self._blind_since or asked
@@ -99,7 +106,9 @@ class NodeKeeper:
             # silent, so every node's silence counts from now.
             self.log.warning("Leases unreadable for a while; sightings restart", seconds=blind)
             self.cache.renew_sightings(now)
-        disruption = rules.disrupted(list(self.cache.leases.values()), now)
+        disruption = rules.disrupted(
+            [lease for node, lease in self.cache.leases.items() if node in self.cache.nodes], now
+        )
         for node in list(self.cache.leases):
             try:
                 await self.judge(node, disruption=disruption)

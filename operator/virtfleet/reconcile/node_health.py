@@ -160,12 +160,23 @@ class Verdict:
     events: tuple[tuple[str, str, str], ...] = field(default=())
 
 
+#: A node silent longer than this is just dead: it does not make a later failure of
+#: another node look like a cluster-wide outage.
+DISRUPTION_WINDOW_SECONDS = 300.0
+
+
 def disrupted(leases: list[LeaseView], now: datetime) -> bool:
-    """More than half of the nodes silent at once (and more than one): more likely the
-    control plane or the network than the nodes (Kubernetes' node lifecycle controller
-    stops evicting then too). No node is fenced automatically meanwhile."""
-    silent = sum(1 for lease in leases if lease.mark is None and not lease.fresh(now))
-    return silent > 1 and silent * 2 > len(leases)
+    """More than half of the nodes went silent at about the same time (and more than
+    one): more likely the control plane or the network than the nodes (Kubernetes' node
+    lifecycle controller stops evicting then too). No node is fenced automatically
+    meanwhile. ``leases``: those of nodes that exist (a Node object)."""
+    recent = [
+        lease
+        for lease in leases
+        if (now - lease.seen).total_seconds() <= DISRUPTION_WINDOW_SECONDS or lease.mark is not None
+    ]
+    silent = sum(1 for lease in recent if lease.mark is None and not lease.fresh(now))
+    return silent > 1 and silent * 2 > len(recent)
 
 
 def judge(
