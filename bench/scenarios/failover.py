@@ -151,10 +151,12 @@ def run(ctx: BenchContext) -> ScenarioResult:
             )
             offset = len(hn.serial_log(dst, dom))
             cut = power_off(cluster, src)
-            hn.wait_for_serial(dst, dom, BOOT_MARKER, timeout=120, after=offset)
-            failover.append(time.monotonic() - cut)
-            print(f"bench failover: round {i}: {src.name} → {dst.name} {failover[-1]:.1f}s")
-            power_on(cluster, src)
+            try:
+                hn.wait_for_serial(dst, dom, BOOT_MARKER, timeout=120, after=offset)
+                failover.append(time.monotonic() - cut)
+                print(f"bench failover: round {i}: {src.name} → {dst.name} {failover[-1]:.1f}s")
+            finally:
+                power_on(cluster, src)  # never leave a node off for what runs next
             guests.wait(functools.partial(gone, src, dom), 120, 0.5, "the stale copy gone")
         delay = fencing_delay(cluster, cluster.nodes[0].name)
         here = cluster.node(str(status_of(cluster, "vm", name, namespace)["nodeName"]))

@@ -21,10 +21,29 @@ def _agent(node: hn.Node) -> str:
     return f"agent-{node.name}"
 
 
+#: The kubeconfig each powered-off node's agent ran with, for power_on to reuse (the
+#: suite's agents run with their own Node-bound tokens, a benchmark's with admin's).
+_KUBECONFIGS: dict[str, Path] = {}
+
+
+def _kubeconfig_of(pid: int) -> Path | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"KUBECONFIG="):
+            return Path(entry.removeprefix(b"KUBECONFIG=").decode())
+    return None
+
+
 def power_off(system: Cluster, node: hn.Node) -> float:
     """SIGKILL the node's libvirtd, virtlogd, QEMUs, supervisor and agent together (a
     power cut: nothing gets to tidy up); returns the monotonic time of the cut."""
     agent = operators.pid_of(system.state_dir, _agent(node))
+    kubeconfig = _kubeconfig_of(agent) if agent else None
+    if kubeconfig is not None:
+        _KUBECONFIGS[node.name] = kubeconfig
     victims = hn.node_pids(node) | ({agent} if agent else set())
     cut = time.monotonic()
     for pid in victims:
@@ -39,7 +58,9 @@ def power_on(system: Cluster, node: hn.Node) -> None:
     """Start the node again (libvirtd finds its persistent domains shut off) and its agent."""
     state = Path(system.env["VIRTFLEET_NODES_STATE_DIR"])
     hn.up(state, [n.name for n in system.nodes])
-    operators.start_agent(system.state_dir, system.env, node)
+    operators.start_agent(
+        system.state_dir, system.env, node, kubeconfig=_KUBECONFIGS.pop(node.name, None)
+    )
 
 
 def supervisor_pid(node: hn.Node) -> int:
