@@ -164,6 +164,11 @@ def run(ctx: BenchContext) -> ScenarioResult:
         template = virsh(here, "dumpxml", "--inactive", dom)
         raw_boot = raw_floor_boot(cluster, template, other, namespace, 3 if not ctx.small else 1)
     finally:
+        # The VM goes first, and its domain with it, before the next scenario (and the
+        # smoke test's check that nothing of the benchmark is left on the nodes).
+        kubectl(cluster, "delete", "vm", name, "-n", namespace, "--wait=true", "--timeout=120s")
+        for node in cluster.nodes:
+            guests.wait(functools.partial(gone, node, dom), 120, 0.5, f"{dom} gone")
         kubectl(cluster, "delete", "namespace", namespace, "--wait=false")
     floor = delay + statistics.median(raw_boot)
     p50 = statistics.median(failover)
