@@ -44,7 +44,7 @@ def kubectl(cluster: Cluster, *args: str, input: str | None = None) -> str:
         capture_output=True,
         text=True,
         check=True,
-        timeout=60,
+        timeout=180,
         env={**cluster.env, "PATH": "/usr/local/bin:/usr/bin:/bin"},
     ).stdout
 
