@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -45,7 +46,8 @@ def kubectl(cluster: Cluster, *args: str, input: str | None = None) -> str:
         text=True,
         check=True,
         timeout=180,
-        env={**cluster.env, "PATH": "/usr/local/bin:/usr/bin:/bin"},
+        # kubectl keeps its discovery cache under $HOME: never the working directory.
+        env={**os.environ, **cluster.env},
     ).stdout
 
 
