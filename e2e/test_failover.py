@@ -26,6 +26,7 @@ from harness.failover import (
     host_health,
     power_off,
     power_on,
+    restore_nodes,
     thaw_watchdog,
 )
 from harness.guest import BOOT_MARKER, guest_cmdline
@@ -42,17 +43,7 @@ FENCE_AFTER_S = 22
 def nodes_healthy_after(system: Cluster) -> Iterator[None]:
     """The tests after these find every node back and out of its damping."""
     yield
-    for node in system.nodes:
-        if not hn.node_pids(node):
-            power_on(system, node)
-        elif operators.pid_of(system.state_dir, f"agent-{node.name}") is None:
-            operators.start_agent(system.state_dir, system.env, node)
-    wait_for(
-        lambda: all(host_health(system, n.name).get("state") == "Healthy" for n in system.nodes),
-        120,
-        1.0,
-        "every node Healthy",
-    )
+    restore_nodes(system)
 
 
 def ha_vm(

@@ -32,7 +32,7 @@ import pytest
 
 from harness import nodes as hn
 from harness import operators
-from harness.failover import host_health, power_off, power_on
+from harness.failover import power_off, power_on, restore_nodes
 from harness.guest import guest_cmdline
 from harness.testing import Cluster, domain_name, vm_manifest, wait_for
 
@@ -87,17 +87,7 @@ class Sampler(threading.Thread):
 def nodes_healthy_after(system: Cluster) -> Iterator[None]:
     """The tests after these find every node back and out of its damping."""
     yield
-    for node in system.nodes:
-        if not hn.node_pids(node):
-            power_on(system, node)
-        elif operators.pid_of(system.state_dir, f"agent-{node.name}") is None:
-            operators.start_agent(system.state_dir, system.env, node)
-    wait_for(
-        lambda: all(host_health(system, n.name).get("state") == "Healthy" for n in system.nodes),
-        120,
-        1.0,
-        "every node Healthy",
-    )
+    restore_nodes(system)
 
 
 def values(node: hn.Node, dom: str) -> list[int]:

@@ -86,3 +86,19 @@ def events(system: Cluster, namespace: str | None, name: str, reason: str) -> li
 
 def host_health(system: Cluster, node: str) -> dict[str, Any]:
     return dict((system.get("vmhost", node).get("status") or {}).get("health") or {})
+
+
+def restore_nodes(system: Cluster) -> None:
+    """Every node back (powered on, its agent running) and out of its damping: what the
+    tests after a failover test expect."""
+    for node in system.nodes:
+        if not hn.node_pids(node):
+            power_on(system, node)
+        elif operators.pid_of(system.state_dir, _agent(node)) is None:
+            operators.start_agent(system.state_dir, system.env, node)
+    wait_for(
+        lambda: all(host_health(system, n.name).get("state") == "Healthy" for n in system.nodes),
+        120,
+        1.0,
+        "every node Healthy",
+    )

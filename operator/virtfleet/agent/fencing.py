@@ -61,15 +61,19 @@ class Watchdog:
     def armed(self) -> bool:
         return self._fd is not None
 
+    def _write(self, fd: int, byte: bytes) -> None:
+        """One byte to the device; a regular file (the harness's) keeps only that byte."""
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+        os.write(fd, byte)
+
     def pet(self) -> None:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
                 self.log.info("watchdog armed")
-            if stat.S_ISREG(os.fstat(self._fd).st_mode):
-                os.lseek(self._fd, 0, os.SEEK_SET)
-                os.ftruncate(self._fd, 0)
-            os.write(self._fd, b"\0")
+            self._write(self._fd, b"\0")
         except OSError as exc:
             self.log.warning("watchdog not petted", error=str(exc))
 
@@ -77,10 +81,7 @@ class Watchdog:
         if self._fd is None:
             return
         try:
-            if stat.S_ISREG(os.fstat(self._fd).st_mode):
-                os.lseek(self._fd, 0, os.SEEK_SET)
-                os.ftruncate(self._fd, 0)
-            os.write(self._fd, b"V")
+            self._write(self._fd, b"V")
         except OSError as exc:
             self.log.warning("watchdog magic close failed", error=str(exc))
         finally:
@@ -259,13 +260,13 @@ class NodeFencing:
                 agent.on_vm_event("MODIFIED", fresh)
         for item in await agent.hv.list_owned():
             vm = by_uid.get(item.guest.uuid)
-            if vm is None or failed_over_from(vm, node) is None:
+            where = failed_over_from(vm, node) if vm is not None else None
+            if vm is None or where is None:
                 continue
             with contextlib.suppress(hv_errors.NotFound):
                 if (await item.guest.status()).state.active:
                     await item.guest.destroy()
                 await item.guest.undefine()
-            where = failed_over_from(vm, node)
             message = (
                 f"node {node} is back: its stale copy of the VM was destroyed "
                 f"(the VM runs on {where} since its failover)"

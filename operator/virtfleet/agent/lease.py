@@ -21,6 +21,7 @@ from virtfleet.reconcile.node_fencing import (
     WATCHDOG_ANNOTATION,
     LeaseState,
 )
+from virtfleet.reconcile.views import parse_time
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
 
 LEASE = "Lease"
@@ -33,15 +34,6 @@ def lease_name(node: str) -> str:
 def micro_time(moment: datetime) -> str:
     """The apiserver's MicroTime format (RFC 3339 with microseconds)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_micro_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 class NodeLease:
@@ -122,7 +114,7 @@ class NodeLease:
             )
             self._absorb(body, sent=sent)
             return
-        renewed = parse_micro_time((body.get("spec") or {}).get("renewTime"))
+        renewed = parse_time((body.get("spec") or {}).get("renewTime"))
         previous: float | None = None
         if self.state.last_sent is None and renewed is not None:
             age = (datetime.now(UTC) - renewed).total_seconds()

@@ -7,11 +7,12 @@ conditions present only while true is meaningful; ``Ready`` is always present.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, ValidationError
 
 from virtfleet.api.base import StatusModel
 
@@ -190,3 +191,18 @@ def kstatus_conditions(
                 now=now,
             )
     return out
+
+
+def read_conditions(status: Mapping[str, Any]) -> list[Condition]:
+    """The stored conditions; entries that do not parse are dropped (and thus rewritten)."""
+    out: list[Condition] = []
+    for raw in status.get("conditions") or ():
+        try:
+            out.append(Condition.model_validate(raw))
+        except ValidationError:
+            continue
+    return out
+
+
+def write_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
+    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]

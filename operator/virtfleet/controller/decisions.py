@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
 from virtfleet.api.conditions import (
-    Condition,
     ConditionStatus,
     ConditionType,
     kstatus_conditions,
+    read_conditions,
     set_condition,
+    write_conditions,
 )
 from virtfleet.api.virtualmachine import PrintableStatus, RunStrategy
 from virtfleet.identity import NODE_LABEL, node_finalizer
@@ -54,21 +53,6 @@ class Note:
     type: str  # Normal | Warning
     reason: str
     message: str
-
-
-def read_conditions(status: Mapping[str, Any]) -> list[Condition]:
-    """The stored conditions; entries that do not parse are dropped (and thus rewritten)."""
-    out: list[Condition] = []
-    for raw in status.get("conditions") or ():
-        try:
-            out.append(Condition.model_validate(raw))
-        except ValidationError:
-            continue
-    return out
-
-
-def write_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
-    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]
 
 
 def scheduling_status(

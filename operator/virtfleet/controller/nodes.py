@@ -124,27 +124,23 @@ class NodeKeeper:
             memory = rules.NodeMemory(placeable_after=host.placeable_after if host else None)
         node_view = self.cache.nodes.get(node)
         out_of_service = bool(node_view and node_view.out_of_service)
-        verdict = rules.judge(
-            lease,
-            now,
-            out_of_service=out_of_service,
-            memory=memory,
-            settings=self.health,
-            disruption=disruption,
-        )
+
+        def verdict_now(memory: rules.NodeMemory) -> rules.Verdict:
+            return rules.judge(
+                self.cache.leases[node],
+                now,
+                out_of_service=out_of_service,
+                memory=memory,
+                settings=self.health,
+                disruption=disruption,
+            )
+
+        verdict = verdict_now(memory)
         if verdict.fence is not None:
             memory = await self._fence(node, lease, verdict, memory, now)
         elif verdict.clear_mark:
             memory = await self._clear(node, lease, memory, now)
-        lease = self.cache.leases[node]
-        verdict = rules.judge(
-            lease,
-            now,
-            out_of_service=out_of_service,
-            memory=memory,
-            settings=self.health,
-            disruption=disruption,
-        )
+        verdict = verdict_now(memory)  # after our own write
         if verdict.state != memory.state:
             self.log.info("node health", node=node, state=verdict.state.value, why=verdict.message)
             if memory.state is not None or verdict.state is not NodeHealthState.HEALTHY:
@@ -162,20 +158,8 @@ class NodeKeeper:
         now: datetime,
     ) -> rules.NodeMemory:
         assert verdict.fence is not None
-        patch = {
-            "metadata": {
-                "resourceVersion": lease.resource_version,
-                "annotations": {FENCED_ANNOTATION: verdict.fence.encode()},
-            }
-        }
-        async with self.lock(node):
-            try:
-                body = await self.kube.patch(
-                    LEASE, self.settings.lease_namespace, rules.LEASE_PREFIX + node, patch
-                )
-            except (Conflict, NotFound):
-                return memory  # renewed (or gone) meanwhile: the next poll judges again
-            self.cache.upsert_lease(body, now)
+        if not await self._write_mark(node, lease, verdict.fence.encode(), now):
+            return memory  # renewed (or gone) meanwhile: the next poll judges again
         message = f"node {node} fenced: {verdict.fence.reason}"
         self.log.warning("node fenced", node=node, why=verdict.fence.reason)
         await self.kube.record_event(vmhost_ref(node), "Warning", "NodeFenced", message, COMPONENT)
@@ -185,20 +169,8 @@ class NodeKeeper:
     async def _clear(
         self, node: str, lease: rules.LeaseView, memory: rules.NodeMemory, now: datetime
     ) -> rules.NodeMemory:
-        patch = {
-            "metadata": {
-                "resourceVersion": lease.resource_version,
-                "annotations": {FENCED_ANNOTATION: None},
-            }
-        }
-        async with self.lock(node):
-            try:
-                body = await self.kube.patch(
-                    LEASE, self.settings.lease_namespace, rules.LEASE_PREFIX + node, patch
-                )
-            except (Conflict, NotFound):
-                return memory
-            self.cache.upsert_lease(body, now)
+        if not await self._write_mark(node, lease, None, now):
+            return memory
         memory = rules.after_recovery(memory, now, self.health)
         held = rfc3339(memory.placeable_after) if memory.placeable_after else "now"
         message = (
@@ -212,6 +184,27 @@ class NodeKeeper:
         )
         self.on_change(node)
         return memory
+
+    async def _write_mark(
+        self, node: str, lease: rules.LeaseView, mark: str | None, now: datetime
+    ) -> bool:
+        """Set (or, with None, clear) the fence mark, compare-and-swap on the Lease as it
+        was judged, under the node's lock (no VM moves meanwhile); False when it lost."""
+        patch = {
+            "metadata": {
+                "resourceVersion": lease.resource_version,
+                "annotations": {FENCED_ANNOTATION: mark},
+            }
+        }
+        async with self.lock(node):
+            try:
+                body = await self.kube.patch(
+                    LEASE, self.settings.lease_namespace, rules.LEASE_PREFIX + node, patch
+                )
+            except (Conflict, NotFound):
+                return False
+            self.cache.upsert_lease(body, now)
+        return True
 
     async def _write_health(self, node: str, health: Any) -> None:
         wire = health.to_wire()

@@ -22,28 +22,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from virtfleet.api.conditions import Condition, ConditionStatus, set_condition
+from virtfleet.api.conditions import (
+    ConditionStatus,
+    read_conditions,
+    rfc3339,
+    set_condition,
+    write_conditions,
+)
 from virtfleet.api.virtualmachine import HighAvailability, PrintableStatus, VirtualMachineSpec
 from virtfleet.reconcile.views import parse_time
 
 FAILED_OVER = "FailedOver"
 FAILOVER_CONDITION = "FailedOver"
-
-
-def read_conditions(status: Mapping[str, Any]) -> list[Condition]:
-    out = []
-    for raw in status.get("conditions") or ():
-        try:
-            out.append(Condition.model_validate(raw))
-        except ValidationError:
-            continue
-    return out
-
-
-def write_conditions(conditions: list[Condition]) -> list[dict[str, Any]]:
-    return [c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions]
 
 
 def failed_over_from(vm: Mapping[str, Any], node: str) -> str | None:
@@ -183,7 +173,7 @@ def failover_status(
         rpo = max(0, int((now - plan.backup.completed).total_seconds()))
         failover.update(
             backupName=plan.backup.name,
-            backupTime=plan.backup.completed.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            backupTime=rfc3339(plan.backup.completed),
             rpoSeconds=rpo,
         )
         message += f"; restored from VMBackup {plan.backup.name}, {rpo}s old (RPO)"
