@@ -34,8 +34,10 @@ LABEL org.opencontainers.image.title="virtfleet" \
       org.opencontainers.image.licenses="Apache-2.0"
 # nftables: the agent's guest firewall (an nft table that keeps user NICs off the node).
 # qemu-utils: qemu-img joins a backup chain into one disk when a VM is restored from a backup.
+# dnsmasq-base: the DHCP server of each VMNetwork on the node (unshare is util-linux's).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libvirt0 ca-certificates nftables qemu-utils \
+        dnsmasq-base \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/virtfleet /opt/virtfleet
 ENV PATH=/opt/virtfleet/bin:$PATH \

@@ -65,7 +65,9 @@ class ChartSystem:
             self.kubeconfigs[name] = controlplane.kubeconfig_for_token(
                 tmp / f"{name}.kubeconfig", server, ca, token
             )
-        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
+        # The first node's agent serves it on its node's underlay address (the agents run
+        # in their nodes' network namespaces).
+        self.liveness_url = f"http://{cluster.nodes[0].address}:{free_port()}/healthz"
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.docs if d["kind"] == kind]

@@ -257,7 +257,7 @@ def test_an_agent_cut_off_from_the_apiserver_fences_its_ha_vms_itself(
     wait_for(lambda: _running_on(system, namespace, "bystander"), 90, what="bystander Running")
     dom, other = domain_name(namespace, "island"), domain_name(namespace, "bystander")
     hn.wait_for_serial(src, other, r"^VF-UPTIME 2", timeout=60)
-    relay = Relay(system.env["KUBE_APISERVER"])
+    relay = Relay(system.env["KUBE_APISERVER"], netns=src.netns)
     agent = f"agent-{src.name}"
     try:
         kubeconfig = yaml.safe_load(

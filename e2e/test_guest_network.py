@@ -1,15 +1,17 @@
 """Guests do not reach the host: proven from inside a real guest, on a real node.
 
-A ``type: user`` NIC (the default) is QEMU's slirp: 10.0.2.2 is the host's 127.0.0.1,
-as seen by the QEMU process. The guest (``e2e/guest/init``, ``vf.probe``/``vf.fetch``)
-gets a DHCP lease from slirp, tries TCP connections to 10.0.2.2 and prints what it
-found on its serial console. Targets: an HTTP server this test runs on the host's
-127.0.0.1, the kube-apiserver and the node's libvirtd (``auth_tcp = none``: a guest
-that reaches it owns the node). With the agent's default the three are closed (its
-nftables table rejects QEMU's connections to the host); with the admin's opt-in
-(``--user-nic-host-access``) the same guest fetches the page: the probe can see an open
-port, so "closed" is the firewall's doing. Every target is on loopback; a guard table
-drops anything the test's QEMUs would send elsewhere (nothing leaves the machine).
+A ``type: user`` NIC (the default) is QEMU's slirp: 10.0.2.2 is the node's 127.0.0.1,
+as seen by the QEMU process (in the node's network namespace). The guest
+(``e2e/guest/init``, ``vf.probe``/``vf.fetch``) gets a DHCP lease from slirp, tries TCP
+connections and prints what it found on its serial console. Targets: an HTTP server
+this test runs on the node's 127.0.0.1, the kube-apiserver there (the node's route to
+its control plane) and the node's libvirtd on the node's own underlay address
+(``auth_tcp = none``: a guest that reaches it owns the node). With the agent's default
+the three are closed (its nftables table rejects QEMU's connections to the node's own
+addresses); with the admin's opt-in (``--user-nic-host-access``) the same guest fetches
+the page: the probe can see an open port, so "closed" is the firewall's doing. Every
+target is the node's own; a guard table in the node drops anything the test's QEMUs
+would send elsewhere (nothing leaves the machine).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pytest
 from harness import nodes as hn
 from harness import operators
 from harness.guest import guest_cmdline
+from harness.netns import entered
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 from testkit.httpserve import serve
 
@@ -38,33 +41,42 @@ NFT = shutil.which("nft") or "/usr/sbin/nft"
 GUARD = "inet virtfleet_e2e_guard"
 
 
-def nft(*args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+def nft(system: Cluster, *args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``nft`` in the node's network namespace (where its QEMUs and agent are)."""
+    netns = _node_netns(system)
     return subprocess.run(
-        [NFT, *args], input=script, capture_output=True, text=True, timeout=30, check=False
-    )
+        ["nsenter", f"--net=/run/netns/{netns}", "--", NFT, *args],
+        input=script, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def _node_netns(system: Cluster) -> str:
+    netns = system.node(NODE).netns
+    assert netns is not None
+    return netns
 
 
 @pytest.fixture(scope="module")
 def guard(system: Cluster) -> Iterator[None]:
-    """Drop whatever the nodes' QEMUs would send off loopback (belt and braces: the
-    probes only target 10.0.2.2, which slirp maps to the host's loopback)."""
-    gids = ", ".join(str(n.qemu_gid) for n in system.nodes)
+    """Drop whatever the node's QEMUs would send off its loopback (belt and braces: the
+    probes only target the node's own addresses)."""
+    gid = system.node(NODE).qemu_gid
     rules = (
         f"table {GUARD}\ndelete table {GUARD}\ntable {GUARD} {{\n"
         "  chain out {\n    type filter hook output priority filter - 10; policy accept;\n"
-        f'    meta skgid {{ {gids} }} oifname != "lo" counter drop\n  }}\n}}\n'
+        f'    meta skgid {gid} oifname != "lo" counter drop\n  }}\n}}\n'
     )
-    result = nft("-f", "-", script=rules)
+    result = nft(system, "-f", "-", script=rules)
     assert result.returncode == 0, result.stderr
     try:
         yield
     finally:
-        nft("delete", "table", *GUARD.split())
+        nft(system, "delete", "table", *GUARD.split())
 
 
 @pytest.fixture(scope="module")
-def secret_page() -> Iterator[tuple[int, str]]:
-    """``(port, line)``: an HTTP server on the host's 127.0.0.1 that answers ``line``."""
+def secret_page(system: Cluster) -> Iterator[tuple[int, str]]:
+    """``(port, line)``: an HTTP server on the node's 127.0.0.1 that answers ``line``."""
     line = f"VF-HOST-SECRET-{secrets.token_hex(4)}"
     body = f"{line}\n".encode()
 
@@ -78,28 +90,30 @@ def secret_page() -> Iterator[tuple[int, str]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    with serve(Handler) as base:
+    with serve(Handler, while_binding=lambda: entered(_node_netns(system))) as base:
         port = urlsplit(base).port
         assert port is not None
         yield port, line
 
 
-def targets(system: Cluster, page_port: int) -> dict[str, int]:
+def targets(system: Cluster, page_port: int) -> dict[str, str]:
+    """What each probe dials: the node's loopback through slirp, its libvirtd directly."""
     apiserver = urlsplit(system.env["KUBE_APISERVER"]).port
-    assert apiserver is not None
-    return {"page": page_port, "kube-apiserver": apiserver, "libvirtd": system.node(NODE).port}
+    node = system.node(NODE)
+    return {
+        "page": f"{SLIRP_HOST}:{page_port}",
+        "kube-apiserver": f"{SLIRP_HOST}:{apiserver}",
+        "libvirtd": f"{node.address}:{node.port}",
+    }
 
 
-def probing_vm(name: str, namespace: str, ports: dict[str, int]) -> dict[str, object]:
+def probing_vm(name: str, namespace: str, targets: dict[str, str]) -> dict[str, object]:
     return vm_manifest(
         name,
         namespace,
         nodeName=NODE,
         interfaces=[{"name": "default"}],  # type user, the default
-        cmdline=guest_cmdline(
-            probe=[f"{SLIRP_HOST}:{port}" for port in ports.values()],
-            fetch=[f"http://{SLIRP_HOST}:{ports['page']}/"],
-        ),
+        cmdline=guest_cmdline(probe=list(targets.values()), fetch=[f"http://{targets['page']}/"]),
     )
 
 
@@ -113,7 +127,7 @@ def console(system: Cluster, namespace: str, name: str, prefix: str) -> str:
 
 
 def firewall_table(system: Cluster) -> str:
-    result = nft("list", "table", "inet", f"virtfleet_{NODE.replace('-', '_')}")
+    result = nft(system, "list", "table", "inet", f"virtfleet_{NODE.replace('-', '_')}")
     return result.stdout if result.returncode == 0 else ""
 
 
@@ -122,15 +136,17 @@ def test_a_default_nic_cannot_reach_the_hosts_loopback(
 ) -> None:
     port, line = secret_page
     ports = targets(system, port)
-    assert f"meta skgid {system.node(NODE).qemu_gid}" in firewall_table(system)
+    gid = f"meta skgid {system.node(NODE).qemu_gid}"
+    # The agent (re)started with the system applies it within its first seconds.
+    wait_for(lambda: gid in firewall_table(system), 60, 0.5, "the agent's firewall table")
     system.apply(probing_vm("fenced", namespace, ports))
 
     # Positive control: the NIC works, slirp's DHCP server answered.
     lease = console(system, namespace, "fenced", "VF-NET ")
     assert lease == f"VF-NET eth0 10.0.2.15/24 gw {SLIRP_HOST}"
     for what, target in ports.items():
-        seen = console(system, namespace, "fenced", f"VF-PROBE {SLIRP_HOST}:{target} ")
-        assert " closed" in seen, f"{what} on the host's loopback is reachable: {seen}"
+        seen = console(system, namespace, "fenced", f"VF-PROBE {target} ")
+        assert " closed" in seen, f"{what} of the node is reachable: {seen}"
     fetched = console(system, namespace, "fenced", f"VF-FETCH http://{SLIRP_HOST}:{port}/ ")
     assert fetched.endswith(" failed"), fetched
     assert line not in hn.serial_log(system.node(NODE), domain_name(namespace, "fenced"))
@@ -148,8 +164,9 @@ def test_with_the_admins_opt_in_the_same_guest_reaches_the_host(
     try:
         wait_for(lambda: not firewall_table(system), 60, 0.5, "the agent to remove its table")
         system.apply(probing_vm("open", namespace, ports))
-        seen = console(system, namespace, "open", f"VF-PROBE {SLIRP_HOST}:{port} ")
-        assert seen.endswith(" open"), seen
+        for target in ports.values():  # every one: a "closed" above is the firewall's doing
+            seen = console(system, namespace, "open", f"VF-PROBE {target} ")
+            assert seen.endswith(" open"), seen
         fetched = console(system, namespace, "open", f"VF-FETCH http://{SLIRP_HOST}:{port}/ ")
         assert fetched.endswith(f" {line}"), fetched
         system.kubectl("delete", "vm", "open", "-n", namespace, "--wait=true", "--timeout=120s")

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness import nodes as hn
+from harness import underlay
 from harness.guest import guest_cmdline
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 from testkit.httpserve import serve_folder
@@ -26,12 +27,13 @@ IMAGE = "base-counter-1000.qcow2"
 
 @pytest.fixture(scope="module")
 def image_server(cluster: Cluster) -> Iterator[tuple[str, str]]:
-    """``(url, sha256)`` of the counter image, served on 127.0.0.1 (the agents' host)."""
+    """``(url, sha256)`` of the counter image, served on the machine's underlay address
+    (the agents run in their nodes' network namespaces)."""
     folder = cluster.state_dir / "base-images"
     path = folder / IMAGE
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
 
-    with serve_folder(folder) as base:
+    with serve_folder(folder, underlay.host_address(cluster.state_dir)) as base:
         yield f"{base}/{IMAGE}", sha
 
 

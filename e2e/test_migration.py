@@ -192,7 +192,7 @@ def raw_virsh_migration_seconds(src: hn.Node, dst: hn.Node, name: str) -> float:
             "--undefinesource",
             "--copy-storage-all",
             "--migrateuri",
-            "tcp://127.0.0.1",
+            dst.migrate_uri,
             name,
             dst.uri,
         )

@@ -178,7 +178,7 @@ def test_live_migration_with_storage_copy(cluster: tuple[Path, list[hn.Node]]) -
             "--persistent",
             "--undefinesource",
             "--migrateuri",
-            "tcp://127.0.0.1",
+            b.migrate_uri,
             "--copy-storage-all",
             name,
             b.uri,
@@ -252,7 +252,7 @@ def test_live_migration_shared_pool(cluster: tuple[Path, list[hn.Node]]) -> None
         b_conn.close()
         t0 = time.monotonic()
         conn.lookupByName(name).migrateToURI3(
-            b.uri, {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://127.0.0.1"}, flags
+            b.uri, {libvirt.VIR_MIGRATE_PARAM_URI: b.migrate_uri}, flags
         )
         print(f"\n[timing] live migration, shared pool: {time.monotonic() - t0:.2f}s")
     finally:

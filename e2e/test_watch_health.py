@@ -58,7 +58,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def probed(system: Cluster) -> Iterator[ProbedAgent]:
     node = system.node(NODE)
-    url = f"http://127.0.0.1:{_free_port()}/healthz"
+    url = f"http://{node.address}:{_free_port()}/healthz"  # the agent is in its node
     operators.kill(system.state_dir, AGENT, signal.SIGTERM)
     operators.start_agent(
         system.state_dir,

@@ -205,7 +205,7 @@ def raw_migrate(source: hn.Node, target: hn.Node, domain: str, attempt: int) -> 
     """Wall time of the live migration with storage copy a script would run."""
     return timed_virsh(
         source, "migrate", "--live", "--p2p", "--persistent", "--undefinesource",
-        "--copy-storage-all", "--migrateuri", "tcp://127.0.0.1", domain, target.uri,
+        "--copy-storage-all", "--migrateuri", target.migrate_uri, domain, target.uri,
     )  # fmt: skip
 
 

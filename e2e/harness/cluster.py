@@ -19,7 +19,17 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import argocd, controlplane, flux, kube, kubelets, nodes, objectstore, operators
+from harness import (
+    argocd,
+    controlplane,
+    flux,
+    kube,
+    kubelets,
+    nodes,
+    objectstore,
+    operators,
+    underlay,
+)
 from harness import helm as helm_chart
 from harness.kube import kubectl as kubectl
 
@@ -126,6 +136,9 @@ def up(
     env = controlplane.up(state_dir)
     env.update(nodes.up(state_dir))
     env.update(objectstore.up(state_dir))
+    for node in nodes.nodes_from_env(env):
+        if node.netns is not None:
+            underlay.forward(node.root, node.netns, underlay.services(env))
     env["VIRTFLEET_E2E_STATE"] = str(state_dir)
     install_crds(env)
     register_nodes(env, nodes.nodes_from_env(env))

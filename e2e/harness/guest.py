@@ -103,6 +103,11 @@ def guest_cmdline(
     poweroff_after: int | None = None,
     probe: Sequence[str] = (),
     fetch: Sequence[str] = (),
+    net: bool = False,
+    echo: int | None = None,
+    ping: Sequence[str] = (),
+    talk: str | None = None,
+    watch: str | None = None,
     extra: str = "",
 ) -> str:
     """Kernel command line for the test guest.
@@ -111,15 +116,28 @@ def guest_cmdline(
     disk); ``poweroff_after`` makes the guest power itself off after that many seconds.
     ``probe`` (``host:port``) and ``fetch`` (``http://host:port/path``) bring up eth0 with
     DHCP and report, on the console, whether each connection opened / what each GET
-    returned (``VF-PROBE``, ``VF-FETCH``; host ``gw`` is the DHCP router).
+    returned (``VF-PROBE``, ``VF-FETCH``; host ``gw`` is the DHCP router). With DHCP
+    too (``net``, or any of these): ``echo`` runs a TCP echo server on that port,
+    ``ping`` pings each address 3 times, ``talk`` (``ip:port``) keeps one TCP session
+    to an echo server and ``watch`` pings an address every 50 ms, reporting gaps
+    (``VF-ECHO``, ``VF-PING``, ``VF-TALK``/``VF-TALK-END``, ``VF-WATCH``/``VF-WATCH-LOST``;
+    see ``e2e/guest/init``).
     """
     parts = [BASE_CMDLINE]
     if counter:
         parts.append("vf.counter=1")
     if poweroff_after is not None:
         parts.append(f"vf.poweroff={int(poweroff_after)}")
-    if probe or fetch:
+    if net or probe or fetch or echo is not None or ping or talk or watch:
         parts.append("vf.net=1")
+    if echo is not None:
+        parts.append(f"vf.echo={int(echo)}")
+    if ping:
+        parts.append("vf.ping=" + ",".join(ping))
+    if talk:
+        parts.append(f"vf.talk={talk}")
+    if watch:
+        parts.append(f"vf.watch={watch}")
     if probe:
         parts.append("vf.probe=" + ",".join(probe))
     if fetch:

@@ -4,12 +4,12 @@ Why: the Helm chart's DaemonSet and Deployment must run as real pods (Pod Securi
 admission, probes, ServiceAccount tokens, hostPath mounts of the node's libvirtd socket),
 not as plain processes. Per node (``N`` = ``state_dir/nodes/<name>``):
 
-- a network namespace ``vf<tag>-<name>`` (``tag`` tells systems apart, :mod:`harness.netns`):
-  containerd, the kubelet and every pod of the node live there, hostNetwork pods
-  included. Pods get a CNI bridge (Debian's containernetworking-plugins) with
-  ``10.244.0.0/24`` inside it; the namespace has no route off the machine. The
-  forwarder brings the apiserver in at ``127.0.0.1:<apiserver port>`` and at the
-  ``kubernetes`` Service address ``10.96.0.1:443``, and every node's libvirtd port;
+- the node's network namespace (:mod:`harness.underlay`, with its libvirtd): containerd,
+  the kubelet and every pod of the node live there, hostNetwork pods included. Pods get
+  a CNI bridge (Debian's containernetworking-plugins) with ``10.244.0.0/24`` inside it;
+  the namespace has no route off the machine. The node's forwarder brings the apiserver
+  in at ``127.0.0.1:<apiserver port>`` and at the ``kubernetes`` Service address
+  ``10.96.0.1:443``; the other nodes' libvirtds answer on their underlay addresses;
 - containerd (Debian's, with runc) and the kubelet run in the node's mount namespace too,
   so a hostPath ``/var/run/libvirt`` is that node's libvirtd socket directory, as the
   chart mounts it; cgroups under ``/virtfleet-<tag>-<name>`` (cgroupfs, cgroup v1);
@@ -33,7 +33,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -58,7 +57,9 @@ def _system_tag(node: nodes.Node) -> str:
 
 
 def netns_name(node: nodes.Node) -> str:
-    return f"vf{_system_tag(node)}-{node.name}"
+    """The node's network namespace (made by :mod:`harness.underlay` with the node)."""
+    assert node.netns is not None, f"{node.name} has no network namespace"
+    return node.netns
 
 
 def cgroup_name(node: nodes.Node) -> str:
@@ -205,17 +206,6 @@ def _apiserver_url() -> str:
     return f"https://127.0.0.1:{controlplane.Ports.from_env().apiserver}"
 
 
-def _forward_routes(node: nodes.Node, every: Sequence[nodes.Node]) -> list[netns.Route]:
-    ns = netns_name(node)
-    api = controlplane.Ports.from_env().apiserver
-    routes = [
-        netns.Route(ns, f"127.0.0.1:{api}", None, f"127.0.0.1:{api}"),
-        netns.Route(ns, f"{SERVICE_ADDRESS}:443", None, f"127.0.0.1:{api}"),
-    ]
-    routes += [netns.Route(ns, f"127.0.0.1:{n.port}", None, f"127.0.0.1:{n.port}") for n in every]
-    return routes
-
-
 def _wait(
     what: str, ready: Callable[[], bool], log: Path, timeout: float = READY_TIMEOUT_S
 ) -> None:
@@ -271,14 +261,6 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
                 binaries: Mapping[str, Path], archives: Iterable[Path]) -> None:  # fmt: skip
     base = _dir(node)
     base.mkdir(parents=True, exist_ok=True)
-    ns = netns_name(node)
-    netns.create(ns)
-    netns.add_local_address(ns, f"{SERVICE_ADDRESS}/32")
-    forwarder = _pidfile(node, "forwarder")
-    if pidfiles.running(forwarder) is None:
-        spec = netns.spec_json(_forward_routes(node, every))
-        argv = [sys.executable, "-m", "harness.netns", spec]
-        pidfiles.spawn(forwarder, base / "forwarder.log", argv, marker=json.dumps(ns))
     containerd = _pidfile(node, "containerd")
     if pidfiles.running(containerd) is None:
         _private_dirs(node)
@@ -412,8 +394,6 @@ def down(every: Iterable[nodes.Node]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         pidfiles.stop(_pidfile(node, "containerd"))
-        pidfiles.stop(_pidfile(node, "forwarder"))
-        netns.delete(netns_name(node))
         _remove_cgroups(node)
         if base.exists():
             shutil.rmtree(base / "kubelet" / "pods", ignore_errors=True)

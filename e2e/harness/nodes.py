@@ -5,8 +5,10 @@ storage copy, per-node agents) needs several libvirt hosts, and the test machine
 single VMs without nested KVM. Each node here is a ``libvirtd`` + ``virtlogd`` pair in its
 own private mount namespace (``unshare -m --propagation private``) in which per-node
 directories are bind-mounted over ``/run``, ``/etc/libvirt``, ``/var/lib/libvirt``,
-``/var/log/libvirt`` and ``/var/cache/libvirt``. The libvirtds listen on loopback TCP
-(no auth, loopback only) with distinct ports and a distinct ``host_uuid`` (libvirt refuses
+``/var/log/libvirt`` and ``/var/cache/libvirt``, and in a network namespace of its own
+joined to the others by an underlay (:mod:`harness.underlay`). The libvirtds listen on
+their node's underlay address (TCP, no auth; nothing outside the machine reaches the
+underlay) with distinct ports and a distinct ``host_uuid`` (libvirt refuses
 to migrate to "the same host" otherwise). QEMU runs in TCG mode, so domains must use
 ``<domain type='qemu'>``.
 
@@ -48,14 +50,15 @@ and a distinct ``group`` for QEMU (``Node.qemu_gid``; QEMU stays root): on a rea
 agent's guest firewall keeps the ``libvirt-qemu`` group's connections off the host, here
 each node's agent keys its table on its node's group. A node started by an older harness
 gets its libvirtd restarted by ``up`` when the config changed (guests keep running).
-libvirt refuses ``migration_host``/``migration_address`` = 127.0.0.1 ("must not be the
-address of the local machine"), so migrations must pass the URI ``tcp://127.0.0.1``
-(``--migrateuri`` / ``VIR_MIGRATE_PARAM_URI``).
+QEMU's migration and NBD streams use the node's underlay address (qemu.conf
+``migration_address``/``migration_host``), so a migration needs no ``--migrateuri``;
+a raw one may pass :attr:`Node.migrate_uri`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -70,6 +73,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import underlay
 from harness.guest import GuestImage, ensure_guest, make_base_image
 
 __all__ = [
@@ -173,8 +177,24 @@ class Node:
     serial_dir_in_node: str = SERIAL_DIR_IN_NODE
     qemu_gid: int | None = None
     """Group this node's QEMUs run as (qemu.conf ``group``), unique per node: the agent's
-    guest firewall recognises them by it (the nodes share one network namespace).
-    ``None`` for a node without QEMU (the test-driver nodes)."""
+    guest firewall recognises them by it. ``None`` for a node without QEMU (the
+    test-driver nodes)."""
+    address: str | None = None
+    """The node's underlay address (:mod:`harness.underlay`), where its libvirtd listens;
+    ``None`` for a node without a network namespace of its own (test-driver nodes)."""
+
+    @property
+    def netns(self) -> str | None:
+        """The node's network namespace (``vf<tag>-<name>``; its kubelet's too)."""
+        if self.address is None:
+            return None
+        tag = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:6]
+        return f"vf{tag}-{self.name}"
+
+    @property
+    def migrate_uri(self) -> str:
+        """Where a raw ``virsh migrate`` sends QEMU's stream to reach this node."""
+        return f"tcp://{self.address}"
 
     @property
     def env_prefix(self) -> str:
@@ -231,11 +251,12 @@ def nodes(
     return [
         Node(
             name=n,
-            uri=f"qemu+tcp://127.0.0.1:{base + i}/system",
+            uri=f"qemu+tcp://{underlay.node_address(state_dir, i)}:{base + i}/system",
             port=base + i,
             root=state_dir / "nodes" / n,
             shared_dir=state_dir / "shared",
             qemu_gid=QEMU_GID_BASE + i,
+            address=underlay.node_address(state_dir, i),
         )
         for i, n in enumerate(names)
     ]
@@ -326,16 +347,6 @@ def _mount_leftovers(node: Node) -> list[str]:
     return sorted(hits)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 _CONF_MARKER = "# --- virtfleet e2e harness (harness/nodes.py) ---"
 
 
@@ -381,8 +392,8 @@ def _prepare_dirs(node: Node, index: int) -> bool:
     if not (etc / "libvirtd.conf").exists():
         # The host's config is the template (Debian's defaults, all commented out).
         shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True, symlinks=True)
-        # No autostarted networks: both nodes share the host's network namespace and
-        # would fight over virbr0/dnsmasq.
+        # No autostarted networks (libvirt's default NAT network would route a node's
+        # guests off the machine).
         autostart = etc / "qemu" / "networks" / "autostart"
         if autostart.is_dir():
             for link in autostart.iterdir():
@@ -392,7 +403,7 @@ def _prepare_dirs(node: Node, index: int) -> bool:
         {
             "listen_tls": "0",
             "listen_tcp": "1",
-            "listen_addr": _q("127.0.0.1"),
+            "listen_addr": _q(str(node.address)),
             "tcp_port": _q(str(node.port)),
             "auth_tcp": _q("none"),
             "auth_unix_rw": _q("none"),
@@ -419,6 +430,10 @@ def _prepare_dirs(node: Node, index: int) -> bool:
             # Both libvirtds share one cgroup tree; per-domain cgroups named after
             # "qemu-<id>-<name>" would collide between nodes (ids restart at 1 per daemon).
             "cgroup_controllers": "[ ]",
+            # QEMU's streams (migration, NBD storage copy) over the node's underlay
+            # address (libvirt would announce the hostname, which every node shares).
+            "migration_address": _q(str(node.address)),
+            "migration_host": _q(str(node.address)),
             "migration_port_min": str(mig_min),
             "migration_port_max": str(mig_min + 31),
         },
@@ -677,7 +692,7 @@ def _is_up(node: Node) -> bool:
     if not _daemons_alive(node):
         return False
     try:  # cheap check first: libvirt prints every failed connect to stderr
-        with socket.create_connection(("127.0.0.1", node.port), timeout=2):
+        with socket.create_connection((str(node.address), node.port), timeout=2):
             pass
     except OSError:
         return False
@@ -705,11 +720,8 @@ def _start_node(node: Node, index: int) -> None:
         return
     _stop_node(node)  # half-started leftovers (e.g. virtlogd without libvirtd)
     _prepare_dirs(node, index)
-    if not _port_free(node.port):
-        raise NodeError(
-            f"{node.name}: TCP port {node.port} on 127.0.0.1 is in use by another process; "
-            f"stop it or choose other ports (VIRTFLEET_NODE_PORT_BASE)."
-        )
+    assert node.netns is not None
+    underlay.ensure(node.root.parent.parent, node.netns, index)
     run = node.root / "run"
     for child in run.iterdir():  # stale sockets, pid files, domain status from a crash
         if child.is_dir() and not child.is_symlink():
@@ -731,9 +743,10 @@ def _start_node(node: Node, index: int) -> None:
         "from harness.nodes import _supervise; "
         f"_supervise({str(node.root)!r}, {str(node.shared_dir)!r})"
     )
+    in_netns = ["nsenter", f"--net=/run/netns/{node.netns}", "--"]
     with launch_log.open("w") as log:
         proc = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", sys.executable, "-c", code],
+            [*in_netns, "unshare", "-m", "--propagation", "private", sys.executable, "-c", code],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -870,11 +883,13 @@ def down(state_dir: Path, wipe: bool = False, names: Iterable[str] | None = None
         names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
     ns = nodes(state_dir, tuple(names))
     errors: list[str] = []
-    for n in ns:
+    for index, n in enumerate(ns):
         try:
             _stop_node(n)
         except NodeError as exc:
             errors.append(str(exc))
+        if n.netns is not None:
+            underlay.remove(state_dir, n.root, n.netns, index)
     if errors:
         raise NodeError("\n".join(errors))
     if wipe:
@@ -898,7 +913,9 @@ def nodes_from_env(env: Mapping[str, str] | None = None) -> list[Node]:
     result = []
     for n in nodes(state_dir, names):
         uri = env.get(f"{n.env_prefix}_URI", n.uri)
-        port = int(uri.rsplit(":", 1)[1].split("/", 1)[0])
+        host_port = uri.split("//", 1)[1].split("/", 1)[0]
+        host, _, port_text = host_port.rpartition(":")
+        port = int(port_text)
         result.append(
             Node(
                 name=n.name,
@@ -907,6 +924,7 @@ def nodes_from_env(env: Mapping[str, str] | None = None) -> list[Node]:
                 root=n.root,
                 shared_dir=n.shared_dir,
                 qemu_gid=n.qemu_gid,
+                address=host,
             )
         )
     return result

@@ -1,7 +1,10 @@
 """The virtfleet processes of the local system: one agent per node and the controller.
 
 They run as plain subprocesses of this machine (what a DaemonSet and a Deployment would
-run), with the admin kubeconfig, logs and pid files under ``<state_dir>/operators``.
+run), with the admin kubeconfig, logs and pid files under ``<state_dir>/operators``. An
+agent runs in its node's network namespace (:mod:`harness.underlay`), as a hostNetwork
+pod would: it dials the apiserver and the object store on the node's loopback (the
+forwarder) and the other nodes' libvirtds on their underlay addresses.
 Tests kill and restart them (``kill``/``start_agent``) to prove crash safety. A test may
 run them with another identity (``kubeconfig=``, e.g. a ServiceAccount token of the Helm
 chart's RBAC), under another process ``name`` and with ``extra`` arguments.
@@ -18,11 +21,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import nodes
+from harness import nodes, underlay
 
 STOP_TIMEOUT_S = 30.0
-#: Nodes whose migration ports the agents' firewall leaves open (the harness runs two).
-NODE_SLOTS = 4
 
 
 def _dir(state_dir: Path) -> Path:
@@ -75,10 +76,32 @@ def agent_argv(node: nodes.Node) -> list[str]:
         "--heartbeat-seconds", "5",
         *_watchdog(node),
         "--log-format", "json",
-        # The http-source tests serve images on 127.0.0.1, which agents deny by default.
-        "--http-allow-cidr", "127.0.0.0/8",
+        *_http_sources(node),
         *_guest_firewall(node),
+        *_vm_networks(node),
     ]  # fmt: skip
+
+
+def _vm_networks(node: nodes.Node) -> list[str]:
+    """VMNetworks: the node's underlay address is its VXLAN endpoint; the DHCP servers'
+    files are per node (the harness's agents share the machine's /run)."""
+    if node.address is None or node.netns is None:
+        return []
+    state = underlay.network_state_dir(node.netns)
+    return ["--tunnel-address", node.address, "--network-state-dir", str(state)]
+
+
+def _http_sources(node: nodes.Node) -> list[str]:
+    """The http-source tests serve images on the machine's underlay address (private
+    addresses, which agents deny by default; a test-driver node's agent downloads over
+    the machine's loopback)."""
+    if node.address is None:
+        return ["--http-allow-cidr", "127.0.0.0/8"]
+    return ["--http-allow-cidr", underlay.subnet(node.root.parent.parent)]
+
+
+def _in_netns(node: nodes.Node) -> list[str]:
+    return [] if node.netns is None else ["nsenter", f"--net=/run/netns/{node.netns}", "--"]
 
 
 def _watchdog(node: nodes.Node) -> list[str]:
@@ -91,14 +114,12 @@ def _watchdog(node: nodes.Node) -> list[str]:
 
 
 def _guest_firewall(node: nodes.Node) -> list[str]:
-    """The guest firewall knows this node's QEMUs by their group (nodes.py). A storage
-    copy's NBD stream goes from QEMU to the other node's port on 127.0.0.1: only where
-    nodes share a host, so only here an exception (docs/security.md). A node without
-    QEMU (test driver) fences nothing: its agent must not key a table on any group."""
+    """The guest firewall knows this node's QEMUs by their group (nodes.py). A node
+    without QEMU (test driver) fences nothing: its agent must not key a table on any
+    group."""
     if node.qemu_gid is None:
         return ["--user-nic-host-access"]
-    ports = "{}-{}".format(*nodes.migration_ports(NODE_SLOTS))
-    return ["--qemu-gid", str(node.qemu_gid), "--user-nic-allow-local-port", ports]
+    return ["--qemu-gid", str(node.qemu_gid)]
 
 
 def controller_argv() -> list[str]:
@@ -151,7 +172,7 @@ def start_agent(
     extra: Sequence[str] = (),
 ) -> int:
     """Start the agent of ``node`` (admin kubeconfig unless ``kubeconfig`` is given)."""
-    argv = [*agent_argv(node), *extra]
+    argv = [*_in_netns(node), *agent_argv(node), *extra]
     return _spawn(
         state_dir,
         name or f"agent-{node.name}",

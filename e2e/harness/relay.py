@@ -8,19 +8,23 @@ import socket
 import threading
 from urllib.parse import urlparse
 
+from harness.netns import entered
+
 
 class Relay:
-    """Accepts on 127.0.0.1:<port> and pipes each connection to ``target`` (host, port).
+    """Accepts on 127.0.0.1:<port> (inside network namespace ``netns``: a node's, where
+    its agent runs) and pipes each connection to ``target`` (host, port) on the machine.
 
     :meth:`cut` closes every relayed connection and refuses new ones (connects fail at
     once, as through a dropped route that answers with resets); :meth:`restore` relays
     again.
     """
 
-    def __init__(self, target_url: str) -> None:
+    def __init__(self, target_url: str, netns: str | None = None) -> None:
         parsed = urlparse(target_url)
         self.target = (parsed.hostname or "127.0.0.1", parsed.port or 443)
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        with entered(netns):
+            self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._open = threading.Event()
         self._open.set()

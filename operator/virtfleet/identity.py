@@ -28,6 +28,9 @@ POWER_ACTIONS = ("start", "stop", "restart", "pause", "unpause")
 
 #: Finalizers are per node, so that one agent never strips another's (DESIGN §6).
 FINALIZER_PREFIX = f"{API_GROUP}/agent-"
+#: The controller's finalizer on every VMNetwork: a deleted network stays until no
+#: VirtualMachine names it (its VMs' addresses and VNI must not be reused under them).
+NETWORK_FINALIZER = f"{API_GROUP}/network-in-use"
 
 #: Derived MACs are locally administered unicast addresses whose first octet ends in ``e``
 #: (``0e``, ``1e`` … ``fe``): 44 bits from the uid, so a fleet of 10,000 NICs on one L2

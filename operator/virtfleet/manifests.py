@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from virtfleet.api.backup import BUCKET_PATTERN, ENDPOINT_PATTERN
 from virtfleet.api.base import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, PATTERN_HINTS
+from virtfleet.api.network import IPV4_CIDR_PATTERN, IPV4_PATTERN, NAMESPACE_ENTRY_PATTERN
 from virtfleet.api.resources import KINDS_BY_NAME, Kind, Resource, resource_model
 from virtfleet.api.virtualmachine import HTTP_URL_PATTERN, PRINTABLE_PATTERN
 from virtfleet.identity import API_GROUP
@@ -30,6 +31,9 @@ _MODEL_HINTS = {
     "without credentials",
     HTTP_URL_PATTERN: "must be an http(s)://host[:port]/path URL in printable ASCII, "
     "without credentials (percent-encode other characters)",
+    IPV4_CIDR_PATTERN: "must be an IPv4 CIDR such as 10.20.0.0/24",
+    IPV4_PATTERN: "must be an IPv4 address such as 10.20.0.1",
+    NAMESPACE_ENTRY_PATTERN: "must be a namespace name (a DNS label) or '*'",
 }
 
 

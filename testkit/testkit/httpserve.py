@@ -1,28 +1,35 @@
-"""A loopback HTTP server in a thread, for tests of http disk sources."""
+"""An HTTP server in a thread, for tests of http disk sources and guest networking."""
 
 from __future__ import annotations
 
 import contextlib
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 
 @contextlib.contextmanager
-def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
-    """Serve ``handler`` on 127.0.0.1 (an ephemeral port); yields the base URL."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+def serve(
+    handler: type[http.server.BaseHTTPRequestHandler],
+    host: str = "127.0.0.1",
+    while_binding: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+) -> Iterator[str]:
+    """Serve ``handler`` on ``host`` (an ephemeral port); yields the base URL.
+    ``while_binding`` is entered while the socket is made (e.g. a network namespace's)."""
+    with while_binding():
+        httpd = http.server.ThreadingHTTPServer((host, 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield f"http://{host}:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
 
 
-def serve_folder(folder: Path) -> contextlib.AbstractContextManager[str]:
-    """Serve the files of ``folder`` (quietly); yields the base URL."""
+def serve_folder(folder: Path, host: str = "127.0.0.1") -> AbstractContextManager[str]:
+    """Serve the files of ``folder`` (quietly) on ``host``; yields the base URL."""
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -31,4 +38,4 @@ def serve_folder(folder: Path) -> contextlib.AbstractContextManager[str]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    return serve(Handler)
+    return serve(Handler, host)

@@ -62,22 +62,15 @@ def test_nothing_is_allowed_by_default() -> None:
     assert "'team-a'" in why
     assert "--allow-bridge" in why
     assert "agent.network.allowedBridges" in why
-    why = refusal("team-a", spec(NETWORK), policy)
-    assert why is not None
-    assert "--allow-network" in why
-    assert "agent.network.allowedNetworks" in why
+    # A VMNetwork's own spec.namespaces decides (agent.vmnetworks), not the node's list.
+    assert refusal("team-a", spec(NETWORK), policy) is None
 
 
 def test_a_namespace_or_every_namespace_may_be_allowed() -> None:
-    policy = NetworkPolicy(
-        allowed_bridges={"team-a": frozenset({"br0"})},
-        allowed_networks={"*": frozenset({"default"})},
-    )
-    assert refusal("team-a", spec(BRIDGE, NETWORK, USER), policy) is None
-    assert refusal("team-b", spec(NETWORK), policy) is None
+    policy = NetworkPolicy(allowed_bridges={"team-a": frozenset({"br0"}), "*": frozenset({"br1"})})
+    assert refusal("team-a", spec(BRIDGE, USER), policy) is None
     assert refusal("team-b", spec(BRIDGE), policy) is not None
-    # A bridge allowed for a namespace is not a network of the same name.
-    assert refusal("team-a", spec({**NETWORK, "network": "br0"}), policy) is not None
+    assert refusal("team-b", spec({**BRIDGE, "bridge": "br1"}), policy) is None
     assert refusal("team-a", spec({**BRIDGE, "bridge": "default"}), policy) is not None
 
 
@@ -93,7 +86,6 @@ def test_flags_become_the_policy() -> None:
             "agent", "--node", "n",
             "--allow-bridge", "team-a=br0,br1", "--allow-bridge", "*=br2",
             "--allow-bridge", "team-a=br3",
-            "--allow-network", "*=default",
             "--nwfilter", "none",
             "--qemu-gid", "107",
             "--user-nic-allow-local-port", "53", "--user-nic-allow-local-port", "49152-49215",
@@ -102,7 +94,6 @@ def test_flags_become_the_policy() -> None:
     )  # fmt: skip
     policy = policy_from_args(args)
     assert policy.allowed_bridges == {"team-a": {"br0", "br1", "br3"}, "*": {"br2"}}
-    assert policy.allowed_networks == {"*": {"default"}}
     assert policy.nwfilter is None
     assert policy.qemu_gid == 107
     assert policy.user_nic_local_ports == ("53", "49152-49215")

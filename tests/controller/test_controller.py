@@ -184,5 +184,6 @@ def test_the_registry_holds_event_handlers_only() -> None:
     registry = controller.registry()
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
-    # VMs, VMHosts, VMMigrations, VMSnapshots, VMRestores, Nodes
-    assert len(registry._watching.get_all_handlers()) == 9
+    # VMs, VMHosts, VMMigrations, VMNetworks, VMSnapshots, VMRestores, VMBackups,
+    # VMBackupSchedules, VMBackupLocations, Nodes
+    assert len(registry._watching.get_all_handlers()) == 10

@@ -106,7 +106,8 @@ def test_no_change_no_diff(
                     BASE["interfaces"][1],
                 ]
             },
-            ["interfaces[lan].type"],
+            # A VMNetwork NIC plugs into the node's bridge of that network.
+            ["interfaces[lan].bridge"],
         ),
         (
             {"interfaces": [{**BASE["interfaces"][0], "model": "e1000"}, BASE["interfaces"][1]]},

@@ -24,12 +24,14 @@ NICS = [
 
 
 def filters(xml: str) -> dict[str, str | None]:
-    """NIC type → the filter its ``<filterref>`` names (``None``: no filterref)."""
+    """NIC name (from its alias) → the filter its ``<filterref>`` names (``None``: none)."""
     root = etree.fromstring(xml.encode())
     found: dict[str, str | None] = {}
     for nic in root.findall("devices/interface"):
         ref = nic.find("filterref")
-        found[nic.get("type", "")] = ref.get("filter") if ref is not None else None
+        alias = nic.find("alias")
+        name = alias.get("name", "") if alias is not None else ""
+        found[name.removeprefix("ua-nic-")] = ref.get("filter") if ref is not None else None
     return found
 
 
@@ -37,7 +39,7 @@ def test_bridge_and_network_nics_get_the_filter_user_nics_none(
     make_inputs: InputsFactory, make_spec: SpecFactory
 ) -> None:
     xml = render_xml(make_inputs(make_spec(interfaces=NICS)))
-    assert filters(xml) == {"user": None, "bridge": DEFAULT_NWFILTER, "network": DEFAULT_NWFILTER}
+    assert filters(xml) == {"default": None, "lan": DEFAULT_NWFILTER, "svc": DEFAULT_NWFILTER}
 
 
 def test_no_filter_when_the_node_turns_it_off(

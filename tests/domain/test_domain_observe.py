@@ -77,7 +77,8 @@ def test_round_trip_gives_back_the_spec(full_inputs: DomainInputs) -> None:
     assert lan.bandwidth is not None
     assert lan.bandwidth.inbound is not None
     assert (lan.bandwidth.inbound.average, lan.bandwidth.inbound.peak) == (1000, 2000)
-    assert (svc.type, svc.source, svc.model) == ("network", "default", "rtl8139")
+    # A VMNetwork NIC is a bridge NIC on the network's bridge of the node.
+    assert (svc.type, svc.source, svc.model) == ("bridge", "vfbr4096", "rtl8139")
     assert seen.interface("nope") is None
     assert seen.disk("nope") is None
 

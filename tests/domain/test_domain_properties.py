@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from lxml import etree
 from pydantic import ValidationError
 
-from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.domain import (
     DomainConfig,
     DomainInputs,
@@ -40,6 +40,8 @@ OWNER = f"{{{METADATA_NAMESPACE}}}owner"
 dns_labels = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,8}[a-z0-9])?\Z")
 dns_subdomains = st.lists(dns_labels, min_size=1, max_size=3).map(".".join)
 store_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,12}\Z").filter(lambda s: ".." not in s)
+#: VMNetwork names (DNS subdomains).
+network_names = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?\Z")
 bridge_names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
 #: Characters libvirt keeps unchanged: XML 1.0 ``Char`` without CR (libvirt writes it raw).
 xml_chars = st.characters(
@@ -134,7 +136,7 @@ def interface_lists(draw: st.DrawFn) -> list[dict[str, Any]]:
         if kind == "bridge":
             nic["bridge"] = draw(bridge_names)
         if kind == "network":
-            nic["network"] = draw(store_names)
+            nic["network"] = draw(network_names)
         if draw(st.booleans()):
             nic["model"] = draw(st.sampled_from(["virtio", "e1000", "e1000e", "rtl8139"]))
         if draw(st.booleans()):
@@ -268,6 +270,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "domain/devices/interface/model": "type",
         "domain/devices/interface/filterref": "filter",
         "domain/devices/interface/alias": "name",
+        "domain/devices/interface/mtu": "size",
         "domain/devices/serial": "type",
         "domain/devices/serial/source": "path append",
         "domain/devices/serial/target": "port",
@@ -307,7 +310,8 @@ def assert_only_modelled_content(inputs: DomainInputs, root: etree._Element) -> 
     assert root.findtext("os/cmdline") == (cmdline or None)
     for nic, element in zip(spec.interfaces, root.findall("devices/interface"), strict=True):
         source = element.find("source")
-        expected = nic.bridge or nic.network
+        attached = inputs.resources.networks.get(nic.name)  # a VMNetwork: the node's bridge
+        expected = attached.bridge if attached is not None else nic.bridge
         assert (
             source.get("bridge") or source.get("network") if source is not None else None
         ) == expected
@@ -343,11 +347,8 @@ def assert_round_trip(inputs: DomainInputs, xml: str) -> None:
         )
         assert got.path == inputs.resources.disks[disk.name].path
     for nic, got_nic in zip(spec.interfaces, seen.interfaces, strict=True):
-        assert (got_nic.name, got_nic.type, got_nic.model) == (
-            nic.name,
-            nic.type.value,
-            nic.model.value,
-        )
+        kind = "bridge" if nic.type == InterfaceType.NETWORK else nic.type.value  # VMNetwork
+        assert (got_nic.name, got_nic.type, got_nic.model) == (nic.name, kind, nic.model.value)
     assert seen.cmdline == ((spec.kernel.cmdline or None) if spec.kernel else None)
     seed = [d for d in DomainConfig.from_string(xml).disks if d.alias == CLOUD_INIT_ALIAS]
     assert len(seed) == (spec.cloud_init is not None)

@@ -269,8 +269,10 @@ def test_interfaces(full_inputs: DomainInputs) -> None:
         "burst": "512",
     }
     assert attrs(one(lan, "bandwidth/outbound")) == {"average": "500"}
-    assert svc.get("type") == "network"
-    assert attrs(one(svc, "source")) == {"network": "default"}
+    # A VMNetwork NIC: the node's bridge of that network, with the network's MTU.
+    assert svc.get("type") == "bridge"
+    assert attrs(one(svc, "source")) == {"bridge": "vfbr4096"}
+    assert attrs(one(svc, "mtu")) == {"size": "1450"}
     assert svc.find("bandwidth") is None
 
 

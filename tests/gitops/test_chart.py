@@ -8,6 +8,7 @@ rendering to a real apiserver and runs the processes with the chart's RBAC.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,22 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+#: What the kubelet puts for the fieldRefs the chart's containers use.
+FIELD_VALUES = {"status.hostIP": "192.0.2.21", "spec.nodeName": "node-a"}
+
+
+def kubelet_expanded(container: dict[str, Any]) -> list[str]:
+    """The container's args as the kubelet runs them: ``$(VAR)`` of its env expanded."""
+    values = {
+        e["name"]: FIELD_VALUES[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in container.get("env", ())
+        if "fieldRef" in e.get("valueFrom", {})
+    }
+    return [
+        re.sub(r"\$\(([A-Z_]+)\)", lambda m: values.get(m[1], m[0]), a) for a in container["args"]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +133,8 @@ def test_controller_rights(default: list[dict[str, Any]]) -> None:
     granted = rules(default, "virtfleet-controller")
     assert ("virtfleet.io", "virtualmachines/status", "patch") in granted
     assert ("", "nodes", "watch") in granted
+    assert ("virtfleet.io", "vmnetworks", "patch") in granted  # its finalizer
+    assert ("virtfleet.io", "vmnetworks/status", "patch") in granted
     assert not {r for r in granted if r[1] in {"pods", "namespaces"}}
     # Secrets: get only (a VMBackupLocation's credentials), and none when switched off.
     assert {r for r in granted if r[1] == "secrets"} == {("", "secrets", "get")}
@@ -132,6 +151,9 @@ def test_controller_rights(default: list[dict[str, Any]]) -> None:
 def test_agent_rights(default: list[dict[str, Any]]) -> None:
     granted = rules(default, "virtfleet-agent")
     assert ("virtfleet.io", "vmhosts", "create") in granted
+    assert {r for r in granted if r[1].startswith("vmnetworks")} == {
+        ("virtfleet.io", "vmnetworks", verb) for verb in ("get", "list", "watch")
+    }
     assert ("", "secrets", "get") in granted
     assert ("", "secrets", "list") not in granted
     assert ("", "secrets", "get") not in rules(
@@ -161,6 +183,7 @@ def test_agent_pod(default: list[dict[str, Any]]) -> None:
         "/var/run/libvirt",
         "/var/lib/libvirt",
         "/var/log/libvirt/virtfleet-serial",
+        "/run/virtfleet/networks",  # the VMNetworks' DHCP servers' files
     }
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -176,10 +199,10 @@ def test_rendered_args_are_accepted_by_the_cli(sets: tuple[str, ...]) -> None:
     docs = render(*sets)
     for kind, name in (("DaemonSet", "virtfleet-agent"), ("Deployment", "virtfleet-controller")):
         (container,) = one(docs, kind, name)["spec"]["template"]["spec"]["containers"]
-        args = build_parser().parse_args(container["args"])
+        args = build_parser().parse_args(kubelet_expanded(container))
         assert args.command == container["args"][0]
     agent = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]
-    parsed = build_parser().parse_args(agent[0]["args"])
+    parsed = build_parser().parse_args(kubelet_expanded(agent[0]))
     assert parsed.liveness == "http://0.0.0.0:8080/healthz"
 
 

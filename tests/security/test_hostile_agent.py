@@ -35,6 +35,7 @@ from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings, storage
 from virtfleet.identity import NODE_LABEL
+from virtfleet.netmodel import NetworkAction, ObservedHost
 
 NODE = "node-a"
 UID = "0b9c1c4e-2f63-4d1a-9a55-7d0c3c1f2e10"
@@ -100,6 +101,16 @@ def conditions(kube: FakeKube) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (body.get("status") or {}).get("conditions", [])}
 
 
+class PaperHost:
+    """A node's network plumbing that takes every plan and holds nothing."""
+
+    def observe(self) -> ObservedHost:
+        return ObservedHost()
+
+    def apply(self, actions: list[NetworkAction]) -> None:
+        pass
+
+
 async def scenario(
     spec: Any,
     where: Path_,
@@ -133,15 +144,19 @@ async def _scenario(
         disk_pools=("virtfleet-local", "fast"),
         download_dir=str(tmp),
         http_deny_cidrs=("0.0.0.0/0", "::/0"),  # nothing is ever connected to
-        # The base spec's bridge and network NICs are allowed (hostile names are not); no
-        # host firewall on a test node (the user NIC's guard is tested where it lives).
-        network=NetworkPolicy(
-            allowed_bridges={KEY[0]: frozenset({"br0"})},
-            allowed_networks={KEY[0]: frozenset({"default"})},
-            user_host_access=True,
-        ),
+        # The base spec's bridge NIC is allowed (hostile names are not); no host firewall
+        # on a test node (the user NIC's guard is tested where it lives).
+        network=NetworkPolicy(allowed_bridges={KEY[0]: frozenset({"br0"})}, user_host_access=True),
+        tunnel_address="192.0.2.10",
     )
     agent = Agent(settings, hv, kube)
+    # Its network NIC's VMNetwork exists for every namespace (hostile names do not); the
+    # node's plumbing is the host adapter's, tested where it lives (tests/hostnet).
+    agent.networks.host = PaperHost()  # type: ignore[assignment]
+    agent.networks.on_network_event(
+        "ADDED",
+        {"metadata": {"name": "default"}, "spec": {"namespaces": ["*"]}, "status": {"vni": 4096}},
+    )
     if secret is not None:
         data = {"userdata": base64.b64encode(secret).decode()}
         kube.put("Secret", {"metadata": {"namespace": KEY[0], "name": "seed"}, "data": data})

@@ -22,6 +22,7 @@ from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.vmnetworks import NetworkKeeper, network_names
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
 from virtfleet.hypervisor import DomainEvent, Hypervisor
 from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
@@ -67,6 +68,10 @@ def _labelled(obj: Mapping[str, Any], selector: str) -> bool:
     return key in labels and (not sep or labels[key] == value)
 
 
+def _attaches_networks(body: Mapping[str, Any]) -> bool:
+    return bool(network_names(body))
+
+
 def _resource_version(body: Mapping[str, Any]) -> int:
     raw = body.get("metadata", {}).get("resourceVersion", "0")
     return int(raw) if str(raw).isdigit() else 0
@@ -81,6 +86,9 @@ class Agent:
         self.kube = kube
         self.driver = NodeDriver(hv, settings)
         self.driver.backup_disks = BackupDisks(kube, settings)
+        #: The node's VMNetworks; its host plumbing is given at start (none in unit tests).
+        self.networks = NetworkKeeper(self, None)
+        self.driver.networks = self.networks
         self.queue: WorkQueue[Key] = WorkQueue(
             name="vms",
             workers=settings.workers,
@@ -122,6 +130,8 @@ class Agent:
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
             return  # our own newer write is already cached; this event is older
+        if key not in self.cache and _attaches_networks(body):
+            self.networks.kick()  # a member arrives: its networks come up
         self.cache[key] = slim(body)
         self.by_uid[str(body["metadata"]["uid"])] = key
         self.queue.add(key)
@@ -167,6 +177,8 @@ class Agent:
         old = self.cache.pop(key, None)
         if old is not None:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
+            if _attaches_networks(old):
+                self.networks.kick()  # maybe the last member of a network left
         self.queue.forget(key)
         self.finalized.pop(key, None)  # a later VM of the same name starts afresh
         for hook in self._forget_hooks:
@@ -184,6 +196,7 @@ class Agent:
             "vm_finalized": len(self.finalized),
             "vm_unplaced": len(self.unplaced),
             "vm_queue": self.queue.tracked,
+            "network_incoming": len(self.networks.incoming),
         }
 
     async def on_domain_event(self, event: DomainEvent) -> None:
@@ -284,6 +297,7 @@ class Agent:
                 (meta.get("annotations") or {}).get(POWER_REQUEST_ANNOTATION)
             ),
             start_held=self.held((str(meta["namespace"]), str(meta["name"]))),
+            addresses=self.networks.addresses(str(meta["uid"]), spec) if spec else {},
         )
 
     def held(self, key: Key) -> str | None:

@@ -35,6 +35,8 @@ PER_OBJECT = frozenset(
         "migration_queue",
         "migration_jobs",
         "migration_waits",
+        "migration_network_waits",
+        "network_incoming",
         "event_locks",
     }
 )

@@ -7,6 +7,7 @@ each default lives in one place.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 
@@ -132,10 +133,32 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="serve a liveness endpoint, e.g. http://0.0.0.0:8080/healthz: fails when "
         "libvirt does not answer or the watch went deaf",
     )
+    agent.add_argument(
+        "--tunnel-address",
+        type=_ipv4,
+        default=defaults.tunnel_address,
+        metavar="IP",
+        help="this node's underlay address, its VXLAN endpoint for VMNetworks (the chart "
+        "passes the node's address; default: none, no VMNetworks on this node)",
+    )
+    agent.add_argument(
+        "--network-state-dir",
+        default=defaults.network_state_dir,
+        metavar="DIR",
+        help=f"where VMNetworks' DHCP servers keep their files (default "
+        f"{defaults.network_state_dir})",
+    )
     agent.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     agent.add_argument("--log-level", default="INFO")
     agent_network.add_arguments(agent)
     agent.set_defaults(func=run)
+
+
+def _ipv4(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from exc
 
 
 def node_migration_uri(node: str, default: str | None, per_node: list[str] | None) -> str | None:
@@ -194,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         self_fence_after=args.self_fence_after or None,
         watchdog_path=args.watchdog or None,
         watchdog_timeout_seconds=args.watchdog_timeout,
+        tunnel_address=args.tunnel_address,
+        network_state_dir=args.network_state_dir,
     )
     asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))
     return 0

@@ -18,6 +18,7 @@ from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.errors import ActionError as ActionError  # re-exported: tests, callers
 from virtfleet.agent.guestfirewall import GUEST_FIREWALL_UNAVAILABLE, GuestFirewall
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.agent.vmnetworks import NetworkKeeper
 from virtfleet.agent.volumes import SEED, seed_volume_name, volume_name
 from virtfleet.api.virtualmachine import Disk, VirtualMachineSpec
 from virtfleet.domain import (
@@ -167,6 +168,8 @@ class NodeDriver:
         self.firewall = GuestFirewall(settings.node_name, settings.network)
         #: Restores ``source.backup`` disks; set by the agent, which has the API client.
         self.backup_disks: BackupDisks | None = None
+        #: The node's VMNetworks (where ``type: network`` NICs plug in); set by the agent.
+        self.networks: NetworkKeeper | None = None
 
     # --- observing ------------------------------------------------------------------------
 
@@ -243,6 +246,7 @@ class NodeDriver:
     ) -> tuple[DomainInputs, tuple[str, ...]]:
         """Host paths for every name in the spec, and which volumes do not exist yet."""
         self._check_network(vm, spec)
+        attached = self.networks.attach(vm.namespace, vm.uid, spec) if self.networks else {}
         disks: dict[str, DiskBacking] = {}
         missing: list[str] = []
         for disk in spec.disks:
@@ -276,6 +280,7 @@ class NodeDriver:
             kernel=kernel,
             initrd=initrd,
             cloud_init_seed=seed,
+            networks=attached,
         )
         try:
             inputs = DomainInputs(
@@ -382,13 +387,17 @@ class NodeDriver:
                     names,
                     observation.secret_user_data,
                     self.backup_disks,
+                    self.networks.network_config(vm.uid, vm.spec) if self.networks else None,
                 )
             case Define():
                 assert observation.inputs is not None
+                await self._networks_up(observation.inputs)
                 await self.hv.define(render_xml(observation.inputs))
             case Start():
                 guest = observation.guest or await self.hv.lookup(vm.uid)
                 if guest is not None:
+                    if observation.inputs is not None:
+                        await self._networks_up(observation.inputs)
                     await guest.start()
             case Stop(grace_seconds=grace):
                 if observation.guest is not None:
@@ -408,6 +417,11 @@ class NodeDriver:
                 assert observation.inputs is not None
                 assert observation.guest is not None
                 await self._apply_live(observation.guest, observation.inputs, paths)
+
+    async def _networks_up(self, inputs: DomainInputs) -> None:
+        """The bridges a domain plugs into exist before libvirt makes its taps."""
+        if self.networks is not None and inputs.resources.networks:
+            await self.networks.ensure(inputs.resources.networks)
 
     async def _apply_live(self, guest: Guest, inputs: DomainInputs, paths: tuple[str, ...]) -> None:
         """iotune and bandwidth changes on the running domain, from the desired config."""

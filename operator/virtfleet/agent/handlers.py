@@ -27,6 +27,7 @@ from virtfleet.agent.locks import VmLocks
 from virtfleet.agent.settings import DELETE_WAIT_SECONDS, AgentSettings
 from virtfleet.agent.snapshot import agent as snapshot_loops
 from virtfleet.api.vmhost import VMHostStatus
+from virtfleet.hostnet import HostNetwork
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor.settings import backoff_delays
@@ -131,7 +132,10 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         await _open_when_libvirtd_answers(hv, log)
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
+        if settings.tunnel_address is not None:
+            the_agent.networks.host = HostNetwork(settings.network_state_dir)
         holder["tasks"] = [
+            asyncio.create_task(the_agent.networks.run(), name="vmnetworks"),
             asyncio.create_task(
                 the_agent.queue.run(locks.guard(holder["migrations"].guard(the_agent.reconcile))),
                 name="vm-queue",
@@ -183,6 +187,18 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             return
         if not await agent().wait_finalized(key, DELETE_WAIT_SECONDS):
             raise kopf.TemporaryError("stopping the domain and removing its volumes", delay=1)
+
+    @kopf.on.event(API_GROUP, API_VERSION, "vmnetworks", registry=registry)  # type: ignore[arg-type]
+    def vmnetwork_event(event: dict[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if isinstance(obj, dict) and "agent" in holder:
+            agent().networks.on_network_event(event.get("type"), copy.deepcopy(obj))
+
+    @kopf.on.event(API_GROUP, API_VERSION, "vmhosts", registry=registry)  # type: ignore[arg-type]
+    def vmhost_event(event: dict[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if isinstance(obj, dict) and "agent" in holder:
+            agent().networks.on_host_event(event.get("type"), obj)
 
     health.register(registry, settings, lambda: holder.get("agent"))
     return registry
@@ -237,6 +253,7 @@ async def _periodic(
             previous = await heartbeat(
                 agent, previous, fencing.quarantined_vms if fencing else None
             )
+            agent.networks.reported = dict(agent.networks.realised)
         except Exception as exc:  # a missed beat is retried at the next one
             log.warning("heartbeat failed", error=str(exc))
         if books is not None:
@@ -256,7 +273,7 @@ async def _periodic(
                     log.warning("orphans removed", removed=removed)
             except Exception as exc:
                 log.warning("orphan sweep failed", error=str(exc))
-        await asyncio.sleep(agent.settings.heartbeat_seconds)
+        await agent.networks.host_changed(agent.settings.heartbeat_seconds)
 
 
 async def run(

@@ -13,7 +13,7 @@ from virtfleet.agent.agent import COMPONENT, Agent
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.migration import MigrationPhase
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.api.vmhost import FencingStatus, PoolStatus, VMHostStatus
+from virtfleet.api.vmhost import FencingStatus, PoolStatus, RealisedNetwork, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
@@ -84,6 +84,11 @@ async def host_status(
         libvirt_version=facts.libvirt_version,
         qemu_version=facts.hypervisor_version,
         migration_uri=agent.settings.migration_uri or agent.settings.libvirt_uri,
+        tunnel_address=agent.settings.tunnel_address,
+        networks=[
+            RealisedNetwork(name=name, vni=vni)
+            for name, vni in sorted(agent.networks.realised.items())
+        ],
         heartbeat_time=now,
         pools=pools,
         images=images,

@@ -3,11 +3,13 @@
 A manifest names NICs, and a user who may create VMs is not trusted with the host's
 networks (docs/security.md). So the agent decides, per node:
 
-* **bridge and network NICs** attach only to host bridges and libvirt networks that the
-  admin allows for the VM's namespace (``{namespace or "*": [names]}``); anything else is
-  refused before a volume or a domain is made (``Stalled``, reason ``NetworkNotAllowed``).
-  They get libvirt's ``clean-traffic`` nwfilter by default: on a shared L2 segment the
-  guest may only send with its own MAC and the one IP it uses.
+* **bridge NICs** attach only to host bridges that the admin allows for the VM's
+  namespace (``{namespace or "*": [names]}``); anything else is refused before a volume
+  or a domain is made (``Stalled``, reason ``NetworkNotAllowed``). **network NICs**
+  attach to a VMNetwork, whose ``spec.namespaces`` (the cluster admin's) says who may
+  (:mod:`virtfleet.agent.vmnetworks`). Both get libvirt's ``clean-traffic`` nwfilter by
+  default: on a shared L2 segment the guest may only send with its own MAC and the one
+  IP it uses.
 * **user NICs** (QEMU's slirp) make connections *as the QEMU process*: the guest reaches
   the host's loopback at 10.0.2.2, and every address of the host and the link-local
   metadata service (169.254.169.254). Unless the admin allows that (``user_host_access``),
@@ -66,8 +68,6 @@ class NetworkPolicy:
 
     #: Host bridges per namespace (``"*"``: every namespace). Empty: no bridge NICs.
     allowed_bridges: Allowed = field(default_factory=lambda: _frozen({}))
-    #: libvirt networks per namespace, likewise.
-    allowed_networks: Allowed = field(default_factory=lambda: _frozen({}))
     #: nwfilter on bridge and network NICs; ``None`` turns filtering off.
     nwfilter: str | None = DEFAULT_NWFILTER
     #: The admin's opt-in: user NICs may reach the host (no firewall table is kept).
@@ -82,7 +82,6 @@ class NetworkPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_bridges", _frozen(self.allowed_bridges))
-        object.__setattr__(self, "allowed_networks", _frozen(self.allowed_networks))
         if self.nwfilter is not None and not NWFILTER_NAME.fullmatch(self.nwfilter):
             raise ValueError(f"{self.nwfilter!r} is not an nwfilter name")
         for cidr in self.user_nic_deny:
@@ -114,18 +113,14 @@ def _allows(allowed: Allowed, namespace: str, name: str) -> bool:
 #: Per NIC type: what it attaches to, the agent flag and chart value that allow it.
 _ATTACHMENTS: Final = {
     InterfaceType.BRIDGE: ("host bridge", "--allow-bridge", "allowedBridges"),
-    InterfaceType.NETWORK: ("libvirt network", "--allow-network", "allowedNetworks"),
 }
 
 
 def refusal(namespace: str, spec: VirtualMachineSpec, policy: NetworkPolicy) -> str | None:
     """Why ``spec``'s NICs may not be made in ``namespace`` on this node; ``None``: they may."""
-    allowed = {
-        InterfaceType.BRIDGE: policy.allowed_bridges,
-        InterfaceType.NETWORK: policy.allowed_networks,
-    }
+    allowed = {InterfaceType.BRIDGE: policy.allowed_bridges}
     for nic in spec.interfaces:
-        name = nic.bridge if nic.type == InterfaceType.BRIDGE else nic.network
+        name = nic.bridge
         if nic.type not in _ATTACHMENTS or name is None:
             continue
         if not _allows(allowed[nic.type], namespace, name):
@@ -203,14 +198,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="host bridges VMs of NAMESPACE ('*': any) may attach to (repeatable; default: none)",
     )
     group.add_argument(
-        "--allow-network",
-        action="append",
-        type=_allowance,
-        metavar="NAMESPACE=NETWORK[,NETWORK]",
-        help="libvirt networks VMs of NAMESPACE ('*': any) may attach to (repeatable; "
-        "default: none)",
-    )
-    group.add_argument(
         "--nwfilter",
         default=DEFAULT_NWFILTER,
         metavar="NAME",
@@ -254,7 +241,6 @@ def policy_from_args(args: argparse.Namespace) -> NetworkPolicy:
     """The policy the flags of :func:`add_arguments` describe."""
     return NetworkPolicy(
         allowed_bridges=_frozen(_merged(args.allow_bridge)),
-        allowed_networks=_frozen(_merged(args.allow_network)),
         nwfilter=None if args.nwfilter in ("", "none") else args.nwfilter,
         user_host_access=args.user_nic_host_access,
         qemu_gid=args.qemu_gid,

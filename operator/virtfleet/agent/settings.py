@@ -86,6 +86,12 @@ class AgentSettings:
     #: What VMs' NICs may reach on this node (allowed bridges and networks, nwfilter,
     #: the user-NIC firewall): see :mod:`virtfleet.agent.network`.
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    #: This node's underlay address: its VXLAN endpoint for VMNetworks (VMHost
+    #: ``status.tunnelAddress``, where the other nodes send). None: no VMNetworks here.
+    tunnel_address: str | None = None
+    #: Where the VMNetworks' DHCP servers keep their files (a tmpfs: gone with a reboot,
+    #: like the servers). Must be searchable by everybody (dnsmasq re-reads as nobody).
+    network_state_dir: str = "/run/virtfleet/networks"
 
     @property
     def finalizer(self) -> str:

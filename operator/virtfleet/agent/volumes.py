@@ -49,8 +49,12 @@ async def ensure_volumes(
     names: tuple[str, ...],
     user_data: str | None,
     backup_disks: BackupDisks | None = None,
+    network_data: str | None = None,
 ) -> None:
-    """Create the volumes ``names`` (disk names, or the seed) that the domain lacks."""
+    """Create the volumes ``names`` (disk names, or the seed) that the domain lacks.
+
+    ``network_data``: the seed's network-config (the VM's own, else the one its
+    VMNetworks' addresses make, :meth:`NetworkKeeper.network_config`)."""
     restored = await _failover_backup(settings, vm, backup_disks)
     for disk in spec.disks:
         if disk.name not in names:
@@ -115,7 +119,7 @@ async def ensure_volumes(
             uid=vm.uid,
             hostname=vm.name,
             user_data=user_data if user_data is not None else spec.cloud_init.user_data,
-            network_data=spec.cloud_init.network_data,
+            network_data=network_data or spec.cloud_init.network_data,
         )
         await storage.upload(
             hv,

@@ -1,4 +1,7 @@
-"""The network interfaces of a VirtualMachine: type, model, MAC and bandwidth."""
+"""The network interfaces of a VirtualMachine: type, model, MAC and bandwidth.
+
+``type: network`` attaches a NIC to a VMNetwork (:mod:`virtfleet.api.network`) by name.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from virtfleet.api.base import ApiModel, CelRule, DnsLabel, StoreName
+from virtfleet.api.base import ApiModel, CelRule, DnsLabel, DnsSubdomain
 from virtfleet.identity import is_derived_range
 
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
@@ -48,7 +51,8 @@ class Interface(ApiModel):
     type: InterfaceType = Field(
         default=InterfaceType.USER,
         description="user (default; QEMU's user-mode network, which cannot reach the node "
-        "itself unless the node admin allows it), bridge or network.",
+        "itself unless the node admin allows it), bridge (a host bridge) or network (a "
+        "VMNetwork).",
     )
     bridge: (
         Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=15)]
@@ -58,9 +62,11 @@ class Interface(ApiModel):
         description="Host bridge name, for type bridge; the node admin allows bridges per "
         "namespace (else Stalled: NetworkNotAllowed).",
     )
-    network: StoreName | None = Field(
+    network: DnsSubdomain | None = Field(
         default=None,
-        description="libvirt network, for type network; allowed per namespace like bridges.",
+        description="VMNetwork name, for type network: the NIC joins that cluster-wide L2 "
+        "segment and gets its address from the network's IPAM. The VMNetwork must list the "
+        "VM's namespace in spec.namespaces (else Stalled: NetworkNotAllowed).",
     )
     model: InterfaceModel = Field(
         default=InterfaceModel.VIRTIO, description="NIC model. Default virtio."

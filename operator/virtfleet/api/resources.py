@@ -21,6 +21,7 @@ from virtfleet.api.backup import (
 )
 from virtfleet.api.base import DNS_LABEL_PATTERN, ApiModel, CelRule
 from virtfleet.api.migration import VMMigrationSpec, VMMigrationStatus
+from virtfleet.api.network import VMNetworkSpec, VMNetworkStatus
 from virtfleet.api.schedule import VMBackupScheduleSpec, VMBackupScheduleStatus
 from virtfleet.api.snapshot import VMRestoreSpec, VMRestoreStatus, VMSnapshotSpec, VMSnapshotStatus
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -269,6 +270,27 @@ VM_BACKUP_SCHEDULE = Kind(
     ),
 )
 
+VM_NETWORK = Kind(
+    kind="VMNetwork",
+    plural="vmnetworks",
+    singular="vmnetwork",
+    short_names=("vmnet", "vmnets"),
+    namespaced=False,
+    spec_model=VMNetworkSpec,
+    status_model=VMNetworkStatus,
+    description="An L2 segment VMs on any node share (a bridge + VXLAN per node), with "
+    "addresses from the controller's IPAM; spec.namespaces says whose VMs may attach.",
+    columns=(
+        PrinterColumn("VNI", "integer", ".status.vni", "VXLAN network identifier in use."),
+        PrinterColumn("Subnet", "string", ".spec.subnet", "IPv4 subnet of the IPAM."),
+        PrinterColumn("Addresses", "integer", ".status.allocatedCount", "Addresses in use."),
+        READY,
+        AGE,
+        PrinterColumn("Gateway", "string", ".spec.gateway", "Router address.", priority=1),
+        PrinterColumn("MTU", "integer", ".spec.mtu", "MTU (unset: 1450).", priority=1),
+    ),
+)
+
 KINDS: tuple[Kind, ...] = (
     VIRTUAL_MACHINE,
     VM_SNAPSHOT,
@@ -278,6 +300,7 @@ KINDS: tuple[Kind, ...] = (
     VM_BACKUP_LOCATION,
     VM_BACKUP,
     VM_BACKUP_SCHEDULE,
+    VM_NETWORK,
 )
 KINDS_BY_NAME = {k.kind: k for k in KINDS}
 

@@ -273,6 +273,9 @@ class InterfaceStatus(StatusModel):
     name: str
     mac: str
     ip: str | None = None
+    network: str | None = Field(
+        default=None, description="The VMNetwork this interface is attached to (type network)."
+    )
 
 
 class FailoverStatus(StatusModel):

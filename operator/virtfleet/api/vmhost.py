@@ -71,6 +71,11 @@ class QuarantinedVolume(StatusModel):
     capacity_bytes: int | None = Field(default=None, ge=0)
 
 
+class RealisedNetwork(StatusModel):
+    name: str
+    vni: int = Field(ge=1, le=2**24 - 1)
+
+
 class VMHostStatus(StatusModel):
     observed_generation: int | None = Field(default=None, ge=0)
     cpus: int | None = Field(default=None, ge=0, description="Logical CPUs of the host.")
@@ -85,6 +90,16 @@ class VMHostStatus(StatusModel):
     qemu_version: str | None = None
     host_uuid: str | None = Field(default=None, alias="hostUUID")
     migration_uri: str | None = Field(default=None, alias="migrationURI")
+    tunnel_address: str | None = Field(
+        default=None,
+        description="The node's underlay address other nodes send VXLAN traffic of "
+        "VMNetworks to. Written by the agent.",
+    )
+    networks: list[RealisedNetwork] = Field(
+        default_factory=list,
+        description="VMNetworks this node has realised (bridge and VXLAN up): those of its "
+        "VMs and of VMs migrating to it. A migration's source waits for them here.",
+    )
     heartbeat_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     pools: list[PoolStatus] = Field(default_factory=list)
     images: list[str] = Field(default_factory=list, description="Names in the node's image store.")

@@ -9,7 +9,9 @@ finalizers on VirtualMachines from the controller (DESIGN §6). The reconcile of
    placements see each other), then status first (``nodeName``, with a resourceVersion
    precondition so two deciders cannot both place it), then the ``virtfleet.io/node``
    label. A crash between the two writes is repaired on the next pass, which also fixes
-   any label that disagrees with ``status.nodeName``;
+   any label that disagrees with ``status.nodeName``. A VM with ``type: network``
+   interfaces waits until its VMNetworks exist, allow its namespace and list its
+   addresses (:mod:`virtfleet.controller.networks`);
 2. placed → label repair, and ``Unknown`` when the node's agent stopped beating;
 3. placed on a cordoned Node (``spec.unschedulable``) → drain: a running VM with
    ``evictionStrategy: LiveMigrate`` gets a VMMigration ``<vm>-evict-<node>`` (labelled
@@ -26,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +38,7 @@ from virtfleet.api.conditions import rfc3339
 from virtfleet.api.resources import (
     VIRTUAL_MACHINE,
     VM_MIGRATION,
+    VM_NETWORK,
 )
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.controller import decisions, wiring
@@ -44,6 +47,7 @@ from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.drain import Drainer
 from virtfleet.controller.failover import Failover
 from virtfleet.controller.migrations import MigrationScheduler
+from virtfleet.controller.networks import NetworkController
 from virtfleet.controller.nodes import NodeKeeper
 from virtfleet.controller.settings import ControllerSettings
 from virtfleet.controller.unclaimed import UnclaimedWatcher
@@ -115,6 +119,11 @@ class Controller:
             self.unclaimed.cache,
             cas=True,
         )
+        #: VMNetworks: VNIs, addresses, and whether a VM's networks let it be placed.
+        self.networks = NetworkController(kube, self.cache.vms, self._enqueue, clock)
+        self.networks.queue.on_error = cache_reporter(
+            kube, VM_NETWORK.kind, COMPONENT, self.networks.cache, cas=True
+        )
         #: Backup locations, deleting backups' objects, restores from backups into new VMs.
         self.backups = BackupController(kube, self.cache.vms)
         #: Cordoned nodes: live-migrate their VMs away, or say why one stays.
@@ -142,12 +151,14 @@ class Controller:
         self.backups.vm_changed(*key)
         if event_type == "DELETED":
             gone = self.cache.remove_vm(key)
+            self.networks.vm_changed(key, None)
             self.queue.forget(key)
             self.failover.forget(key)
             if gone is not None and gone.node_name is not None:
                 self._enqueue_unplaced()  # its memory is free again
             return
         if self.cache.upsert_vm(body) is not None:
+            self.networks.vm_changed(key, body)
             self.queue.add(key)
 
     def host_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -185,6 +196,10 @@ class Controller:
                     self.queue.add(vm.key)
         self._enqueue_unplaced()
 
+    def _enqueue(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.queue.add(key)
+
     def _enqueue_unplaced(self) -> None:
         for vm in self.cache.unplaced():
             self.queue.add(vm.key)
@@ -211,6 +226,7 @@ class Controller:
         for key in list(self.cache.vms):
             self.queue.add(key)
         self.unclaimed.resync()
+        self.networks.resync()
 
     async def periodic(self) -> None:
         """Heartbeat checks every few seconds, a full resync every ``resync_interval``."""
@@ -252,10 +268,13 @@ class Controller:
                 return None  # changed while we waited for the lock
             outcome: Placement | Unschedulable
             mac_conflict = self.cache.macs.conflict(vm, self.cache.vms)
+            network_hold = self.networks.hold(vm)
             if vm.request is None:
                 outcome = Unschedulable(INVALID_SPEC, vm.spec_error or "unreadable spec")
             elif mac_conflict is not None:
                 outcome = Unschedulable(MAC_ADDRESS_CONFLICT, mac_conflict)
+            elif network_hold is not None:
+                outcome = network_hold
             else:
                 outcome = place(
                     vm.request,
@@ -376,6 +395,7 @@ class Controller:
             host=self.host_event,
             node=self.node_event,
             migration=self.migrations.event,
+            network=self.networks.event,
             unclaimed=self.unclaimed.event,
             backups=self.backups.event,
             wait_until_served=self.kube.wait_until_served,
@@ -407,6 +427,9 @@ class Controller:
             asyncio.create_task(
                 self.backups.queue.run(self.backups.reconcile), name="backup-queue"
             ),
+            asyncio.create_task(
+                self.networks.queue.run(self.networks.reconcile), name="network-queue"
+            ),
         ]
         try:
             await kopf.operator(
@@ -423,6 +446,7 @@ class Controller:
             await self.migrations.queue.stop()
             await self.unclaimed.queue.stop()
             await self.backups.queue.stop()
+            await self.networks.queue.stop()
             for task in background:
                 task.cancel()
             for task in background:

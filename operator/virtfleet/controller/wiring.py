@@ -16,6 +16,7 @@ from virtfleet.api.resources import (
     VM_BACKUP_SCHEDULE,
     VM_HOST,
     VM_MIGRATION,
+    VM_NETWORK,
     VM_RESTORE,
     VM_SNAPSHOT,
 )
@@ -38,6 +39,7 @@ class Handlers:
     host: OnEvent
     node: OnEvent
     migration: OnEvent
+    network: OnEvent
     #: ``(kind, event type, object)`` for VMSnapshots and VMRestores.
     unclaimed: Callable[[str, str | None, Mapping[str, Any]], None]
     #: ``(kind, event type, object)`` for VMBackupLocations, VMBackups and VMRestores.
@@ -82,6 +84,10 @@ def registry(
     @kopf.on.event(API_GROUP, API_VERSION, VM_MIGRATION.plural, registry=registry)
     async def _migration(event: Mapping[str, Any], **_: Any) -> None:
         handlers.migration(event.get("type"), event["object"])
+
+    @kopf.on.event(API_GROUP, API_VERSION, VM_NETWORK.plural, registry=registry)
+    async def _network(event: Mapping[str, Any], **_: Any) -> None:
+        handlers.network(event.get("type"), event["object"])
 
     @kopf.on.event(API_GROUP, API_VERSION, VM_SNAPSHOT.plural, registry=registry)
     async def _snapshot(event: Mapping[str, Any], **_: Any) -> None:

@@ -200,10 +200,15 @@ def _iotune(iotune: IoTune | None) -> IoTuneConfig | None:
 
 
 def _interface(inputs: DomainInputs, nic: Interface) -> InterfaceConfig:
-    source = {InterfaceType.BRIDGE: nic.bridge, InterfaceType.NETWORK: nic.network}
+    kind, source, mtu = nic.type.value, nic.bridge, None
+    if nic.type == InterfaceType.NETWORK:
+        # A VMNetwork is a bridge on every node that has a VM on it (its VXLAN joins them).
+        attached = inputs.resources.networks[nic.name]
+        kind, source, mtu = InterfaceType.BRIDGE.value, attached.bridge, attached.mtu
     return InterfaceConfig(
-        type=nic.type.value,
-        source=source.get(nic.type),
+        type=kind,
+        source=source,
+        mtu=mtu,
         mac=(nic.mac_address or derive_mac(inputs.uid, nic.name)).lower(),
         model=nic.model.value,
         bandwidth=_bandwidth(nic),

@@ -23,9 +23,10 @@ import posixpath
 import uuid
 from typing import Final
 
-from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.domain.inputs import (
     DEFAULT_NWFILTER,
+    AttachedNetwork,
     DiskBacking,
     DomainInputs,
     DomainType,
@@ -39,6 +40,8 @@ EXAMPLE_ROOT: Final = "/var/lib/libvirt/virtfleet"
 DEFAULT_POOL: Final = "local"
 IMAGE_STORE: Final = posixpath.join(EXAMPLE_ROOT, "images")
 SERIAL_LOG_DIR: Final = "/var/log/libvirt/qemu"
+EXAMPLE_NETWORK_BRIDGE: Final = "vfbr4096"
+EXAMPLE_NETWORK_MTU: Final = 1450
 
 
 def example_node_resources(spec: VirtualMachineSpec, *, namespace: str, name: str) -> NodeResources:
@@ -68,6 +71,12 @@ def example_node_resources(spec: VirtualMachineSpec, *, namespace: str, name: st
             if spec.cloud_init is not None
             else None
         ),
+        # A VMNetwork's bridge as a node names it (its VNI, here the first assigned one).
+        networks={
+            nic.name: AttachedNetwork(bridge=EXAMPLE_NETWORK_BRIDGE, mtu=EXAMPLE_NETWORK_MTU)
+            for nic in spec.interfaces
+            if nic.type == InterfaceType.NETWORK
+        },
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, get_args
 
-from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.domain.config import xml_safe
 from virtfleet.domain.errors import InvalidInputError
 from virtfleet.domain.ownership import (
@@ -29,8 +29,10 @@ from virtfleet.domain.ownership import (
 )
 
 __all__ = [
+    "BRIDGE_NAME",
     "DEFAULT_NWFILTER",
     "NWFILTER_NAME",
+    "AttachedNetwork",
     "BackingKind",
     "CacheMode",
     "DiskBacking",
@@ -52,6 +54,8 @@ CacheMode = Literal["none", "directsync", "writeback"]
 #: libvirt's default anti-spoofing filter: the NIC's own MAC, one IP, ARP and IPv4 only.
 DEFAULT_NWFILTER: Final = "clean-traffic"
 NWFILTER_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+#: A Linux interface name (at most 15 characters, no "/" or whitespace).
+BRIDGE_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}")
 
 _DOMAIN_TYPES: Final = frozenset(get_args(DomainType))
 _FORMATS: Final = frozenset(get_args(DiskFormat))
@@ -98,6 +102,20 @@ class DiskBacking:
             raise InvalidInputError(f"cache mode {self.cache!r} is not one of {sorted(_CACHES)}")
 
 
+@dataclass(frozen=True)
+class AttachedNetwork:
+    """Where a ``type: network`` NIC plugs in on this node (its VMNetwork's bridge)."""
+
+    bridge: str
+    mtu: int
+
+    def __post_init__(self) -> None:
+        if not BRIDGE_NAME.fullmatch(self.bridge):
+            raise InvalidInputError(f"bridge {self.bridge!r} is not a bridge name")
+        if not 68 <= self.mtu <= 65535:
+            raise InvalidInputError(f"MTU {self.mtu} is not in 68..65535")
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeResources:
     """Everything the agent resolved on its node for one VM (all host paths).
@@ -114,10 +132,13 @@ class NodeResources:
     initrd: str | None = None
     cloud_init_seed: str | None = None
     emulator: str | None = None
+    #: Per ``type: network`` NIC name: the node's bridge of its VMNetwork and its MTU.
+    networks: Mapping[str, AttachedNetwork] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # A read-only view: the dataclass is frozen, its mapping should be too.
+        # A read-only view: the dataclass is frozen, its mappings should be too.
         object.__setattr__(self, "disks", MappingProxyType(dict(self.disks)))
+        object.__setattr__(self, "networks", MappingProxyType(dict(self.networks)))
         check_host_path(self.serial_log, "serial log path")
         for what, path in (
             ("kernel path", self.kernel),
@@ -195,6 +216,12 @@ class DomainInputs:
             "cloud-init seed",
             "spec.cloudInit",
         )
+        attached = {nic.name for nic in spec.interfaces if nic.type == InterfaceType.NETWORK}
+        if attached != set(resources.networks):
+            raise InvalidInputError(
+                f"networks resolved for {sorted(resources.networks)}, but the spec attaches "
+                f"{sorted(attached)}"
+            )
 
     @property
     def domain_name(self) -> str:

@@ -179,6 +179,8 @@ _INTERFACE: Final = Rule(
         "filterref": _leaf(filter=Kind.NWFILTER),
         # libvirt names the tap it creates vnetN (and makes a new one at each start).
         "target": _leaf(dev=re.compile(r"vnet[0-9]+")),
+        # A VMNetwork NIC's MTU (its VXLAN's), what the agent writes.
+        "mtu": _leaf(size=_NUMBER),
         **_DEV,
     },
 )

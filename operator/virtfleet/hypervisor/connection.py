@@ -29,6 +29,7 @@ import libvirt
 
 from virtfleet.domain.jobs import parse_job_stats
 from virtfleet.hypervisor import errors, eventloop
+from virtfleet.hypervisor.bridgeports import BridgePort, bridge_ports
 from virtfleet.hypervisor.events import DomainEvent, EventKind, lifecycle_event
 from virtfleet.hypervisor.executor import Executors
 from virtfleet.hypervisor.fanout import EventCallback, EventFanout
@@ -244,6 +245,10 @@ class Hypervisor:
     async def host_facts(self) -> HostFacts:
         """Capacity and versions of this node."""
         return await self.call(read_host_facts)
+
+    async def bridge_ports(self) -> list[BridgePort]:
+        """The taps of running domains on host bridges (one executor call)."""
+        return await self.call(bridge_ports)
 
     async def libvirt_version(self) -> int:
         """libvirtd's packed version over this connection (a liveness check)."""

@@ -35,8 +35,27 @@ INSUFFICIENT_CAPACITY = "InsufficientCapacity"
 INVALID_SPEC = "InvalidSpec"
 #: An explicit MAC another VM already uses (``controller.macs``).
 MAC_ADDRESS_CONFLICT = "MacAddressConflict"
+#: A ``type: network`` interface and its VMNetwork (``reconcile.network_ipam``): the network
+#: does not exist (or is being deleted), does not allow the VM's namespace, has no address
+#: left, or cannot be used (a VNI conflict); or the controller has yet to write its VNI or
+#: the VM's addresses, which the agent reads before it starts the VM.
+NETWORK_NOT_FOUND = "NetworkNotFound"
+NETWORK_NOT_ALLOWED = "NetworkNotAllowed"
+ADDRESSES_EXHAUSTED = "AddressesExhausted"
+NETWORK_NOT_READY = "NetworkNotReady"
+WAITING_FOR_NETWORK = "WaitingForNetwork"
 #: Reasons that waiting will not fix: the VM is ``Stalled``.
-STALLED_REASONS = frozenset({INSUFFICIENT_CAPACITY, INVALID_SPEC, MAC_ADDRESS_CONFLICT})
+STALLED_REASONS = frozenset(
+    {
+        INSUFFICIENT_CAPACITY,
+        INVALID_SPEC,
+        MAC_ADDRESS_CONFLICT,
+        NETWORK_NOT_FOUND,
+        NETWORK_NOT_ALLOWED,
+        ADDRESSES_EXHAUSTED,
+        NETWORK_NOT_READY,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +67,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class Unschedulable:
-    reason: str  # Unschedulable | InsufficientCapacity | InvalidSpec | MacAddressConflict
+    reason: str  # Unschedulable, InsufficientCapacity, ... (the constants above)
     message: str
 
     @property

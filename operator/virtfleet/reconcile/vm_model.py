@@ -7,7 +7,8 @@ run in order, the status, and the Events that report them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -59,6 +60,8 @@ class VmView:
     power_request: PowerRequest | None = None
     #: Why the VM must not start now (its disks are being replaced by a restore); None: free.
     start_held: str | None = None
+    #: NIC name → its address on its VMNetwork (the controller's IPAM record).
+    addresses: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

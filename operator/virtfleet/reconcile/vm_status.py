@@ -42,7 +42,10 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
     """What every pass over a valid spec reports, before power and conditions."""
     interfaces = [
         InterfaceStatus(
-            name=nic.name, mac=(nic.mac_address or derive_mac(vm.uid, nic.name)).lower()
+            name=nic.name,
+            mac=(nic.mac_address or derive_mac(vm.uid, nic.name)).lower(),
+            ip=vm.addresses.get(nic.name),
+            network=nic.network,
         )
         for nic in spec.interfaces
     ]

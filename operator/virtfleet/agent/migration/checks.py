@@ -15,7 +15,7 @@ from virtfleet.agent.errors import ActionError
 from virtfleet.agent.migration.context import MigrationContext
 from virtfleet.api.migration import MigrationMode, VMMigrationSpec
 from virtfleet.api.snapshot import RestorePhase, SnapshotPhase, VMSnapshotStatus
-from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.hypervisor import Guest
 from virtfleet.reconcile.snapshot_migration import SnapshotOnNode, snapshots_block_migration
 from virtfleet.runtime.kube import NotFound
@@ -86,6 +86,23 @@ def check_snapshots(
             "moving snapshot metadata along with a migration is not implemented yet: "
             "delete the VM's snapshots first",
         )
+
+
+async def target_lacks_networks(
+    ctx: MigrationContext, target: str, vm_spec: VirtualMachineSpec
+) -> list[str]:
+    """The VM's VMNetworks the target has not realised yet (its VMHost ``networks``):
+    its agent brings them up when it sees the migration; QEMU's tap there needs them."""
+    wanted = {
+        nic.network
+        for nic in vm_spec.interfaces
+        if nic.type == InterfaceType.NETWORK and nic.network is not None
+    }
+    if not wanted:
+        return []
+    host = await ctx.kube.get("VMHost", None, target)
+    realised = {str(n.get("name")) for n in (host.get("status") or {}).get("networks") or ()}
+    return sorted(wanted - realised)
 
 
 async def target_uri(ctx: MigrationContext, target: str) -> str:

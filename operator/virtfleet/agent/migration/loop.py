@@ -12,6 +12,7 @@ so the VM loop never "heals" a domain in the middle of leaving. A restart that f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +32,7 @@ from virtfleet.api.migration import (
     VMMigrationSpec,
     VMMigrationStatus,
 )
-from virtfleet.api.virtualmachine import PrintableStatus
+from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineSpec
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor import migration as hv_migration
 from virtfleet.identity import NODE_LABEL, Key
@@ -53,6 +54,10 @@ RECOVERY_WAIT_SECONDS = 2.0
 START_RETRY_SECONDS = 1.0
 #: Concurrent jobs per node (each is mostly waiting on libvirt).
 WORKERS = 4
+#: How long a migration waits for its target to realise the VM's VMNetworks, and how
+#: often it looks (the target's agent reports them in its VMHost within a pass).
+TARGET_NETWORK_WAIT_SECONDS = 60.0
+TARGET_NETWORK_POLL_SECONDS = 0.5
 
 
 class MigrationAgent:
@@ -75,14 +80,18 @@ class MigrationAgent:
         self.ctx.requeue = self.queue.add
         #: Jobs running in this process, one entry each (see :class:`RunningJob`).
         self.jobs: dict[Key, RunningJob] = {}
+        #: Since when a migration waits for its target's VMNetworks (monotonic seconds).
+        self.network_waits: dict[Key, float] = {}
 
     # --- signals ----------------------------------------------------------------------
 
     def on_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        self.agent.networks.on_migration_event(event_type, body)  # a target's networks
         key = key_of(body)
         if event_type == "DELETED":
             gone = self.cache.pop(key, None) or body
             self.queue.forget(key)
+            self.network_waits.pop(key, None)
             vm_name = (gone.get("spec") or {}).get("vmName")
             if is_postcopy_failure((gone.get("status") or {}).get("failureReason")) and vm_name:
                 self.agent.queue.add((key[0], str(vm_name)))  # the VM loop may act again
@@ -106,6 +115,7 @@ class MigrationAgent:
             "migration_queue": self.queue.tracked,
             "migration_jobs": len(self.jobs),
             "migration_waits": sum(1 for job in self.jobs.values() if job.waited),
+            "migration_network_waits": len(self.network_waits),
         }
 
     async def cancel(self, key: Key, timeout: float) -> bool:
@@ -249,6 +259,9 @@ class MigrationAgent:
                     vm_spec,
                 )
                 dest_uri = await checks.target_uri(self.ctx, status.target_node or "")
+                waiting = await self._target_networks(key, status.target_node or "", vm_spec, log)
+                if waiting is not None:
+                    return waiting
             except ActionError as exc:
                 log.warning("migration refused", reason=exc.reason, error=exc.message)
                 await self.ctx.fail(key, vm_key, Fail(exc.reason, exc.message, release_vm=False))
@@ -273,6 +286,27 @@ class MigrationAgent:
                 await job.marked()
                 self._job_ended(key)
         return None
+
+    async def _target_networks(
+        self, key: Key, target: str, vm_spec: VirtualMachineSpec, log: Any
+    ) -> float | None:
+        """Seconds to wait while the target brings the VM's VMNetworks up (None: they
+        are up); refused once that takes longer than TARGET_NETWORK_WAIT_SECONDS."""
+        missing = await checks.target_lacks_networks(self.ctx, target, vm_spec)
+        if not missing:
+            self.network_waits.pop(key, None)
+            return None
+        since = self.network_waits.setdefault(key, time.monotonic())
+        if time.monotonic() - since > TARGET_NETWORK_WAIT_SECONDS:
+            self.network_waits.pop(key, None)
+            raise checks.refuse(
+                "TargetNetworkUnavailable",
+                f"node {target} did not bring up VMNetworks {missing} within "
+                f"{TARGET_NETWORK_WAIT_SECONDS:.0f}s (its agent needs --tunnel-address; see "
+                "its log)",
+            )
+        log.info("waiting for the target's VMNetworks", target=target, missing=missing)
+        return TARGET_NETWORK_POLL_SECONDS
 
     def _job_ended(self, key: Key) -> None:
         """Nothing of a job outlives it; a cancel() waiting for it wakes up."""

@@ -98,7 +98,8 @@ async def prepare_target(
             uid=uid,
             hostname=str(vm_body["metadata"]["name"]),
             user_data=user_data,
-            network_data=vm_spec.cloud_init.network_data,
+            # The same bytes as the source's seed: the VMNetworks' addresses are the VM's.
+            network_data=ctx.agent.networks.network_config(uid, vm_spec),
         )
         await storage.upload(target, settings.default_pool, seed_volume_name(uid), build_iso(files))
     return prepared

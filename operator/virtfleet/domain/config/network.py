@@ -84,6 +84,8 @@ class InterfaceConfig(XmlConfig):
     bandwidth: BandwidthConfig | None = None
     filterref: str | None = None
     alias: str | None = None
+    #: ``<mtu size>``: a VMNetwork's (its VXLAN leaves less than the underlay's 1500).
+    mtu: int | None = None
 
     _SOURCE_ATTRIBUTE: ClassVar[dict[str, str]] = {"bridge": "bridge", "network": "network"}
 
@@ -105,6 +107,8 @@ class InterfaceConfig(XmlConfig):
             add_child(element, "filterref", filter=self.filterref)
         if self.alias is not None:
             add_child(element, "alias", name=self.alias)
+        if self.mtu is not None:
+            add_child(element, "mtu", size=str(self.mtu))
         return element
 
     @classmethod
@@ -118,6 +122,7 @@ class InterfaceConfig(XmlConfig):
         bandwidth = element.find("bandwidth")
         filterref = element.find("filterref")
         alias = element.find("alias")
+        mtu = element.find("mtu")
         return cls(
             type=kind,
             source=source.get(attribute) if source is not None and attribute else None,
@@ -126,4 +131,5 @@ class InterfaceConfig(XmlConfig):
             bandwidth=BandwidthConfig.parse(bandwidth) if bandwidth is not None else None,
             filterref=filterref.get("filter") if filterref is not None else None,
             alias=alias.get("name") if alias is not None else None,
+            mtu=int(mtu.get("size", "0")) or None if mtu is not None else None,
         )

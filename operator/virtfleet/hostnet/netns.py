@@ -1,0 +1,46 @@
+"""A netlink socket in another network namespace, made by this thread.
+
+pyroute2's own ``IPRoute(netns=...)`` forks a child to make the socket: in the agent (an
+asyncio program with threads, kopf's signal handlers) a fork copies all of that, and the
+copy's shutdown took the agent down. ``setns`` on the calling thread alone does the same
+without a process: a socket keeps the namespace it was made in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+from pyroute2 import IPRoute
+
+__all__ = ["iproute"]
+
+_CLONE_NEWNET: Final = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def iproute(netns: str | None = None) -> Iterator[Any]:
+    """An ``IPRoute`` on the namespace at path ``netns`` (None: this thread's own)."""
+    if netns is None:
+        ipr = IPRoute()
+    else:
+        with open("/proc/thread-self/ns/net", "rb") as home, open(netns, "rb") as there:
+            _setns(there.fileno())
+            try:
+                ipr = IPRoute()
+            finally:
+                _setns(home.fileno())
+    try:
+        yield ipr
+    finally:
+        ipr.close()

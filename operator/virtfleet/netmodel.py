@@ -1,0 +1,294 @@
+"""A node's VMNetwork plumbing as values: what should exist, what exists, what to do.
+
+Pure and below both sides that use it: :mod:`virtfleet.reconcile.network_host` plans
+with these values and :mod:`virtfleet.hostnet` observes and applies them. The two are
+independent layers (the planner must not know netlink, the adapter must not decide), so
+the vocabulary they share lives here, like :mod:`virtfleet.domain.jobs` for libvirt jobs.
+
+A VMNetwork is realised on a node as a Linux bridge plus a VXLAN port (one VNI per
+network) and, with DHCP, a veth port whose peer is the ``eth0`` of a dnsmasq in its own
+network namespace. Every name derives from the VNI (at most 24 bits, so at most 12
+characters: the kernel allows 15), which makes "is this link ours, and whose" a parse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+#: IANA's VXLAN port (Linux's own default is 8472, which no other vendor speaks).
+VXLAN_UDP_PORT: Final = 4789
+#: 1500 minus the VXLAN overhead over IPv4 (50 bytes): fits a standard underlay.
+DEFAULT_MTU: Final = 1450
+DEFAULT_LEASE_SECONDS: Final = 3600
+MAX_VNI: Final = 2**24 - 1
+
+BRIDGE_PREFIX: Final = "vfbr"
+VXLAN_PREFIX: Final = "vfvx"
+DHCP_PORT_PREFIX: Final = "vfdh"
+_OURS = re.compile(rf"^({BRIDGE_PREFIX}|{VXLAN_PREFIX}|{DHCP_PORT_PREFIX})([1-9][0-9]{{0,7}})$")
+_FINGERPRINT_LINE = "# virtfleet-fingerprint: "
+
+
+def bridge_name(vni: int) -> str:
+    return f"{BRIDGE_PREFIX}{vni}"
+
+
+def vxlan_name(vni: int) -> str:
+    return f"{VXLAN_PREFIX}{vni}"
+
+
+def dhcp_port_name(vni: int) -> str:
+    """The host end of the DHCP server's veth (its peer is ``eth0`` in dnsmasq's netns)."""
+    return f"{DHCP_PORT_PREFIX}{vni}"
+
+
+def vni_of(ifname: str) -> int | None:
+    """The VNI of one of our links (``vfbr7`` → 7), None for anybody else's."""
+    match = _OURS.match(ifname)
+    if match is None:
+        return None
+    vni = int(match[2])
+    return vni if vni <= MAX_VNI else None
+
+
+def fingerprint(text: str) -> str:
+    """A short digest that says whether a running dnsmasq has the config we want."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_fingerprint(body: str) -> str:
+    """``body`` headed by its fingerprint, so the file says what it is on its own."""
+    return f"{_FINGERPRINT_LINE}{fingerprint(body)}\n{body}"
+
+
+def read_fingerprint(text: str) -> str | None:
+    """The fingerprint :func:`with_fingerprint` wrote, None for anything else."""
+    first = text.partition("\n")[0]
+    if not first.startswith(_FINGERPRINT_LINE):
+        return None
+    return first.removeprefix(_FINGERPRINT_LINE).strip() or None
+
+
+# --- Desired ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A fixed address for one VM NIC: dnsmasq answers known MACs only."""
+
+    mac: str
+    ip: str
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    #: The server's address: the same on every node (the isolated ports keep the node
+    #: servers apart), reserved by the controller out of the network's range.
+    address: str
+    prefix_length: int
+    #: Offered as the default route; None: no router option (an isolated segment).
+    gateway: str | None = None
+    leases: tuple[Lease, ...] = ()
+    dns_servers: tuple[str, ...] = ()
+    lease_seconds: int = DEFAULT_LEASE_SECONDS
+
+
+@dataclass(frozen=True)
+class LocalNetwork:
+    """One VMNetwork as this node should realise it (it has a VM on it)."""
+
+    name: str
+    vni: int
+    #: This node's underlay address: the VXLAN's source.
+    tunnel_address: str
+    #: The other nodes' underlay addresses: broadcast and unknown frames go to each.
+    peers: tuple[str, ...] = ()
+    mtu: int = DEFAULT_MTU
+    dhcp: DhcpConfig | None = None
+    #: The tap devices of this node's VMs on the network (only existing ones matter).
+    taps: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.vni <= MAX_VNI:
+            raise ValueError(f"VNI {self.vni} of network {self.name} is not in 1..{MAX_VNI}")
+        if not 68 <= self.mtu <= 65535:
+            raise ValueError(f"MTU {self.mtu} of network {self.name} is not in 68..65535")
+
+
+# --- Observed -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservedLink:
+    """One network device, reduced to what the planner compares."""
+
+    name: str
+    #: The kernel's link kind (``bridge``, ``vxlan``, ``veth``, ``tun``); "" if none.
+    kind: str
+    mtu: int
+    #: Administratively up.
+    up: bool = True
+    #: The bridge it is a port of.
+    master: str | None = None
+    #: The bridge port flag IFLA_BRPORT_ISOLATED.
+    isolated: bool = False
+    #: Whether the kernel gives it an IPv6 link-local address (addrgenmode not none).
+    ipv6_link_local: bool = False
+    # vxlan
+    vni: int | None = None
+    local: str | None = None
+    udp_port: int | None = None
+    learning: bool | None = None
+    # bridge
+    stp: bool | None = None
+    #: Centiseconds, as the kernel reports it.
+    forward_delay: int | None = None
+
+
+@dataclass(frozen=True)
+class ObservedDhcp:
+    """A network's dnsmasq as its state files and /proc tell."""
+
+    vni: int
+    #: The running dnsmasq (pidfile and /proc agree); None: not running.
+    pid: int | None
+    #: Of the config it was started with.
+    config_fingerprint: str | None = None
+    #: Of the hosts file it last (re)loaded.
+    hosts_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class ObservedHost:
+    #: Every link of the node by name (ours, and the taps the planner attaches).
+    links: Mapping[str, ObservedLink] = field(default_factory=dict)
+    #: VXLAN name → the peers of its all-zeros (flood) FDB entries.
+    flood: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: VNI → its dnsmasq, for every network that has DHCP state on the node.
+    dhcp: Mapping[int, ObservedDhcp] = field(default_factory=dict)
+
+
+# --- Actions ------------------------------------------------------------------------------
+# Every action names its network (its VNI), says why in words (an Event's message) and
+# whether it repairs DRIFT: something virtfleet had made and someone undid.
+
+
+@dataclass(frozen=True)
+class EnsureBridge:
+    """Create the bridge, or set what differs: MTU, STP off, forward delay 0, up."""
+
+    network: str
+    vni: int
+    mtu: int
+    #: A link of that name but of another kind is in the way: delete it first.
+    replace: bool = False
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EnsureVxlan:
+    """Create the VXLAN (learning on, port 4789), or set MTU and up on the existing one."""
+
+    network: str
+    vni: int
+    local: str
+    mtu: int
+    #: Delete the existing one first: what it was made with cannot be changed in place.
+    recreate: bool = False
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class EnsurePort:
+    """Make ``ifname`` an up port of the network's bridge with that isolation flag."""
+
+    network: str
+    vni: int
+    ifname: str
+    isolated: bool
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SetFloodPeers:
+    """Add and remove all-zeros FDB entries (head-end replication to each peer)."""
+
+    network: str
+    vni: int
+    add: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StartDhcp:
+    """(Re)start the network's dnsmasq in a namespace of its own and plug it in."""
+
+    network: str
+    vni: int
+    address: str
+    prefix_length: int
+    mtu: int
+    #: dnsmasq's config and hosts file, rendered (the config headed by its fingerprint).
+    config: str
+    hosts: str
+    hosts_fingerprint: str
+    #: Stop the running one first.
+    restart: bool = False
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadDhcp:
+    """Rewrite the hosts file and have dnsmasq re-read it (SIGHUP): leases changed."""
+
+    network: str
+    vni: int
+    hosts: str
+    hosts_fingerprint: str
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StopDhcp:
+    """Stop the network's dnsmasq and remove its port and state files."""
+
+    network: str
+    vni: int
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RemoveNetwork:
+    """Tear down a network the node no longer realises: dnsmasq, links, state."""
+
+    vni: int
+    links: tuple[str, ...]
+    dhcp: bool
+    network: str = ""
+    drift: bool = False
+    reason: str = ""
+
+
+NetworkAction = (
+    EnsureBridge
+    | EnsureVxlan
+    | EnsurePort
+    | SetFloodPeers
+    | StartDhcp
+    | ReloadDhcp
+    | StopDhcp
+    | RemoveNetwork
+)
