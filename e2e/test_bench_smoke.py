@@ -19,6 +19,7 @@ SCENARIOS = (
     "migration_snapshot",
     "backup",
     "failover",
+    "vmnetwork",
 )
 
 

@@ -118,6 +118,30 @@ def test_one_shot_specs_are_immutable(cluster: Cluster, namespace: str) -> None:
     assert "spec is immutable; create a new object instead" in result.stderr
 
 
+SUBNET_FIXED = "subnet cannot change once set (it would renumber running VMs); create another VMNetwork instead"  # noqa: E501
+
+
+def test_a_networks_vni_and_subnet_cannot_change(cluster: Cluster, namespace: str) -> None:
+    network: dict[str, Any] = {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMNetwork",
+        "metadata": {"name": f"fixed-{namespace}"[:63]},
+        "spec": {"namespaces": [namespace], "vni": 7001, "subnet": "10.90.0.0/24"},
+    }
+    cluster.apply(network)
+    try:
+        for field, value, message in (
+            ("vni", 7002, "vni cannot change once set; create another VMNetwork instead"),
+            ("subnet", "10.91.0.0/24", SUBNET_FIXED),
+        ):
+            changed = {**network, "spec": {**network["spec"], field: value}}
+            result = cluster.apply(changed, check=False)
+            assert result.returncode != 0, f"{field} changed"
+            assert message in result.stderr, result.stderr
+    finally:
+        cluster.kubectl("delete", "vmnetwork", network["metadata"]["name"], "--wait=false")
+
+
 def dry_run_status_patch(
     cluster: Cluster, resource: str, name: str, namespace: str, patch: dict[str, Any]
 ) -> dict[str, Any]:

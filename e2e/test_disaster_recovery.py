@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from harness import cluster as local_system
 from harness import nodes as hn
-from harness import operators, rbac
+from harness import operators, rbac, underlay
 from harness.backups import (
     BOOT,
     DATA,
@@ -51,10 +52,13 @@ OWN_PORTS = {
 
 
 @pytest.fixture
-def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    """A second system with operators, made for this test and wiped after it."""
+def fresh(system: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+    """A second system with operators, made for this test and wiped after it. Its nodes
+    reach the first system's object store (the bucket both share) on their loopback."""
     for key, value in OWN_PORTS.items():
         monkeypatch.setenv(key, value)
+    store = urlsplit(system.env["VIRTFLEET_S3_ENDPOINT"]).port
+    monkeypatch.setenv(underlay.EXTRA_PORTS_VAR, str(store))
     state_dir = tmp_path / "fresh"
     try:
         env = local_system.up(state_dir)

@@ -200,3 +200,55 @@ def test_a_bridge_the_admin_did_not_allow_is_stalled_and_nothing_is_made(
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert domain_name(namespace, "bridged") not in listed
+
+
+def test_a_bridge_the_admin_allows_carries_the_vms(system: Cluster, namespace: str) -> None:
+    """A host bridge the harness makes in the node (with a DHCP server on it, as a LAN
+    would have), allowed for this namespace only: two VMs on it reach each other."""
+    netns = _node_netns(system)
+    in_node = ["ip", "netns", "exec", netns]
+    script = (
+        "ip link add lan0 type bridge && ip addr add 10.81.0.1/24 dev lan0 && ip link set lan0 up"
+    )
+    subprocess.run([*in_node, "sh", "-c", script], check=True, timeout=30)
+    dhcp = subprocess.Popen(
+        [*in_node, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
+         "--interface=lan0", "--bind-interfaces", "--leasefile-ro",
+         "--dhcp-range=10.81.0.10,10.81.0.50,1h"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    operators.kill(system.state_dir, AGENT, signal.SIGTERM)
+    operators.start_agent(
+        system.state_dir,
+        system.env,
+        system.node(NODE),
+        extra=["--allow-bridge", f"{namespace}=lan0"],
+    )
+    try:
+        lan = [{"name": "lan", "type": "bridge", "bridge": "lan0"}]
+        system.apply(
+            vm_manifest("first", namespace, nodeName=NODE, interfaces=lan,
+                        cmdline=guest_cmdline(echo=7))
+        )  # fmt: skip
+        first = console(system, namespace, "first", "VF-NET ")
+        address = first.split()[2].split("/")[0]
+        assert address.startswith("10.81.0."), first
+        system.apply(
+            vm_manifest("second", namespace, nodeName=NODE, interfaces=lan,
+                        cmdline=guest_cmdline(ping=[address]))
+        )  # fmt: skip
+        assert console(system, namespace, "second", f"VF-PING {address} ") == (
+            f"VF-PING {address} ok"
+        )
+        ports = subprocess.run(
+            [*in_node, "ip", "-o", "link", "show", "master", "lan0"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert ports.count("vnet") == 2, ports
+        system.kubectl("delete", "vm", "first", "second", "-n", namespace, "--wait=true")
+    finally:
+        dhcp.kill()
+        dhcp.wait(timeout=10)
+        subprocess.run([*in_node, "ip", "link", "delete", "lan0"], check=False, timeout=30)
+        operators.kill(system.state_dir, AGENT, signal.SIGTERM)
+        operators.start_agent(system.state_dir, system.env, system.node(NODE))

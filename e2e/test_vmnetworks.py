@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from harness import nodes as hn
+from harness import operators, underlay
 from harness.guest import guest_cmdline
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
 
@@ -119,7 +120,12 @@ def test_vms_on_two_nodes_share_a_network_and_keep_it_across_a_migration(
     )
     console(a, namespace, "server", rf"^VF-ECHO {ECHO_PORT}\b")
 
-    cmdline = guest_cmdline(ping=[server_ip], talk=f"{server_ip}:{ECHO_PORT}", watch=server_ip)
+    # The nodes' own addresses are on-link tries too: the guard keeps VMs off them.
+    cmdline = guest_cmdline(
+        ping=[server_ip, str(a.address), str(b.address)],
+        talk=f"{server_ip}:{ECHO_PORT}",
+        watch=server_ip,
+    )
     system.apply(vm_manifest("client", namespace, nodeName=b.name, interfaces=red, cmdline=cmdline))
     client_ip = vm_ip(system, namespace, "client")
     assert client_ip != server_ip
@@ -130,6 +136,9 @@ def test_vms_on_two_nodes_share_a_network_and_keep_it_across_a_migration(
     assert console(b, namespace, "client", rf"^VF-PING {re.escape(server_ip)} \w+") == (
         f"VF-PING {server_ip} ok"
     )
+    for node in (a, b):
+        seen = console(b, namespace, "client", rf"^VF-PING {re.escape(str(node.address))} \w+")
+        assert seen == f"VF-PING {node.address} failed", f"a VM reaches {node.name}: {seen}"
     console(b, namespace, "client", r"^VF-TALK 20\b")
 
     # The nodes' plumbing, as ip sees it in each node's namespace.
@@ -188,6 +197,18 @@ def test_vms_on_two_nodes_share_a_network_and_keep_it_across_a_migration(
     wait_for(lambda: not links(a), 60, 0.5, f"{a.name}'s VMNetwork links to go")
     assert not dhcp_servers(a)
 
+    # Faults on b: its agent killed and restarted, its libvirtd restarted. The session
+    # and the DHCP server carry on untouched.
+    servers = dhcp_servers(b)
+    operators.kill(system.state_dir, f"agent-{b.name}")
+    operators.start_agent(system.state_dir, system.env, b)
+    hn.restart_libvirtd(b)
+    log = hn.serial_log(b, domain_name(namespace, "client"))
+    talked = max(int(n) for n in re.findall(r"^VF-TALK (\d+)", log, re.M))
+    console(b, namespace, "client", rf"^VF-TALK {talked + 50}\b", timeout=60)
+    assert "VF-TALK-END" not in hn.serial_log(b, domain_name(namespace, "client"))
+    assert dhcp_servers(b) == servers
+
 
 def test_a_namespace_the_network_does_not_allow_is_stalled(system: Cluster, namespace: str) -> None:
     system.apply(vmnetwork("private", ["somebody-else"], "10.79.0.0/24"))
@@ -245,7 +266,11 @@ def test_drift_is_healed_and_the_network_goes_with_its_last_vm(
     system.kubectl("delete", "vm", "lonely", "-n", namespace, "--wait=true", "--timeout=120s")
     wait_for(lambda: not links(a), 60, 0.5, "the network's links to go with its last VM")
     assert not dhcp_servers(a)
+    assert a.netns is not None
+    left = sorted(p.name for p in underlay.network_state_dir(a.netns).glob(f"*{vni}*"))
+    assert not left, f"the DHCP server's files stay: {left}"
     system.kubectl("delete", "vmnetwork", "green", "--wait=true", "--timeout=60s")
+    assert "green" not in system.kubectl("get", "vmnetwork", "-o", "name").stdout
 
 
 def _all_links(node: hn.Node) -> dict[str, dict[str, Any]]:

@@ -81,7 +81,7 @@ def register_nodes(env: Mapping[str, str], node_list: Sequence[nodes.Node]) -> N
         status = {
             "status": {
                 "addresses": [
-                    {"type": "InternalIP", "address": "127.0.0.1"},
+                    {"type": "InternalIP", "address": node.address or "127.0.0.1"},
                     {"type": "Hostname", "address": node.name},
                 ]
             }

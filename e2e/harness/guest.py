@@ -108,6 +108,10 @@ def guest_cmdline(
     ping: Sequence[str] = (),
     talk: str | None = None,
     watch: str | None = None,
+    static_ip: str | None = None,
+    sink: int | None = None,
+    send: str | None = None,
+    rtt: str | None = None,
     extra: str = "",
 ) -> str:
     """Kernel command line for the test guest.
@@ -121,15 +125,26 @@ def guest_cmdline(
     ``ping`` pings each address 3 times, ``talk`` (``ip:port``) keeps one TCP session
     to an echo server and ``watch`` pings an address every 50 ms, reporting gaps
     (``VF-ECHO``, ``VF-PING``, ``VF-TALK``/``VF-TALK-END``, ``VF-WATCH``/``VF-WATCH-LOST``;
-    see ``e2e/guest/init``).
+    see ``e2e/guest/init``). For benchmarks: ``static_ip`` (``a.b.c.d/n``) instead of
+    DHCP, ``sink`` a discarding TCP server, ``send`` (``ip:port:MiB:rounds``) timed
+    transfers to one, ``rtt`` an average ping time (``VF-SENT``, ``VF-RTT``).
     """
     parts = [BASE_CMDLINE]
     if counter:
         parts.append("vf.counter=1")
     if poweroff_after is not None:
         parts.append(f"vf.poweroff={int(poweroff_after)}")
-    if net or probe or fetch or echo is not None or ping or talk or watch:
+    wants_net = (echo, talk, watch, static_ip, sink, send, rtt)
+    if net or probe or fetch or ping or any(w is not None for w in wants_net):
         parts.append("vf.net=1")
+    if static_ip:
+        parts.append(f"vf.ip={static_ip}")
+    if sink is not None:
+        parts.append(f"vf.sink={int(sink)}")
+    if send:
+        parts.append(f"vf.send={send}")
+    if rtt:
+        parts.append(f"vf.rtt={rtt}")
     if echo is not None:
         parts.append(f"vf.echo={int(echo)}")
     if ping:

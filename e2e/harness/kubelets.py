@@ -285,6 +285,9 @@ def _start_node(state_dir: Path, node: nodes.Node, index: int, every: Sequence[n
             f"--kubeconfig={_credentials(state_dir, node)}",
             f"--root-dir={base / 'kubelet'}",
             f"--hostname-override={node.name}",
+            # Its underlay address: the Node's InternalIP, the hostIP of its pods (the
+            # chart's agent takes it as its VXLAN endpoint).
+            f"--node-ip={node.address}",
         ]
         pidfiles.spawn(kubelet, base / "kubelet.log", _in_node(node, argv), marker=argv[1])
 

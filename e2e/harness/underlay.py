@@ -168,8 +168,14 @@ def forward(root: Path, namespace: str, services: Mapping[str, int]) -> None:
     pidfiles.spawn(pidfile, root / "forwarder.log", argv, marker=json.dumps(namespace))
 
 
+#: Further ports of the machine's loopback the nodes dial (comma-separated), e.g. another
+#: system's object store that a disaster-recovery site restores from.
+EXTRA_PORTS_VAR = "VIRTFLEET_NODE_EXTRA_PORTS"
+
+
 def services(env: Mapping[str, str]) -> dict[str, int]:
-    """What a node dials on its loopback: the apiserver and the S3 gateway."""
+    """What a node dials on its loopback: the apiserver, the S3 gateway, and the ports of
+    ``$VIRTFLEET_NODE_EXTRA_PORTS``."""
     from harness import objectstore
 
     out = {"apiserver": controlplane.Ports.from_env().apiserver}
@@ -177,6 +183,8 @@ def services(env: Mapping[str, str]) -> dict[str, int]:
         out["s3"] = int(env["VIRTFLEET_S3_ENDPOINT"].rsplit(":", 1)[1])
     else:
         out["s3"] = objectstore.base_port() + 6
+    for port in filter(None, os.environ.get(EXTRA_PORTS_VAR, "").split(",")):
+        out[f"extra-{port}"] = int(port)
     return out
 
 

@@ -18,7 +18,7 @@ RULES: dict[str, CelRule] = {r.message: r for r in VMNetworkSpec.cel_rules if no
 STAR_ALONE = "namespaces: '*' (all namespaces) must be the only entry"
 UNIQUE = "namespaces must be unique"
 SUBNET_V4 = "subnet must be an IPv4 CIDR such as 10.20.0.0/24"
-PREFIX = "subnet prefix length must be between /16 and /29"
+PREFIX = "subnet prefix length must be between /20 and /29"
 HOST_BITS = "subnet must be the network address (host bits zero), e.g. 10.20.0.0/24"
 GATEWAY_V4 = "gateway must be an IPv4 address"
 GATEWAY_NEEDS_SUBNET = "gateway is only allowed with a subnet"
@@ -35,7 +35,7 @@ VALID = [
     {"namespaces": ["*"]},
     spec(namespaces=["shop", "default"], vni=1, mtu=9000),
     spec(vni=16777215, mtu=576),
-    spec(subnet="10.20.0.0/16"),
+    spec(subnet="10.20.0.0/20"),
     spec(subnet="192.168.7.248/29", gateway="192.168.7.249", dhcp=False),
     spec(subnet="10.20.0.0/24", gateway="10.20.0.254", dhcp=True),
 ]

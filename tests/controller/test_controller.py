@@ -14,13 +14,17 @@ from virtfleet.identity import NODE_LABEL
 
 
 def host_body(
-    name: str, memory_gi: int = 8, heartbeat: str = "2026-01-01T11:59:55Z"
+    name: str,
+    memory_gi: int = 8,
+    heartbeat: str = "2026-01-01T11:59:55Z",
+    tunnel: str | None = "192.0.2.10",
 ) -> dict[str, Any]:
     return {
         "metadata": {"name": name},
         "status": {
             "memoryBytes": memory_gi * GI,
             "heartbeatTime": heartbeat,
+            **({"tunnelAddress": tunnel} if tunnel else {}),
             "conditions": [{"type": "Ready", "status": "True", "reason": "AgentReady"}],
         },
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.controller.test_controller import add_vm, make
+from tests.controller.test_controller import add_vm, host_body, make
 
 from testkit.kube import FakeKube
 from virtfleet.controller.controller import Controller
@@ -183,3 +183,39 @@ async def test_status_writes_are_compare_and_swap() -> None:
     controller.networks.event(None, kube.get_now("VMNetwork", None, "lan"))
     assert await controller.networks.reconcile("lan") is None
     assert kube.objects[("", "lan")]["status"]["allocatedCount"] == 1
+
+
+async def test_only_nodes_that_realise_networks_take_a_vm_with_one() -> None:
+    controller, kube = make()
+    controller.host_event(None, host_body("node-a", tunnel=None))  # --tunnel-address unset
+    add_network(controller, kube)
+    add_vm(controller, kube, name="web", interfaces=LAN)
+    await controller.reconcile(("ns", "web"))
+    await settle(controller, kube)
+    await controller.reconcile(("ns", "web"))
+    assert controller.cache.vms[("ns", "web")].node_name == "node-b"
+
+
+async def test_addresses_wait_for_every_vm_to_be_known() -> None:
+    """A restarted controller lists the VMs before it allocates: an address held by a VM
+    its watch has not delivered yet is not released (and handed to another)."""
+    controller, kube = make()
+    add_network(controller, kube, subnet="10.20.0.0/24")
+    old = kube.put("VirtualMachine", {
+        "metadata": {"namespace": "ns", "name": "old", "uid": "uid-old",
+                     "creationTimestamp": "2026-01-01T09:00:00Z"},
+        "spec": {"memory": {"size": "64Mi"}, "interfaces": LAN},
+    })  # fmt: skip
+    kube.objects[("", "lan")]["status"] = {
+        "vni": 4096,
+        "addresses": [
+            {"address": "10.20.0.7", "namespace": "ns", "vm": "old", "uid": "uid-old",
+             "interface": "lan"},
+        ],
+    }  # fmt: skip
+    controller.networks.event(None, kube.get_now("VMNetwork", None, "lan"))
+    await controller.networks.prime()
+    assert controller.networks.primed.is_set()
+    await settle(controller, kube)
+    assert kube.objects[("", "lan")]["status"]["addresses"][0]["address"] == "10.20.0.7"
+    assert old["metadata"]["uid"] == "uid-old"

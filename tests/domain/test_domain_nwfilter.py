@@ -88,3 +88,17 @@ def test_interface_config_round_trips_its_filterref() -> None:
     nic = InterfaceConfig(type="bridge", source="br0", mac="02:00:00:00:00:01", filterref="x")
     assert InterfaceConfig.parse(nic.to_xml()) == nic
     assert nic.to_xml().find("filterref").get("filter") == "x"  # type: ignore[union-attr]
+
+
+def test_a_vmnetwork_nics_address_is_pinned_in_the_filter() -> None:
+    """With an IPAM address, the guest may send from that one only (not the gateway's,
+    not another VM's): the filter's IP parameter, read back as written."""
+    nic = InterfaceConfig(
+        type="bridge", source="vfbr7", mac="02:00:00:00:00:01", filterref="clean-traffic",
+        filter_ip="10.77.0.9",
+    )  # fmt: skip
+    element = nic.to_xml()
+    parameter = element.find("filterref/parameter")
+    assert parameter is not None
+    assert (parameter.get("name"), parameter.get("value")) == ("IP", "10.77.0.9")
+    assert InterfaceConfig.parse(element) == nic

@@ -269,6 +269,7 @@ ALLOWED: dict[str, frozenset[str]] = {
         "domain/devices/interface/bandwidth/outbound": "average peak burst",
         "domain/devices/interface/model": "type",
         "domain/devices/interface/filterref": "filter",
+        "domain/devices/interface/filterref/parameter": "name value",
         "domain/devices/interface/alias": "name",
         "domain/devices/interface/mtu": "size",
         "domain/devices/serial": "type",

@@ -36,6 +36,7 @@ KINDS = (
     "VMBackup",
     "VMBackupLocation",
     "VMBackupSchedule",
+    "VMNetwork",
 )
 ARGO_STATUSES = {"Healthy", "Progressing", "Degraded", "Suspended", "Missing", "Unknown"}
 

@@ -68,9 +68,19 @@ def test_a_pinned_vni_wins_and_the_newer_duplicate_is_refused() -> None:
     assert assign_vnis([vni_view("new", "2026-01-02", spec=100)]).vnis == {"new": 100}
 
 
-def test_a_pin_takes_an_assigned_vni_which_moves() -> None:
+def test_a_vni_in_use_never_moves() -> None:
+    """Its VMs are plugged into its bridge on every node: the pin waits instead."""
     result = assign_vnis([vni_view("auto", "1", status=4096), vni_view("pinned", "2", spec=4096)])
-    assert result.vnis == {"pinned": 4096, "auto": 4097}
+    assert result.vnis == {"auto": 4096}
+    assert "already used by VMNetwork auto" in result.conflicts["pinned"]
+
+
+def test_a_pin_set_later_cannot_change_the_vni_in_use() -> None:
+    result = assign_vnis([vni_view("live", "1", spec=5000, status=4096)])
+    assert result.vnis == {"live": 4096}  # kept: its VMs run on it
+    assert "cannot change" in result.conflicts["live"]
+    same = assign_vnis([vni_view("live", "1", spec=4096, status=4096)])
+    assert (same.vnis, same.conflicts) == ({"live": 4096}, {})
 
 
 # --- addresses ---------------------------------------------------------------------------

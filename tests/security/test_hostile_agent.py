@@ -19,6 +19,7 @@ import base64
 import copy
 import socket
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,9 @@ class PaperHost:
     def apply(self, actions: list[NetworkAction]) -> None:
         pass
 
+    def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool:
+        return False
+
 
 async def scenario(
     spec: Any,
@@ -152,7 +156,7 @@ async def _scenario(
     agent = Agent(settings, hv, kube)
     # Its network NIC's VMNetwork exists for every namespace (hostile names do not); the
     # node's plumbing is the host adapter's, tested where it lives (tests/hostnet).
-    agent.networks.host = PaperHost()  # type: ignore[assignment]
+    agent.networks.host = PaperHost()
     agent.networks.on_network_event(
         "ADDED",
         {"metadata": {"name": "default"}, "spec": {"namespaces": ["*"]}, "status": {"vni": 4096}},

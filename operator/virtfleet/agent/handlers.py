@@ -250,10 +250,11 @@ async def _periodic(
     next_resync = loop.time() + agent.settings.resync_seconds
     while True:
         try:
+            sent = dict(agent.networks.realised)  # what this beat reports, at the latest
             previous = await heartbeat(
                 agent, previous, fencing.quarantined_vms if fencing else None
             )
-            agent.networks.reported = dict(agent.networks.realised)
+            agent.networks.reported = sent
         except Exception as exc:  # a missed beat is retried at the next one
             log.warning("heartbeat failed", error=str(exc))
         if books is not None:

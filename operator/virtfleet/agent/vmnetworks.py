@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from pydantic import ValidationError
 
 from virtfleet.agent.errors import ActionError
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.domain.inputs import AttachedNetwork
-from virtfleet.hostnet import HostNetwork, HostNetworkError
+from virtfleet.hostnet import HostNetworkError
 from virtfleet.identity import Key
 from virtfleet.logs import get_logger
+from virtfleet.netmodel import LocalNetwork, NetworkAction, ObservedHost, bridge_name
 from virtfleet.reconcile import network_host
 from virtfleet.reconcile.network_node import (
-    NETWORK_NOT_READY,
+    NETWORK_PENDING,
     Member,
     NetworkView,
+    RunningPort,
     attached_networks,
     attachment_problem,
     cloud_init_network_config,
@@ -54,12 +57,21 @@ NETWORK_UNAVAILABLE: Final = "NetworkUnavailable"
 PASS_SECONDS: Final = 5.0
 _TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
 _COMPONENT: Final = "virtfleet-agent"
+_log = get_logger("virtfleet.agent.vmnetworks")
+
+
+class HostPlumbing(Protocol):
+    """What the keeper needs of the node (:class:`virtfleet.hostnet.HostNetwork`)."""
+
+    def observe(self) -> ObservedHost: ...
+    def apply(self, actions: list[NetworkAction]) -> None: ...
+    def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool: ...
 
 
 class NetworkKeeper:
     """What this node realises of the VMNetworks, and the VMs' view of them."""
 
-    def __init__(self, agent: Agent, host: HostNetwork | None) -> None:
+    def __init__(self, agent: Agent, host: HostPlumbing | None) -> None:
         self.agent = agent
         self.host = host
         self.node = agent.settings.node_name
@@ -68,12 +80,14 @@ class NetworkKeeper:
         self._bodies: dict[str, Mapping[str, Any]] = {}
         #: Other nodes' tunnel addresses, by node name (their VMHost status).
         self.peers: dict[str, str] = {}
-        #: VMs a VMMigration brings to this node: migration key → the VM's members.
-        self.incoming: dict[Key, list[Member]] = {}
+        #: VMs a VMMigration brings to this node: migration key → the VM's members
+        #: (None until read).
+        self.incoming: dict[Key, list[Member] | None] = {}
         #: name → VNI of what the last pass realised (reported in the VMHost).
         self.realised: dict[str, int] = {}
         #: What the last heartbeat reported (set by it): a change wakes it early.
         self.reported: dict[str, int] = {}
+        self._hurried: dict[str, int] | None = None
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -102,7 +116,7 @@ class NetworkKeeper:
         name = str(body["metadata"]["name"])
         if name == self.node:
             return
-        address = ((body.get("status") or {}).get("tunnelAddress")) or None
+        address = _ipv4(((body.get("status") or {}).get("tunnelAddress")) or None)
         if event_type == "DELETED" or address is None:
             changed = self.peers.pop(name, None) is not None
         else:
@@ -126,7 +140,7 @@ class NetworkKeeper:
             return
         if key in self.incoming:
             return
-        self.incoming[key] = []  # the VM is read in the pass (it is not in our cache)
+        self.incoming[key] = None  # the VM is read in the pass (it is not in our cache)
         self.kick()
 
     def kick(self) -> None:
@@ -143,7 +157,7 @@ class NetworkKeeper:
         problem = attachment_problem(namespace, uid, spec, self.networks)
         if problem is not None:
             reason, message = problem
-            raise ActionError(reason, message, permanent=reason != NETWORK_NOT_READY)
+            raise ActionError(reason, message, permanent=reason != NETWORK_PENDING)
         if self.host is None or self.tunnel_address is None:
             raise ActionError(
                 NETWORK_UNAVAILABLE,
@@ -151,15 +165,16 @@ class NetworkKeeper:
                 "--tunnel-address (chart: the node's address is passed by default)",
                 permanent=True,
             )
-        return attached_networks(spec, self.networks)
+        return attached_networks(uid, spec, self.networks)
 
     async def ensure(self, attached: Mapping[str, AttachedNetwork]) -> None:
         """Before a domain that plugs into these bridges is made: they exist."""
         wanted = {a.bridge for a in attached.values()}
-        if wanted <= {f"vfbr{vni}" for vni in self.realised.values()}:
-            return
+        async with self._lock:  # not while a pass that may not know the VM yet runs
+            if wanted <= {bridge_name(vni) for vni in self.realised.values()}:
+                return
         await self.sync()
-        if not wanted <= {f"vfbr{vni}" for vni in self.realised.values()}:
+        if not wanted <= {bridge_name(vni) for vni in self.realised.values()}:
             raise ActionError(
                 NETWORK_UNAVAILABLE,
                 f"node {self.node} could not realise the VM's networks yet (see the agent's "
@@ -186,6 +201,7 @@ class NetworkKeeper:
     # --- the loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
+        await self._prime()
         while True:
             # No change asked for a pass by then: the periodic one (it heals drift).
             with contextlib.suppress(TimeoutError):
@@ -196,37 +212,67 @@ class NetworkKeeper:
             except Exception as exc:  # the next pass tries again; the loop must live
                 self.log.error("VMNetwork pass failed", error=str(exc))
 
+    async def _prime(self) -> None:
+        """The VMNetworks and the other nodes as listed now, before the first pass: a pass
+        that knew none of them would take every network (and peer) off the node. The
+        node's running domains keep theirs anyway (their ports), whatever the VM cache
+        holds yet."""
+        while True:
+            try:
+                networks = await self.agent.kube.list("VMNetwork")
+                hosts = await self.agent.kube.list("VMHost")
+                break
+            except Exception as exc:  # no pass before the lists: retry
+                self.log.warning("cannot list VMNetworks and VMHosts yet", error=str(exc))
+                await asyncio.sleep(PASS_SECONDS)
+        for body in networks:
+            if str(body["metadata"]["name"]) not in self.networks:
+                self.on_network_event("ADDED", body)
+        for body in hosts:
+            if str(body["metadata"]["name"]) not in self.peers:
+                self.on_host_event("ADDED", body)
+
     async def sync(self) -> None:
         """One pass: observe, plan, apply; repairs are Events on their VMNetwork."""
         if self.host is None or self.tunnel_address is None:
             return
         async with self._lock:
             members = [*self._local_members(), *await self._incoming_members()]
-            ports = await self.agent.hv.bridge_ports()
-            taps: dict[str, list[str]] = {}
-            for port in ports:
-                taps.setdefault(port.bridge, []).append(port.tap)
+            ports = [
+                RunningPort(p.bridge, p.tap, p.uuid, p.mac)
+                for p in await self.agent.hv.bridge_ports()
+            ]
             desired = desired_networks(
                 members,
                 self.networks,
                 tunnel_address=self.tunnel_address,
                 peers=self.peers.values(),
-                taps=taps,
+                ports=ports,
             )
-            loop = asyncio.get_running_loop()
-            host = self.host
-            observed = await loop.run_in_executor(None, host.observe)
-            actions = network_host.plan(desired, observed)
-            if actions:
-                self.log.info("VMNetwork plumbing", actions=[type(a).__name__ for a in actions])
-                try:
-                    await loop.run_in_executor(None, host.apply, actions)
-                except HostNetworkError as exc:
-                    self.log.error("VMNetwork plumbing failed", error=str(exc))
-                    self._realised({})
-                    return
-                await self._report_repairs(network_host.repairs(actions))
+            try:
+                repairs = await self._plumb(self.host, desired)
+            except HostNetworkError as exc:
+                self.log.error("VMNetwork plumbing failed", error=str(exc))
+                self._realised({})
+                return
+            await self._report_repairs(repairs)
             self._realised({n.name: n.vni for n in desired})
+
+    async def _plumb(self, host: HostPlumbing, desired: list[LocalNetwork]) -> list[NetworkAction]:
+        """Guard, observe, plan, apply; returns the actions that repaired drift."""
+        loop = asyncio.get_running_loop()
+        if desired:
+            peers, vnis = sorted(self.peers.values()), [n.vni for n in desired]
+            made = await loop.run_in_executor(None, host.guard, peers, vnis)
+            if made:
+                self.log.info("VMNetwork guard made", peers=peers, vnis=vnis)
+        observed = await loop.run_in_executor(None, host.observe)
+        actions = network_host.plan(desired, observed)
+        if not actions:
+            return []
+        self.log.info("VMNetwork plumbing", actions=[type(a).__name__ for a in actions])
+        await loop.run_in_executor(None, host.apply, actions)
+        return network_host.repairs(actions)
 
     def _realised(self, now: dict[str, int]) -> None:
         self.realised = now
@@ -237,7 +283,8 @@ class NetworkKeeper:
         """Sleep ``timeout``, or less when the realised networks differ from the VMHost's
         (a migration's source waits for its target's)."""
         self._changed.clear()
-        if self.realised != self.reported:
+        if self.realised != self.reported and self.realised != self._hurried:
+            self._hurried = dict(self.realised)  # once per change: a failing write waits
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout)
@@ -252,7 +299,7 @@ class NetworkKeeper:
         out: list[Member] = []
         for key in list(self.incoming):
             members = self.incoming.get(key)
-            if members:
+            if members is not None:
                 out += members
                 continue
             try:
@@ -270,7 +317,7 @@ class NetworkKeeper:
             out += found
         return out
 
-    async def _report_repairs(self, repairs: Iterable[network_host.NetworkAction]) -> None:
+    async def _report_repairs(self, repairs: Iterable[NetworkAction]) -> None:
         for action in repairs:
             body = self._bodies.get(action.network)
             self.log.warning("VMNetwork drift repaired", network=action.network, what=action.reason)
@@ -283,6 +330,15 @@ class NetworkKeeper:
                 f"node {self.node}: {action.reason}",
                 _COMPONENT,
             )
+
+
+def _ipv4(text: object) -> str | None:
+    """A VMHost's tunnel address, if it is one (a bad one must not break every node)."""
+    try:
+        return str(ipaddress.IPv4Address(str(text))) if text else None
+    except ValueError:
+        _log.warning("VMHost tunnelAddress ignored: not an IPv4 address", address=str(text))
+        return None
 
 
 def network_names(body: Mapping[str, Any]) -> set[str]:

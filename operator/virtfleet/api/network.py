@@ -21,9 +21,9 @@ from virtfleet.api.conditions import Conditions
 #: The VXLAN header takes 50 bytes of a 1500-byte underlay MTU.
 DEFAULT_MTU = 1450
 MAX_VNI = 2**24 - 1
-#: Smallest and largest subnets: /29 leaves a few addresses for VMs, /16 keeps the
-#: status list (one entry per attached interface) within reason.
-MIN_PREFIX = 16
+#: Smallest and largest subnets: /29 leaves a few addresses for VMs, /20 keeps the
+#: status list (one entry per attached interface, ~150 bytes) far below etcd's 1.5 MiB.
+MIN_PREFIX = 20
 MAX_PREFIX = 29
 ALL_NAMESPACES = "*"
 #: Dotted quads only: the schema keeps out IPv6 and netmask forms (``/255.255.0.0``) that
@@ -114,7 +114,7 @@ class VMNetworkSpec(ApiModel):
     subnet: Annotated[str, StringConstraints(pattern=IPV4_CIDR_PATTERN, max_length=18)] | None = (
         Field(
             default=None,
-            description="IPv4 network (e.g. 10.20.0.0/24, /16 to /29) the controller hands VM "
+            description="IPv4 network (e.g. 10.20.0.0/24, /20 to /29) the controller hands VM "
             "interfaces addresses from. Unset: no IPAM, no DHCP. Cannot change once set (it "
             "would renumber running VMs).",
         )
@@ -236,7 +236,7 @@ class VMNetworkStatus(StatusModel):
     )
     addresses: list[NetworkAddress] = Field(
         default_factory=list,
-        max_length=65536,
+        max_length=4096,
         description="One per attached VM interface, kept while that VM (by uid) exists: "
         "across restarts and live migrations; released when the VM is deleted.",
     )

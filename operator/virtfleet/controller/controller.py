@@ -427,9 +427,7 @@ class Controller:
             asyncio.create_task(
                 self.backups.queue.run(self.backups.reconcile), name="backup-queue"
             ),
-            asyncio.create_task(
-                self.networks.queue.run(self.networks.reconcile), name="network-queue"
-            ),
+            asyncio.create_task(self.networks.run(), name="network-queue"),
         ]
         try:
             await kopf.operator(

@@ -19,6 +19,7 @@ VirtualMachine names it any more — deleting or editing those VMs releases it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
@@ -51,6 +52,9 @@ from virtfleet.runtime.status import status_patch
 
 #: Retry after losing a compare-and-swap: the watch brings the newer object soon.
 CONFLICT_RETRY = 1.0
+_log = get_logger("virtfleet.controller.networks")
+#: Retry of the initial VM listing.
+PRIME_RETRY = 2.0
 #: Ready reasons of a network that VMs cannot use until someone changes something.
 _UNUSABLE = frozenset({"VniConflict", INVALID_SPEC})
 
@@ -91,8 +95,8 @@ def _addresses(status: Mapping[str, Any]) -> list[NetworkAddress]:
     for raw in status.get("addresses") or ():
         try:
             out.append(NetworkAddress.model_validate(raw))
-        except ValidationError:
-            continue  # a record that does not parse is dropped, and so rewritten
+        except ValidationError as exc:  # dropped, and so rewritten: say so
+            _log.warning("unreadable IPAM record dropped", record=str(raw), error=str(exc))
     return out
 
 
@@ -128,6 +132,11 @@ class NetworkController:
         self._refused: dict[str, Mapping[tuple[str, str], Refusal]] = {}
         self.queue: WorkQueue[str] = WorkQueue(name="networks", workers=1)
         self.log = get_logger("virtfleet.controller.networks")
+        #: Set once every VM the apiserver had is indexed: before that, an allocation
+        #: would release the addresses of VMs not seen yet (and hand them out again).
+        self.primed = asyncio.Event()
+        #: VMs deleted before priming ended: the listing must not bring them back.
+        self._deleted_early: set[Key] = set()
 
     # --- intake ----------------------------------------------------------------------------
 
@@ -150,6 +159,8 @@ class NetworkController:
 
     def vm_changed(self, key: Key, body: Mapping[str, Any] | None) -> None:
         """A VM appeared, changed or went (``None``): the networks it names, before and after."""
+        if body is None and not self.primed.is_set():
+            self._deleted_early.add(key)
         before = self._by_vm.pop(key, {})
         after = attachments_of(body) if body is not None else {}
         if after:
@@ -167,6 +178,32 @@ class NetworkController:
                 self.queue.add(name)
 
     def resync(self) -> None:
+        self._enqueue_all()
+
+    async def run(self) -> None:
+        """Index every VM, then reconcile networks (the controller's network worker)."""
+        await self.prime()
+        await self.queue.run(self.reconcile)
+
+    async def prime(self) -> None:
+        """The VMs as the apiserver lists them, indexed before any network is reconciled
+        (the VM watch may not have delivered them all yet); retried until it answers."""
+        while True:
+            try:
+                listed = await self.kube.list("VirtualMachine")
+                break
+            except Exception as exc:  # the apiserver away: nothing may be allocated yet
+                self.log.warning("cannot list VMs; networks wait", error=str(exc))
+                await asyncio.sleep(PRIME_RETRY)
+        for body in listed:
+            meta = _meta(body)
+            key: Key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+            if key in self.vms or key in self._by_vm or key in self._deleted_early:
+                continue  # the watch was first: it is newer
+            self.vm_changed(key, body)
+        self.primed.set()
+        self._deleted_early.clear()
+        self.log.info("networks primed", vms=len(listed))
         self._enqueue_all()
 
     def _enqueue_all(self) -> None:
@@ -266,7 +303,10 @@ class NetworkController:
         spec, spec_error = _spec(body)
         vni, conflict = self._vnis(name)
         problem: tuple[str, str] | None = None
-        allocation = Allocation()
+        # An unreadable spec changes nothing held: the record stays as it is.
+        allocation = Allocation(
+            addresses=tuple(_addresses(stored)), dhcp_address=stored.get("dhcpAddress")
+        )
         if spec is None:
             problem = (INVALID_SPEC, spec_error or "spec cannot be read")
         else:

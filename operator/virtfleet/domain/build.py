@@ -200,11 +200,13 @@ def _iotune(iotune: IoTune | None) -> IoTuneConfig | None:
 
 
 def _interface(inputs: DomainInputs, nic: Interface) -> InterfaceConfig:
-    kind, source, mtu = nic.type.value, nic.bridge, None
+    kind, source, mtu, address = nic.type.value, nic.bridge, None, None
     if nic.type == InterfaceType.NETWORK:
         # A VMNetwork is a bridge on every node that has a VM on it (its VXLAN joins them).
         attached = inputs.resources.networks[nic.name]
         kind, source, mtu = InterfaceType.BRIDGE.value, attached.bridge, attached.mtu
+        address = attached.address
+    filterref = inputs.nwfilter if nic.type != InterfaceType.USER else None
     return InterfaceConfig(
         type=kind,
         source=source,
@@ -214,7 +216,8 @@ def _interface(inputs: DomainInputs, nic: Interface) -> InterfaceConfig:
         bandwidth=_bandwidth(nic),
         # Bridge and network NICs share a segment with other hosts: libvirt filters what
         # the guest may send (its own MAC and IP). A user NIC has no tap to filter.
-        filterref=inputs.nwfilter if nic.type != InterfaceType.USER else None,
+        filterref=filterref,
+        filter_ip=address if filterref is not None else None,
         alias=interface_alias(nic.name),
     )
 

@@ -9,6 +9,7 @@ exactly one domain.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 import re
 from collections.abc import Mapping
@@ -108,10 +109,17 @@ class AttachedNetwork:
 
     bridge: str
     mtu: int
+    #: Its IPAM address: the node's nwfilter lets the guest send from this one only.
+    address: str | None = None
 
     def __post_init__(self) -> None:
         if not BRIDGE_NAME.fullmatch(self.bridge):
             raise InvalidInputError(f"bridge {self.bridge!r} is not a bridge name")
+        if self.address is not None:
+            try:
+                ipaddress.IPv4Address(self.address)
+            except ValueError as exc:
+                raise InvalidInputError(f"{self.address!r} is not an IPv4 address") from exc
         if not 68 <= self.mtu <= 65535:
             raise InvalidInputError(f"MTU {self.mtu} is not in 68..65535")
 

@@ -43,6 +43,7 @@ Value = frozenset[str] | re.Pattern[str] | Kind | None  # None: any value
 EMPTY: Final = frozenset({""})
 _NUMBER: Final = re.compile(r"[0-9]+|0x[0-9a-fA-F]+")
 _ON_OFF: Final = frozenset({"on", "off"})
+_IPV4: Final = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,11 @@ _INTERFACE: Final = Rule(
         "bandwidth": Rule(children={"inbound": _DIRECTION, "outbound": _DIRECTION}),
         # The agent's nwfilter on bridge and network NICs (DomainInputs.nwfilter): the one
         # the VM's domain has now, never a weaker one named by the stored XML.
-        "filterref": _leaf(filter=Kind.NWFILTER),
+        "filterref": Rule(
+            attrs={"filter": Kind.NWFILTER},
+            # A VMNetwork NIC's pinned address (the filter's IP parameter).
+            children={"parameter": _leaf(name=frozenset({"IP"}), value=_IPV4)},
+        ),
         # libvirt names the tap it creates vnetN (and makes a new one at each start).
         "target": _leaf(dev=re.compile(r"vnet[0-9]+")),
         # A VMNetwork NIC's MTU (its VXLAN's), what the agent writes.

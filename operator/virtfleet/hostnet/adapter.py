@@ -18,6 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from virtfleet.hostnet import links
 from virtfleet.hostnet.dhcp import DhcpServers
 from virtfleet.hostnet.errors import HostNetworkError
+from virtfleet.hostnet.guard import ensure_guard
 from virtfleet.hostnet.netns import iproute
 from virtfleet.logs import get_logger
 from virtfleet.netmodel import (
@@ -51,6 +52,8 @@ class HostNetwork:
         self.state_dir = Path(state_dir)
         self.netns = netns
         self.dhcp = DhcpServers(self.state_dir)
+        #: The peers and VNIs the guard was last made with.
+        self._guarded: tuple[tuple[str, ...], tuple[int, ...]] | None = None
 
     def observe(self) -> ObservedHost:
         try:
@@ -61,6 +64,15 @@ class HostNetwork:
         except (NetlinkError, OSError) as exc:
             raise HostNetworkError(f"cannot observe the host network: {exc}") from exc
         return ObservedHost(links=found, flood=flood, dhcp=servers)
+
+    def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool:
+        """The node's guard (:mod:`virtfleet.hostnet.guard`): its VMs kept off it, VXLAN
+        of our VNIs only from ``peers``; True when it had to be made (first time, peers or
+        VNIs changed, or flushed behind the agent's back)."""
+        wanted = (tuple(sorted(set(peers))), tuple(sorted(set(vnis))))
+        made = ensure_guard(self.netns, *wanted, force=wanted != self._guarded)
+        self._guarded = wanted
+        return made
 
     def apply(self, actions: Iterable[NetworkAction]) -> None:
         """Run ``actions`` in order; the first failure stops and raises."""

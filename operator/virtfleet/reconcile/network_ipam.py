@@ -1,10 +1,11 @@
 """VMNetwork bookkeeping as pure functions: VNIs, addresses, and whether a VM may attach.
 
-* :func:`assign_vnis` — every network gets one VNI, unique across the cluster. A pinned
-  ``spec.vni`` wins unless an older network (creation time, then name) pins the same one,
-  in which case the newer network is refused (``VniConflict``) and gets none; the others
-  keep their ``status.vni`` unless a pin took it, else get the lowest free one from
-  :data:`FIRST_AUTO_VNI` up (pins below it never collide with assigned ones).
+* :func:`assign_vnis` — every network gets one VNI, unique across the cluster, and a VNI
+  in use (``status.vni``) never moves (its VMs are plugged into its bridges). A pinned
+  ``spec.vni`` takes a free VNI unless an older network (creation time, then name) pins
+  the same one or uses it: the newer network is refused (``VniConflict``) and gets
+  none; a pin that differs from the VNI in use is refused too (the VNI is kept). The
+  others get the lowest free one from :data:`FIRST_AUTO_VNI` up.
 * :func:`allocate` — the IPAM of one network. An allocation is kept while its VM (by uid)
   still has that interface on this network, so restarts and migrations keep addresses;
   the rest are released. New attachments get the lowest free address, oldest VM first,
@@ -81,35 +82,45 @@ def _age(network: NetworkVni) -> tuple[str, str]:
 
 
 def assign_vnis(networks: Iterable[NetworkVni]) -> VniAssignment:
-    """One unique VNI per network (see the module doc for who wins)."""
+    """One unique VNI per network (see the module doc for who wins).
+
+    A VNI in use (``status.vni``) never moves: running domains are plugged into its
+    bridge on every node, and another network taking it would put them on that network.
+    So a VNI in use is kept first; a pin (``spec.vni``) then takes a free VNI (the older
+    pin wins); the rest get the lowest free one from FIRST_AUTO_VNI up.
+    """
     ordered = sorted(networks, key=_age)
     vnis: dict[str, int] = {}
     conflicts: dict[str, str] = {}
     owner: dict[int, str] = {}
     for network in ordered:
-        if network.spec_vni is None:
+        kept = network.status_vni
+        if kept is None or kept in owner:
+            continue
+        owner[kept] = network.name
+        vnis[network.name] = kept
+        if network.spec_vni is not None and network.spec_vni != kept:
+            conflicts[network.name] = (
+                f"spec.vni {network.spec_vni} differs from VNI {kept}, which the network "
+                "uses: a VNI in use cannot change (its VMs are plugged into it on every "
+                f"node); set spec.vni to {kept} or remove it, or create another VMNetwork"
+            )
+    for network in ordered:
+        if network.name in vnis or network.spec_vni is None:
             continue
         holder = owner.get(network.spec_vni)
         if holder is not None:
             conflicts[network.name] = (
-                f"spec.vni {network.spec_vni} is already used by VMNetwork {holder}, which is "
-                "older; choose another vni or leave it unset (one is assigned)"
+                f"spec.vni {network.spec_vni} is already used by VMNetwork {holder}; choose "
+                "another vni or leave it unset (one is assigned)"
             )
             continue
         owner[network.spec_vni] = network.name
         vnis[network.name] = network.spec_vni
-    unassigned = []
-    for network in ordered:
-        if network.spec_vni is not None:
-            continue
-        kept = network.status_vni
-        if kept is not None and kept not in owner:
-            owner[kept] = network.name
-            vnis[network.name] = kept
-        else:
-            unassigned.append(network)
     candidate = FIRST_AUTO_VNI
-    for network in unassigned:
+    for network in ordered:
+        if network.name in vnis or network.name in conflicts:
+            continue
         while candidate in owner:
             candidate += 1
         if candidate > MAX_VNI:

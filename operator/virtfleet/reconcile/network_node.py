@@ -30,13 +30,15 @@ from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.domain.inputs import AttachedNetwork
 from virtfleet.identity import derive_mac
 from virtfleet.netmodel import DhcpConfig, Lease, LocalNetwork, bridge_name
+from virtfleet.reconcile.placement import NETWORK_NOT_ALLOWED, NETWORK_NOT_FOUND
 
 __all__ = [
     "NETWORK_NOT_ALLOWED",
     "NETWORK_NOT_FOUND",
-    "NETWORK_NOT_READY",
+    "NETWORK_PENDING",
     "Member",
     "NetworkView",
+    "RunningPort",
     "attached_networks",
     "attachment_problem",
     "cloud_init_network_config",
@@ -44,10 +46,8 @@ __all__ = [
     "members_of",
 ]
 
-NETWORK_NOT_FOUND = "NetworkNotFound"
-NETWORK_NOT_ALLOWED = "NetworkNotAllowed"
 #: Not Stalled: the controller has not assigned the VNI or the address yet.
-NETWORK_NOT_READY = "WaitingForNetwork"
+NETWORK_PENDING = "WaitingForNetwork"
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class NetworkView:
         if self.spec.subnet is None:
             return None
         return ipaddress.ip_network(self.spec.subnet, strict=False).prefixlen
+
+
+@dataclass(frozen=True)
+class RunningPort:
+    """A tap of a running domain on a bridge (libvirt's view; the domain UUID is the VM's
+    uid)."""
+
+    bridge: str
+    tap: str
+    uid: str
+    mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -133,12 +144,12 @@ def attachment_problem(
                 "spec.namespaces)"
             )
         if view.vni is None:
-            return NETWORK_NOT_READY, (
+            return NETWORK_PENDING, (
                 f"interface {member.interface!r}: VMNetwork {member.network!r} has no VNI "
                 "yet (the controller assigns one)"
             )
         if view.spec.subnet is not None and (uid, member.interface) not in view.addresses:
-            return NETWORK_NOT_READY, (
+            return NETWORK_PENDING, (
                 f"interface {member.interface!r}: no address on VMNetwork "
                 f"{member.network!r} yet (the controller allocates one)"
             )
@@ -146,16 +157,20 @@ def attachment_problem(
 
 
 def attached_networks(
-    spec: VirtualMachineSpec, networks: Mapping[str, NetworkView]
+    uid: str, spec: VirtualMachineSpec, networks: Mapping[str, NetworkView]
 ) -> dict[str, AttachedNetwork]:
-    """NIC name → bridge and MTU; only after :func:`attachment_problem` said None."""
+    """NIC name → bridge, MTU and address; only after :func:`attachment_problem` said None."""
     out: dict[str, AttachedNetwork] = {}
     for nic in spec.interfaces:
         if nic.type != InterfaceType.NETWORK or nic.network is None:
             continue
         view = networks[nic.network]
         assert view.vni is not None
-        out[nic.name] = AttachedNetwork(bridge=bridge_name(view.vni), mtu=view.mtu)
+        out[nic.name] = AttachedNetwork(
+            bridge=bridge_name(view.vni),
+            mtu=view.mtu,
+            address=view.addresses.get((uid, nic.name)),
+        )
     return out
 
 
@@ -165,26 +180,54 @@ def desired_networks(
     *,
     tunnel_address: str,
     peers: Iterable[str],
-    taps: Mapping[str, Iterable[str]] = {},
+    ports: Iterable[RunningPort] = (),
 ) -> list[LocalNetwork]:
-    """The networks this node realises: those with a member here that can attach.
+    """The networks this node realises: those with a member here that can attach, and
+    those a running domain is plugged into.
 
-    ``peers``: the other nodes' tunnel addresses (all of them: a node without the VNI
-    drops its frames); ``taps``: bridge name → the tap devices libvirt made for running
-    domains (re-attached when a bridge is made again after drift).
+    ``members``: from the VMs placed here and those migrating here; ``ports``: what runs
+    (libvirt). A running domain keeps its network, and its lease, whether or not its VM
+    is known yet (an agent just started, a migration that just ended), as long as the
+    controller's record names its uid. ``peers``: the other nodes' tunnel addresses (all
+    of them: a node without the VNI drops its frames). Only the taps of the network's own
+    VMs are (re-)attached to its bridge. Two networks with one VNI (a moment of a
+    renumbering) realise neither.
     """
+    by_vni: dict[int, list[str]] = {}
+    for name, view in networks.items():
+        if view.vni is not None:
+            by_vni.setdefault(view.vni, []).append(name)
+    usable = {
+        name: view
+        for name, view in networks.items()
+        if view.vni is not None and len(by_vni[view.vni]) == 1
+    }
     by_network: dict[str, list[Member]] = {}
     for member in members:
-        view = networks.get(member.network)
-        if view is None or view.vni is None or not view.spec.allows(member.namespace):
+        found = usable.get(member.network)
+        if found is None or not found.spec.allows(member.namespace):
             continue
         by_network.setdefault(member.network, []).append(member)
+    running = list(ports)
+    taps: dict[str, list[str]] = {}
+    for name, view in usable.items():
+        assert view.vni is not None
+        bridge = bridge_name(view.vni)
+        known = {m.uid for m in by_network.get(name, ())} | {uid for uid, _ in view.addresses}
+        on_bridge = [p for p in running if p.bridge == bridge and p.uid in known]
+        if not on_bridge:
+            continue
+        taps[name] = sorted({p.tap for p in on_bridge})
+        listed = by_network.setdefault(name, [])
+        present = {(m.uid, m.mac) for m in listed}
+        listed += [
+            m for m in _members_from_ports(name, view, on_bridge) if (m.uid, m.mac) not in present
+        ]
     others = tuple(sorted({p for p in peers if p and p != tunnel_address}))
     out: list[LocalNetwork] = []
     for name, on_network in sorted(by_network.items()):
-        view = networks[name]
+        view = usable[name]
         assert view.vni is not None
-        bridge = bridge_name(view.vni)
         out.append(
             LocalNetwork(
                 name=name,
@@ -193,9 +236,34 @@ def desired_networks(
                 peers=others,
                 mtu=view.mtu,
                 dhcp=_dhcp(view, on_network),
-                taps=tuple(sorted(set(taps.get(bridge, ())))),
+                taps=tuple(taps.get(name, ())),
             )
         )
+    return out
+
+
+def _members_from_ports(
+    network: str, view: NetworkView, ports: Iterable[RunningPort]
+) -> list[Member]:
+    """The running domains' NICs as members, from the controller's record of their uid
+    (the interface whose derived MAC is the tap's, else the uid's only one)."""
+    out = []
+    for port in ports:
+        records = [(uid, nic) for uid, nic in view.addresses if uid == port.uid]
+        chosen = [r for r in records if port.mac and derive_mac(r[0], r[1]).lower() == port.mac]
+        if not chosen and len(records) == 1:
+            chosen = records
+        for uid, interface in chosen[:1]:
+            out.append(
+                Member(
+                    uid=uid,
+                    namespace="",
+                    vm=view.hostnames.get((uid, interface), ""),
+                    interface=interface,
+                    mac=port.mac or derive_mac(uid, interface).lower(),
+                    network=network,
+                )
+            )
     return out
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from virtfleet.api.conditions import rfc3339
-from virtfleet.api.virtualmachine import VirtualMachineSpec
+from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.reconcile.views import HostView, NodeView, VmRequest
 
 UNSCHEDULABLE = "Unschedulable"
@@ -82,6 +82,7 @@ def request_from_spec(spec: VirtualMachineSpec) -> VmRequest:
         memory_text=spec.memory.size.text,
         node_name=spec.node_name,
         node_selector=dict(spec.node_selector),
+        needs_networks=any(nic.type == InterfaceType.NETWORK for nic in spec.interfaces),
     )
 
 
@@ -126,6 +127,9 @@ def place(
             continue
         if host.memory_bytes is None:
             reasons.append(f"{name}: VMHost reports no memory yet")
+            continue
+        if request.needs_networks and not host.realises_networks:
+            reasons.append(f"{name}: realises no VMNetworks (its agent has no --tunnel-address)")
             continue
         capacity = int(host.memory_bytes * overcommit)
         capacities.append(capacity)

@@ -36,6 +36,8 @@ class VmRequest:
     memory_text: str
     node_name: str | None = None
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    #: It has a ``type: network`` NIC: only nodes that realise VMNetworks can run it.
+    needs_networks: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,12 +117,15 @@ def _request(spec: Any) -> tuple[VmRequest | None, str | None]:
     if not isinstance(selector, Mapping):
         return None, "spec.nodeSelector must be a map of labels"
     pin = spec.get("nodeName")
+    nics = spec.get("interfaces")
     return (
         VmRequest(
             memory_bytes=quantity.bytes,
             memory_text=quantity.text,
             node_name=str(pin) if pin else None,
             node_selector={str(k): str(v) for k, v in selector.items()},
+            needs_networks=isinstance(nics, list)
+            and any(isinstance(n, Mapping) and n.get("type") == "network" for n in nics),
         ),
         None,
     )
@@ -145,6 +150,8 @@ class HostView:
     lease_duration: float | None = None
     #: The Lease carries a fence mark (the node is fenced or recovering from it).
     fenced: bool = False
+    #: Its agent realises VMNetworks (it reports a tunnel address).
+    realises_networks: bool = False
 
     def heartbeat_age(self, now: datetime) -> float | None:
         return None if self.heartbeat is None else (now - self.heartbeat).total_seconds()
@@ -186,6 +193,7 @@ class HostView:
             placeable_after=parse_time(health.get("placeableAfter"))
             if isinstance(health, Mapping)
             else None,
+            realises_networks=bool(status.get("tunnelAddress")),
         )
 
 

@@ -86,6 +86,9 @@ class InterfaceConfig(XmlConfig):
     alias: str | None = None
     #: ``<mtu size>``: a VMNetwork's (its VXLAN leaves less than the underlay's 1500).
     mtu: int | None = None
+    #: The filter's ``IP`` parameter: the one address the guest may send from (a
+    #: VMNetwork's IPAM address); None lets libvirt learn the first one used.
+    filter_ip: str | None = None
 
     _SOURCE_ATTRIBUTE: ClassVar[dict[str, str]] = {"bridge": "bridge", "network": "network"}
 
@@ -104,7 +107,9 @@ class InterfaceConfig(XmlConfig):
         if self.model is not None:
             add_child(element, "model", type=self.model)
         if self.filterref is not None:
-            add_child(element, "filterref", filter=self.filterref)
+            ref = add_child(element, "filterref", filter=self.filterref)
+            if self.filter_ip is not None:
+                add_child(ref, "parameter", name="IP", value=self.filter_ip)
         if self.alias is not None:
             add_child(element, "alias", name=self.alias)
         if self.mtu is not None:
@@ -123,6 +128,7 @@ class InterfaceConfig(XmlConfig):
         filterref = element.find("filterref")
         alias = element.find("alias")
         mtu = element.find("mtu")
+        pinned = element.find("filterref/parameter[@name='IP']")
         return cls(
             type=kind,
             source=source.get(attribute) if source is not None and attribute else None,
@@ -132,4 +138,5 @@ class InterfaceConfig(XmlConfig):
             filterref=filterref.get("filter") if filterref is not None else None,
             alias=alias.get("name") if alias is not None else None,
             mtu=int(mtu.get("size", "0")) or None if mtu is not None else None,
+            filter_ip=pinned.get("value") if pinned is not None else None,
         )
