@@ -15,6 +15,7 @@ from typing import Any
 from harness import nodes as hn
 from harness.guest import BOOT_MARKER
 from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from harness.testing import migration_manifest as migration
 
 UPTIME = re.compile(r"^VF-UPTIME (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
@@ -39,15 +40,6 @@ def uptimes(node: hn.Node, dom: str) -> list[float]:
         return [float(m.group(1)) for m in UPTIME.finditer(hn.serial_log(node, dom))]
     except FileNotFoundError:
         return []
-
-
-def migration(name: str, ns: str, vm: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VMMigration",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"vmName": vm, **spec},
-    }
 
 
 def wait_phase(

@@ -23,7 +23,15 @@ import pytest
 from harness import nodes as hn
 from harness import operators, underlay
 from harness.guest import guest_cmdline
-from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from harness.testing import (
+    Cluster,
+    condition,
+    domain_name,
+    in_node,
+    migration_manifest,
+    vm_manifest,
+    wait_for,
+)
 
 ECHO_PORT = 7
 RED_SUBNET = "10.77.0.0/24"
@@ -37,23 +45,6 @@ def vmnetwork(name: str, namespaces: list[str], subnet: str, **spec: Any) -> dic
         "metadata": {"name": name},
         "spec": {"namespaces": namespaces, "subnet": subnet, **spec},
     }
-
-
-def migration(name: str, ns: str, vm: str, target: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VMMigration",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"vmName": vm, "targetNode": target},
-    }
-
-
-def in_node(node: hn.Node, *argv: str) -> str:
-    assert node.netns is not None
-    return subprocess.run(
-        ["ip", "netns", "exec", node.netns, *argv],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout  # fmt: skip
 
 
 def links(node: hn.Node) -> dict[str, dict[str, Any]]:
@@ -170,7 +161,7 @@ def test_vms_on_two_nodes_share_a_network_and_keep_it_across_a_migration(
 
     # Live-migrate the server to b: same address, the client's session and pings go on.
     started = time.monotonic()
-    system.apply(migration("move", namespace, "server", b.name))
+    system.apply(migration_manifest("move", namespace, "server", targetNode=b.name))
 
     def done() -> dict[str, Any] | None:
         status = system.get("vmmig", "move", namespace).get("status") or {}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
@@ -32,21 +31,13 @@ from bench.result import BenchContext, Row, ScenarioResult
 from bench.scenarios.failover import kubectl, status_of
 from harness import nodes as hn
 from harness.guest import guest_cmdline
-from harness.testing import Cluster, domain_name, vm_manifest
+from harness.testing import Cluster, domain_name, in_node, migration_manifest, vm_manifest
 
 PORT = 5001
 RAW_VNI = 99
 RAW_BRIDGE, RAW_VXLAN = "rawbr0", "rawvx0"
 RAW_SINK, RAW_SENDER = "10.99.0.2", "10.99.0.3"
 MTU = 1450
-
-
-def in_node(node: hn.Node, *argv: str, check: bool = True) -> str:
-    assert node.netns is not None
-    return subprocess.run(
-        ["ip", "netns", "exec", node.netns, *argv],
-        capture_output=True, text=True, timeout=60, check=check,
-    ).stdout  # fmt: skip
 
 
 def raw_network(node: hn.Node, peer: hn.Node) -> None:
@@ -128,13 +119,7 @@ def running_on(cluster: Cluster, name: str, namespace: str) -> Callable[[], str 
 def migrate(cluster: Cluster, namespace: str, vm: str, target: str, tag: str) -> float | None:
     """Live-migrate ``vm`` with a VMMigration; libvirt's downtime (ms) as it reports it."""
     name = f"{vm}-{tag}"
-    body = {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VMMigration",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"vmName": vm, "targetNode": target},
-    }
-    apply(cluster, body)
+    apply(cluster, migration_manifest(name, namespace, vm, targetNode=target))
     status = guests.wait(
         lambda: (
             (s := status_of(cluster, "vmmig", name, namespace)).get("phase")

@@ -42,7 +42,6 @@ from harness import controlplane, images, netns, nodes, pidfiles
 from harness.images import import_image, pause_archive, virtfleet_archive
 
 POD_SUBNET = "10.244.0.0/24"
-SERVICE_ADDRESS = "10.96.0.1"
 KUBELET_PORT_BASE = 16250
 READY_TIMEOUT_S = 120.0
 

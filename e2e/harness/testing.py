@@ -102,6 +102,25 @@ def vm_object(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def migration_manifest(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:
+    """A VMMigration of ``vm`` (``targetNode=...``, ``policy=...`` go into its spec)."""
+    return {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMMigration",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"vmName": vm, **spec},
+    }
+
+
+def in_node(node: Node, *argv: str, check: bool = True) -> str:
+    """``argv``'s output, run in the node's network namespace (``ip netns exec``)."""
+    assert node.netns is not None, f"{node.name} has no network namespace"
+    return subprocess.run(
+        ["ip", "netns", "exec", node.netns, *argv],
+        capture_output=True, text=True, timeout=60, check=check,
+    ).stdout  # fmt: skip
+
+
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in (obj.get("status") or {}).get("conditions", []):
         if cond["type"] == kind:

@@ -33,7 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from harness import controlplane, netns, pidfiles
@@ -221,14 +221,3 @@ def remove(state_dir: Path, root: Path, namespace: str, index: int) -> None:
     bridge = bridge_name(state_dir)
     if _exists(bridge) and not _ip("-o", "link", "show", "master", bridge).stdout.strip():
         _ip("link", "delete", bridge, check=False)
-
-
-def addresses_in(namespace: str) -> Sequence[str]:
-    """The IPv4 addresses of a namespace (diagnostics)."""
-    shown = _ip("-n", namespace, "-j", "addr", "show").stdout
-    return [
-        info["local"]
-        for link in json.loads(shown or "[]")
-        for info in link.get("addr_info", ())
-        if info.get("family") == "inet"
-    ]

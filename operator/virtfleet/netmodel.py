@@ -19,12 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from virtfleet.api.network import DEFAULT_MTU, MAX_VNI
+
 #: IANA's VXLAN port (Linux's own default is 8472, which no other vendor speaks).
 VXLAN_UDP_PORT: Final = 4789
-#: 1500 minus the VXLAN overhead over IPv4 (50 bytes): fits a standard underlay.
-DEFAULT_MTU: Final = 1450
 DEFAULT_LEASE_SECONDS: Final = 3600
-MAX_VNI: Final = 2**24 - 1
 
 BRIDGE_PREFIX: Final = "vfbr"
 VXLAN_PREFIX: Final = "vfvx"

@@ -19,13 +19,13 @@ import base64
 import copy
 import socket
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from tests.agent.test_vmnetworks import PaperHost
 from tests.security.test_hostile_spec import BASE, Path_, hostile_values, paths, replaced
 
 from testkit.kube import FakeKube
@@ -36,7 +36,6 @@ from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.snapshot.agent import SnapshotAgent
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings, storage
 from virtfleet.identity import NODE_LABEL
-from virtfleet.netmodel import NetworkAction, ObservedHost
 
 NODE = "node-a"
 UID = "0b9c1c4e-2f63-4d1a-9a55-7d0c3c1f2e10"
@@ -100,19 +99,6 @@ def conditions(kube: FakeKube) -> dict[str, dict[str, Any]]:
     body = kube.objects.get(("VirtualMachine", *KEY))
     assert body is not None
     return {c["type"]: c for c in (body.get("status") or {}).get("conditions", [])}
-
-
-class PaperHost:
-    """A node's network plumbing that takes every plan and holds nothing."""
-
-    def observe(self) -> ObservedHost:
-        return ObservedHost()
-
-    def apply(self, actions: list[NetworkAction]) -> None:
-        pass
-
-    def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool:
-        return False
 
 
 async def scenario(

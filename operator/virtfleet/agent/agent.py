@@ -68,10 +68,6 @@ def _labelled(obj: Mapping[str, Any], selector: str) -> bool:
     return key in labels and (not sep or labels[key] == value)
 
 
-def _attaches_networks(body: Mapping[str, Any]) -> bool:
-    return bool(network_names(body))
-
-
 def _resource_version(body: Mapping[str, Any]) -> int:
     raw = body.get("metadata", {}).get("resourceVersion", "0")
     return int(raw) if str(raw).isdigit() else 0
@@ -130,7 +126,7 @@ class Agent:
         cached = self.cache.get(key)
         if cached is not None and _resource_version(cached) > _resource_version(body):
             return  # our own newer write is already cached; this event is older
-        if key not in self.cache and _attaches_networks(body):
+        if key not in self.cache and network_names(body):
             self.networks.kick()  # a member arrives: its networks come up
         self.cache[key] = slim(body)
         self.by_uid[str(body["metadata"]["uid"])] = key
@@ -177,7 +173,7 @@ class Agent:
         old = self.cache.pop(key, None)
         if old is not None:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
-            if _attaches_networks(old):
+            if network_names(old):
                 self.networks.kick()  # maybe the last member of a network left
         self.queue.forget(key)
         self.finalized.pop(key, None)  # a later VM of the same name starts afresh

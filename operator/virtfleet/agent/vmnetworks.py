@@ -238,10 +238,15 @@ class NetworkKeeper:
             return
         async with self._lock:
             members = [*self._local_members(), *await self._incoming_members()]
-            ports = [
-                RunningPort(p.bridge, p.tap, p.uuid, p.mac)
-                for p in await self.agent.hv.bridge_ports()
-            ]
+            # Every running domain's XML: only worth reading when a network could use it.
+            ports = (
+                [
+                    RunningPort(p.bridge, p.tap, p.uuid, p.mac)
+                    for p in await self.agent.hv.bridge_ports()
+                ]
+                if self.networks
+                else []
+            )
             desired = desired_networks(
                 members,
                 self.networks,

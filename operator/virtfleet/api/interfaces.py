@@ -11,7 +11,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints
 
 from virtfleet.api.base import ApiModel, CelRule, DnsLabel, DnsSubdomain
-from virtfleet.identity import is_derived_range
+from virtfleet.identity import derive_mac, is_derived_range
 
 MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
 MacAddress = Annotated[str, StringConstraints(pattern=MAC_PATTERN, max_length=17)]
@@ -76,6 +76,10 @@ class Interface(ApiModel):
         description="Unicast MAC; unset means one derived from the VM's uid and this name.",
     )
     bandwidth: InterfaceBandwidth | None = None
+
+    def mac_for(self, uid: str) -> str:
+        """The NIC's MAC in the VM of ``uid``: its own, else the derived one (lowercase)."""
+        return (self.mac_address or derive_mac(uid, self.name)).lower()
 
     cel_rules = (
         CelRule(

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from virtfleet.api.base import ApiModel, StatusModel
 from virtfleet.api.conditions import Conditions
+from virtfleet.api.network import MAX_VNI
 
 
 class VMHostSpec(ApiModel):
@@ -73,7 +74,7 @@ class QuarantinedVolume(StatusModel):
 
 class RealisedNetwork(StatusModel):
     name: str
-    vni: int = Field(ge=1, le=2**24 - 1)
+    vni: int = Field(ge=1, le=MAX_VNI)
 
 
 class VMHostStatus(StatusModel):

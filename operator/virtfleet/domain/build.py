@@ -51,7 +51,6 @@ from virtfleet.domain.config import (
 from virtfleet.domain.errors import InvalidInputError
 from virtfleet.domain.inputs import DomainInputs
 from virtfleet.domain.naming import CLOUD_INIT_ALIAS, disk_alias, interface_alias, target_dev
-from virtfleet.identity import derive_mac
 
 __all__ = ["CPU_MODES", "build_domain", "render_xml"]
 
@@ -211,7 +210,7 @@ def _interface(inputs: DomainInputs, nic: Interface) -> InterfaceConfig:
         type=kind,
         source=source,
         mtu=mtu,
-        mac=(nic.mac_address or derive_mac(inputs.uid, nic.name)).lower(),
+        mac=nic.mac_for(inputs.uid),
         model=nic.model.value,
         bandwidth=_bandwidth(nic),
         # Bridge and network NICs share a segment with other hosts: libvirt filters what

@@ -118,7 +118,7 @@ def members_of(namespace: str, vm: str, uid: str, spec: VirtualMachineSpec) -> l
             namespace=namespace,
             vm=vm,
             interface=nic.name,
-            mac=(nic.mac_address or derive_mac(uid, nic.name)).lower(),
+            mac=nic.mac_for(uid),
             network=nic.network,
         )
         for nic in spec.interfaces
@@ -300,7 +300,7 @@ def cloud_init_network_config(
     ethernets: dict[str, Any] = {}
     static = False
     for nic in spec.interfaces:
-        mac = (nic.mac_address or derive_mac(uid, nic.name)).lower()
+        mac = nic.mac_for(uid)
         config: dict[str, Any] = {"match": {"macaddress": mac}, "dhcp4": True}
         view = networks.get(nic.network or "") if nic.type == InterfaceType.NETWORK else None
         if view is not None and nic.type == InterfaceType.NETWORK:

@@ -25,7 +25,6 @@ from virtfleet.api.virtualmachine import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
-from virtfleet.identity import derive_mac
 from virtfleet.reconcile.vm_model import (
     Action,
     Decision,
@@ -43,7 +42,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
     interfaces = [
         InterfaceStatus(
             name=nic.name,
-            mac=(nic.mac_address or derive_mac(vm.uid, nic.name)).lower(),
+            mac=nic.mac_for(vm.uid),
             ip=vm.addresses.get(nic.name),
             network=nic.network,
         )
