@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, cast
 
+from testkit.kube import FakeKube
 from virtfleet.agent.agent import LAST_APPLIED, Agent, slim
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.runtime.kube import KubeApi
+from virtfleet.runtime.kubeapi import KindLike
 
 KEY = ("ns", "web")
 
@@ -61,3 +65,53 @@ def test_the_cache_keeps_no_managed_fields_and_no_kubectl_copy() -> None:
     assert slimmed["metadata"]["annotations"] == {"keep": "me"}
     assert slimmed["metadata"]["uid"] == "u-1"
     assert "managedFields" in body["metadata"]  # the event's own body is left as it was
+
+
+class LateResponseKube(FakeKube):
+    """The apiserver applies the agent's status write, then the controller writes
+    ``Unknown`` and its watch event reaches the agent before the write's response does."""
+
+    def __init__(self, agent_box: list[Agent]) -> None:
+        super().__init__()
+        self.agent_box = agent_box
+        self.late_once = True
+
+    async def patch_status(
+        self,
+        kind: KindLike,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        response = await super().patch_status(
+            kind, namespace, name, patch, resource_version=resource_version
+        )
+        if self.late_once:
+            self.late_once = False
+            stored = self.get_now("VirtualMachine", namespace, name)
+            stored["status"]["printableStatus"] = "Unknown"
+            self.agent_box[0].on_vm_event("MODIFIED", self.put("VirtualMachine", stored))
+        return response
+
+
+async def test_a_late_write_response_never_rolls_back_a_later_writers_status(
+    hv: Hypervisor,
+) -> None:
+    box: list[Agent] = []
+    kube = LateResponseKube(box)
+    agent = Agent(AgentSettings(node_name="node-a"), hv, kube)
+    box.append(agent)
+    body = kube.put("VirtualMachine", vm("u1"))
+    agent.on_vm_event("ADDED", body)
+    stopped = VirtualMachineStatus(node_name="node-a", printable_status=PrintableStatus.STOPPED)
+
+    await agent._write_status(body, stopped)
+
+    # The cache keeps the controller's later copy, not the agent's own older response...
+    assert agent.cache[KEY]["status"]["printableStatus"] == "Unknown"
+    # ...so the agent's next pass sees the difference and writes its truth again.
+    await agent._write_status(body, stopped)
+    assert kube.get_now("VirtualMachine", "ns", "web")["status"]["printableStatus"] == "Stopped"
+    assert agent.cache[KEY]["status"]["printableStatus"] == "Stopped"

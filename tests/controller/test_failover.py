@@ -187,3 +187,22 @@ async def test_a_slow_pass_of_the_controller_is_not_blindness() -> None:
     await controller.nodes.poll()
     stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
     assert FENCED_ANNOTATION in stored["metadata"]["annotations"]
+
+
+async def test_a_controller_that_did_not_run_for_a_while_is_blind_for_that_time() -> None:
+    controller, kube = make()
+    kube.put(lease_body("node-a"))
+    clock = [NOW - timedelta(seconds=60)]
+    controller.nodes.clock = lambda: clock[0]
+    await controller.nodes.poll()
+    clock[0] = NOW  # its timer fired 59 s late: it was stopped, not the node
+    controller.nodes.woke_late(59.0)
+    await controller.nodes.poll()
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION not in stored["metadata"]["annotations"]
+    assert controller.cache.leases["node-a"].seen == NOW
+    controller.nodes.woke_late(1.0)  # a timer a second late is no blindness
+    clock[0] = NOW + timedelta(seconds=60)
+    await controller.nodes.poll()
+    stored = kube.objects[("kube-node-lease", "virtfleet-agent-node-a")]
+    assert FENCED_ANNOTATION in stored["metadata"]["annotations"]

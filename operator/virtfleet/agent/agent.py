@@ -34,6 +34,7 @@ from virtfleet.runtime.failures import error_reporter
 from virtfleet.runtime.kube import Forbidden, KubeApi, KubeError, NotFound, secret_value
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 #: Decide-act passes in one reconcile before handing back to the queue.
 MAX_PASSES = 5
@@ -66,11 +67,6 @@ def _labelled(obj: Mapping[str, Any], selector: str) -> bool:
     key, sep, value = selector.partition("=")
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return key in labels and (not sep or labels[key] == value)
-
-
-def _resource_version(body: Mapping[str, Any]) -> int:
-    raw = body.get("metadata", {}).get("resourceVersion", "0")
-    return int(raw) if str(raw).isdigit() else 0
 
 
 class Agent:
@@ -123,12 +119,11 @@ class Agent:
             if claim is Claim.UNPLACED:
                 self._note_unplaced(body)
             return
-        cached = self.cache.get(key)
-        if cached is not None and _resource_version(cached) > _resource_version(body):
+        arrives = key not in self.cache
+        if not store_newest(self.cache, key, body, shape=slim):
             return  # our own newer write is already cached; this event is older
-        if key not in self.cache and network_names(body):
+        if arrives and network_names(body):
             self.networks.kick()  # a member arrives: its networks come up
-        self.cache[key] = slim(body)
         self.by_uid[str(body["metadata"]["uid"])] = key
         self.queue.add(key)
 
@@ -160,9 +155,7 @@ class Agent:
 
     def _store(self, body: Mapping[str, Any]) -> None:
         """A VM as just written, into the cache (if it is still this node's)."""
-        key = key_of(body)
-        if key in self.cache:
-            self.cache[key] = slim(body)
+        store_newest(self.cache, key_of(body), body, shape=slim, cached_only=True)
 
     def forget(self, key: Key) -> None:
         """Drop a VM that left this node (migrated away): no more reconciles of it here.
@@ -366,18 +359,19 @@ class Agent:
         return self.settings.resync_seconds if exc.permanent else 5.0
 
     async def _write_status(self, body: Mapping[str, Any], status: VirtualMachineStatus) -> None:
-        new = status.to_wire()
-        patch = status_patch(body.get("status"), new)
+        """Write what differs from the newest copy known (the controller may have written
+        since ``body`` was read: its ``Unknown`` must be overwritten, not diffed away)."""
+        key = key_of(body)
+        current = self.cache.get(key, body)
+        patch = status_patch(current.get("status"), status.to_wire())
         if patch is None:
             return
-        namespace, name = key_of(body)
+        namespace, name = key
         try:
             updated = await self.kube.patch_status("VirtualMachine", namespace, name, patch)
         except NotFound:
             return
-        key = (namespace, name)
-        if key in self.cache:
-            self.cache[key] = slim(updated)
+        store_newest(self.cache, key, updated, shape=slim, cached_only=True)
 
     async def _events(self, body: Mapping[str, Any], events: tuple[EventNote, ...]) -> None:
         for note in events:

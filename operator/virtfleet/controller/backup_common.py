@@ -11,6 +11,7 @@ import structlog
 from virtfleet.api.conditions import Condition, ConditionStatus, kstatus_conditions
 from virtfleet.runtime.kube import KubeApi, NotFound
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 COMPONENT = "virtfleet-controller"
 #: Held on every VMBackup: its objects are deleted (or kept) before the object goes.
@@ -39,8 +40,7 @@ class BackupObjects:
             updated = await self.kube.patch_status(key[0], key[1], key[2], patch)
         except NotFound:
             return
-        if key in self.cache:
-            self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated, cached_only=True)
 
     async def set_finalizers(self, key: BKey, body: Mapping[str, Any], new: list[str]) -> None:
         patch = {
@@ -53,8 +53,7 @@ class BackupObjects:
             updated = await self.kube.patch(key[0], key[1], key[2], patch)
         except NotFound:
             return
-        if key in self.cache:
-            self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated, cached_only=True)
 
 
 def conditions(

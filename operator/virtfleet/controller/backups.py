@@ -47,6 +47,7 @@ from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError
 from virtfleet.runtime.locations import open_bucket, open_location
 from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.versions import store_newest
 
 
 class BackupController:
@@ -75,7 +76,7 @@ class BackupController:
             self.cache.pop(key, None)
             self.queue.forget(key)
             return
-        self.cache[key] = dict(body)
+        store_newest(self.cache, key, body)
         self.queue.add(key)
         schedule = ((body.get("metadata") or {}).get("labels") or {}).get(SCHEDULE_LABEL)
         if kind == BACKUP and schedule:

@@ -16,16 +16,7 @@ from virtfleet.controller.macs import MacIndex, explicit_macs
 from virtfleet.identity import Key
 from virtfleet.reconcile.node_health import LEASE_PREFIX, LeaseView
 from virtfleet.reconcile.views import CachedVm, HostView, NodeView
-
-
-def _is_older(candidate: str, current: str) -> bool:
-    """True when ``candidate`` is known to be older than ``current``.
-
-    resourceVersions are opaque by contract, but etcd-backed apiservers hand out
-    increasing integers; comparing them keeps a late watch event from rolling back what
-    our own write already returned. Anything non-numeric is treated as newer.
-    """
-    return candidate.isdigit() and current.isdigit() and int(candidate) < int(current)
+from virtfleet.runtime.versions import is_older
 
 
 class FleetCache:
@@ -44,7 +35,7 @@ class FleetCache:
         """Store a VM body; ``None`` (and no change) when it is older than what is cached."""
         view = CachedVm.from_body(body)
         current = self.vms.get(view.key)
-        if current is not None and _is_older(view.resource_version, current.resource_version):
+        if current is not None and is_older(body, current.body):
             return None
         self.vms[view.key] = view
         self.macs.update(view.key, explicit_macs(body.get("spec") or {}))

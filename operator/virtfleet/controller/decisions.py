@@ -118,7 +118,7 @@ def unreachable_status(
     why = (
         "its VMHost does not exist"
         if host is None
-        else f"{stale_heartbeat(host)} (timeout {heartbeat_timeout:g}s)"
+        else f"{stale_heartbeat(host)} (timeout {host.silence_limit(heartbeat_timeout):g}s)"
     )
     message = f"node {node} is unreachable: {why}"
     status = copy.deepcopy(dict(vm.status))

@@ -40,6 +40,7 @@ from virtfleet.reconcile.views import parse_time
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 
 def _phase(body: Mapping[str, Any]) -> MigrationPhase | None:
@@ -99,7 +100,7 @@ class MigrationScheduler:
             self.cache.pop(key, None)
             self.queue.forget(key)
         else:
-            self.cache[key] = dict(body)
+            store_newest(self.cache, key, body)
         # A migration that ends (or goes) may unblock another one of the same VM, or free
         # a slot that a waiting one (of any VM) needs.
         vm_name = (body.get("spec") or {}).get("vmName")
@@ -189,5 +190,5 @@ class MigrationScheduler:
             return 1.0
         except NotFound:
             return None
-        self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated)
         return retry

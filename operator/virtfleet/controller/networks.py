@@ -49,6 +49,7 @@ from virtfleet.reconcile.views import CachedVm
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 #: Retry after losing a compare-and-swap: the watch brings the newer object soon.
 CONFLICT_RETRY = 1.0
@@ -150,7 +151,7 @@ class NetworkController:
             self._wake_unplaced(name)
             self._enqueue_all()  # a VNI is free again (a conflict may resolve)
             return
-        self.cache[name] = dict(body)
+        store_newest(self.cache, name, body)
         if old is None or _meta(old).get("generation") != _meta(body).get("generation"):
             self._enqueue_all()  # a new or changed spec may move VNIs of others
         else:
@@ -349,8 +350,7 @@ class NetworkController:
             addresses=len(allocation.addresses),
             refused=len(allocation.refused),
         )
-        if name in self.cache:
-            self.cache[name] = dict(updated)
+        store_newest(self.cache, name, updated, cached_only=True)
         self._wake_unplaced(name)
         return None
 
@@ -363,6 +363,5 @@ class NetworkController:
             "resourceVersion": str(_meta(body).get("resourceVersion") or ""),
         }
         updated = await self.kube.patch(VM_NETWORK.kind, None, name, {"metadata": metadata})
-        if name in self.cache:
-            self.cache[name] = dict(updated)
+        store_newest(self.cache, name, updated, cached_only=True)
         return updated

@@ -10,8 +10,9 @@ are limited to, and a missed watch event can never hide a silent node.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from virtfleet.api.conditions import rfc3339
@@ -77,7 +78,19 @@ class NodeKeeper:
                 self.log.info("Leases not listed", error=str(exc))
             except Exception as exc:  # the loop must outlive one bad pass; logged
                 self.log.exception("node health pass failed", error=str(exc))
+            asleep = time.monotonic()
             await asyncio.sleep(self.settings.lease_poll_interval)
+            self.woke_late(time.monotonic() - asleep - self.settings.lease_poll_interval)
+
+    def woke_late(self, seconds: float) -> None:
+        """The controller itself did not run for ``seconds`` (stopped, starved of CPU, a
+        machine-wide stall): it is blind for that time, as when the apiserver is out of
+        reach. Silence it did not watch is no evidence against a node; at worst a failover
+        comes one Lease duration later, never one too early (CI: a 14 s stall of the whole
+        machine made the controller fail a node whose agent stalled with it)."""
+        if seconds > BLIND_SECONDS:
+            since = self.clock() - timedelta(seconds=seconds)
+            self._blind_since = min(self._blind_since or since, since)
 
     async def poll(self) -> None:
         asked = self.clock()
@@ -97,7 +110,8 @@ class NodeKeeper:
             self.cache.drop_lease(gone)
             self.memory.pop(gone, None)
         # Blind: the list calls failed, or this one took long (the apiserver was out of
-        # reach). Not the time between passes: a slow pass of our own sees every renewal.
+        # reach), or the controller did not run (woke_late). Not a slow pass of our own
+        # that kept running: it sees every renewal.
         since = self._blind_since or asked
         self._blind_since = None
         blind = (now - since).total_seconds()

@@ -33,6 +33,7 @@ from virtfleet.reconcile.views import parse_time
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 SNAPSHOT = "VMSnapshot"
 RESTORE = "VMRestore"
@@ -105,7 +106,7 @@ class UnclaimedWatcher:
             self.cache.pop(key, None)
             self.queue.forget(key)
             return
-        self.cache[key] = dict(body)
+        store_newest(self.cache, key, body)
         self.queue.add(key)
 
     def vm_changed(self, namespace: str, vm_name: str) -> None:
@@ -161,6 +162,5 @@ class UnclaimedWatcher:
             name=name,
             phase=(updated.get("status") or {}).get("phase"),
         )
-        if key in self.cache:
-            self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated, cached_only=True)
         return again

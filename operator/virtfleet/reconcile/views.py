@@ -156,6 +156,12 @@ class HostView:
     def heartbeat_age(self, now: datetime) -> float | None:
         return None if self.heartbeat is None else (now - self.heartbeat).total_seconds()
 
+    def silence_limit(self, timeout: float) -> float:
+        """How long the agent may be silent: its Lease's duration, else ``timeout``."""
+        if self.lease_seen is not None and self.lease_duration is not None:
+            return self.lease_duration
+        return timeout
+
     def fresh(self, now: datetime, timeout: float) -> bool:
         """The agent is alive: its Lease renewed in time (when it has one; a Lease says
         how long it counts), else its VMHost heartbeat within ``timeout``."""

@@ -20,6 +20,7 @@ from virtfleet.reconcile.internal import (
 )
 from virtfleet.runtime.kubeapi import Conflict, KubeApi, KubeError, NotFound
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 _log = get_logger("virtfleet.runtime.failures")
 
@@ -108,8 +109,7 @@ def cache_reporter(
     """:func:`error_reporter` for a loop whose queue keys are the keys of its cache."""
 
     def keep(key: K, body: dict[str, Any]) -> None:
-        if key in cache:
-            cache[key] = dict(body)
+        store_newest(cache, key, body, cached_only=True)
 
     return error_reporter(
         kube,

@@ -21,6 +21,7 @@ from virtfleet.reconcile.migration import failed_status
 from virtfleet.reconcile.migration_job import Fail
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 
 def now() -> datetime:
@@ -76,12 +77,12 @@ class MigrationContext:
             return False
         except NotFound:
             return False
-        self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated)
         return True
 
     async def _refresh(self, key: Key) -> None:
         try:
-            self.cache[key] = dict(await self.kube.get("VMMigration", *key))
+            store_newest(self.cache, key, await self.kube.get("VMMigration", *key))
         except KubeError as exc:
             self.log.info("cannot re-read the VMMigration after a conflict", error=str(exc))
 
@@ -111,8 +112,7 @@ class MigrationContext:
         except KubeError as exc:
             self.log.info("cannot write the VM's printableStatus", vm=vm_key[1], error=str(exc))
             return
-        if vm_key in self.agent.cache:
-            self.agent.cache[vm_key] = slim(updated)
+        store_newest(self.agent.cache, vm_key, updated, shape=slim, cached_only=True)
 
     def vm_released(self, vm_key: Key) -> None:
         """The VM stays here: let its loop look again (and report Running)."""

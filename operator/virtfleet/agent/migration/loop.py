@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from virtfleet.agent.agent import COMPONENT, Agent, _resource_version, key_of
+from virtfleet.agent.agent import COMPONENT, Agent, key_of
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.migration import checks
 from virtfleet.agent.migration.context import MigrationContext, now
@@ -41,6 +41,7 @@ from virtfleet.reconcile.migration_job import EndReason, Fail, is_postcopy_failu
 from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.versions import store_newest
 
 if TYPE_CHECKING:
     from virtfleet.agent.locks import VmLocks
@@ -96,10 +97,8 @@ class MigrationAgent:
             if is_postcopy_failure((gone.get("status") or {}).get("failureReason")) and vm_name:
                 self.agent.queue.add((key[0], str(vm_name)))  # the VM loop may act again
             return
-        cached = self.cache.get(key)
-        if cached is not None and _resource_version(cached) > _resource_version(body):
+        if not store_newest(self.cache, key, body):
             return
-        self.cache[key] = dict(body)
         if (body.get("status") or {}).get("sourceNode") == self.node:
             self.queue.add(key)
 
@@ -199,9 +198,7 @@ class MigrationAgent:
             return []
         for item in items:
             key = key_of(item)
-            cached = self.cache.get(key)
-            if cached is None or _resource_version(cached) < _resource_version(item):
-                self.cache[key] = dict(item)
+            store_newest(self.cache, key, item)
         return self._unrecovered(vm_key)
 
     # --- the reconcile ----------------------------------------------------------------
@@ -354,5 +351,5 @@ class MigrationAgent:
             )
         except (Conflict, NotFound):
             return False
-        self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated)
         return True

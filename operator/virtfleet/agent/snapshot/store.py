@@ -20,6 +20,7 @@ from virtfleet.reconcile.snapshot_types import Adopt
 from virtfleet.reconcile.vm_model import EventNote
 from virtfleet.runtime.kube import Conflict, KubeApi, KubeError, NotFound
 from virtfleet.runtime.status import status_patch
+from virtfleet.runtime.versions import store_newest
 
 
 class ObjectStore:
@@ -76,7 +77,7 @@ class ObjectStore:
             updated = await self.kube.patch(self.kind, key[0], key[1], {"metadata": metadata})
         except (Conflict, NotFound) as exc:
             raise ActionError("Conflict", str(exc), permanent=False) from exc
-        self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated)
 
     async def label_for_node(self, key: Key) -> bool:
         """Claim the object for this node (its label only), with the resourceVersion read:
@@ -95,7 +96,7 @@ class ObjectStore:
         except (Conflict, NotFound) as exc:
             self.log.info("not labelled yet", kind=self.kind, name=key[1], error=str(exc))
             return False
-        self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated)
         return True
 
     async def write_status(
@@ -118,7 +119,7 @@ class ObjectStore:
             )
         except Conflict:
             try:
-                self.cache[key] = dict(await self.kube.get(self.kind, key[0], key[1]))
+                store_newest(self.cache, key, await self.kube.get(self.kind, key[0], key[1]))
             except KubeError as exc:  # the watch brings the fresh object soon anyway
                 self.log.info(
                     "re-read after a conflict failed", kind=self.kind, name=key[1], error=str(exc)
@@ -126,8 +127,7 @@ class ObjectStore:
             return False
         except NotFound:
             return False
-        if key in self.cache:
-            self.cache[key] = dict(updated)
+        store_newest(self.cache, key, updated, cached_only=True)
         return True
 
     async def record_events(self, body: Mapping[str, Any], events: Iterable[EventNote]) -> None:

@@ -14,12 +14,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from virtfleet import manifests
-from virtfleet.agent.agent import _resource_version
 from virtfleet.api.conditions import parse_rfc3339
 from virtfleet.api.snapshot import VMRestoreSpec, VMRestoreStatus, VMSnapshotSpec, VMSnapshotStatus
 from virtfleet.api.virtualmachine import RunStrategy, VirtualMachineSpec
 from virtfleet.identity import NODE_LABEL
 from virtfleet.reconcile.snapshot_types import RestoreView, SnapshotRef, SnapshotView, VmRef
+from virtfleet.runtime.versions import is_older
 
 
 def _created(body: Mapping[str, Any]) -> datetime:
@@ -37,9 +37,7 @@ def _invalid(exc: ValidationError) -> str:
 
 def newer(cached: Mapping[str, Any] | None, body: Mapping[str, Any]) -> bool:
     """Whether a watch event's ``body`` is not older than what the cache holds."""
-    if cached is None:
-        return True
-    return _resource_version(body) >= _resource_version(cached)
+    return not is_older(body, cached)
 
 
 def _owned_by(body: Mapping[str, Any], vm_uid: str) -> bool:
