@@ -11,9 +11,11 @@ are inspected with ``ip`` inside their namespaces.
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -267,3 +269,81 @@ def test_drift_is_healed_and_the_network_goes_with_its_last_vm(
 def _all_links(node: hn.Node) -> dict[str, dict[str, Any]]:
     shown = json.loads(in_node(node, "ip", "-j", "link", "show") or "[]")
     return {link["ifname"]: link for link in shown}
+
+
+class _WhoAsks(http.server.BaseHTTPRequestHandler):
+    """Answers with the address the request came from: what a NAT put in front of it."""
+
+    def do_GET(self) -> None:
+        body = f"from {self.client_address[0]}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: pytest shows the assertions."""
+
+
+@pytest.fixture
+def outside(system: Cluster) -> Iterator[str]:
+    """An HTTP server on the machine's end of the underlay: "the world" the nodes route to
+    (nothing leaves the machine)."""
+    server = http.server.ThreadingHTTPServer((underlay.host_address(system.state_dir), 0), _WhoAsks)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{underlay.host_address(system.state_dir)}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_nat_gateway_takes_vms_out_behind_their_own_node_and_not_into_the_nodes(
+    system: Cluster, namespace: str, outside: str
+) -> None:
+    a, b = system.nodes[0], system.nodes[1]
+    gateway = "10.81.0.1"
+    system.apply(vmnetwork("exit", [namespace], "10.81.0.0/24", gateway=gateway, nat=True))
+    try:
+        nic = [{"name": "exit", "type": "network", "network": "exit"}]
+        probes = [gateway, str(a.address), str(b.address)]
+        for name, node in (("out-a", a), ("out-b", b)):
+            cmdline = guest_cmdline(fetch=[f"http://{outside}/"], ping=probes)
+            system.apply(vm_manifest(name, namespace, nodeName=node.name, interfaces=nic,
+                                     cmdline=cmdline))  # fmt: skip
+        for name, node in (("out-a", a), ("out-b", b)):
+            ip = vm_ip(system, namespace, name)
+            lease = console(node, namespace, name, r"^VF-NET [^\r\n]*")
+            assert lease == f"VF-NET eth0 {ip}/24 gw {gateway}", lease
+            # Out through its own node's gateway: the world sees that node's address.
+            fetched = console(node, namespace, name, rf"^VF-FETCH http://{outside}/ [^\r\n]*")
+            assert fetched == f"VF-FETCH http://{outside}/ from {node.address}", fetched
+            seen = console(node, namespace, name, rf"^VF-PING {re.escape(gateway)} \w+")
+            assert seen == f"VF-PING {gateway} ok", seen
+            for other in (a, b):  # the gateway leads out, never into a node
+                address = re.escape(str(other.address))
+                seen = console(node, namespace, name, rf"^VF-PING {address} \w+")
+                assert seen.endswith(" failed"), f"{name} reaches {other.name}: {seen}"
+
+        # Every node is the same gateway (address and MAC): a migrated VM keeps its route.
+        vni = int(system.get("vmnetwork", "exit")["status"]["vni"])
+        macs = {gateway_mac_on(node) for node in (a, b)}
+        assert macs == {f"0a:76:01:{vni >> 16:02x}:{(vni >> 8) & 255:02x}:{vni & 255:02x}"}
+        for node in (a, b):
+            assert f"vfgw{vni}" in links(node)
+    finally:
+        system.kubectl("delete", "vm", "--all", "-n", namespace, "--wait=true", "--timeout=180s")
+        system.kubectl("delete", "vmnetwork", "exit", "--wait=true", "--timeout=120s")
+    for node in (a, b):
+        wait_for(lambda n=node: not links(n), 60, 0.5, f"{node.name}'s gateway to go")  # type: ignore[misc]
+
+
+def gateway_mac_on(node: hn.Node) -> str:
+    """The MAC of ``eth0`` in the node's gateway namespace (its dnsmasq's)."""
+    (pid,) = dhcp_servers(node)
+    shown = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "ip", "-j", "link", "show", "eth0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return str(json.loads(shown)[0]["address"])

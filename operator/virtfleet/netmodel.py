@@ -7,15 +7,20 @@ the vocabulary they share lives here, like :mod:`virtfleet.domain.jobs` for libv
 
 A VMNetwork is realised on a node as a Linux bridge plus a VXLAN port (one VNI per
 network) and, with DHCP, a veth port whose peer is the ``eth0`` of a dnsmasq in its own
-network namespace. Every name derives from the VNI (at most 24 bits, so at most 12
-characters: the kernel allows 15), which makes "is this link ours, and whose" a parse.
+network namespace. With NAT that namespace is also the network's gateway on the node: the
+gateway address on ``eth0`` (with a MAC derived from the VNI, the same on every node),
+and an uplink veth (``vfgw<vni>`` on the node, ``up0`` inside) with an address of its
+own from :data:`UPLINK_RANGE`, masqueraded there and again on the node. Every name
+derives from the VNI (at most 24 bits, so at most 12 characters: the kernel allows 15),
+which makes "is this link ours, and whose" a parse.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -28,7 +33,17 @@ DEFAULT_LEASE_SECONDS: Final = 3600
 BRIDGE_PREFIX: Final = "vfbr"
 VXLAN_PREFIX: Final = "vfvx"
 DHCP_PORT_PREFIX: Final = "vfdh"
-_OURS = re.compile(rf"^({BRIDGE_PREFIX}|{VXLAN_PREFIX}|{DHCP_PORT_PREFIX})([1-9][0-9]{{0,7}})$")
+GATEWAY_PORT_PREFIX: Final = "vfgw"
+_OURS = re.compile(
+    rf"^({BRIDGE_PREFIX}|{VXLAN_PREFIX}|{DHCP_PORT_PREFIX}|{GATEWAY_PORT_PREFIX})([1-9][0-9]{{0,7}})$"
+)
+#: The NAT gateways' uplink addresses, one per network on a node: link-local (never
+#: routed), away from the well-known ones (169.254.169.254, 169.254.1.1). They are only
+#: ever seen between a node and its gateways: both sides masquerade.
+UPLINK_RANGE: Final = ipaddress.IPv4Network("169.254.64.0/18")
+#: The next hop a gateway routes to: the node's end of the uplink, by a static neighbour
+#: entry (the node needs no address for it).
+UPLINK_NEXT_HOP: Final = str(UPLINK_RANGE.network_address + 1)
 _FINGERPRINT_LINE = "# virtfleet-fingerprint: "
 
 
@@ -43,6 +58,49 @@ def vxlan_name(vni: int) -> str:
 def dhcp_port_name(vni: int) -> str:
     """The host end of the DHCP server's veth (its peer is ``eth0`` in dnsmasq's netns)."""
     return f"{DHCP_PORT_PREFIX}{vni}"
+
+
+def gateway_port_name(vni: int) -> str:
+    """The node's end of a NAT gateway's uplink (its peer is ``up0`` in dnsmasq's netns)."""
+    return f"{GATEWAY_PORT_PREFIX}{vni}"
+
+
+def _vni_mac(role: int, vni: int) -> str:
+    """Locally administered, unicast, and apart from the VMs' derived MACs (``?e:``)."""
+    return ":".join(f"{octet:02x}" for octet in (0x0A, 0x76, role, *vni.to_bytes(3, "big")))
+
+
+def gateway_mac(vni: int) -> str:
+    """The gateway's MAC: the same on every node, so a migrated guest's ARP entry holds."""
+    return _vni_mac(1, vni)
+
+
+def uplink_mac(vni: int) -> str:
+    """The MAC of the node's end of the uplink (the gateway's static next hop)."""
+    return _vni_mac(2, vni)
+
+
+def uplink_inside_mac(vni: int) -> str:
+    """The MAC of the gateway's end of the uplink (the node's static neighbour entry)."""
+    return _vni_mac(3, vni)
+
+
+def uplink_addresses(vnis: Iterable[int]) -> dict[int, str]:
+    """An uplink address per NAT network of a node: ``vni`` modulo the range, the next
+    free one on a clash (by VNI order, so the same networks get the same addresses)."""
+    first = int(UPLINK_RANGE.network_address) + 2  # past the network and the next hop
+    size = UPLINK_RANGE.num_addresses - 3  # and not the broadcast address
+    taken: set[int] = set()
+    out: dict[int, str] = {}
+    for vni in sorted(set(vnis)):
+        if len(taken) == size:
+            raise ValueError(f"more NAT networks on one node than {UPLINK_RANGE} holds")
+        slot = vni % size
+        while slot in taken:
+            slot = (slot + 1) % size
+        taken.add(slot)
+        out[vni] = str(ipaddress.IPv4Address(first + slot))
+    return out
 
 
 def vni_of(ifname: str) -> int | None:
@@ -85,6 +143,16 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class NatGateway:
+    """The network's gateway on this node: NAT out of the node's own address."""
+
+    #: The gateway address (``spec.gateway``), on the DHCP namespace's ``eth0``.
+    address: str
+    #: That namespace's uplink address (:func:`uplink_addresses`).
+    uplink: str
+
+
+@dataclass(frozen=True)
 class DhcpConfig:
     #: The server's address: the same on every node (the isolated ports keep the node
     #: servers apart), reserved by the controller out of the network's range.
@@ -95,6 +163,8 @@ class DhcpConfig:
     leases: tuple[Lease, ...] = ()
     dns_servers: tuple[str, ...] = ()
     lease_seconds: int = DEFAULT_LEASE_SECONDS
+    #: This node answers on ``gateway`` and masquerades (``spec.nat``); None: it does not.
+    nat: NatGateway | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +311,8 @@ class StartDhcp:
     config: str
     hosts: str
     hosts_fingerprint: str
+    #: Also the network's NAT gateway (its address, and the uplink to the node).
+    nat: NatGateway | None = None
     #: Stop the running one first.
     restart: bool = False
     drift: bool = False

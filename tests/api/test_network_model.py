@@ -24,6 +24,11 @@ GATEWAY_V4 = "gateway must be an IPv4 address"
 GATEWAY_NEEDS_SUBNET = "gateway is only allowed with a subnet"
 GATEWAY_INSIDE = "gateway must be a host address inside subnet"
 DHCP_NEEDS_SUBNET = "dhcp is only allowed with a subnet"
+NAT_NEEDS_GATEWAY = "nat needs a gateway: the address the nodes answer on for the VMs"
+NAT_NEEDS_DHCP = (
+    "nat needs dhcp: each node's gateway lives beside its DHCP server "
+    "(which answers only the VMs' own addresses, those cloud-init writes too)"
+)
 
 
 def spec(**fields: Any) -> dict[str, Any]:
@@ -38,6 +43,9 @@ VALID = [
     spec(subnet="10.20.0.0/20"),
     spec(subnet="192.168.7.248/29", gateway="192.168.7.249", dhcp=False),
     spec(subnet="10.20.0.0/24", gateway="10.20.0.254", dhcp=True),
+    spec(subnet="10.20.0.0/24", gateway="10.20.0.1", nat=True),
+    spec(subnet="10.20.0.0/24", gateway="10.20.0.1", dhcp=True, nat=True),
+    spec(subnet="10.20.0.0/24", dhcp=False, nat=False),
 ]
 
 #: (spec, the rule messages it breaks). Fields pass the schema, so only CEL judges them.
@@ -56,6 +64,9 @@ INVALID: list[tuple[dict[str, Any], set[str]]] = [
     (spec(subnet="10.20.0.0/24", gateway="10.20.0.0"), {GATEWAY_INSIDE}),
     (spec(dhcp=True), {DHCP_NEEDS_SUBNET}),
     (spec(dhcp=False, gateway="1.2.3.4"), {DHCP_NEEDS_SUBNET, GATEWAY_NEEDS_SUBNET}),
+    (spec(subnet="10.20.0.0/24", nat=True), {NAT_NEEDS_GATEWAY}),
+    (spec(nat=True), {NAT_NEEDS_GATEWAY}),
+    (spec(subnet="10.20.0.0/24", gateway="10.20.0.1", dhcp=False, nat=True), {NAT_NEEDS_DHCP}),
 ]
 
 

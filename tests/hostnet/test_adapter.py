@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,16 @@ from typing import Any
 import pytest
 
 from virtfleet.hostnet import HostNetwork
-from virtfleet.netmodel import DhcpConfig, EnsureVxlan, Lease, LocalNetwork, RemoveNetwork
+from virtfleet.netmodel import (
+    DhcpConfig,
+    EnsureVxlan,
+    Lease,
+    LocalNetwork,
+    NatGateway,
+    RemoveNetwork,
+    gateway_mac,
+    uplink_addresses,
+)
 from virtfleet.reconcile.network_host import plan, repairs
 
 _SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -285,3 +295,75 @@ def test_two_nodes_serve_their_own_vms_and_carry_them_over_vxlan(
         assert ns.our_links() == []
         assert host.observe().dhcp == {}
         assert all(not Path(f"/proc/{p}").exists() for p in pids if p is not None)
+
+
+ONE_SHOT_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 8080))
+server.listen(1)
+print("listening", flush=True)
+conn, peer = server.accept()
+conn.sendall(b"hello from outside\\n")
+print(peer[0], flush=True)
+conn.close()
+"""
+
+
+@needs_dnsmasq
+def test_a_nat_gateway_lets_vms_out_behind_the_node_and_keeps_them_off_the_nodes(
+    namespace: Callable[[], Namespace], state_dir: Callable[[], Path]
+) -> None:
+    node_a, node_b, vm, outside = namespace(), namespace(), namespace(), namespace()
+    for peer, link, mine, theirs in (
+        (node_b, "u0", "10.99.0.1", "10.99.0.2"),
+        (outside, "w0", "10.98.0.1", "10.98.0.2"),
+    ):
+        node_a.run("ip", "link", "add", link, "type", "veth", "peer", "name", link, "netns",
+                   str(peer.holder.pid))  # fmt: skip
+        for ns, address in ((node_a, mine), (peer, theirs)):
+            ns.run("ip", "addr", "add", f"{address}/24", "dev", link)
+            ns.run("ip", "link", "set", link, "up")
+    plug_vm(node_a, vm, "tapa", MAC_A)
+    nat = NatGateway("10.50.0.1", uplink_addresses([VNI])[VNI])
+    dhcp = DhcpConfig("10.50.0.254", 24, gateway="10.50.0.1", leases=(Lease(MAC_A, "10.50.0.10"),),
+                      nat=nat)  # fmt: skip
+    want = LocalNetwork("nat", VNI, "10.99.0.1", ("10.99.0.2",), dhcp=dhcp, taps=("tapa",))
+    host = HostNetwork(state_dir(), netns=node_a.path)
+    host.guard(["10.99.0.2"], [VNI])
+    converge(host, [want])
+    assert lease(vm) == "10.50.0.10"
+    vm.run("ip", "route", "add", "default", "via", "10.50.0.1")
+    # The gateway answers with the MAC every node gives it.
+    arping = vm.run(BUSYBOX or "", "arping", "-c", "1", "-w", "2", "-I", "eth0", "10.50.0.1")
+    assert gateway_mac(VNI).upper() in arping.upper(), arping
+
+    server = subprocess.Popen(
+        ["nsenter", f"--net={outside.path}", "--", sys.executable, "-c", ONE_SHOT_SERVER],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline() == "listening\n"
+        reply = vm.run(BUSYBOX or "", "nc", "-w", "3", "10.98.0.2", "8080")
+        assert "hello from outside" in reply
+        # The world sees the node's own address, not the VM's (nor the uplink's).
+        assert server.stdout.readline().strip() == "10.98.0.1"
+    finally:
+        server.kill()
+        server.wait()
+    # Neither this node (any of its addresses) nor the other node is reachable.
+    for address in ("10.99.0.1", "10.98.0.1", "10.99.0.2"):
+        out = vm.run(BUSYBOX or "", "ping", "-c", "1", "-W", "1", address, check=False)
+        assert "100% packet loss" in out, (address, out)
+
+    # The uplink deleted behind the agent's back: the gateway is made again, a repair.
+    node_a.run("ip", "link", "del", "vfgw42")
+    assert [type(a).__name__ for a in repairs(plan([want], host.observe()))] == ["StartDhcp"]
+    converge(host, [want])
+    reply = vm.run(BUSYBOX or "", "ping", "-c", "1", "-W", "2", "10.98.0.2")
+    assert " 0% packet loss" in reply
+
+    converge(host, [])
+    assert node_a.our_links() == []

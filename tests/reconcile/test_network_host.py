@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from virtfleet.netmodel import fingerprint, read_fingerprint
+from virtfleet.netmodel import NatGateway, fingerprint, read_fingerprint, uplink_addresses
 from virtfleet.reconcile.network_dhcp import dhcp_hostname, dnsmasq_config, dnsmasq_hosts
 from virtfleet.reconcile.network_host import (
     DhcpConfig,
@@ -331,3 +331,37 @@ def test_hostnames_are_single_labels() -> None:
     assert dnsmasq_hosts(
         DhcpConfig("10.0.0.2", 24, leases=(Lease("AA:BB:CC:00:00:01", "10.0.0.5"),))
     ) == ("aa:bb:cc:00:00:01,10.0.0.5\n")
+
+
+def test_nat_is_part_of_the_config_and_a_missing_uplink_is_a_repair() -> None:
+    gateway = NatGateway("10.50.0.1", "169.254.64.44")
+    network = dataclasses.replace(NET, dhcp=dataclasses.replace(DHCP, nat=gateway))
+    config = dnsmasq_config(network)
+    assert "# NAT gateway 10.50.0.1, uplink 169.254.64.44\n" in config
+    # Turned on: the namespace is made again, with the gateway in it.
+    actions = plan([network], realised())
+    start = actions[0]
+    assert isinstance(start, StartDhcp)
+    assert start.nat == gateway
+    assert start.restart
+    assert not start.drift
+    # As wanted, with the uplink up: nothing to do; without it: a repair.
+    up = realised(network)
+    uplink = ObservedLink("vfgw42", "veth", network.mtu)
+    with_uplink = dataclasses.replace(up, links={**up.links, "vfgw42": uplink})
+    assert plan([network], with_uplink) == []
+    (repair, _port) = plan([network], up)
+    assert isinstance(repair, StartDhcp)
+    assert repair.drift
+    assert "vfgw42" in repair.reason
+    # A node that no longer has the network removes the uplink with the rest.
+    (teardown,) = plan([], with_uplink)
+    assert isinstance(teardown, RemoveNetwork)
+    assert "vfgw42" in teardown.links
+
+
+def test_uplink_addresses_are_stable_and_never_clash() -> None:
+    first = uplink_addresses([7, 16388, 9])
+    assert first == {7: "169.254.64.9", 9: "169.254.64.11", 16388: "169.254.64.10"}
+    assert uplink_addresses([7]) == {7: "169.254.64.9"}
+    assert len(set(uplink_addresses(range(1, 3000, 7)).values())) == len(range(1, 3000, 7))

@@ -166,3 +166,35 @@ def test_two_networks_with_one_vni_realise_neither() -> None:
         members, {"red": red, "blue": blue}, tunnel_address="192.0.2.11", peers=[]
     )
     assert wanted == []
+
+
+def test_nat_networks_get_a_gateway_and_distinct_uplinks_on_a_node() -> None:
+    nat = {"gateway": "10.77.0.1", "nat": True}
+    red = view(spec=nat, status={"addresses": [address(UID, "lan", "10.77.0.2")]})
+    # A VNI 2^14 - 3 apart maps to the same slot: the later one takes the next.
+    blue = view(
+        "blue",
+        spec=nat,
+        status={"vni": 4096 + 16381, "addresses": [address(UID, "wan", "10.77.0.3")]},
+    )
+    plain = view("plain", spec={"gateway": "10.77.0.1"}, status={"vni": 5000})
+    members = members_of(
+        "team-a",
+        "web",
+        UID,
+        spec(RED, {"name": "wan", "type": "network", "network": "blue"},
+             {"name": "lan2", "type": "network", "network": "plain"}),
+    )  # fmt: skip
+    found = desired_networks(
+        members, {"red": red, "blue": blue, "plain": plain}, tunnel_address="192.0.2.11", peers=[]
+    )
+    by_name = {network.name: network for network in found}
+    red_nat, blue_nat = by_name["red"].dhcp, by_name["blue"].dhcp
+    assert red_nat is not None and red_nat.nat is not None  # noqa: PT018
+    assert blue_nat is not None and blue_nat.nat is not None  # noqa: PT018
+    assert red_nat.nat.address == "10.77.0.1"
+    assert red_nat.nat.uplink == "169.254.80.2"  # 169.254.64.2 + 4096 % 16381
+    assert blue_nat.nat.uplink == "169.254.80.3"
+    plain_dhcp = by_name["plain"].dhcp
+    assert plain_dhcp is not None
+    assert plain_dhcp.nat is None  # a gateway alone is somebody else's router

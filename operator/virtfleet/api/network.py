@@ -129,6 +129,14 @@ class VMNetworkSpec(ApiModel):
         description="Serve DHCP on every node (from status.dhcpAddress). Default true when "
         "subnet is set; only with subnet.",
     )
+    nat: bool | None = Field(
+        default=None,
+        description="Outbound NAT: every node with a VM on the network answers on gateway "
+        "(the same address and MAC on each, so a migrated VM keeps its route) and "
+        "masquerades the VMs' connections behind the node's own address. Nothing is "
+        "forwarded inward, and the nodes themselves stay out of reach. Needs gateway and "
+        "DHCP (which serves only the IPAM addresses cloud-init writes too). Default false.",
+    )
 
     cel_rules = (
         CelRule(
@@ -184,6 +192,19 @@ class VMNetworkSpec(ApiModel):
             field_path=".gateway",
         ),
         CelRule(
+            rule="!has(self.nat) || !self.nat || has(self.gateway)",
+            message="nat needs a gateway: the address the nodes answer on for the VMs",
+            check=lambda s: not s.nat or s.gateway is not None,
+            field_path=".nat",
+        ),
+        CelRule(
+            rule="!has(self.nat) || !self.nat || !has(self.dhcp) || self.dhcp",
+            message="nat needs dhcp: each node's gateway lives beside its DHCP server "
+            "(which answers only the VMs' own addresses, those cloud-init writes too)",
+            check=lambda s: not s.nat or s.dhcp is not False,
+            field_path=".nat",
+        ),
+        CelRule(
             rule="!has(self.dhcp) || has(self.subnet)",
             message="dhcp is only allowed with a subnet",
             check=lambda s: s.dhcp is None or s.subnet is not None,
@@ -206,6 +227,10 @@ class VMNetworkSpec(ApiModel):
     @property
     def dhcp_enabled(self) -> bool:
         return self.subnet is not None and self.dhcp is not False
+
+    @property
+    def nat_enabled(self) -> bool:
+        return bool(self.nat) and self.gateway is not None and self.dhcp_enabled
 
     def allows(self, namespace: str) -> bool:
         return ALL_NAMESPACES in self.namespaces or namespace in self.namespaces

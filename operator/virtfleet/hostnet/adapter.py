@@ -18,6 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from virtfleet.hostnet import links
 from virtfleet.hostnet.dhcp import DhcpServers
 from virtfleet.hostnet.errors import HostNetworkError
+from virtfleet.hostnet.gateway import enable_forwarding
 from virtfleet.hostnet.guard import ensure_guard
 from virtfleet.hostnet.netns import iproute
 from virtfleet.logs import get_logger
@@ -105,6 +106,8 @@ class HostNetwork:
             case SetFloodPeers():
                 links.set_flood_peers(ipr, action)
             case StartDhcp():
+                if action.nat is not None:
+                    enable_forwarding(self.netns)
                 self.dhcp.start(ipr, action)
             case ReloadDhcp():
                 self.dhcp.reload(action)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from virtfleet.hostnet.errors import HostNetworkError
+from virtfleet.hostnet.gateway import plug_in_gateway, set_gateway_mac
 from virtfleet.hostnet.links import NO_LINK_LOCAL, delete_link
 from virtfleet.hostnet.netns import iproute
 from virtfleet.logs import get_logger
@@ -38,6 +39,7 @@ from virtfleet.netmodel import (
     ReloadDhcp,
     StartDhcp,
     dhcp_port_name,
+    gateway_port_name,
     read_fingerprint,
     vni_of,
 )
@@ -150,8 +152,9 @@ class DhcpServers:
         if pid is not None:
             self._terminate(pid)
             _log.info("DHCP server stopped", vni=vni, pid=pid)
-        # The namespace (and the veth in it) is freed asynchronously after dnsmasq exits.
+        # The namespace (and the veths in it) is freed asynchronously after dnsmasq exits.
         delete_link(ipr, dhcp_port_name(vni))
+        delete_link(ipr, gateway_port_name(vni))
         if remove_state:
             for path in files.all():
                 path.unlink(missing_ok=True)
@@ -242,8 +245,12 @@ def _plug_in(ipr: Any, pid: int, action: StartDhcp) -> None:
         inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
         eth0 = inside.link_lookup(ifname="eth0")[0]
         inside.link("set", index=eth0, IFLA_AF_SPEC=NO_LINK_LOCAL)
+        if action.nat is not None:
+            set_gateway_mac(inside, eth0, action.vni)
         inside.addr("add", index=eth0, address=action.address, prefixlen=action.prefix_length)
         inside.link("set", index=eth0, state="up")
+    if action.nat is not None:
+        plug_in_gateway(ipr, pid, action.vni, action.mtu, action.prefix_length, action.nat)
 
 
 def _is_our_dnsmasq(pid: int, files: DhcpFiles) -> bool:

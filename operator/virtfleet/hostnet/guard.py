@@ -10,6 +10,12 @@
   put frames into a VMNetwork (and, the VXLAN learning, steal a VM's unicast). The guard
   drops VXLAN packets of our VNIs whose source is not another node's tunnel address
   (the VMHosts'): only nodes speak on the segments. Other VNIs (a CNI's) pass.
+* NAT gateways (``vfgw*``, :mod:`virtfleet.hostnet.gateway`) reach the world through the
+  node, not the node: nothing from them is input; they do not reach each other (one
+  network's VMs into another's gateway) nor the other nodes' tunnel addresses (their
+  agents, libvirtds and kubelets); nothing new is forwarded into them. What leaves is
+  masqueraded behind the node's own address (only their uplink range: nobody else's
+  traffic is touched).
 """
 
 from __future__ import annotations
@@ -20,32 +26,50 @@ from collections.abc import Iterable
 from typing import Final
 
 from virtfleet.hostnet.errors import HostNetworkError
-from virtfleet.netmodel import BRIDGE_PREFIX, VXLAN_UDP_PORT
+from virtfleet.netmodel import BRIDGE_PREFIX, GATEWAY_PORT_PREFIX, UPLINK_RANGE, VXLAN_UDP_PORT
 
 __all__ = ["TABLE", "ensure_guard", "guard_ruleset"]
 
 TABLE: Final = "virtfleet_vmnetworks"
+FAMILIES: Final = ("inet", "arp", "ip")
 
 
 def guard_ruleset(peers: Iterable[str] = (), vnis: Iterable[int] = ()) -> str:
-    """``nft -f`` input that (re)makes both tables (idempotent)."""
+    """``nft -f`` input that (re)makes the three tables (idempotent)."""
     bridges = f'    iifname "{BRIDGE_PREFIX}*" counter drop\n'
+    gateways = f'    iifname "{GATEWAY_PORT_PREFIX}*" counter drop\n'
     vxlan = ""
     ours = ", ".join(str(v) for v in sorted(set(vnis)))
+    nodes = ", ".join(sorted(set(peers)))
     if ours:
-        nodes = ", ".join(sorted(set(peers)))
         others = f"ip saddr != {{ {nodes} }} " if nodes else ""
         vxlan = f"    udp dport {VXLAN_UDP_PORT} @th,96,24 {{ {ours} }} {others}counter drop\n"
     head = "  chain input {\n    type filter hook input priority filter - 5; policy accept;\n"
-    chains = {"inet": f"{head}{bridges}{vxlan}  }}\n", "arp": f"{head}{bridges}  }}\n"}
+    to_nodes = f'    iifname "{GATEWAY_PORT_PREFIX}*" ip daddr {{ {nodes} }} counter drop\n'
+    forward = (
+        "  chain forward {\n    type filter hook forward priority filter - 5; policy accept;\n"
+        f'    iifname "{GATEWAY_PORT_PREFIX}*" oifname "{GATEWAY_PORT_PREFIX}*" counter drop\n'
+        + (to_nodes if nodes else "")
+        + f'    oifname "{GATEWAY_PORT_PREFIX}*" ct state != {{ established, related }} '
+        "counter drop\n  }\n"
+    )
+    masquerade = (
+        "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {UPLINK_RANGE} oifname != "{GATEWAY_PORT_PREFIX}*" masquerade\n  }}\n'
+    )
+    tables = {
+        "inet": f"{head}{bridges}{gateways}{vxlan}  }}\n{forward}",
+        "arp": f"{head}{bridges}  }}\n",
+        "ip": masquerade,
+    }
     return "".join(
         f"table {family} {TABLE}\ndelete table {family} {TABLE}\n"
         f"table {family} {TABLE} {{\n{chain}}}\n"
-        for family, chain in chains.items()
+        for family, chain in tables.items()
     )
 
 
-def _nft() -> str:
+def nft_binary() -> str:
     found = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     if found is None:
         raise HostNetworkError("nft is not installed (Debian package nftables)")
@@ -56,13 +80,13 @@ def ensure_guard(
     netns: str | None = None, peers: Iterable[str] = (), vnis: Iterable[int] = (), *,
     force: bool = False,
 ) -> bool:  # fmt: skip
-    """Make the tables unless both are there (in the namespace at path ``netns``, None:
+    """Make the tables unless all are there (in the namespace at path ``netns``, None:
     this process's), or always with ``force`` (peers or VNIs changed); True when made."""
-    nft = [_nft()] if netns is None else ["nsenter", f"--net={netns}", "--", _nft()]
+    nft = [nft_binary()] if netns is None else ["nsenter", f"--net={netns}", "--", nft_binary()]
     present = subprocess.run(
         [*nft, "list", "tables"], capture_output=True, text=True, timeout=30, check=False
     ).stdout
-    if not force and f"table inet {TABLE}" in present and f"table arp {TABLE}" in present:
+    if not force and all(f"table {family} {TABLE}" in present for family in FAMILIES):
         return False
     result = subprocess.run(
         [*nft, "-f", "-"], input=guard_ruleset(peers, vnis), capture_output=True, text=True,

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from pyroute2 import IPRoute
 
-__all__ = ["iproute"]
+__all__ = ["entered", "iproute"]
 
 _CLONE_NEWNET: Final = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -29,17 +29,27 @@ def _setns(fd: int) -> None:
 
 
 @contextmanager
+def entered(netns: str | None) -> Iterator[None]:
+    """This thread in the namespace at path ``netns`` for the block (None: stays home).
+
+    What it opens meanwhile belongs to that namespace: sockets, ``/proc/sys/net`` files.
+    """
+    if netns is None:
+        yield
+        return
+    with open("/proc/thread-self/ns/net", "rb") as home, open(netns, "rb") as there:
+        _setns(there.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
+
+
+@contextmanager
 def iproute(netns: str | None = None) -> Iterator[Any]:
     """An ``IPRoute`` on the namespace at path ``netns`` (None: this thread's own)."""
-    if netns is None:
+    with entered(netns):
         ipr = IPRoute()
-    else:
-        with open("/proc/thread-self/ns/net", "rb") as home, open(netns, "rb") as there:
-            _setns(there.fileno())
-            try:
-                ipr = IPRoute()
-            finally:
-                _setns(home.fileno())
     try:
         yield ipr
     finally:

@@ -43,6 +43,13 @@ def dnsmasq_config(network: LocalNetwork) -> str:
         f"dhcp-option={dns}",
         # Guests would assume 1500 and lose big frames to the VXLAN overhead.
         f"dhcp-option=option:mtu,{network.mtu}",
+        # The gateway is not dnsmasq's business, but a change of it must restart the
+        # namespace it lives in: it is part of what the fingerprint covers.
+        *(
+            [f"# NAT gateway {dhcp.nat.address}, uplink {dhcp.nat.uplink}"]
+            if dhcp.nat is not None
+            else []
+        ),
         # Routine lease traffic stays out of the log (it lives on tmpfs); errors do not.
         "quiet-dhcp",
         "log-facility=-",

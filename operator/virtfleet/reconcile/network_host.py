@@ -40,6 +40,7 @@ from virtfleet.netmodel import (
     bridge_name,
     dhcp_port_name,
     fingerprint,
+    gateway_port_name,
     read_fingerprint,
     vni_of,
     vxlan_name,
@@ -281,7 +282,8 @@ def _dhcp(
         return [StopDhcp(network.name, network.vni, reason="the network has no DHCP any more")]
     config = dnsmasq_config(network)
     hosts = dnsmasq_hosts(network.dhcp)
-    start = _start_dhcp(network, state, port, config)
+    uplink = observed.links.get(gateway_port_name(network.vni))
+    start = _start_dhcp(network, state, port, config, uplink)
     actions: list[NetworkAction] = []
     if start is not None:
         actions.append(
@@ -294,6 +296,7 @@ def _dhcp(
                 config,
                 hosts,
                 fingerprint(hosts),
+                nat=network.dhcp.nat,
                 restart=start[0],
                 drift=start[1],
                 reason=start[2],
@@ -337,6 +340,7 @@ def _start_dhcp(
     state: ObservedDhcp | None,
     port: ObservedLink | None,
     config: str,
+    uplink: ObservedLink | None,
 ) -> tuple[bool, bool, str] | None:
     """(restart, drift, reason) when dnsmasq must be (re)started, else None."""
     if state is None:
@@ -348,6 +352,11 @@ def _start_dhcp(
     if port is None or port.kind != "veth":
         # Its veth is its only interface: without it dnsmasq serves nobody.
         return True, True, f"the DHCP server's port {dhcp_port_name(network.vni)} was missing"
+    nat = network.dhcp is not None and network.dhcp.nat is not None
+    if nat and (uplink is None or uplink.kind != "veth" or not uplink.up):
+        # The gateway's way out: made with the namespace, so made again with it.
+        name = gateway_port_name(network.vni)
+        return True, True, f"the NAT gateway's uplink {name} was missing or down"
     return None
 
 

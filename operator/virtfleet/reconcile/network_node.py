@@ -29,7 +29,14 @@ from virtfleet.api.network import DEFAULT_MTU, VMNetworkSpec, VMNetworkStatus
 from virtfleet.api.virtualmachine import InterfaceType, VirtualMachineSpec
 from virtfleet.domain.inputs import AttachedNetwork
 from virtfleet.identity import derive_mac
-from virtfleet.netmodel import DhcpConfig, Lease, LocalNetwork, bridge_name
+from virtfleet.netmodel import (
+    DhcpConfig,
+    Lease,
+    LocalNetwork,
+    NatGateway,
+    bridge_name,
+    uplink_addresses,
+)
 from virtfleet.reconcile.placement import NETWORK_NOT_ALLOWED, NETWORK_NOT_FOUND
 
 __all__ = [
@@ -224,6 +231,9 @@ def desired_networks(
             m for m in _members_from_ports(name, view, on_bridge) if (m.uid, m.mac) not in present
         ]
     others = tuple(sorted({p for p in peers if p and p != tunnel_address}))
+    uplinks = uplink_addresses(
+        usable[name].vni or 0 for name in by_network if usable[name].spec.nat_enabled
+    )
     out: list[LocalNetwork] = []
     for name, on_network in sorted(by_network.items()):
         view = usable[name]
@@ -235,7 +245,7 @@ def desired_networks(
                 tunnel_address=tunnel_address,
                 peers=others,
                 mtu=view.mtu,
-                dhcp=_dhcp(view, on_network),
+                dhcp=_dhcp(view, on_network, uplinks.get(view.vni)),
                 taps=tuple(taps.get(name, ())),
             )
         )
@@ -267,9 +277,11 @@ def _members_from_ports(
     return out
 
 
-def _dhcp(view: NetworkView, members: list[Member]) -> DhcpConfig | None:
+def _dhcp(view: NetworkView, members: list[Member], uplink: str | None) -> DhcpConfig | None:
     if view.dhcp_address is None or view.prefix_length is None:
         return None
+    gateway = view.spec.gateway
+    nat = NatGateway(gateway, uplink) if gateway and uplink and view.spec.nat_enabled else None
     leases = sorted(
         {
             Lease(
@@ -285,8 +297,9 @@ def _dhcp(view: NetworkView, members: list[Member]) -> DhcpConfig | None:
     return DhcpConfig(
         address=view.dhcp_address,
         prefix_length=view.prefix_length,
-        gateway=view.spec.gateway,
+        gateway=gateway,
         leases=tuple(leases),
+        nat=nat,
     )
 
 
