@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Final
 
+from virtfleet.hostnet.devconf import set_forwarding
 from virtfleet.hostnet.errors import HostNetworkError
 from virtfleet.hostnet.guard import nft_binary as _nft
 from virtfleet.hostnet.links import NO_LINK_LOCAL, delete_link
@@ -104,18 +105,26 @@ def plug_in_gateway(
             "add", dst=UPLINK_NEXT_HOP, lladdr=uplink_mac(vni), ifindex=up0, state=_NUD_PERMANENT
         )
         inside.route("add", dst="0.0.0.0/0", gateway=UPLINK_NEXT_HOP, oif=up0, flags=_RTNH_F_ONLINK)
-    with entered(netns):
-        _FORWARDING.write_text("1\n")
+    for ifname in ("eth0", UPLINK_INSIDE):
+        set_forwarding(netns, ifname)
     _run_in(netns, [_nft(), "-f", "-"], stdin=namespace_rules())
 
 
 def enable_forwarding(netns: str | None) -> bool:
-    """IPv4 forwarding on the node (its gateways' traffic leaves through it); True when
-    it had been off. Kubernetes nodes forward already: their CNI needs it too."""
+    """IPv4 forwarding on the node (its gateways' traffic leaves through it, the replies
+    come back through its own interfaces); True when it had been off. Kubernetes nodes
+    forward already: their CNI needs it too."""
     with entered(netns):
         if _FORWARDING.read_text().strip() == "1":
             return False
-        _FORWARDING.write_text("1\n")
+        try:
+            _FORWARDING.write_text("1\n")
+        except OSError as exc:  # /proc/sys is read-only in an unprivileged container
+            raise HostNetworkError(
+                "IPv4 forwarding is off on this node and the agent cannot turn it on "
+                f"({exc.strerror}): run sysctl -w net.ipv4.ip_forward=1 on the node (as a "
+                "Kubernetes CNI needs anyway) for VMNetwork NAT"
+            ) from exc
     _log.warning("IPv4 forwarding was off on the node; turned on for VMNetwork NAT")
     return True
 
