@@ -55,7 +55,8 @@ def guard_ruleset(peers: Iterable[str] = (), vnis: Iterable[int] = ()) -> str:
     )
     masquerade = (
         "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    ip saddr {UPLINK_RANGE} oifname != "{GATEWAY_PORT_PREFIX}*" masquerade\n  }}\n'
+        f'    iifname "{GATEWAY_PORT_PREFIX}*" ip saddr {UPLINK_RANGE} '
+        f'oifname != "{GATEWAY_PORT_PREFIX}*" masquerade\n  }}\n'
     )
     tables = {
         "inet": f"{head}{bridges}{gateways}{vxlan}  }}\n{forward}",
