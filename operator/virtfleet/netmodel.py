@@ -85,6 +85,11 @@ def uplink_inside_mac(vni: int) -> str:
     return _vni_mac(3, vni)
 
 
+def gateway_done_alias(nat: NatGateway) -> str:
+    """What a finished gateway's uplink carries as its alias (set as the last step)."""
+    return f"virtfleet NAT gateway {nat.address} via {nat.uplink}"
+
+
 def uplink_addresses(vnis: Iterable[int]) -> dict[int, str]:
     """An uplink address per NAT network of a node: ``vni`` modulo the range, the next
     free one on a clash (by VNI order, so the same networks get the same addresses)."""
@@ -208,6 +213,8 @@ class ObservedLink:
     isolated: bool = False
     #: Whether the kernel gives it an IPv6 link-local address (addrgenmode not none).
     ipv6_link_local: bool = False
+    #: Its ``ifalias``: a NAT gateway's uplink says there that it is finished, and how.
+    alias: str = ""
     # vxlan
     vni: int | None = None
     local: str | None = None
@@ -311,10 +318,25 @@ class StartDhcp:
     config: str
     hosts: str
     hosts_fingerprint: str
-    #: Also the network's NAT gateway (its address, and the uplink to the node).
+    #: Its ``eth0`` is also the network's NAT gateway (:class:`PlugGateway` follows):
+    #: the gateway's MAC is set before the link is up.
     nat: NatGateway | None = None
     #: Stop the running one first.
     restart: bool = False
+    drift: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PlugGateway:
+    """Make the network's NAT gateway in its running dnsmasq's namespace (its uplink to
+    the node last): from scratch each time, so a pass cut short is simply done again."""
+
+    network: str
+    vni: int
+    mtu: int
+    prefix_length: int
+    nat: NatGateway
     drift: bool = False
     reason: str = ""
 
@@ -359,6 +381,7 @@ NetworkAction = (
     | EnsurePort
     | SetFloodPeers
     | StartDhcp
+    | PlugGateway
     | ReloadDhcp
     | StopDhcp
     | RemoveNetwork

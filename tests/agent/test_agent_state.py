@@ -74,7 +74,7 @@ class LateResponseKube(FakeKube):
     def __init__(self, agent_box: list[Agent]) -> None:
         super().__init__()
         self.agent_box = agent_box
-        self.late_once = True
+        self.responses: list[dict[str, Any]] = []
 
     async def patch_status(
         self,
@@ -88,11 +88,11 @@ class LateResponseKube(FakeKube):
         response = await super().patch_status(
             kind, namespace, name, patch, resource_version=resource_version
         )
-        if self.late_once:
-            self.late_once = False
+        if not self.responses:
             stored = self.get_now("VirtualMachine", namespace, name)
             stored["status"]["printableStatus"] = "Unknown"
             self.agent_box[0].on_vm_event("MODIFIED", self.put("VirtualMachine", stored))
+        self.responses.append(response)
         return response
 
 
@@ -111,7 +111,10 @@ async def test_a_late_write_response_never_rolls_back_a_later_writers_status(
 
     # The cache keeps the controller's later copy, not the agent's own older response...
     assert agent.cache[KEY]["status"]["printableStatus"] == "Unknown"
-    # ...so the agent's next pass sees the difference and writes its truth again.
-    await agent._write_status(body, stopped)
+    # ...and a pass that read the agent's own copy (which says Stopped already) still
+    # writes its truth: the difference is taken from the newest copy known.
+    (own,) = kube.responses
+    assert own["status"]["printableStatus"] == "Stopped"
+    await agent._write_status(own, stopped)
     assert kube.get_now("VirtualMachine", "ns", "web")["status"]["printableStatus"] == "Stopped"
     assert agent.cache[KEY]["status"]["printableStatus"] == "Stopped"

@@ -32,8 +32,9 @@ class PaperHost:
     def observe(self) -> ObservedHost:
         return ObservedHost()
 
-    def apply(self, actions: list[NetworkAction]) -> None:
+    def apply(self, actions: list[NetworkAction]) -> dict[int, str]:
         self.applied += actions
+        return {}
 
     def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool:
         self.guards.append((list(peers), list(vnis)))

@@ -24,6 +24,7 @@ import pytest
 
 from virtfleet.hostnet import HostNetwork
 from virtfleet.netmodel import (
+    UPLINK_RANGE,
     DhcpConfig,
     EnsureVxlan,
     Lease,
@@ -53,6 +54,20 @@ VNI = 42
 MAC_A, MAC_B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 
 
+def run_in(path: str, *command: str, check: bool = True) -> str:
+    """``command`` in the network namespace at ``path``; its output."""
+    done = subprocess.run(
+        ["nsenter", f"--net={path}", "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{command} failed: {done.stdout}{done.stderr}")
+    return done.stdout + done.stderr
+
+
 class Namespace:
     """A network namespace that lives as long as its holder process."""
 
@@ -66,16 +81,7 @@ class Namespace:
         self.run("ip", "link", "set", "lo", "up")
 
     def run(self, *command: str, check: bool = True) -> str:
-        done = subprocess.run(
-            ["nsenter", f"--net={self.path}", "--", *command],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(f"{command} failed: {done.stdout}{done.stderr}")
-        return done.stdout + done.stderr
+        return run_in(self.path, *command, check=check)
 
     def link(self, name: str) -> dict[str, Any]:
         shown: list[dict[str, Any]] = json.loads(self.run("ip", "-d", "-j", "link", "show", name))
@@ -137,7 +143,7 @@ def node(ns: Namespace, address: str) -> None:
 
 
 def converge(host: HostNetwork, networks: list[LocalNetwork]) -> None:
-    host.apply(plan(networks, host.observe()))
+    assert host.apply(plan(networks, host.observe())) == {}, "no network failed"
     assert plan(networks, host.observe()) == [], "a second pass has nothing to do"
 
 
@@ -325,15 +331,31 @@ def test_a_nat_gateway_lets_vms_out_behind_the_node_and_keeps_them_off_the_nodes
         for ns, address in ((node_a, mine), (peer, theirs)):
             ns.run("ip", "addr", "add", f"{address}/24", "dev", link)
             ns.run("ip", "link", "set", link, "up")
+    # Beyond the outside host: "cloud metadata" and a range the admin denies (the
+    # cluster's), both routed there by node a.
+    for address in ("169.254.169.254", "10.97.0.1"):
+        outside.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        node_a.run("ip", "route", "add", f"{address}/32", "via", "10.98.0.2")
     plug_vm(node_a, vm, "tapa", MAC_A)
     nat = NatGateway("10.50.0.1", uplink_addresses([VNI])[VNI])
     dhcp = DhcpConfig("10.50.0.254", 24, gateway="10.50.0.1", leases=(Lease(MAC_A, "10.50.0.10"),),
                       nat=nat)  # fmt: skip
     want = LocalNetwork("nat", VNI, "10.99.0.1", ("10.99.0.2",), dhcp=dhcp, taps=("tapa",))
-    host = HostNetwork(state_dir(), netns=node_a.path)
+    host = HostNetwork(
+        state_dir(), netns=node_a.path, local="10.99.0.1", nat_denied=["10.97.0.0/16"]
+    )
     host.guard(["10.99.0.2"], [VNI])
     converge(host, [want])
     assert lease(vm) == "10.50.0.10"
+    # Forwarding in the gateway's namespace is per interface (netlink), not global.
+    pid = host.observe().dhcp[VNI].pid
+    assert pid is not None
+    forwarding = run_in(
+        f"/proc/{pid}/ns/net",
+        "cat",
+        *(f"/proc/sys/net/ipv4/conf/{i}/forwarding" for i in ("all", "eth0", "up0")),
+    )
+    assert forwarding.split() == ["0", "1", "1"]
     vm.run("ip", "route", "add", "default", "via", "10.50.0.1")
     # The gateway answers with the MAC every node gives it.
     arping = vm.run(BUSYBOX or "", "arping", "-c", "1", "-w", "2", "-I", "eth0", "10.50.0.1")
@@ -353,17 +375,91 @@ def test_a_nat_gateway_lets_vms_out_behind_the_node_and_keeps_them_off_the_nodes
     finally:
         server.kill()
         server.wait()
-    # Neither this node (any of its addresses) nor the other node is reachable.
-    for address in ("10.99.0.1", "10.98.0.1", "10.99.0.2"):
+    # Neither this node (any of its addresses) nor the other node is reachable, nor
+    # link-local metadata, nor a denied range; the outside host is (the control).
+    for address in ("10.99.0.1", "10.98.0.1", "10.99.0.2", "169.254.169.254", "10.97.0.1"):
         out = vm.run(BUSYBOX or "", "ping", "-c", "1", "-W", "1", address, check=False)
         assert "100% packet loss" in out, (address, out)
+    assert " 0% packet loss" in vm.run(BUSYBOX or "", "ping", "-c", "1", "-W", "2", "10.98.0.2")
+    # No tunnel packet leaves as the node (another node's VXLAN would take it from a peer).
+    received = udp_received(outside, vm, "10.98.0.2", ports=(4789, 8472, 4790))
+    assert received == [4790], received
 
     # The uplink deleted behind the agent's back: the gateway is made again, a repair.
     node_a.run("ip", "link", "del", "vfgw42")
-    assert [type(a).__name__ for a in repairs(plan([want], host.observe()))] == ["StartDhcp"]
+    assert [type(a).__name__ for a in repairs(plan([want], host.observe()))] == ["PlugGateway"]
     converge(host, [want])
     reply = vm.run(BUSYBOX or "", "ping", "-c", "1", "-W", "2", "10.98.0.2")
     assert " 0% packet loss" in reply
 
     converge(host, [])
     assert node_a.our_links() == []
+
+
+UDP_RECEIVER = """
+import select, socket, sys
+ports = [int(p) for p in sys.argv[1:]]
+socks = []
+for port in ports:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    socks.append(sock)
+print("listening", flush=True)
+got = set()
+while ports[-1] not in got:  # the last port is the control: sent last, always let through
+    ready, _, _ = select.select(socks, [], [], 10)
+    if not ready:
+        break
+    for sock in ready:
+        sock.recv(2048)
+        got.add(sock.getsockname()[1])
+print(" ".join(str(p) for p in sorted(got)), flush=True)
+"""
+
+
+def udp_received(
+    outside: Namespace, vm: Namespace, address: str, ports: tuple[int, ...]
+) -> list[int]:
+    """The ports of ``ports`` on which ``outside`` got the VM's datagram (the last one is
+    a control that must get through)."""
+    receiver = subprocess.Popen(
+        ["nsenter", f"--net={outside.path}", "--", sys.executable, "-c", UDP_RECEIVER,
+         *map(str, ports)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline() == "listening\n"
+        for port in ports:
+            send = f"import socket; socket.socket(2, 2).sendto(b'x', ({address!r}, {port}))"
+            vm.run(sys.executable, "-c", send)
+        return [int(p) for p in receiver.stdout.readline().split()]
+    finally:
+        receiver.kill()
+        receiver.wait()
+
+
+@needs_dnsmasq
+def test_a_lower_vni_takes_an_uplink_address_and_the_other_network_moves_on(
+    namespace: Callable[[], Namespace], state_dir: Callable[[], Path]
+) -> None:
+    host_ns = namespace()
+    node(host_ns, "10.99.0.1")
+
+    def nat_network(vni: int, vnis: list[int]) -> LocalNetwork:
+        nat = NatGateway("10.50.0.1", uplink_addresses(vnis)[vni])
+        dhcp = DhcpConfig("10.50.0.254", 24, gateway="10.50.0.1", nat=nat)
+        return LocalNetwork(f"net{vni}", vni, "10.99.0.1", dhcp=dhcp)
+
+    high = 42 + UPLINK_RANGE.num_addresses - 3  # the same slot as VNI 42
+    host = HostNetwork(state_dir(), netns=host_ns.path, local="10.99.0.1")
+    converge(host, [nat_network(high, [high])])
+    assert uplink_addresses([high]) == {high: "169.254.64.44"}
+    assert uplink_addresses([42, high]) == {42: "169.254.64.44", high: "169.254.64.45"}
+    both = [nat_network(42, [42, high]), nat_network(high, [42, high])]
+    converge(host, both)  # no EEXIST on the address the lower VNI takes over
+    routes = host_ns.run("ip", "-4", "route", "show")
+    assert "169.254.64.44 dev vfgw42 " in routes, routes
+    assert f"169.254.64.45 dev vfgw{high} " in routes, routes
+    converge(host, [])
+    assert host_ns.our_links() == []

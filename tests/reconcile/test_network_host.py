@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 
-from virtfleet.netmodel import NatGateway, fingerprint, read_fingerprint, uplink_addresses
+from virtfleet.netmodel import (
+    NatGateway,
+    PlugGateway,
+    fingerprint,
+    gateway_done_alias,
+    read_fingerprint,
+    uplink_addresses,
+)
 from virtfleet.reconcile.network_dhcp import dhcp_hostname, dnsmasq_config, dnsmasq_hosts
 from virtfleet.reconcile.network_host import (
     DhcpConfig,
@@ -333,34 +340,44 @@ def test_hostnames_are_single_labels() -> None:
     ) == ("aa:bb:cc:00:00:01,10.0.0.5\n")
 
 
-def test_nat_is_part_of_the_config_and_a_missing_uplink_is_a_repair() -> None:
+def test_nat_is_part_of_the_config_and_its_gateway_an_action_of_its_own() -> None:
     gateway = NatGateway("10.50.0.1", "169.254.64.44")
     network = dataclasses.replace(NET, dhcp=dataclasses.replace(DHCP, nat=gateway))
     config = dnsmasq_config(network)
     assert "# NAT gateway 10.50.0.1, uplink 169.254.64.44\n" in config
-    # Turned on: the namespace is made again, with the gateway in it.
+    # Turned on: the namespace is made again (the gateway's MAC goes on first), then the
+    # gateway, after the DHCP port: a gateway that fails leaves DHCP serving.
     actions = plan([network], realised())
-    start = actions[0]
+    assert kinds(actions) == ["StartDhcp", "EnsurePort", "PlugGateway"]
+    start, _, plug = actions
     assert isinstance(start, StartDhcp)
     assert start.nat == gateway
     assert start.restart
-    assert not start.drift
-    # As wanted, with the uplink up: nothing to do; without it: a repair.
+    assert isinstance(plug, PlugGateway)
+    assert (plug.nat, plug.prefix_length, plug.drift) == (gateway, 24, False)
+    # Finished (up, and its alias says so): nothing to do.
     up = realised(network)
-    uplink = ObservedLink("vfgw42", "veth", network.mtu)
-    with_uplink = dataclasses.replace(up, links={**up.links, "vfgw42": uplink})
-    assert plan([network], with_uplink) == []
-    (repair, _port) = plan([network], up)
-    assert isinstance(repair, StartDhcp)
-    assert repair.drift
-    assert "vfgw42" in repair.reason
+    done = ObservedLink("vfgw42", "veth", network.mtu, alias=gateway_done_alias(gateway))
+    finished = dataclasses.replace(up, links={**up.links, "vfgw42": done})
+    assert plan([network], finished) == []
+    # Gone or down: a repair of the gateway alone; unfinished or for another uplink
+    # address: made again, not a repair.
+    for observed, drift in (
+        (up, True),
+        (changed(finished, "vfgw42", up=False), True),
+        (changed(finished, "vfgw42", alias=""), False),
+        (changed(finished, "vfgw42", alias="virtfleet NAT gateway 10.50.0.1 via x"), False),
+    ):
+        (again,) = plan([network], observed)
+        assert isinstance(again, PlugGateway)
+        assert again.drift is drift
     # A node that no longer has the network removes the uplink with the rest.
-    (teardown,) = plan([], with_uplink)
+    (teardown,) = plan([], finished)
     assert isinstance(teardown, RemoveNetwork)
     assert "vfgw42" in teardown.links
 
 
-def test_uplink_addresses_are_stable_and_never_clash() -> None:
+def test_uplink_addresses_follow_the_vni_and_never_clash() -> None:
     first = uplink_addresses([7, 16388, 9])
     assert first == {7: "169.254.64.9", 9: "169.254.64.11", 16388: "169.254.64.10"}
     assert uplink_addresses([7]) == {7: "169.254.64.9"}

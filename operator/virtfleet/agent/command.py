@@ -142,6 +142,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "passes the node's address; default: none, no VMNetworks on this node)",
     )
     agent.add_argument(
+        "--nat-deny-cidr",
+        action="append",
+        type=agent_network.cidr_argument,
+        default=[],
+        metavar="CIDR",
+        help="a range VMNetwork NAT gateways may not reach (repeatable): the cluster's pod, "
+        "Service and node networks; link-local, the nodes and DNAT'd destinations always",
+    )
+    agent.add_argument(
         "--network-state-dir",
         default=defaults.network_state_dir,
         metavar="DIR",
@@ -218,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         watchdog_path=args.watchdog or None,
         watchdog_timeout_seconds=args.watchdog_timeout,
         tunnel_address=args.tunnel_address,
+        nat_deny_cidrs=tuple(c for c in args.nat_deny_cidr if c != "none"),
         network_state_dir=args.network_state_dir,
     )
     asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))

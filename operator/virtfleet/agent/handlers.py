@@ -133,7 +133,11 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
         if settings.tunnel_address is not None:
-            the_agent.networks.host = HostNetwork(settings.network_state_dir)
+            the_agent.networks.host = HostNetwork(
+                settings.network_state_dir,
+                local=settings.tunnel_address,
+                nat_denied=settings.nat_deny_cidrs,
+            )
         holder["tasks"] = [
             asyncio.create_task(the_agent.networks.run(), name="vmnetworks"),
             asyncio.create_task(

@@ -89,6 +89,10 @@ class AgentSettings:
     #: This node's underlay address: its VXLAN endpoint for VMNetworks (VMHost
     #: ``status.tunnelAddress``, where the other nodes send). None: no VMNetworks here.
     tunnel_address: str | None = None
+    #: Ranges VMNetwork NAT gateways never reach, besides link-local, the nodes and
+    #: whatever is DNAT'd: the cluster's pod, Service and node networks (they would see
+    #: the VM's connections as the node's).
+    nat_deny_cidrs: tuple[str, ...] = ()
     #: Where the VMNetworks' DHCP servers keep their files (a tmpfs: gone with a reboot,
     #: like the servers). Must be searchable by everybody (dnsmasq re-reads as nobody).
     network_state_dir: str = "/run/virtfleet/networks"

@@ -64,7 +64,7 @@ class HostPlumbing(Protocol):
     """What the keeper needs of the node (:class:`virtfleet.hostnet.HostNetwork`)."""
 
     def observe(self) -> ObservedHost: ...
-    def apply(self, actions: list[NetworkAction]) -> None: ...
+    def apply(self, actions: list[NetworkAction]) -> dict[int, str]: ...
     def guard(self, peers: Iterable[str], vnis: Iterable[int]) -> bool: ...
 
 
@@ -83,6 +83,8 @@ class NetworkKeeper:
         #: VMs a VMMigration brings to this node: migration key → the VM's members
         #: (None until read).
         self.incoming: dict[Key, list[Member] | None] = {}
+        #: name → why this node last failed to realise it (one Event per reason).
+        self._failures: dict[str, str] = {}
         #: name → VNI of what the last pass realised (reported in the VMHost).
         self.realised: dict[str, int] = {}
         #: What the last heartbeat reported (set by it): a change wakes it early.
@@ -255,16 +257,20 @@ class NetworkKeeper:
                 ports=ports,
             )
             try:
-                repairs = await self._plumb(self.host, desired)
+                repairs, failed = await self._plumb(self.host, desired)
             except HostNetworkError as exc:
                 self.log.error("VMNetwork plumbing failed", error=str(exc))
                 self._realised({})
                 return
             await self._report_repairs(repairs)
-            self._realised({n.name: n.vni for n in desired})
+            await self._report_failures(desired, failed)
+            self._realised({n.name: n.vni for n in desired if n.vni not in failed})
 
-    async def _plumb(self, host: HostPlumbing, desired: list[LocalNetwork]) -> list[NetworkAction]:
-        """Guard, observe, plan, apply; returns the actions that repaired drift."""
+    async def _plumb(
+        self, host: HostPlumbing, desired: list[LocalNetwork]
+    ) -> tuple[list[NetworkAction], dict[int, str]]:
+        """Guard, observe, plan, apply; the actions that repaired drift, and why networks
+        failed (by VNI)."""
         loop = asyncio.get_running_loop()
         if desired:
             peers, vnis = sorted(self.peers.values()), [n.vni for n in desired]
@@ -274,10 +280,10 @@ class NetworkKeeper:
         observed = await loop.run_in_executor(None, host.observe)
         actions = network_host.plan(desired, observed)
         if not actions:
-            return []
+            return [], {}
         self.log.info("VMNetwork plumbing", actions=[type(a).__name__ for a in actions])
-        await loop.run_in_executor(None, host.apply, actions)
-        return network_host.repairs(actions)
+        failed = await loop.run_in_executor(None, host.apply, actions)
+        return [a for a in network_host.repairs(actions) if a.vni not in failed], failed
 
     def _realised(self, now: dict[str, int]) -> None:
         self.realised = now
@@ -321,6 +327,23 @@ class NetworkKeeper:
                 self.incoming[key] = found
             out += found
         return out
+
+    async def _report_failures(self, desired: list[LocalNetwork], failed: dict[int, str]) -> None:
+        """A network this node cannot realise: a Warning on the VMNetwork, once per
+        distinct reason (the pass retries every few seconds)."""
+        for network in desired:
+            why = failed.get(network.vni)
+            if why is None:
+                self._failures.pop(network.name, None)
+                continue
+            if self._failures.get(network.name) == why:
+                continue
+            self._failures[network.name] = why
+            body = self._bodies.get(network.name)
+            if body is not None:
+                await self.agent.kube.record_event(
+                    body, "Warning", "NetworkFailed", f"node {self.node}: {why}", _COMPONENT
+                )
 
     async def _report_repairs(self, repairs: Iterable[NetworkAction]) -> None:
         for action in repairs:

@@ -134,8 +134,9 @@ class VMNetworkSpec(ApiModel):
         description="Outbound NAT: every node with a VM on the network answers on gateway "
         "(the same address and MAC on each, so a migrated VM keeps its route) and "
         "masquerades the VMs' connections behind the node's own address. Nothing is "
-        "forwarded inward, and the nodes themselves stay out of reach. Needs gateway and "
-        "DHCP (which serves only the IPAM addresses cloud-init writes too). Default false.",
+        "forwarded inward; the nodes, link-local addresses, DNAT'd destinations and the "
+        "ranges the admin denies (the cluster's) are not reached. Needs gateway and DHCP "
+        "(which serves only the IPAM addresses cloud-init writes too). Default false.",
     )
 
     cel_rules = (

@@ -16,7 +16,7 @@ from virtfleet.controller.macs import MacIndex, explicit_macs
 from virtfleet.identity import Key
 from virtfleet.reconcile.node_health import LEASE_PREFIX, LeaseView
 from virtfleet.reconcile.views import CachedVm, HostView, NodeView
-from virtfleet.runtime.versions import is_older
+from virtfleet.runtime.versions import is_older, older_version
 
 
 class FleetCache:
@@ -45,8 +45,15 @@ class FleetCache:
         self.macs.remove(key)
         return self.vms.pop(key, None)
 
-    def upsert_host(self, body: Mapping[str, Any]) -> HostView:
+    def upsert_host(self, body: Mapping[str, Any], *, cached_only: bool = False) -> HostView | None:
+        """Store a VMHost; ``None`` (and no change) when it is older than what is cached,
+        or, with ``cached_only`` (a write's response), when the cache no longer has it."""
         view = self._with_lease(HostView.from_body(body))
+        current = self.hosts.get(view.name)
+        if current is None and cached_only:
+            return None
+        if current is not None and older_version(view.resource_version, current.resource_version):
+            return None
         self.hosts[view.name] = view
         return view
 

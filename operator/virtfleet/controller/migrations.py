@@ -190,5 +190,5 @@ class MigrationScheduler:
             return 1.0
         except NotFound:
             return None
-        store_newest(self.cache, key, updated)
+        store_newest(self.cache, key, updated, cached_only=True)
         return retry

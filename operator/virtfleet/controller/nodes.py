@@ -230,7 +230,7 @@ class NodeKeeper:
         except NotFound:
             return  # no VMHost yet: the agent makes it with its first heartbeat
         self._written[node] = comparable
-        self.cache.upsert_host(body)
+        self.cache.upsert_host(body, cached_only=True)
 
 
 def vmhost_ref(node: str) -> dict[str, str]:

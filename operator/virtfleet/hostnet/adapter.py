@@ -8,8 +8,8 @@ from the kernel and the state dir on every :meth:`HostNetwork.observe`.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,6 +28,7 @@ from virtfleet.netmodel import (
     EnsureVxlan,
     NetworkAction,
     ObservedHost,
+    PlugGateway,
     ReloadDhcp,
     RemoveNetwork,
     SetFloodPeers,
@@ -49,9 +50,19 @@ class HostNetwork:
     another network namespace than the process's own: what the tests use.
     """
 
-    def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR, netns: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path = DEFAULT_STATE_DIR,
+        netns: str | None = None,
+        *,
+        local: str | None = None,
+        nat_denied: Sequence[str] = (),
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.netns = netns
+        #: This node's tunnel address, and what its NAT gateways never reach (the guard).
+        self.local = local
+        self.nat_denied = tuple(nat_denied)
         self.dhcp = DhcpServers(self.state_dir)
         #: The peers and VNIs the guard was last made with.
         self._guarded: tuple[tuple[str, ...], tuple[int, ...]] | None = None
@@ -71,21 +82,46 @@ class HostNetwork:
         of our VNIs only from ``peers``; True when it had to be made (first time, peers or
         VNIs changed, or flushed behind the agent's back)."""
         wanted = (tuple(sorted(set(peers))), tuple(sorted(set(vnis))))
-        made = ensure_guard(self.netns, *wanted, force=wanted != self._guarded)
+        made = ensure_guard(
+            self.netns,
+            *wanted,
+            local=self.local,
+            nat_denied=self.nat_denied,
+            force=wanted != self._guarded,
+        )
         self._guarded = wanted
         return made
 
-    def apply(self, actions: Iterable[NetworkAction]) -> None:
-        """Run ``actions`` in order; the first failure stops and raises."""
-        with self._ipr() as ipr:
+    def apply(self, actions: Iterable[NetworkAction]) -> dict[int, str]:
+        """Run ``actions`` in order; returns why, by VNI, for the networks that failed.
+
+        A failure stops the rest of *its* network's actions (they build on each other)
+        and no other network's: one broken network leaves the others served.
+        """
+        failed: dict[int, str] = {}
+        with ExitStack() as stack:
+            try:
+                ipr = stack.enter_context(self._ipr())
+            except (NetlinkError, OSError) as exc:
+                raise HostNetworkError(f"cannot reach the host network: {exc}") from exc
             for action in actions:
                 name = type(action).__name__
+                if action.vni in failed:
+                    continue
                 try:
                     self._apply(ipr, action)
-                except (NetlinkError, OSError, subprocess.SubprocessError) as exc:
-                    raise HostNetworkError(
-                        f"{name} for VNI {action.vni} ({action.reason}): {exc}"
-                    ) from exc
+                except (HostNetworkError, NetlinkError, OSError, IndexError,
+                        subprocess.SubprocessError) as exc:  # fmt: skip
+                    failed[action.vni] = f"{name} ({action.reason}): {exc}"
+                    _log.error(
+                        "host network change failed; the network's other changes wait "
+                        "for the next pass",
+                        action=name,
+                        vni=action.vni,
+                        network=action.network,
+                        error=str(exc),
+                    )
+                    continue
                 _log.info(
                     "host network changed",
                     action=name,
@@ -94,6 +130,7 @@ class HostNetwork:
                     reason=action.reason,
                     drift=action.drift,
                 )
+        return failed
 
     def _apply(self, ipr: Any, action: NetworkAction) -> None:
         match action:
@@ -106,9 +143,10 @@ class HostNetwork:
             case SetFloodPeers():
                 links.set_flood_peers(ipr, action)
             case StartDhcp():
-                if action.nat is not None:
-                    enable_forwarding(self.netns)
                 self.dhcp.start(ipr, action)
+            case PlugGateway():
+                enable_forwarding(self.netns)
+                self.dhcp.gateway(ipr, action)
             case ReloadDhcp():
                 self.dhcp.reload(action)
             case StopDhcp():

@@ -36,6 +36,7 @@ from virtfleet.logs import get_logger
 from virtfleet.netmodel import (
     DHCP_PORT_PREFIX,
     ObservedDhcp,
+    PlugGateway,
     ReloadDhcp,
     StartDhcp,
     dhcp_port_name,
@@ -134,6 +135,15 @@ class DhcpServers:
         _write(files.loaded, action.hosts_fingerprint)
         _log.info("DHCP server started", vni=action.vni, pid=proc.pid, network=action.network)
         return proc.pid
+
+    def gateway(self, ipr: Any, action: PlugGateway) -> None:
+        """The network's NAT gateway in its running dnsmasq's namespace."""
+        pid = self.running_pid(DhcpFiles.of(self.state_dir, action.vni))
+        if pid is None:
+            raise HostNetworkError(
+                f"no DHCP namespace runs for VNI {action.vni} to hold its gateway"
+            )
+        plug_in_gateway(ipr, pid, action)
 
     def reload(self, action: ReloadDhcp) -> None:
         """New leases: rewrite the hosts file and SIGHUP (which re-reads just that)."""
@@ -249,8 +259,6 @@ def _plug_in(ipr: Any, pid: int, action: StartDhcp) -> None:
             set_gateway_mac(inside, eth0, action.vni)
         inside.addr("add", index=eth0, address=action.address, prefixlen=action.prefix_length)
         inside.link("set", index=eth0, state="up")
-    if action.nat is not None:
-        plug_in_gateway(ipr, pid, action.vni, action.mtu, action.prefix_length, action.nat)
 
 
 def _is_our_dnsmasq(pid: int, files: DhcpFiles) -> bool:

@@ -20,13 +20,14 @@ from typing import Any, Final
 
 from virtfleet.hostnet.devconf import set_forwarding
 from virtfleet.hostnet.errors import HostNetworkError
-from virtfleet.hostnet.guard import nft_binary as _nft
+from virtfleet.hostnet.guard import nft_binary
 from virtfleet.hostnet.links import NO_LINK_LOCAL, delete_link
 from virtfleet.hostnet.netns import entered, iproute
 from virtfleet.logs import get_logger
 from virtfleet.netmodel import (
     UPLINK_NEXT_HOP,
-    NatGateway,
+    PlugGateway,
+    gateway_done_alias,
     gateway_mac,
     gateway_port_name,
     uplink_inside_mac,
@@ -46,8 +47,9 @@ _FORWARDING = Path("/proc/sys/net/ipv4/ip_forward")
 
 
 def namespace_rules() -> str:
-    """``nft -f`` input for the gateway's namespace (its own: made once, with it)."""
+    """``nft -f`` input for the gateway's namespace (idempotent: remade each time)."""
     return (
+        "table ip virtfleet_gateway\ndelete table ip virtfleet_gateway\n"
         "table ip virtfleet_gateway {\n"
         "  chain forward {\n"
         "    type filter hook forward priority filter; policy drop;\n"
@@ -71,43 +73,55 @@ def set_gateway_mac(inside: Any, eth0: int, vni: int) -> None:
     inside.link("set", index=eth0, address=gateway_mac(vni))
 
 
-def plug_in_gateway(
-    ipr: Any, pid: int, vni: int, mtu: int, prefix_length: int, nat: NatGateway
-) -> None:
-    """The uplink and the gateway address, in the namespace of process ``pid``.
+def plug_in_gateway(ipr: Any, pid: int, action: PlugGateway) -> None:
+    """The gateway address and the uplink, in the namespace of process ``pid``.
 
-    ``eth0`` there is already up with the DHCP address (which stays its first, so
-    dnsmasq keeps it as its server identifier).
+    Made from scratch (the old uplink goes first, and with it its routes and neighbour
+    entries on both ends); the last step writes the uplink's alias
+    (:func:`~virtfleet.netmodel.gateway_done_alias`): a gateway without it is remade.
+    ``eth0`` there already has the gateway's MAC and the DHCP address (which stays its
+    first, so dnsmasq keeps it as its server identifier).
     """
+    nat, vni = action.nat, action.vni
     port = gateway_port_name(vni)
-    delete_link(ipr, port)  # of a predecessor whose namespace is still being freed
+    delete_link(ipr, port)
     netns = f"/proc/{pid}/ns/net"
     inside_mac = uplink_inside_mac(vni)
     fd = os.open(netns, os.O_RDONLY)
     try:
-        peer = {"ifname": UPLINK_INSIDE, "net_ns_fd": fd, "mtu": mtu, "address": inside_mac}
-        ipr.link("add", ifname=port, kind="veth", mtu=mtu, address=uplink_mac(vni), peer=peer)
+        peer = {"ifname": UPLINK_INSIDE, "net_ns_fd": fd, "mtu": action.mtu, "address": inside_mac}
+        ipr.link(
+            "add", ifname=port, kind="veth", mtu=action.mtu, address=uplink_mac(vni), peer=peer
+        )
     finally:
         os.close(fd)
     index = ipr.link_lookup(ifname=port)[0]
     ipr.link("set", index=index, IFLA_AF_SPEC=NO_LINK_LOCAL)
-    ipr.link("set", index=index, state="up")
-    ipr.route("add", dst=nat.uplink, dst_len=32, oif=index, scope=_SCOPE_LINK)
-    ipr.neigh("add", dst=nat.uplink, lladdr=inside_mac, ifindex=index, state=_NUD_PERMANENT)
     with iproute(netns) as inside:
         eth0 = inside.link_lookup(ifname="eth0")[0]
-        inside.addr("add", index=eth0, address=nat.address, prefixlen=prefix_length)
+        inside.addr("replace", index=eth0, address=nat.address, prefixlen=action.prefix_length)
         up0 = inside.link_lookup(ifname=UPLINK_INSIDE)[0]
         inside.link("set", index=up0, IFLA_AF_SPEC=NO_LINK_LOCAL)
         inside.addr("add", index=up0, address=nat.uplink, prefixlen=32)
         inside.link("set", index=up0, state="up")
         inside.neigh(
-            "add", dst=UPLINK_NEXT_HOP, lladdr=uplink_mac(vni), ifindex=up0, state=_NUD_PERMANENT
+            "replace",
+            dst=UPLINK_NEXT_HOP,
+            lladdr=uplink_mac(vni),
+            ifindex=up0,
+            state=_NUD_PERMANENT,
         )
-        inside.route("add", dst="0.0.0.0/0", gateway=UPLINK_NEXT_HOP, oif=up0, flags=_RTNH_F_ONLINK)
+        inside.route("replace", dst="0.0.0.0/0", gateway=UPLINK_NEXT_HOP, oif=up0,
+                     flags=_RTNH_F_ONLINK)  # fmt: skip
     for ifname in ("eth0", UPLINK_INSIDE):
         set_forwarding(netns, ifname)
-    _run_in(netns, [_nft(), "-f", "-"], stdin=namespace_rules())
+    _run_in(netns, [nft_binary(), "-f", "-"], stdin=namespace_rules())
+    ipr.link("set", index=index, state="up")
+    # Another network may still route this address (it moves on its next pass, when a
+    # lower VNI took its slot): "replace" takes it over rather than failing for good.
+    ipr.route("replace", dst=nat.uplink, dst_len=32, oif=index, scope=_SCOPE_LINK)
+    ipr.neigh("replace", dst=nat.uplink, lladdr=inside_mac, ifindex=index, state=_NUD_PERMANENT)
+    ipr.link("set", index=index, ifalias=gateway_done_alias(nat))  # finished
 
 
 def enable_forwarding(netns: str | None) -> bool:

@@ -176,6 +176,7 @@ def _link(msg: Any, names: dict[int, str]) -> ObservedLink:
         master=names.get(master) if master else None,
         isolated=bool(port.get_attr("IFLA_BRPORT_ISOLATED")) if port is not None else False,
         ipv6_link_local=_ipv6_link_local(msg),
+        alias=msg.get_attr("IFLA_IFALIAS") or "",
         **fields,
     )
 

@@ -32,6 +32,7 @@ from virtfleet.netmodel import (
     ObservedDhcp,
     ObservedHost,
     ObservedLink,
+    PlugGateway,
     ReloadDhcp,
     RemoveNetwork,
     SetFloodPeers,
@@ -40,6 +41,7 @@ from virtfleet.netmodel import (
     bridge_name,
     dhcp_port_name,
     fingerprint,
+    gateway_done_alias,
     gateway_port_name,
     read_fingerprint,
     vni_of,
@@ -58,6 +60,7 @@ __all__ = [
     "ObservedDhcp",
     "ObservedHost",
     "ObservedLink",
+    "PlugGateway",
     "ReloadDhcp",
     "RemoveNetwork",
     "SetFloodPeers",
@@ -282,8 +285,7 @@ def _dhcp(
         return [StopDhcp(network.name, network.vni, reason="the network has no DHCP any more")]
     config = dnsmasq_config(network)
     hosts = dnsmasq_hosts(network.dhcp)
-    uplink = observed.links.get(gateway_port_name(network.vni))
-    start = _start_dhcp(network, state, port, config, uplink)
+    start = _start_dhcp(network, state, port, config)
     actions: list[NetworkAction] = []
     if start is not None:
         actions.append(
@@ -332,7 +334,38 @@ def _dhcp(
                 ),
             )
         )
+    actions.extend(_gateway(network, observed, started=fresh))
     return actions
+
+
+def _gateway(network: LocalNetwork, observed: ObservedHost, *, started: bool) -> list[PlugGateway]:
+    """The NAT gateway, after a (re)started dnsmasq, or when its uplink is gone or down
+    (made last, so a pass cut short leaves it down: a repair). Its own action: a gateway
+    that cannot be made leaves DHCP serving."""
+    if network.dhcp is None or network.dhcp.nat is None:
+        return []
+    name = gateway_port_name(network.vni)
+    uplink = observed.links.get(name)
+    if started:
+        drift, reason = False, "NAT gateway of a (re)started DHCP namespace"
+    elif uplink is None or uplink.kind != "veth" or not uplink.up:
+        drift, reason = True, f"the NAT gateway's uplink {name} was missing or down"
+    elif uplink.alias != gateway_done_alias(network.dhcp.nat):
+        # Made by a pass cut short, or for another uplink address (a lower VNI took it).
+        drift, reason = False, f"the NAT gateway behind {name} was unfinished or outdated"
+    else:
+        return []
+    return [
+        PlugGateway(
+            network.name,
+            network.vni,
+            network.mtu,
+            network.dhcp.prefix_length,
+            network.dhcp.nat,
+            drift=drift,
+            reason=reason,
+        )
+    ]
 
 
 def _start_dhcp(
@@ -340,7 +373,6 @@ def _start_dhcp(
     state: ObservedDhcp | None,
     port: ObservedLink | None,
     config: str,
-    uplink: ObservedLink | None,
 ) -> tuple[bool, bool, str] | None:
     """(restart, drift, reason) when dnsmasq must be (re)started, else None."""
     if state is None:
@@ -352,11 +384,6 @@ def _start_dhcp(
     if port is None or port.kind != "veth":
         # Its veth is its only interface: without it dnsmasq serves nobody.
         return True, True, f"the DHCP server's port {dhcp_port_name(network.vni)} was missing"
-    nat = network.dhcp is not None and network.dhcp.nat is not None
-    if nat and (uplink is None or uplink.kind != "veth" or not uplink.up):
-        # The gateway's way out: made with the namespace, so made again with it.
-        name = gateway_port_name(network.vni)
-        return True, True, f"the NAT gateway's uplink {name} was missing or down"
     return None
 
 

@@ -152,6 +152,8 @@ class HostView:
     fenced: bool = False
     #: Its agent realises VMNetworks (it reports a tunnel address).
     realises_networks: bool = False
+    #: Of the body it was made from: a late, older copy must not replace it.
+    resource_version: str = ""
 
     def heartbeat_age(self, now: datetime) -> float | None:
         return None if self.heartbeat is None else (now - self.heartbeat).total_seconds()
@@ -187,6 +189,7 @@ class HostView:
         health = status.get("health") or {}
         return cls(
             name=str((body.get("metadata") or {}).get("name") or ""),
+            resource_version=str((body.get("metadata") or {}).get("resourceVersion") or ""),
             ready=bool(ready and ready.get("status") == ConditionStatus.TRUE),
             ready_reason=str((ready or {}).get("reason") or "NoReadyCondition"),
             heartbeat=parse_time(status.get("heartbeatTime")),

@@ -7,8 +7,8 @@ against that copy finds nothing to write while the apiserver holds the other wri
 value (CI: an agent never overwrote the controller's ``Unknown`` after a stall).
 
 resourceVersions are opaque by contract, but etcd-backed apiservers hand out increasing
-integers; comparing them is what client-go's informers rely on too. Anything non-numeric
-counts as newer (never dropped).
+integers, and Kubernetes now says so for one resource's versions (KEP-5504,
+``CompareResourceVersion``). Anything non-numeric counts as newer (never dropped).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ K = TypeVar("K")
 
 def resource_version(body: Mapping[str, Any]) -> int | None:
     raw = str((body.get("metadata") or {}).get("resourceVersion") or "")
-    return int(raw) if raw.isdigit() else None
+    return int(raw) if raw.isascii() and raw.isdigit() else None
 
 
 def is_older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
@@ -30,6 +30,12 @@ def is_older(body: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
         return False
     mine, theirs = resource_version(body), resource_version(than)
     return mine is not None and theirs is not None and mine < theirs
+
+
+def older_version(candidate: str, current: str) -> bool:
+    """:func:`is_older` for two resourceVersions."""
+    return is_older({"metadata": {"resourceVersion": candidate}},
+                    {"metadata": {"resourceVersion": current}})  # fmt: skip
 
 
 def store_newest(

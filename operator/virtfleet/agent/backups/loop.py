@@ -56,6 +56,7 @@ from virtfleet.runtime.failures import cache_reporter
 from virtfleet.runtime.kube import KubeError
 from virtfleet.runtime.locations import location_state, open_bucket, open_location
 from virtfleet.runtime.queue import WorkQueue
+from virtfleet.runtime.versions import store_newest
 
 
 def _with(status: VMBackupStatus, **changes: Any) -> VMBackupStatus:
@@ -104,7 +105,8 @@ class BackupAgent:
             if memo is not None and memo.upload is not None:
                 memo.upload.cancel()
             return
-        self.backups[key] = dict(body)
+        if not store_newest(self.backups, key, body):
+            return  # older than what our own write already cached
         if self._vm_of(body) is not None:
             self.queue.add(key)
         for rkey, restore in self.restores.restores.items():

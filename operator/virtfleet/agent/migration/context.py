@@ -77,12 +77,14 @@ class MigrationContext:
             return False
         except NotFound:
             return False
-        store_newest(self.cache, key, updated)
+        store_newest(self.cache, key, updated, cached_only=True)
         return True
 
     async def _refresh(self, key: Key) -> None:
         try:
-            store_newest(self.cache, key, await self.kube.get("VMMigration", *key))
+            store_newest(
+                self.cache, key, await self.kube.get("VMMigration", *key), cached_only=True
+            )
         except KubeError as exc:
             self.log.info("cannot re-read the VMMigration after a conflict", error=str(exc))
 

@@ -351,5 +351,5 @@ class MigrationAgent:
             )
         except (Conflict, NotFound):
             return False
-        store_newest(self.cache, key, updated)
+        store_newest(self.cache, key, updated, cached_only=True)
         return True
