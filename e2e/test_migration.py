@@ -14,21 +14,12 @@ from typing import Any
 
 from harness import nodes as hn
 from harness.guest import BOOT_MARKER
-from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from harness.testing import Cluster, condition, domain_name, virsh, vm_manifest, wait_for
 from harness.testing import migration_manifest as migration
 
 UPTIME = re.compile(r"^VF-UPTIME (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
 NODE_LABEL = "virtfleet.io/node"
-
-
-def virsh(node: hn.Node, *args: str, check: bool = True) -> str:
-    result = subprocess.run(
-        ["virsh", "-q", "-c", node.uri, *args], capture_output=True, text=True, timeout=120
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"virsh {' '.join(args)}: {result.stderr}")
-    return result.stdout
 
 
 def has_domain(node: hn.Node, dom: str) -> bool:

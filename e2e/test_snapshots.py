@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import re
 import signal
-import subprocess
 import time
 from typing import Any
 
@@ -19,19 +18,10 @@ import pytest
 from harness import nodes as hn
 from harness import operators
 from harness.guest import BOOT_MARKER, guest_cmdline
-from harness.testing import Cluster, condition, domain_name, vm_manifest, wait_for
+from harness.testing import Cluster, condition, domain_name, virsh, vm_manifest, wait_for
 
 UPTIME = re.compile(r"^VF-UPTIME (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
-
-
-def virsh(node: hn.Node, *args: str, check: bool = True) -> str:
-    result = subprocess.run(
-        ["virsh", "-q", "-c", node.uri, *args], capture_output=True, text=True, timeout=60
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"virsh {' '.join(args)}: {result.stderr}")
-    return result.stdout
 
 
 def libvirt_snapshots(node: hn.Node, dom: str) -> list[str]:

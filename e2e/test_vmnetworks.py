@@ -28,9 +28,12 @@ from harness.guest import guest_cmdline
 from harness.testing import (
     Cluster,
     condition,
+    console,
+    dhcp_servers,
     domain_name,
     in_node,
     migration_manifest,
+    vm_ip,
     vm_manifest,
     wait_for,
 )
@@ -58,27 +61,6 @@ def links(node: hn.Node) -> dict[str, dict[str, Any]]:
 def flood_peers(node: hn.Node, vxlan: str) -> set[str]:
     fdb = json.loads(in_node(node, "bridge", "-j", "fdb", "show", "dev", vxlan) or "[]")
     return {e["dst"] for e in fdb if e.get("mac") == "00:00:00:00:00:00" and "dst" in e}
-
-
-def dhcp_servers(node: hn.Node) -> list[int]:
-    assert node.netns is not None
-    out = subprocess.run(
-        ["pgrep", "-f", f"dnsmasq.*{node.netns}"], capture_output=True, text=True, check=False
-    ).stdout
-    return [int(pid) for pid in out.split()]
-
-
-def vm_ip(system: Cluster, namespace: str, name: str) -> str:
-    def ip() -> str | None:
-        nics = (system.get("vm", name, namespace).get("status") or {}).get("interfaces") or []
-        return next((n.get("ip") for n in nics if n.get("ip")), None)
-
-    return str(wait_for(ip, 120, 0.5, f"{name}'s address in status.interfaces"))
-
-
-def console(node: hn.Node, namespace: str, name: str, pattern: str, timeout: float = 120) -> str:
-    found = hn.wait_for_serial(node, domain_name(namespace, name), pattern, timeout=timeout)
-    return found.group(0).strip()
 
 
 def running_on(system: Cluster, namespace: str, name: str) -> str | None:

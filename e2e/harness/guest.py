@@ -37,6 +37,7 @@ __all__ = [
     "cache_root",
     "ensure_guest",
     "guest_cmdline",
+    "kernel_package",
     "make_base_image",
     "make_blank_disk",
     "read_disk_counter",
@@ -188,7 +189,7 @@ def _apt_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _kernel_package() -> tuple[str, str]:
+def kernel_package() -> tuple[str, str]:
     """(package, version) of the cloud kernel, from the local apt cache (no network).
 
     apt-cache takes about a second per call, so the answer is memoized on disk against
@@ -329,7 +330,7 @@ def ensure_guest() -> GuestImage:
     """
     if not _INIT_SCRIPT.is_file():
         raise GuestBuildError(f"guest init script missing: {_INIT_SCRIPT}")
-    package, version = _kernel_package()
+    package, version = kernel_package()
     digest = hashlib.sha256(
         _INIT_SCRIPT.read_bytes() + _BUILDER_VERSION.encode() + " ".join(GUEST_MODULES).encode()
     ).hexdigest()[:12]

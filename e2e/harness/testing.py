@@ -121,6 +121,45 @@ def in_node(node: Node, *argv: str, check: bool = True) -> str:
     ).stdout  # fmt: skip
 
 
+def virsh(node: Node, *args: str, check: bool = True) -> str:
+    """``virsh -c <node> args``' output (an AssertionError with its stderr on failure)."""
+    result = subprocess.run(
+        ["virsh", "-q", "-c", node.uri, *args], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    if check and result.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)}: {result.stderr}")
+    return result.stdout
+
+
+def vm_ip(system: Cluster, namespace: str, name: str, timeout: float = 120) -> str:
+    """The first address in the VM's ``status.interfaces`` (waits for one)."""
+
+    def ip() -> str | None:
+        nics = (system.get("vm", name, namespace).get("status") or {}).get("interfaces") or []
+        return next((n.get("ip") for n in nics if n.get("ip")), None)
+
+    return str(wait_for(ip, timeout, 0.5, f"{name}'s address in status.interfaces"))
+
+
+def console(node: Node, namespace: str, name: str, pattern: str, timeout: float = 120) -> str:
+    """The first match of ``pattern`` (a line, re.MULTILINE) on the VM's serial console."""
+    from harness.nodes import wait_for_serial
+
+    found = wait_for_serial(node, domain_name(namespace, name), pattern, timeout=timeout)
+    return found.group(0).strip()
+
+
+def dhcp_servers(node: Node) -> list[int]:
+    """The pids of the node's VMNetwork dnsmasqs (each in a namespace of its own, on its
+    network's segment: a place on the node to reach that node's VMs from)."""
+    assert node.netns is not None
+    out = subprocess.run(
+        ["pgrep", "-f", f"dnsmasq.*{node.netns}"], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(pid) for pid in out.split()]
+
+
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     for cond in (obj.get("status") or {}).get("conditions", []):
         if cond["type"] == kind:

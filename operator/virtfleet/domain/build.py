@@ -58,7 +58,7 @@ __all__ = ["CPU_MODES", "build_domain", "render_xml"]
 CPU_MODES: Final = frozenset({"host-model", "host-passthrough", "maximum"})
 
 #: Guest device-name prefix per bus. SATA and SCSI share ``sd``: in libvirt they are one
-#: namespace, so they are numbered together (and the seed cdrom continues after them).
+#: namespace, so they are numbered together. The seed disk continues the ``vd`` names.
 _PREFIX: Final = {DiskBus.VIRTIO: "vd", DiskBus.SATA: "sd", DiskBus.SCSI: "sd"}
 
 
@@ -162,13 +162,16 @@ def _disks(inputs: DomainInputs) -> Iterator[DiskConfig]:
         )
     seed = inputs.resources.cloud_init_seed
     if seed is not None:
+        # A read-only virtio disk, as KubeVirt's cloudInitNoCloud: cloud-init finds it by
+        # its label on any block device, and cloud kernels (Debian's) have virtio but
+        # no AHCI, so a SATA cdrom would be invisible to them.
         yield DiskConfig(
             kind="file",
-            device="cdrom",
+            device="disk",
             format="raw",
             path=seed,
-            target_dev=next_target("sd"),
-            target_bus="sata",
+            target_dev=next_target("vd"),
+            target_bus="virtio",
             readonly=True,
             alias=CLOUD_INIT_ALIAS,
         )

@@ -22,7 +22,7 @@ __all__ = [
 
 DISK_ALIAS_PREFIX: Final = "ua-disk-"
 INTERFACE_ALIAS_PREFIX: Final = "ua-nic-"
-#: The NoCloud seed cdrom; not a spec disk.
+#: The NoCloud seed disk (read-only, virtio); not a spec disk.
 CLOUD_INIT_ALIAS: Final = "ua-cloudinit"
 
 
