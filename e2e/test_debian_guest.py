@@ -149,5 +149,26 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
 
     out = wait_for(login, 120, 2.0, "an SSH login with the manifest's key")
     assert out.splitlines() == ["bookworm", "alice", "Debian GNU/Linux 12 (bookworm)"], out
-    # The domain is virtfleet's own, on the node the manifest named.
-    assert domain_name(namespace, "bookworm") in virsh(node, "list", "--name")
+    # qemu-guest-agent answers on the channel every domain has (libvirt on the node
+    # asks it), and knows the guest's address.
+    domain = domain_name(namespace, "bookworm")
+    info = wait_for(
+        lambda: virsh(node, "qemu-agent-command", domain, '{"execute":"guest-info"}', check=False),
+        120, 2.0, "the guest agent to answer",
+    )  # fmt: skip
+    assert '"version"' in info, info
+    assert address in virsh(node, "domifaddr", domain, "--source", "agent")
+
+    # Halted: the agent asks the guest to power off (ACPI would be the fallback), and it
+    # goes down cleanly, well inside its grace period.
+    after = len(hn.serial_log(node, domain))
+    stopped = time.monotonic()
+    system.kubectl("patch", "vm", "bookworm", "-n", namespace, "--type=merge",
+                   "-p", '{"spec":{"runStrategy":"Halted"}}')  # fmt: skip
+    hn.wait_for_serial(node, domain, r"reboot: Power down", timeout=120, after=after)
+    wait_for(
+        lambda: (system.get("vm", "bookworm", namespace).get("status") or {}).get(
+            "printableStatus") == "Stopped",
+        120, 1.0, "Stopped",
+    )  # fmt: skip
+    print(f"[debian] Halted → Stopped: {time.monotonic() - stopped:.1f}s")

@@ -281,6 +281,9 @@ ALLOWED: dict[str, frozenset[str]] = {
         "domain/devices/memballoon": "model",
         "domain/devices/rng": "model",
         "domain/devices/rng/backend": "model",
+        "domain/devices/channel": "type",
+        "domain/devices/channel/source": "mode",
+        "domain/devices/channel/target": "type name",
     }.items()
 }
 

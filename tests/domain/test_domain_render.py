@@ -438,3 +438,10 @@ def test_resources_mapping_is_frozen() -> None:
     assert set(resources.disks) == {"a"}
     with pytest.raises(TypeError):
         resources.disks["c"] = backing["a"]  # type: ignore[index]
+
+
+def test_every_domain_has_the_guest_agents_channel(full_inputs: DomainInputs) -> None:
+    (channel,) = xml_of(full_inputs).iterfind("devices/channel")
+    assert channel.get("type") == "unix"
+    assert one(channel, "source").attrib == {"mode": "bind"}  # libvirt picks the path
+    assert one(channel, "target").attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}

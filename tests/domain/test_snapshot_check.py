@@ -119,6 +119,13 @@ HOSTILE = {
                                "<source dir='/'/><target dir='host'/></filesystem>"),
     "unix channel": (DEVICES, "<devices><channel type='unix'><source mode='bind' "
                      "path='/run/evil.sock'/><target type='virtio'/></channel>"),
+    "agent channel at another socket": (
+        DEVICES, "<devices><channel type='unix'><source mode='bind' path='/run/libvirt/"
+        "libvirt-sock'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"),
+    "agent channel escaping libvirt's directory": (
+        DEVICES, "<devices><channel type='unix'><source mode='bind' path='/var/lib/libvirt/"
+        "qemu/channel/target/domain-1-x/../../../../../../run/org.qemu.guest_agent.0'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"),
     "graphics": (DEVICES, "<devices><graphics type='vnc' listen='0.0.0.0'/>"),
     "emulator": ("<emulator>/usr/bin/qemu-system-x86_64", "<emulator>/bin/sh"),
     "kernel": (f"<kernel>{IMAGES}/guest-vmlinuz", "<kernel>/etc/shadow"),
@@ -148,6 +155,16 @@ HOSTILE = {
     "sysinfo": ("<vcpu", "<sysinfo type='smbios'/><vcpu"),
     "text in an empty element": ("<readonly/>", "<readonly>x</readonly>"),
 }  # fmt: skip
+
+
+def test_the_guest_agents_channel_at_libvirts_own_socket_is_accepted() -> None:
+    channel = (
+        "<devices><channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/"
+        "channel/target/domain-3-ns_vm/org.qemu.guest_agent.0'/><target type='virtio' "
+        "name='org.qemu.guest_agent.0' state='connected'/><alias name='channel0'/>"
+        "<address type='virtio-serial' controller='0' bus='0' port='1'/></channel>"
+    )
+    check(edit(DEVICES, channel))
 
 
 @pytest.mark.parametrize(("old", "new"), list(HOSTILE.values()), ids=list(HOSTILE))

@@ -40,6 +40,7 @@ from virtfleet.domain.config import (
     CpuConfig,
     DiskConfig,
     DomainConfig,
+    GuestAgentChannelConfig,
     InterfaceConfig,
     IoTuneConfig,
     MemballoonConfig,
@@ -89,6 +90,7 @@ def build_domain(inputs: DomainInputs) -> DomainConfig:
         console=ConsoleConfig(path=resources.serial_log),
         memballoon=MemballoonConfig(model="virtio"),
         rng=RngConfig(),
+        guest_agent=GuestAgentChannelConfig(),
     )
 
 

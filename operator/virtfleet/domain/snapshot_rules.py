@@ -240,6 +240,25 @@ _DEVICES: Final = Rule(
             attrs={"model": frozenset({"virtio"})},
             children={"backend": _leaf(Kind.RNG, model=frozenset({"random"})), **_DEV},
         ),
+        # The guest agent's channel only, at the socket libvirt makes for it.
+        "channel": Rule(
+            attrs={"type": frozenset({"unix"})},
+            children={
+                "source": _leaf(
+                    mode=frozenset({"bind"}),
+                    path=re.compile(
+                        r"/var/lib/libvirt/qemu/channel/target/domain-[0-9]+-[^/]+/"
+                        r"org\.qemu\.guest_agent\.0"
+                    ),
+                ),
+                "target": _leaf(
+                    type=frozenset({"virtio"}),
+                    name=frozenset({"org.qemu.guest_agent.0"}),
+                    state=frozenset({"connected", "disconnected"}),
+                ),
+                **_DEV,
+            },
+        ),
     }
 )
 

@@ -21,6 +21,7 @@ os) and :mod:`.domain` (the root that holds them all).
 from virtfleet.domain.config.base import XmlConfig, parse_xml, xml_safe
 from virtfleet.domain.config.devices import (
     ConsoleConfig,
+    GuestAgentChannelConfig,
     MemballoonConfig,
     RngConfig,
     SerialConfig,
@@ -38,6 +39,7 @@ __all__ = [
     "CpuConfig",
     "DiskConfig",
     "DomainConfig",
+    "GuestAgentChannelConfig",
     "InterfaceConfig",
     "IoTuneConfig",
     "MemballoonConfig",

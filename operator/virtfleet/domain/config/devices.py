@@ -1,4 +1,5 @@
-"""Small devices of the XML object model: serial port, console, memballoon and rng."""
+"""Small devices of the XML object model: serial port, console, memballoon, rng and the
+guest agent's channel."""
 
 from __future__ import annotations
 
@@ -104,3 +105,35 @@ class RngConfig(XmlConfig):
             model=required_attribute(element, "model"),
             backend=(backend.text or "") if backend is not None else "",
         )
+
+
+#: The virtio-serial port qemu-guest-agent listens on (libvirt talks to it by this name).
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestAgentChannelConfig(XmlConfig):
+    """``<channel type='unix'>`` to qemu-guest-agent; libvirt picks the socket's path.
+
+    In every domain, as KubeVirt does: a guest that runs no agent never connects, and
+    one that does needs nothing else from the manifest.
+    """
+
+    tag: ClassVar[str] = "channel"
+
+    def to_xml(self) -> etree._Element:
+        element = etree.Element(self.tag)
+        set_attribute(element, "type", "unix")
+        add_child(element, "source", mode="bind")
+        add_child(element, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
+        return element
+
+    @classmethod
+    def parse(cls, element: etree._Element) -> Self:
+        expect_tag(element, cls.tag)
+        return cls()
+
+    @staticmethod
+    def is_guest_agent(element: etree._Element) -> bool:
+        target = element.find("target")
+        return target is not None and target.get("name") == GUEST_AGENT_CHANNEL

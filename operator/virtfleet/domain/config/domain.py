@@ -20,6 +20,7 @@ from virtfleet.domain.config.base import (
 )
 from virtfleet.domain.config.devices import (
     ConsoleConfig,
+    GuestAgentChannelConfig,
     MemballoonConfig,
     RngConfig,
     SerialConfig,
@@ -84,6 +85,7 @@ class DomainConfig(XmlConfig):
     console: ConsoleConfig | None = None
     memballoon: MemballoonConfig | None = None
     rng: RngConfig | None = None
+    guest_agent: GuestAgentChannelConfig | None = None
     #: Tags of devices found by ``parse`` that this model does not describe (never rendered).
     extra_devices: tuple[str, ...] = ()
 
@@ -122,6 +124,7 @@ class DomainConfig(XmlConfig):
             self.console,
             self.memballoon,
             self.rng,
+            self.guest_agent,
         )
         for child in children:
             if child is not None:
@@ -151,6 +154,10 @@ class DomainConfig(XmlConfig):
         rng = devices.find("rng")
         serial = devices.find("serial")
         console = devices.find("console")
+        agent = next(
+            (c for c in devices.findall("channel") if GuestAgentChannelConfig.is_guest_agent(c)),
+            None,
+        )
         extra = tuple(
             child.tag
             for child in devices
@@ -183,6 +190,7 @@ class DomainConfig(XmlConfig):
             console=ConsoleConfig.parse(console) if console is not None else None,
             memballoon=MemballoonConfig.parse(memballoon) if memballoon is not None else None,
             rng=RngConfig.parse(rng) if rng is not None else None,
+            guest_agent=GuestAgentChannelConfig.parse(agent) if agent is not None else None,
             extra_devices=extra,
         )
 
