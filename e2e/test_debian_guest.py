@@ -30,11 +30,13 @@ from harness.debian import (
 )
 from harness.testing import (
     Cluster,
+    condition,
     console,
     dhcp_servers,
     domain_name,
     virsh,
     vm_ip,
+    vm_manifest,
     vm_object,
     wait_for,
 )
@@ -159,6 +161,25 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     assert '"version"' in info, info
     assert address in virsh(node, "domifaddr", domain, "--source", "agent")
 
+    # What the agent says reaches status (polled, not in the reconcile): OS, hostname,
+    # the NIC's in-guest name and addresses, AgentConnected; `kubectl get -o wide` shows it.
+    def reported() -> dict[str, Any] | None:
+        obj = system.get("vm", "bookworm", namespace)
+        return obj if condition(obj, "AgentConnected") and (
+            obj["status"].get("guestOSInfo")) else None  # fmt: skip
+
+    obj = wait_for(reported, 120, 1.0, "the guest agent's report in status")
+    assert condition(obj, "AgentConnected")["status"] == "True"  # type: ignore[index]
+    guest = obj["status"]["guestOSInfo"]
+    assert (guest["id"], guest["hostname"]) == ("debian", "bookworm"), guest
+    assert {"mountPoint": "/", "type": "ext4"} in guest["filesystems"], guest
+    (nic,) = obj["status"]["interfaces"]
+    assert (nic["interfaceName"], nic["ip"]) == ("eth0", address), nic
+    assert address in nic["ipAddresses"]
+    wide = system.kubectl("get", "vm", "bookworm", "-n", namespace, "-o", "wide").stdout
+    assert address in wide, wide
+    assert "Debian GNU/Linux 12 (bookworm)" in wide, wide
+
     # Halted: the agent asks the guest to power off (ACPI would be the fallback), and it
     # goes down cleanly, well inside its grace period.
     after = len(hn.serial_log(node, domain))
@@ -172,3 +193,18 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
         120, 1.0, "Stopped",
     )  # fmt: skip
     print(f"[debian] Halted → Stopped: {time.monotonic() - stopped:.1f}s")
+    halted = system.get("vm", "bookworm", namespace)
+    assert condition(halted, "AgentConnected") is None  # only while it runs
+    assert "guestOSInfo" not in halted["status"]
+    assert not halted["status"]["interfaces"][0].get("ipAddresses")
+
+
+def test_a_guest_without_an_agent_says_so(system: Cluster, namespace: str) -> None:
+    system.apply(vm_manifest("silent", namespace))
+
+    def said() -> dict[str, Any] | None:
+        return condition(system.get("vm", "silent", namespace), "AgentConnected")
+
+    cond = wait_for(said, 120, 1.0, "AgentConnected on a guest without an agent")
+    assert (cond["status"], cond["reason"]) == ("False", "NotConnected"), cond
+    assert "guestOSInfo" not in system.get("vm", "silent", namespace)["status"]

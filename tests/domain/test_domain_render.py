@@ -443,5 +443,8 @@ def test_resources_mapping_is_frozen() -> None:
 def test_every_domain_has_the_guest_agents_channel(full_inputs: DomainInputs) -> None:
     (channel,) = xml_of(full_inputs).iterfind("devices/channel")
     assert channel.get("type") == "unix"
-    assert one(channel, "source").attrib == {"mode": "bind"}  # libvirt picks the path
-    assert one(channel, "target").attrib == {"type": "virtio", "name": "org.qemu.guest_agent.0"}
+    assert attrs(one(channel, "source")) == {"mode": "bind"}  # libvirt picks the path
+    assert attrs(one(channel, "target")) == {
+        "type": "virtio",
+        "name": "org.qemu.guest_agent.0",
+    }

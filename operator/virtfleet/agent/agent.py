@@ -21,6 +21,7 @@ from virtfleet import manifests
 from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
+from virtfleet.agent.guestagent import GuestAgents
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.vmnetworks import NetworkKeeper, network_names
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -78,6 +79,8 @@ class Agent:
         self.kube = kube
         self.driver = NodeDriver(hv, settings)
         self.driver.backup_disks = BackupDisks(kube, settings)
+        #: The guest agents' last answers (asked by their own loop, started with the agent).
+        self.guest_agents = GuestAgents(self, settings.guest_agent_poll_seconds)
         #: The node's VMNetworks; its host plumbing is given at start (none in unit tests).
         self.networks = NetworkKeeper(self, None)
         self.driver.networks = self.networks
@@ -166,6 +169,7 @@ class Agent:
         old = self.cache.pop(key, None)
         if old is not None:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
+            self.guest_agents.forget(str(old["metadata"]["uid"]))
             if network_names(old):
                 self.networks.kick()  # maybe the last member of a network left
         self.queue.forget(key)
@@ -186,11 +190,13 @@ class Agent:
             "vm_unplaced": len(self.unplaced),
             "vm_queue": self.queue.tracked,
             "network_incoming": len(self.networks.incoming),
+            "guest_agent_reports": len(self.guest_agents.reports),
         }
 
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)
         if key is not None:
+            self.guest_agents.forget(event.uuid)  # about a guest that stopped or started
             self.queue.add(key)
 
     async def on_reconnect(self, reconnect: bool) -> None:
@@ -287,6 +293,7 @@ class Agent:
             ),
             start_held=self.held((str(meta["namespace"]), str(meta["name"]))),
             addresses=self.networks.addresses(str(meta["uid"]), spec) if spec else {},
+            guest=self.guest_agents.report(str(meta["uid"])),
         )
 
     def held(self, key: Key) -> str | None:

@@ -142,6 +142,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "passes the node's address; default: none, no VMNetworks on this node)",
     )
     agent.add_argument(
+        "--guest-agent-poll-seconds",
+        type=float,
+        default=defaults.guest_agent_poll_seconds,
+        metavar="S",
+        help="how often each running VM's qemu-guest-agent is asked for OS, addresses and "
+        f"filesystems (default {defaults.guest_agent_poll_seconds:g})",
+    )
+    agent.add_argument(
         "--nat-deny-cidr",
         action="append",
         type=agent_network.cidr_argument,
@@ -228,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         watchdog_timeout_seconds=args.watchdog_timeout,
         tunnel_address=args.tunnel_address,
         nat_deny_cidrs=tuple(c for c in args.nat_deny_cidr if c != "none"),
+        guest_agent_poll_seconds=args.guest_agent_poll_seconds,
         network_state_dir=args.network_state_dir,
     )
     asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))

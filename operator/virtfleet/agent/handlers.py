@@ -140,6 +140,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             )
         holder["tasks"] = [
             asyncio.create_task(the_agent.networks.run(), name="vmnetworks"),
+            asyncio.create_task(the_agent.guest_agents.run(), name="guest-agents"),
             asyncio.create_task(
                 the_agent.queue.run(locks.guard(holder["migrations"].guard(the_agent.reconcile))),
                 name="vm-queue",

@@ -89,6 +89,9 @@ class AgentSettings:
     #: This node's underlay address: its VXLAN endpoint for VMNetworks (VMHost
     #: ``status.tunnelAddress``, where the other nodes send). None: no VMNetworks here.
     tunnel_address: str | None = None
+    #: How often each running VM's qemu-guest-agent is asked for OS, addresses and
+    #: filesystems (status.guestOSInfo, status.interfaces, AgentConnected).
+    guest_agent_poll_seconds: float = 30.0
     #: Ranges VMNetwork NAT gateways never reach, besides link-local, the nodes and
     #: whatever is DNAT'd: the cluster's pod, Service and node networks (they would see
     #: the VM's connections as the node's).

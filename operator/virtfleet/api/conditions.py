@@ -30,6 +30,7 @@ class ConditionType(StrEnum):
     PAUSED = "Paused"
     RESTART_REQUIRED = "RestartRequired"
     LIVE_MIGRATABLE = "LiveMigratable"
+    AGENT_CONNECTED = "AgentConnected"
 
 
 Reason = Annotated[

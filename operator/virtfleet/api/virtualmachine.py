@@ -272,10 +272,39 @@ class PrintableStatus(StrEnum):
 class InterfaceStatus(StatusModel):
     name: str
     mac: str
-    ip: str | None = None
+    ip: str | None = Field(
+        default=None,
+        description="The interface's address: its VMNetwork's (IPAM) when it has one, else "
+        "the first IPv4 the guest agent reports.",
+    )
     network: str | None = Field(
         default=None, description="The VMNetwork this interface is attached to (type network)."
     )
+    interface_name: str | None = Field(
+        default=None, description="Its name inside the guest (from the guest agent)."
+    )
+    ip_addresses: list[str] = Field(
+        default_factory=list,
+        description="Every address the guest agent reports on it (no loopback, no "
+        "link-local), IPv4 first.",
+    )
+
+
+class GuestFilesystem(StatusModel):
+    mount_point: str
+    type: str | None = None
+
+
+class GuestOSInfo(StatusModel):
+    """What qemu-guest-agent says about the running guest (KubeVirt's guestOSInfo)."""
+
+    id: str | None = None
+    name: str | None = None
+    pretty_name: str | None = None
+    version: str | None = None
+    kernel_release: str | None = None
+    hostname: str | None = None
+    filesystems: list[GuestFilesystem] = Field(default_factory=list, max_length=16)
 
 
 class FailoverStatus(StatusModel):
@@ -328,6 +357,12 @@ class VirtualMachineStatus(StatusModel):
         "(annotation virtfleet.io/power-request), so each acts once.",
     )
     interfaces: list[InterfaceStatus] = Field(default_factory=list)
+    guest_os_info: GuestOSInfo | None = Field(
+        default=None,
+        alias="guestOSInfo",
+        description="From the guest agent while the VM runs and its agent is connected "
+        "(condition AgentConnected).",
+    )
     high_availability: HighAvailability | None = Field(
         default=None,
         description="The highAvailability policy the node's agent acts on (it self-fences "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
+from virtfleet.domain.guestagent import GuestAgentReport
 from virtfleet.identity import POWER_ACTIONS
 
 
@@ -62,6 +63,8 @@ class VmView:
     start_held: str | None = None
     #: NIC name → its address on its VMNetwork (the controller's IPAM record).
     addresses: Mapping[str, str] = field(default_factory=dict)
+    #: The guest agent's last answer while the domain runs (None: not asked yet).
+    guest: GuestAgentReport | None = None
 
 
 @dataclass(frozen=True)

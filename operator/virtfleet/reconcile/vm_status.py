@@ -25,6 +25,7 @@ from virtfleet.api.virtualmachine import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
+from virtfleet.reconcile.vm_guest import agent_condition, guest_os_info, with_guest_addresses
 from virtfleet.reconcile.vm_model import (
     Action,
     Decision,
@@ -40,11 +41,14 @@ from virtfleet.reconcile.vm_model import (
 def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
     """What every pass over a valid spec reports, before power and conditions."""
     interfaces = [
-        InterfaceStatus(
-            name=nic.name,
-            mac=nic.mac_for(vm.uid),
-            ip=vm.addresses.get(nic.name),
-            network=nic.network,
+        with_guest_addresses(
+            InterfaceStatus(
+                name=nic.name,
+                mac=nic.mac_for(vm.uid),
+                ip=vm.addresses.get(nic.name),
+                network=nic.network,
+            ),
+            vm.guest,
         )
         for nic in spec.interfaces
     ]
@@ -55,6 +59,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
             "node_name": vm.node,
             "domain_uuid": vm.uid,
             "interfaces": interfaces,
+            "guest_os_info": guest_os_info(vm.guest),
             "high_availability": spec.high_availability,
         }
     )
@@ -87,7 +92,14 @@ def report(
     )
     conditions = _restart_required(conditions, observed, vm.generation, now)
     conditions = _paused(conditions, observed, vm.generation, now)
-    status = status.model_copy(update={"printable_status": printable, "conditions": conditions})
+    running = observed.defined and observed.power is Power.RUNNING
+    conditions = agent_condition(
+        conditions, running=running, report=vm.guest, generation=vm.generation, now=now
+    )
+    update: dict[str, object] = {"printable_status": printable, "conditions": conditions}
+    if not running:  # what the agent said is about a guest that no longer runs
+        update["guest_os_info"] = None
+    status = status.model_copy(update=update)
     return Decision(tuple(actions), status, tuple(events), requeue)
 
 

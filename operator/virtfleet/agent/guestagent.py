@@ -1,0 +1,77 @@
+"""Asking each running VM's qemu-guest-agent, now and then, what the guest says.
+
+A loop of its own beside the VM reconciles: an agent call can take seconds (libvirt's
+agent timeout, see :mod:`virtfleet.hypervisor.guestagent`), which must never hold a
+reconcile or a VM's lock. Each answer is kept by VM uid; when it differs from the last
+one the VM is queued, and its reconcile puts it into status
+(:mod:`virtfleet.reconcile.vm_guest`). A lifecycle event of the domain drops the VM's
+answer (it was about a guest that stopped or just started), so status never shows a
+stopped guest's addresses; the next round asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+
+from virtfleet.domain.guestagent import GuestAgentReport
+from virtfleet.hypervisor import HypervisorError
+from virtfleet.hypervisor.guestagent import agent_report
+from virtfleet.logs import get_logger
+
+if TYPE_CHECKING:
+    from virtfleet.agent.agent import Agent
+
+#: An answer slower than this is no answer (libvirt's own timeout is per command).
+ROUND_TIMEOUT_S: Final = 15.0
+
+
+class GuestAgents:
+    """The guest agents' last answers on this node, by VM uid."""
+
+    def __init__(self, agent: Agent, interval: float) -> None:
+        self.agent = agent
+        self.interval = interval
+        self.reports: dict[str, GuestAgentReport] = {}
+        self.log = get_logger("virtfleet.agent.guestagent", node=agent.settings.node_name)
+
+    def report(self, uid: str) -> GuestAgentReport | None:
+        return self.reports.get(uid)
+
+    def forget(self, uid: str) -> None:
+        self.reports.pop(uid, None)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.ask_all()
+            except Exception as exc:  # the loop outlives one bad round; logged
+                self.log.exception("guest agent round failed", error=str(exc))
+            await asyncio.sleep(self.interval)
+
+    async def ask_all(self) -> None:
+        for key, body in list(self.agent.cache.items()):
+            uid = str(body["metadata"]["uid"])
+            if (body.get("status") or {}).get("printableStatus") != "Running":
+                self.reports.pop(uid, None)  # no libvirt call for what does not run
+                continue
+            report = await self._ask(uid)
+            if report is None:
+                self.reports.pop(uid, None)
+                continue
+            if self.reports.get(uid) != report:
+                self.reports[uid] = report
+                self.agent.queue.add(key)
+
+    async def _ask(self, uid: str) -> GuestAgentReport | None:
+        """The agent's answer, or None when the domain does not run here."""
+        try:
+            guest = await self.agent.hv.lookup(uid)
+            if guest is None or not await guest.is_active():
+                return None
+            return await asyncio.wait_for(agent_report(guest), ROUND_TIMEOUT_S)
+        except TimeoutError:
+            return GuestAgentReport(connected=False, error=f"no answer in {ROUND_TIMEOUT_S:g}s")
+        except HypervisorError as exc:
+            self.log.info("guest agent not asked", uid=uid, error=str(exc))
+            return self.reports.get(uid)  # libvirt trouble: keep what is known
