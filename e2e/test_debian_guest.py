@@ -180,8 +180,8 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     assert address in wide, wide
     assert "Debian GNU/Linux 12 (bookworm)" in wide, wide
 
-    # Halted: the agent asks the guest to power off (ACPI would be the fallback), and it
-    # goes down cleanly, well inside its grace period.
+    # Halted: the ACPI power button, and systemd takes the guest down cleanly, well
+    # inside its grace period.
     after = len(hn.serial_log(node, domain))
     stopped = time.monotonic()
     system.kubectl("patch", "vm", "bookworm", "-n", namespace, "--type=merge",

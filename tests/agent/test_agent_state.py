@@ -10,6 +10,7 @@ from testkit.kube import FakeKube
 from virtfleet.agent.agent import LAST_APPLIED, Agent, slim
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
+from virtfleet.domain.guestagent import GuestAgentReport
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.runtime.kube import KubeApi
 from virtfleet.runtime.kubeapi import KindLike
@@ -118,3 +119,26 @@ async def test_a_late_write_response_never_rolls_back_a_later_writers_status(
     await agent._write_status(own, stopped)
     assert kube.get_now("VirtualMachine", "ns", "web")["status"]["printableStatus"] == "Stopped"
     assert agent.cache[KEY]["status"]["printableStatus"] == "Stopped"
+
+
+async def test_a_guest_agent_answer_for_a_vm_that_left_meanwhile_is_not_kept(
+    hv: Hypervisor,
+) -> None:
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
+    running = vm("u1")
+    running["status"]["printableStatus"] = "Running"
+    agent.on_vm_event("ADDED", running)
+
+    async def ask_while_it_leaves(uid: str) -> GuestAgentReport:
+        agent.on_vm_event("DELETED", running)
+        return GuestAgentReport(connected=False)
+
+    agent.guest_agents._ask = ask_while_it_leaves  # type: ignore[method-assign]
+    await agent.guest_agents.ask_all()
+    assert agent.guest_agents.reports == {}
+    assert agent.bookkeeping()["guest_agent_reports"] == 0
+
+    # A report of a VM that is gone from the cache goes with the next round.
+    agent.guest_agents.reports["gone"] = GuestAgentReport(connected=True)
+    await agent.guest_agents.ask_all()
+    assert agent.guest_agents.reports == {}

@@ -57,7 +57,8 @@ def test_what_libvirt_made_of_a_virtfleet_vm_is_accepted(xml: str) -> None:
 
 
 def test_everything_the_renderer_writes_is_accepted(full_inputs: DomainInputs) -> None:
-    """The fullest spec (UEFI, q35, iotune, bandwidth, three NIC types, SCSI, cdrom seed)."""
+    """The fullest spec (UEFI, q35, iotune, bandwidth, three NIC types, SCSI, seed disk,
+    agent channel)."""
     domain = render_xml(full_inputs)
     snapshot = (
         "<domainsnapshot><name>vf-x</name><state>shutoff</state><memory snapshot='no'/>"

@@ -7,7 +7,12 @@ from datetime import UTC, datetime
 from virtfleet.api.conditions import Condition, ConditionStatus, ConditionType
 from virtfleet.api.virtualmachine import InterfaceStatus
 from virtfleet.domain.guestagent import AgentFilesystem, AgentInterface, GuestAgentReport
-from virtfleet.reconcile.vm_guest import agent_condition, guest_os_info, with_guest_addresses
+from virtfleet.reconcile.vm_guest import (
+    agent_condition,
+    guest_os_info,
+    with_guest_addresses,
+    without_guest,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 REPORT = GuestAgentReport(
@@ -29,18 +34,21 @@ def test_the_guest_os_is_reported_only_from_a_connected_agent() -> None:
     assert guest_os_info(None) is None
 
 
-def test_addresses_join_the_nic_of_the_same_mac_and_a_vmnetwork_address_wins() -> None:
-    plain = InterfaceStatus(name="default", mac="0E:00:00:00:00:01")
-    seen = with_guest_addresses(plain, REPORT)
+def test_addresses_join_the_nic_of_the_same_mac_apart_from_the_vmnetwork_record() -> None:
+    recorded = InterfaceStatus(name="lan", mac="0E:00:00:00:00:01", ip="10.9.9.9")
+    seen = with_guest_addresses(recorded, REPORT, None)
     assert (seen.interface_name, seen.ip, seen.ip_addresses) == (
         "eth0",
-        "10.0.0.5",
+        "10.9.9.9",  # virtfleet's record, never the guest's word
         ["10.0.0.5", "fd00::5"],
     )
-    recorded = InterfaceStatus(name="lan", mac="0e:00:00:00:00:01", ip="10.9.9.9")
-    assert with_guest_addresses(recorded, REPORT).ip == "10.9.9.9"
     other = InterfaceStatus(name="x", mac="0e:00:00:00:00:02")
-    assert with_guest_addresses(other, REPORT) == other
+    assert with_guest_addresses(other, REPORT, None) == other
+    # No answer yet (an agent restart, a migration's target): what was said stays...
+    assert with_guest_addresses(recorded, None, seen) == seen
+    # ...and a guest that stopped keeps nothing of it.
+    assert without_guest(seen) == recorded
+    assert guest_os_info(None, guest_os_info(REPORT)) == guest_os_info(REPORT)
 
 
 def test_agent_connected_follows_the_answers_while_running_and_goes_when_stopped() -> None:

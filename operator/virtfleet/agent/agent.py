@@ -25,7 +25,7 @@ from virtfleet.agent.guestagent import GuestAgents
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.vmnetworks import NetworkKeeper, network_names
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
-from virtfleet.hypervisor import DomainEvent, Hypervisor
+from virtfleet.hypervisor import DomainEvent, EventKind, Hypervisor
 from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.claim import Claim, vm_claim
@@ -37,6 +37,17 @@ from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 from virtfleet.runtime.versions import store_newest
 
+#: Domain events after which what the guest agent said is about another guest (or none).
+GUEST_CHANGED = frozenset(
+    {
+        EventKind.STARTED,
+        EventKind.STOPPED,
+        EventKind.SHUTDOWN,
+        EventKind.CRASHED,
+        EventKind.REBOOT,
+        EventKind.UNDEFINED,
+    }
+)
 #: Decide-act passes in one reconcile before handing back to the queue.
 MAX_PASSES = 5
 COMPONENT = "virtfleet-agent"
@@ -196,7 +207,8 @@ class Agent:
     async def on_domain_event(self, event: DomainEvent) -> None:
         key = self.by_uid.get(event.uuid)
         if key is not None:
-            self.guest_agents.forget(event.uuid)  # about a guest that stopped or started
+            if event.event in GUEST_CHANGED:
+                self.guest_agents.forget(event.uuid)  # about a guest that is gone or new
             self.queue.add(key)
 
     async def on_reconnect(self, reconnect: bool) -> None:

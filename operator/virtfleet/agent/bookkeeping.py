@@ -37,6 +37,7 @@ PER_OBJECT = frozenset(
         "migration_waits",
         "migration_network_waits",
         "network_incoming",
+        "guest_agent_reports",
         "event_locks",
     }
 )

@@ -22,8 +22,9 @@ from virtfleet.logs import get_logger
 if TYPE_CHECKING:
     from virtfleet.agent.agent import Agent
 
-#: An answer slower than this is no answer (libvirt's own timeout is per command).
-ROUND_TIMEOUT_S: Final = 15.0
+#: One VM's answer slower than this is no answer (libvirt's own timeout is per command;
+#: waiting for the agent's job is not covered by it).
+ANSWER_TIMEOUT_S: Final = 15.0
 
 
 class GuestAgents:
@@ -53,15 +54,23 @@ class GuestAgents:
         for key, body in list(self.agent.cache.items()):
             uid = str(body["metadata"]["uid"])
             if (body.get("status") or {}).get("printableStatus") != "Running":
-                self.reports.pop(uid, None)  # no libvirt call for what does not run
+                self._drop(uid, key)  # no libvirt call for what does not run
                 continue
             report = await self._ask(uid)
+            if self.agent.by_uid.get(uid) != key:
+                continue  # the VM left the node (or was replaced) while its agent was asked
             if report is None:
-                self.reports.pop(uid, None)
-                continue
-            if self.reports.get(uid) != report:
+                self._drop(uid, key)
+            elif self.reports.get(uid) != report:
                 self.reports[uid] = report
                 self.agent.queue.add(key)
+        known = set(self.agent.by_uid)
+        for uid in [u for u in self.reports if u not in known]:
+            del self.reports[uid]
+
+    def _drop(self, uid: str, key: tuple[str, str]) -> None:
+        if self.reports.pop(uid, None) is not None:
+            self.agent.queue.add(key)  # its status must lose what the agent said
 
     async def _ask(self, uid: str) -> GuestAgentReport | None:
         """The agent's answer, or None when the domain does not run here."""
@@ -69,9 +78,9 @@ class GuestAgents:
             guest = await self.agent.hv.lookup(uid)
             if guest is None or not await guest.is_active():
                 return None
-            return await asyncio.wait_for(agent_report(guest), ROUND_TIMEOUT_S)
+            return await asyncio.wait_for(agent_report(guest), ANSWER_TIMEOUT_S)
         except TimeoutError:
-            return GuestAgentReport(connected=False, error=f"no answer in {ROUND_TIMEOUT_S:g}s")
+            return GuestAgentReport(connected=False, error=f"no answer in {ANSWER_TIMEOUT_S:g}s")
         except HypervisorError as exc:
             self.log.info("guest agent not asked", uid=uid, error=str(exc))
             return self.reports.get(uid)  # libvirt trouble: keep what is known

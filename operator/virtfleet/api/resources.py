@@ -112,7 +112,11 @@ VIRTUAL_MACHINE = Kind(
         PrinterColumn("Memory", "string", ".spec.memory.size", "Guest RAM.", priority=1),
         PrinterColumn("Restarts", "integer", ".status.restartCount", "Restarts.", priority=1),
         PrinterColumn(
-            "IP", "string", ".status.interfaces[0].ip", "First interface's address.", priority=1
+            "IP",
+            "string",
+            ".status.interfaces[0].ipAddresses[0]",
+            "First interface's address (guest agent).",
+            priority=1,
         ),
         PrinterColumn(
             "OS", "string", ".status.guestOSInfo.prettyName", "From the guest agent.", priority=1

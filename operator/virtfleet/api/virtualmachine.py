@@ -274,36 +274,42 @@ class InterfaceStatus(StatusModel):
     mac: str
     ip: str | None = Field(
         default=None,
-        description="The interface's address: its VMNetwork's (IPAM) when it has one, else "
-        "the first IPv4 the guest agent reports.",
+        description="The interface's address on its VMNetwork (the controller's IPAM "
+        "record): virtfleet's word, unlike ipAddresses.",
     )
     network: str | None = Field(
         default=None, description="The VMNetwork this interface is attached to (type network)."
     )
     interface_name: str | None = Field(
-        default=None, description="Its name inside the guest (from the guest agent)."
+        default=None,
+        max_length=256,
+        description="Its name inside the guest (the guest agent's word).",
     )
     ip_addresses: list[str] = Field(
         default_factory=list,
-        description="Every address the guest agent reports on it (no loopback, no "
-        "link-local), IPv4 first.",
+        max_length=16,
+        description="The addresses the guest agent reports on it (the guest's word; no "
+        "loopback, no link-local), IPv4 first.",
     )
 
 
+_GuestText = Annotated[str, StringConstraints(max_length=256)]
+
+
 class GuestFilesystem(StatusModel):
-    mount_point: str
-    type: str | None = None
+    mount_point: _GuestText
+    type: _GuestText | None = None
 
 
 class GuestOSInfo(StatusModel):
     """What qemu-guest-agent says about the running guest (KubeVirt's guestOSInfo)."""
 
-    id: str | None = None
-    name: str | None = None
-    pretty_name: str | None = None
-    version: str | None = None
-    kernel_release: str | None = None
-    hostname: str | None = None
+    id: _GuestText | None = None
+    name: _GuestText | None = None
+    pretty_name: _GuestText | None = None
+    version: _GuestText | None = None
+    kernel_release: _GuestText | None = None
+    hostname: _GuestText | None = None
     filesystems: list[GuestFilesystem] = Field(default_factory=list, max_length=16)
 
 

@@ -26,8 +26,12 @@ __all__ = [
     "report_from",
 ]
 
-#: Filesystems reported at most (a guest with hundreds of mounts must not bloat status).
+#: What a guest may put into status at most: it is the guest's word, and a guest with
+#: hundreds of mounts or addresses (or a hostile one) must not bloat the object.
 MAX_FILESYSTEMS = 16
+MAX_ADDRESSES = 16
+MAX_INTERFACES = 16
+MAX_TEXT = 256
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,13 @@ def channel_connected(domain_xml: str) -> bool:
 
 def _text(info: Mapping[str, Any], key: str) -> str | None:
     value = info.get(key)
-    return str(value) if value not in (None, "") else None
+    return str(value)[:MAX_TEXT] if value not in (None, "") else None
 
 
 def _int(value: Any) -> int | None:
     try:
         return int(value) if value is not None else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # the guest's word: a garbled count counts as none
         return None
 
 
@@ -89,29 +93,29 @@ def _addresses(raw: Any) -> tuple[str, ...]:
     for entry in raw or ():
         try:
             address = ipaddress.ip_address(str(entry.get("addr")))
-        except ValueError:
+        except ValueError:  # the guest's word: what is not an address is not reported
             continue
         if not (address.is_loopback or address.is_link_local):
             found.append(address)
     found.sort(key=lambda a: (a.version, int(a)))
-    return tuple(str(a) for a in found)
+    return tuple(str(a) for a in found)[:MAX_ADDRESSES]
 
 
 def report_from(info: Mapping[str, Any], interfaces: Mapping[str, Any]) -> GuestAgentReport:
     """A connected agent's answers (``guestInfo`` parameters, ``interfaceAddresses``)."""
     nics = tuple(
         AgentInterface(
-            name=str(name),
+            name=str(name)[:MAX_TEXT],
             mac=str(data.get("hwaddr")).lower() if data.get("hwaddr") else None,
             addresses=_addresses(data.get("addrs")),
         )
         for name, data in sorted(interfaces.items())
         if name != "lo" and isinstance(data, Mapping)
-    )
+    )[:MAX_INTERFACES]
     count = _int(info.get("fs.count")) or 0
     filesystems = tuple(
         AgentFilesystem(
-            mount_point=str(info[f"fs.{i}.mountpoint"]),
+            mount_point=str(info[f"fs.{i}.mountpoint"])[:MAX_TEXT],
             type=_text(info, f"fs.{i}.fstype"),
         )
         for i in range(count)

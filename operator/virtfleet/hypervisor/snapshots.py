@@ -103,7 +103,7 @@ def disk_plan(domain_xml: str) -> dict[str, str]:
     """Which of a domain's disks an internal snapshot covers: target → ``internal``/``no``.
 
     Only writable qcow2 images can hold an internal snapshot. Read-only media (the raw
-    cloud-init seed cdrom), empty drives and other formats are excluded explicitly with
+    cloud-init seed disk), empty drives and other formats are excluded explicitly with
     ``no``: libvirt's own defaults differ between versions, and a raw disk left in the
     set makes the whole snapshot fail. The qcow2 disks are snapshotted together, so the
     snapshot holds all of them or none.

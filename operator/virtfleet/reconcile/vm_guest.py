@@ -22,11 +22,16 @@ from virtfleet.api.conditions import (
 from virtfleet.api.virtualmachine import GuestFilesystem, GuestOSInfo, InterfaceStatus
 from virtfleet.domain.guestagent import GuestAgentReport
 
-__all__ = ["agent_condition", "guest_os_info", "with_guest_addresses"]
+__all__ = ["agent_condition", "guest_os_info", "with_guest_addresses", "without_guest"]
 
 
-def guest_os_info(report: GuestAgentReport | None) -> GuestOSInfo | None:
-    if report is None or not report.connected:
+def guest_os_info(
+    report: GuestAgentReport | None, previous: GuestOSInfo | None = None
+) -> GuestOSInfo | None:
+    """From the agent's answer; no answer yet: ``previous`` stays (no flap)."""
+    if report is None:
+        return previous
+    if not report.connected:
         return None
     return GuestOSInfo(
         id=report.os_id,
@@ -41,21 +46,34 @@ def guest_os_info(report: GuestAgentReport | None) -> GuestOSInfo | None:
     )
 
 
-def with_guest_addresses(nic: InterfaceStatus, report: GuestAgentReport | None) -> InterfaceStatus:
-    """``nic`` with what the agent reports for the guest interface of the same MAC."""
-    if report is None or not report.connected:
+def with_guest_addresses(
+    nic: InterfaceStatus, report: GuestAgentReport | None, previous: InterfaceStatus | None
+) -> InterfaceStatus:
+    """``nic`` with what the agent reports for the guest interface of the same MAC (the
+    guest's word, kept apart from ``ip``, the VMNetwork's record). No report yet (an
+    agent restart, a migration's target): what ``previous`` said stays."""
+    if report is None:
+        if previous is None:
+            return nic
+        return nic.model_copy(
+            update={
+                "interface_name": previous.interface_name,
+                "ip_addresses": previous.ip_addresses,
+            }
+        )
+    if not report.connected:
         return nic
     seen = next((i for i in report.interfaces if i.mac == nic.mac.lower()), None)
     if seen is None:
         return nic
-    ipv4 = next((a for a in seen.addresses if ":" not in a), None)
     return nic.model_copy(
-        update={
-            "interface_name": seen.name,
-            "ip_addresses": list(seen.addresses),
-            "ip": nic.ip or ipv4,  # a VMNetwork's record is the truth; else the guest's
-        }
+        update={"interface_name": seen.name, "ip_addresses": list(seen.addresses)}
     )
+
+
+def without_guest(nic: InterfaceStatus) -> InterfaceStatus:
+    """A NIC of a guest that does not run: nothing the agent said about it stays."""
+    return nic.model_copy(update={"interface_name": None, "ip_addresses": []})
 
 
 def agent_condition(

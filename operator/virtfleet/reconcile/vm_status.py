@@ -25,7 +25,12 @@ from virtfleet.api.virtualmachine import (
     VirtualMachineSpec,
     VirtualMachineStatus,
 )
-from virtfleet.reconcile.vm_guest import agent_condition, guest_os_info, with_guest_addresses
+from virtfleet.reconcile.vm_guest import (
+    agent_condition,
+    guest_os_info,
+    with_guest_addresses,
+    without_guest,
+)
 from virtfleet.reconcile.vm_model import (
     Action,
     Decision,
@@ -40,6 +45,7 @@ from virtfleet.reconcile.vm_model import (
 
 def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
     """What every pass over a valid spec reports, before power and conditions."""
+    before = {nic.name: nic for nic in vm.status.interfaces}
     interfaces = [
         with_guest_addresses(
             InterfaceStatus(
@@ -49,6 +55,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
                 network=nic.network,
             ),
             vm.guest,
+            before.get(nic.name),
         )
         for nic in spec.interfaces
     ]
@@ -59,7 +66,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
             "node_name": vm.node,
             "domain_uuid": vm.uid,
             "interfaces": interfaces,
-            "guest_os_info": guest_os_info(vm.guest),
+            "guest_os_info": guest_os_info(vm.guest, vm.status.guest_os_info),
             "high_availability": spec.high_availability,
         }
     )
@@ -99,6 +106,7 @@ def report(
     update: dict[str, object] = {"printable_status": printable, "conditions": conditions}
     if not running:  # what the agent said is about a guest that no longer runs
         update["guest_os_info"] = None
+        update["interfaces"] = [without_guest(nic) for nic in status.interfaces]
     status = status.model_copy(update=update)
     return Decision(tuple(actions), status, tuple(events), requeue)
 
