@@ -17,7 +17,7 @@ import pytest
 
 from harness import cluster as local_system
 from harness import nodes, operators, rbac
-from harness.testing import Cluster, wait_for
+from harness.testing import Cluster, poll, wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,14 +50,27 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 @pytest.fixture
 def bucket(system: Cluster) -> Iterator[str]:
     """A bucket of its own per test (deleted with what is left in it)."""
+    from botocore.exceptions import ClientError
+
     from harness.backups import empty_bucket, s3
 
     name = f"bk-{uuid.uuid4().hex[:10]}"
     client = s3(system)
     client.create_bucket(Bucket=name)
     yield name
-    empty_bucket(system, name)
-    client.delete_bucket(Bucket=name)
+
+    # Emptied until it can be deleted: an upload that was under way may still land.
+    def deleted() -> bool:
+        empty_bucket(system, name)
+        try:
+            client.delete_bucket(Bucket=name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "BucketNotEmpty":
+                raise
+            return False
+        return True
+
+    poll(deleted, 60, 1.0)
 
 
 @pytest.fixture(scope="session")

@@ -427,6 +427,16 @@ def test_a_schedule_backs_up_on_time_and_prunes_without_breaking_a_chain(
     ).stdout
     assert events.strip(), "no MissedSchedule Event"
     print(f"[schedule] controller down 12 s: missedRuns {reported['status']['missedRuns']}")
+    # The schedule stops before the bucket goes: a run still uploading would put an
+    # object into it after the fixture emptied it (CI: BucketNotEmpty at teardown).
+    system.kubectl("delete", "vmbackupschedule", "often", "-n", namespace, "--wait=true")
+
+    def settled() -> bool:
+        listed = system.kubectl("get", "vmbackup", "-n", namespace, "-o", "json").stdout
+        phases = [(b.get("status") or {}).get("phase") for b in json.loads(listed)["items"]]
+        return all(p in ("Completed", "Failed") for p in phases)
+
+    wait_for(settled, 180, 1.0, "the schedule's last backups to end")
 
 
 def test_a_stopped_vm_is_backed_up_from_its_volumes_and_restored_into_itself(

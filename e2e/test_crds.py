@@ -76,6 +76,8 @@ def test_get_vm_prints_the_first_answers(cluster: Cluster, namespace: str) -> No
         "STRATEGY",
         "MEMORY",
         "RESTARTS",
+        "IP",
+        "OS",
         "FAILEDOVER",
     ]
     assert re.search(r"columns\s+.*Halted\s+64Mi", "\n".join(wide))
