@@ -19,15 +19,7 @@ from typing import Any
 import pytest
 
 from harness import nodes as hn
-from harness.debian import (
-    DEBIAN_CMDLINE,
-    DEBIAN_DISK_VOLUME,
-    DEBIAN_INITRD_VOLUME,
-    DEBIAN_KERNEL_VOLUME,
-    DebianImage,
-    ensure_debian,
-    place,
-)
+from harness.debian import DebianImage, debian_vm, ensure_debian, place
 from harness.testing import (
     Cluster,
     condition,
@@ -37,7 +29,6 @@ from harness.testing import (
     virsh,
     vm_ip,
     vm_manifest,
-    vm_object,
     wait_for,
 )
 
@@ -73,21 +64,6 @@ def segment(system: Cluster, namespace: str) -> Iterator[str]:
     finally:
         system.kubectl("delete", "vm", "--all", "-n", namespace, "--wait=true", "--timeout=180s")
         system.kubectl("delete", "vmnetwork", f"deb-{namespace[-5:]}", "--wait=true")
-
-
-def debian_vm(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "memory": {"size": "1Gi"},
-        "kernel": {
-            "image": DEBIAN_KERNEL_VOLUME,
-            "initrd": DEBIAN_INITRD_VOLUME,
-            "cmdline": DEBIAN_CMDLINE,
-        },
-        "disks": [{"name": "root", "source": {"image": DEBIAN_DISK_VOLUME}}],
-        "terminationGracePeriodSeconds": 60,
-        **spec,
-    }
-    return vm_object(name, namespace, body)
 
 
 def user_data(public_key: str) -> str:

@@ -17,46 +17,18 @@ import subprocess
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
 from bench import guests
 from bench.result import BenchContext, Row, ScenarioResult
 from harness import nodes as hn
-from harness.debian import (
-    DEBIAN_CMDLINE,
-    DEBIAN_DISK_VOLUME,
-    DEBIAN_INITRD_VOLUME,
-    DEBIAN_KERNEL_VOLUME,
-    ensure_debian,
-    place,
-)
+from harness.debian import DEBIAN_DISK_VOLUME, debian_vm, ensure_debian, place
 
 NODE = "node-a"
 LOGIN = re.compile(r"^\S+ login:", re.MULTILINE)
 BOOT_TIMEOUT_S = 600.0
 USER_DATA = "#cloud-config\nruncmd:\n  - echo booted > /dev/ttyS0\n"
-
-
-def debian_vm(name: str, namespace: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "nodeName": NODE,
-            "memory": {"size": "1Gi"},
-            "kernel": {
-                "image": DEBIAN_KERNEL_VOLUME,
-                "initrd": DEBIAN_INITRD_VOLUME,
-                "cmdline": DEBIAN_CMDLINE,
-            },
-            "disks": [{"name": "root", "source": {"image": DEBIAN_DISK_VOLUME}}],
-            "cloudInit": {"userData": USER_DATA},
-            "terminationGracePeriodSeconds": 5,
-        },
-    }
 
 
 def wait_login(log: Path, since: float) -> float:
@@ -77,7 +49,14 @@ def boot_virtfleet(ctx: BenchContext, namespace: str, name: str) -> tuple[float,
     log = node.serial_dir_host / f"{domain}.log"
     log.unlink(missing_ok=True)
     started = time.monotonic()
-    guests.create_vm(api, debian_vm(name, namespace))
+    vm = debian_vm(
+        name,
+        namespace,
+        nodeName=NODE,
+        cloudInit={"userData": USER_DATA},
+        terminationGracePeriodSeconds=5,
+    )
+    guests.create_vm(api, vm)
     seconds = wait_login(log, started)
     conn = libvirt.open(node.uri)
     try:

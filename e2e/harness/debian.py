@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.guest import GuestBuildError, cache_root, kernel_package
 
@@ -32,7 +33,9 @@ __all__ = [
     "DEBIAN_INITRD_VOLUME",
     "DEBIAN_KERNEL_VOLUME",
     "DebianImage",
+    "debian_vm",
     "ensure_debian",
+    "place",
 ]
 
 SUITE = "bookworm"
@@ -200,6 +203,27 @@ def _run(cmd: list[str], *, timeout: float = 600) -> None:
         raise GuestBuildError(
             f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}"
         )
+
+
+def debian_vm(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    """A VirtualMachine that boots the Debian guest from the image store (1 GiB)."""
+    body: dict[str, Any] = {
+        "memory": {"size": "1Gi"},
+        "kernel": {
+            "image": DEBIAN_KERNEL_VOLUME,
+            "initrd": DEBIAN_INITRD_VOLUME,
+            "cmdline": DEBIAN_CMDLINE,
+        },
+        "disks": [{"name": "root", "source": {"image": DEBIAN_DISK_VOLUME}}],
+        "terminationGracePeriodSeconds": 60,
+        **spec,
+    }
+    return {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
 
 
 def place(image: DebianImage, images_dir: Path) -> None:
