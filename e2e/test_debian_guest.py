@@ -26,6 +26,7 @@ from harness.testing import (
     console,
     dhcp_servers,
     domain_name,
+    guest_exec,
     virsh,
     vm_ip,
     vm_manifest,
@@ -156,6 +157,25 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     assert address in wide, wide
     assert "Debian GNU/Linux 12 (bookworm)" in wide, wide
 
+    # A quiesced snapshot: the guest's agent froze its filesystems (qemu-ga logs every
+    # freeze in the guest's journal) and thawed them again; status says it was quiesced.
+    # (The bracket keeps the guest-exec line that runs this grep from matching itself.)
+    freezes = "journalctl -b -o cat -t qemu-ga | grep -c '^info: guest-fsfreeze call[e]d' || true"
+    before = int(guest_exec(node, domain, freezes).strip() or 0)
+    system.apply(snapshot("calm", namespace, "bookworm", quiesce=True))
+    snap = wait_for(
+        lambda: ready_snapshot(system, namespace, "calm"), 180, 1.0, "the quiesced snapshot"
+    )
+    assert snap["status"]["quiesced"] is True, snap["status"]
+    assert snap["status"]["indications"] == ["Online", "GuestAgent"], snap["status"]
+    assert snap["status"]["memoryIncluded"] is False  # quiesce is disks-only
+    assert int(guest_exec(node, domain, freezes).strip()) == before + 1
+    thawed = virsh(node, "qemu-agent-command", domain, '{"execute":"guest-fsfreeze-status"}')
+    assert '"thawed"' in thawed, thawed
+    # The guest writes again (a frozen filesystem would block this).
+    assert guest_exec(node, domain, "echo ok > /var/tmp/after-snapshot && sync && echo done",
+                      timeout=30).strip() == "done"  # fmt: skip
+
     # Halted: the ACPI power button, and systemd takes the guest down cleanly, well
     # inside its grace period.
     after = len(hn.serial_log(node, domain))
@@ -176,7 +196,10 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
 
 
 def test_a_guest_without_an_agent_says_so(system: Cluster, namespace: str) -> None:
-    system.apply(vm_manifest("silent", namespace))
+    system.apply(
+        vm_manifest("silent", namespace, disks=[{"name": "data", "size": "16Mi",
+                                                 "source": {"blank": {}}}])
+    )  # fmt: skip
 
     def said() -> dict[str, Any] | None:
         return condition(system.get("vm", "silent", namespace), "AgentConnected")
@@ -184,3 +207,36 @@ def test_a_guest_without_an_agent_says_so(system: Cluster, namespace: str) -> No
     cond = wait_for(said, 120, 1.0, "AgentConnected on a guest without an agent")
     assert (cond["status"], cond["reason"]) == ("False", "NotConnected"), cond
     assert "guestOSInfo" not in system.get("vm", "silent", namespace)["status"]
+
+    # Quiesce without an agent: the snapshot is still taken, crash-consistent, and says why.
+    system.apply(snapshot("loud", namespace, "silent", quiesce=True))
+    snap = wait_for(lambda: ready_snapshot(system, namespace, "loud"), 120, 1.0, "the snapshot")
+    assert snap["status"]["quiesced"] is False, snap["status"]
+    assert snap["status"]["indications"] == ["Online", "NoGuestAgent"], snap["status"]
+    events = system.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        "involvedObject.name=loud,reason=NoGuestAgent",
+        "-o",
+        "name",
+    ).stdout
+    assert events.strip(), "a NoGuestAgent Event on the VMSnapshot"  # fmt: skip
+
+
+def snapshot(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMSnapshot",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"vmName": vm, **spec},
+    }
+
+
+def ready_snapshot(system: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = system.get("vmsnapshot", name, namespace)
+    phase = (obj.get("status") or {}).get("phase")
+    assert phase != "Failed", obj.get("status")
+    return obj if phase == "Ready" else None

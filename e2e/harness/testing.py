@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
@@ -130,6 +131,39 @@ def virsh(node: Node, *args: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise AssertionError(f"virsh {' '.join(args)}: {result.stderr}")
     return result.stdout
+
+
+def guest_exec(node: Node, domain: str, script: str, timeout: float = 60) -> str:
+    """Run ``sh -c script`` in the guest through its qemu-guest-agent (``guest-exec``),
+    via ``virsh qemu-agent-command`` on the node: its standard output."""
+    started = json.loads(
+        virsh(
+            node,
+            "qemu-agent-command",
+            domain,
+            json.dumps(
+                {
+                    "execute": "guest-exec",
+                    "arguments": {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True},
+                }
+            ),
+        )
+    )
+    pid = started["return"]["pid"]
+
+    def finished() -> dict[str, Any] | None:
+        answer = json.loads(
+            virsh(node, "qemu-agent-command", domain,
+                  json.dumps({"execute": "guest-exec-status", "arguments": {"pid": pid}}))
+        )["return"]  # fmt: skip
+        return answer if answer.get("exited") else None
+
+    done = wait_for(finished, timeout, 0.5, f"guest-exec of {script!r}")
+    out = base64.b64decode(done.get("out-data", "")).decode(errors="replace")
+    if done.get("exitcode") != 0:
+        err = base64.b64decode(done.get("err-data", "")).decode(errors="replace")
+        raise AssertionError(f"guest-exec {script!r}: exit {done.get('exitcode')}: {err}")
+    return out
 
 
 def vm_ip(system: Cluster, namespace: str, name: str, timeout: float = 120) -> str:

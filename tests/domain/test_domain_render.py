@@ -284,14 +284,15 @@ def test_empty_bandwidth_renders_nothing(
     assert xml_of(make_inputs(spec)).find("devices/interface/bandwidth") is None
 
 
-def test_serial_console_to_file(full_inputs: DomainInputs) -> None:
+def test_serial_console_is_a_pty_logged_to_a_file(full_inputs: DomainInputs) -> None:
     root = xml_of(full_inputs)
     log = "/var/log/libvirt/qemu/tenant-a_web-1-serial.log"
     serial = one(root, "devices/serial")
-    assert serial.get("type") == "file"
-    assert attrs(one(serial, "source")) == {"path": log, "append": "on"}
+    assert serial.get("type") == "pty"  # virDomainOpenConsole only opens ptys
+    assert attrs(one(serial, "log")) == {"file": log, "append": "on"}
+    assert serial.find("source") is None
     console = one(root, "devices/console")
-    assert console.get("type") == "file"
+    assert console.get("type") == "pty"
     assert attrs(one(console, "target")) == {"type": "serial", "port": "0"}
 
 

@@ -132,6 +132,8 @@ HOSTILE = {
     "kernel": (f"<kernel>{IMAGES}/guest-vmlinuz", "<kernel>/etc/shadow"),
     "firmware loader": ("<kernel>", "<loader type='rom'>/etc/shadow</loader><kernel>"),
     "serial log": ("/var/log/libvirt/virtfleet-serial/ns_vm.log", "/etc/passwd"),
+    "file serial writing to a host pty": ("/var/log/libvirt/virtfleet-serial/ns_vm.log",
+                                          "/dev/pts/0"),
     "rng backend": ("<backend model='random'>/dev/urandom", "<backend model='random'>/dev/sda"),
     "interface script": ("<interface type='user'>",
                          "<interface type='user'><script path='/tmp/x'/>"),

@@ -122,7 +122,9 @@ def test_disks_only_on_request_still_saves_memory_in_libvirt_but_not_in_the_prom
 
 
 def test_stopped_vm_has_no_memory_to_save() -> None:
-    d = decide_snapshot(snap(includeMemory=True, quiesce=True), VM, STOPPED, "node-a", NOW)
+    d = decide_snapshot(snap(includeMemory=True), VM, STOPPED, "node-a", NOW)
+    assert d.actions == (TakeSnapshot(NAME, memory=False, quiesce=False),)
+    d = decide_snapshot(snap(quiesce=True), VM, STOPPED, "node-a", NOW)
     assert d.actions == (TakeSnapshot(NAME, memory=False, quiesce=False),)
     assert d.status.memory_included is False
 

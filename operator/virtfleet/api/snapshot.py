@@ -37,10 +37,15 @@ class VMSnapshotSpec(ApiModel):
     include_memory: bool | None = Field(
         default=None,
         description="Save RAM and device state too, so a restore resumes the running guest. "
-        "Unset means true when the VM runs; a stopped VM has no memory to save.",
+        "Unset means true when the VM runs and quiesce is off; a stopped VM has no memory "
+        "to save.",
     )
     quiesce: bool = Field(
-        default=False, description="Freeze guest filesystems first (needs the QEMU guest agent)."
+        default=False,
+        description="Freeze the guest's filesystems (through the QEMU guest agent) while the "
+        "disks are captured, so a boot from them finds them clean. For disks-only snapshots: "
+        "one with memory is consistent by itself. Without a connected agent the snapshot is "
+        "still taken and status says why it was not quiesced.",
     )
     deletion_policy: DeletionPolicy = Field(
         default=DeletionPolicy.DELETE,
@@ -51,7 +56,29 @@ class VMSnapshotSpec(ApiModel):
         default=None, description="Give up (phase Failed) when not Ready within this time, e.g. 5m."
     )
 
-    cel_rules = (immutable_spec_rule(),)
+    cel_rules = (
+        immutable_spec_rule(),
+        CelRule(
+            rule="!self.quiesce || !has(self.includeMemory) || !self.includeMemory",
+            message="quiesce is for disks-only snapshots (a snapshot with memory resumes the "
+            "guest exactly and needs no freeze; a restore would resume it frozen): set "
+            "includeMemory: false or drop quiesce",
+            check=lambda s: not (s.quiesce and s.include_memory),
+        ),
+    )
+
+
+class SnapshotIndication(StrEnum):
+    """What the snapshot's guest was like when it was taken (KubeVirt's indications)."""
+
+    #: The VM was running: disks captured live.
+    ONLINE = "Online"
+    #: The guest agent was connected.
+    GUEST_AGENT = "GuestAgent"
+    #: Quiesce was asked for, but no guest agent was connected: crash-consistent only.
+    NO_GUEST_AGENT = "NoGuestAgent"
+    #: Quiesce was asked for and the agent failed to freeze: crash-consistent only.
+    QUIESCE_FAILED = "QuiesceFailed"
 
 
 class SnapshotDiskStatus(StatusModel):
@@ -92,6 +119,15 @@ class VMSnapshotStatus(StatusModel):
         default=None, description="State of the domain libvirt recorded (running, shutoff)."
     )
     disks: list[SnapshotDiskStatus] = Field(default_factory=list)
+    quiesced: bool | None = Field(
+        default=None,
+        description="The guest's filesystems were frozen while its disks were captured.",
+    )
+    indications: list[SnapshotIndication] = Field(
+        default_factory=list,
+        description="Online, GuestAgent, NoGuestAgent, QuiesceFailed: the guest's state at "
+        "the snapshot.",
+    )
     snapshot_xml: str | None = Field(
         default=None,
         alias="snapshotXML",

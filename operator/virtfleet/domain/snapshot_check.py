@@ -36,7 +36,7 @@ from lxml import etree
 from virtfleet.domain.config import DomainConfig, parse_xml
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.ownership import OWNER_TAG, domain_name, find_owner
-from virtfleet.domain.snapshot_rules import DOMAIN, EMPTY, SNAPSHOT, Kind, Rule, Value
+from virtfleet.domain.snapshot_rules import DOMAIN, EMPTY, PTY_PATH, SNAPSHOT, Kind, Rule, Value
 from virtfleet.identity import RESTORE_MARKER_NAMESPACE
 
 __all__ = ["SnapshotBounds", "UnsafeSnapshotError", "check_snapshot_xml"]
@@ -145,6 +145,8 @@ class _Checker:
                 )
             if tag != "metadata" or rule is not DOMAIN:
                 self.element(child, sub, f"{where}/{tag}")
+            if tag in ("serial", "console"):
+                _chardev(child, f"{where}/{tag}")
 
     def value(self, rule: Value, value: str, where: str) -> None:
         if rule is None:
@@ -175,6 +177,10 @@ class _Checker:
                 return value.strip().lower() == bounds.uid
             case Kind.PARTITION:
                 return value in self.known[kind] or value == "/machine"
+            case Kind.SERIAL_SOURCE:
+                # A pty's path is where libvirt put it at that run; a file is the log.
+                logs = self.known[Kind.SERIAL] | self.known[Kind.SERIAL_SOURCE]
+                return bool(PTY_PATH.fullmatch(value)) or value in logs
         if value in self.known[kind]:
             return True
         if kind in (Kind.VOLUME, Kind.BACKING) and _in(value, bounds.volume_dirs):
@@ -208,6 +214,15 @@ class _Checker:
             bounds.uid,
         ):
             raise UnsafeSnapshotError(f"{where}: no virtfleet owner marker of this VM")
+
+
+def _chardev(element: etree._Element, where: str) -> None:
+    """A file serial writes only to its log; a pty's source is only a pty."""
+    source = element.find("source")
+    path = source.get("path", "") if source is not None else ""
+    is_pty = bool(PTY_PATH.fullmatch(path))
+    if path and is_pty != (element.get("type") == "pty"):
+        raise UnsafeSnapshotError(f"{where}/source/@path: {path[:80]!r} does not fit its type")
 
 
 def _in(path: str, directories: Sequence[str]) -> bool:

@@ -31,6 +31,7 @@ class Kind(StrEnum):
     IMAGE = "kernel image"
     EMULATOR = "emulator"
     SERIAL = "serial log"
+    SERIAL_SOURCE = "serial source"
     LOADER = "firmware"
     NVRAM = "NVRAM"
     RNG = "RNG backend"
@@ -190,11 +191,15 @@ _INTERFACE: Final = Rule(
     },
 )
 
-_CHARDEV_SOURCE: Final = _leaf(path=Kind.SERIAL, append=_ON_OFF)
+#: Where libvirt says a running guest's pty is (snapshots of running VMs record it).
+PTY_PATH: Final = re.compile(r"/dev/pts/[0-9]+")
 _SERIAL: Final = Rule(
-    attrs={"type": frozenset({"file"})},
+    # pty with a log file (virtfleet's now); file (domains made before the console).
+    attrs={"type": frozenset({"pty", "file"})},
     children={
-        "source": _CHARDEV_SOURCE,
+        # type='file': the serial log itself; type='pty': the pty (checked in snapshot_check).
+        "source": _leaf(path=Kind.SERIAL_SOURCE, append=_ON_OFF),
+        "log": _leaf(file=Kind.SERIAL, append=_ON_OFF),
         "target": Rule(
             attrs={"type": frozenset({"isa-serial", "serial", "pci-serial"}), "port": _NUMBER},
             children={"model": _leaf(name=None)},

@@ -7,6 +7,7 @@ reconcile loop (the agent's poller calls this, not the VM's reconcile).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 import libvirt
@@ -14,10 +15,12 @@ import libvirt
 from virtfleet.domain.guestagent import GuestAgentReport, channel_connected, report_from
 from virtfleet.hypervisor.guest import Guest
 
-__all__ = ["agent_report"]
+__all__ = ["FreezeResult", "agent_report", "freeze_filesystems", "thaw_filesystems"]
 
 #: Seconds libvirt waits for the agent's answer to each command.
 AGENT_TIMEOUT_S: Final = 5
+#: A freeze syncs every filesystem first: it may take longer than a question.
+FREEZE_TIMEOUT_S: Final = 60
 _INFO_TYPES: Final = (
     libvirt.VIR_DOMAIN_GUEST_INFO_OS
     | libvirt.VIR_DOMAIN_GUEST_INFO_HOSTNAME
@@ -41,3 +44,45 @@ async def agent_report(guest: Guest) -> GuestAgentReport:
         return report_from(info or {}, addresses or {})
 
     return await guest.executors.run(ask)
+
+
+@dataclass(frozen=True)
+class FreezeResult:
+    """``attempted`` False: no agent is connected (nothing was frozen). Otherwise
+    ``error`` is None when every filesystem froze; a failed freeze may have frozen some,
+    so the caller thaws whenever one was attempted."""
+
+    attempted: bool
+    frozen: int = 0
+    error: str | None = None
+
+
+async def freeze_filesystems(guest: Guest) -> FreezeResult:
+    """Freeze the guest's filesystems through its agent (``guest-fsfreeze-freeze``)."""
+    if not channel_connected(await guest.xml()):
+        return FreezeResult(attempted=False)
+    dom = guest.handle
+
+    def freeze() -> FreezeResult:
+        try:
+            dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
+            return FreezeResult(attempted=True, frozen=int(dom.fsFreeze(None, 0)))
+        except libvirt.libvirtError as exc:
+            return FreezeResult(attempted=True, error=str(exc.get_error_message()))
+
+    return await guest.executors.run_long(freeze)
+
+
+async def thaw_filesystems(guest: Guest) -> int:
+    """Thaw them (``guest-fsfreeze-thaw``): how many were thawed; 0 when none was frozen.
+
+    Raises :class:`~virtfleet.hypervisor.errors.HypervisorError` when the agent cannot be
+    asked (the caller logs it: a thaw is retried by the next decision, not by this call).
+    """
+    dom = guest.handle
+
+    def thaw() -> int:
+        dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
+        return int(dom.fsThaw(None, 0))
+
+    return await guest.executors.run_long(thaw)

@@ -25,6 +25,7 @@ from virtfleet.api.snapshot import (
     SnapshotPhase,
     VMSnapshotStatus,
 )
+from virtfleet.reconcile.quiesce import QuiesceOutcome, indications, read_outcome
 from virtfleet.reconcile.snapshot_types import (
     WAIT_SECONDS,
     Adopt,
@@ -53,7 +54,13 @@ class DeleteSnapshot:
     name: str
 
 
-SnapshotAction = Adopt | TakeSnapshot | RedefineSnapshot | DeleteSnapshot
+@dataclass(frozen=True)
+class ThawFilesystems:
+    """Thaw the guest after a quiesced snapshot (again: the agent may have died between
+    its freeze and its thaw, and a frozen guest hangs every write). Best effort."""
+
+
+SnapshotAction = Adopt | TakeSnapshot | RedefineSnapshot | DeleteSnapshot | ThawFilesystems
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ def decide_snapshot(
         return snapshot_waiting(snap, status, "Waiting", blocked_by, now)
 
     running = dom.power in (Power.RUNNING, Power.PAUSED)
+    quiesce = snap.spec.quiesce and running
     if snap.status.phase is SnapshotPhase.IN_PROGRESS:
         # Intent recorded, but libvirt has no such snapshot: the agent died before libvirt
         # made it (or libvirt lost it). The name is unique, so taking it now is the only one.
@@ -148,8 +156,11 @@ def decide_snapshot(
         message = "taking the snapshot again after an interruption"
     else:
         wanted = snap.spec.include_memory
-        memory = running if wanted is None else (wanted and running)
+        # Quiesce means disks-only (CEL refuses both); unset memory follows it.
+        memory = (running and not snap.spec.quiesce) if wanted is None else (wanted and running)
         message = "taking the snapshot" + (" with memory" if memory else " of the disks")
+        if quiesce:
+            message += ", filesystems frozen"
     status = status.model_copy(
         update={
             "phase": SnapshotPhase.IN_PROGRESS,
@@ -160,7 +171,7 @@ def decide_snapshot(
     )
     status = _snapshot_conditions(status, snap.generation, "InProgress", message, now)
     return SnapshotDecision(
-        (TakeSnapshot(name, memory=running, quiesce=snap.spec.quiesce and running),),
+        (TakeSnapshot(name, memory=running, quiesce=quiesce),),
         status,
         write_status_first=True,
     )
@@ -177,6 +188,28 @@ def _snapshot_done(
     info = dom.snapshot
     memory = bool(status.memory_included) and info.has_memory
     created = datetime.fromtimestamp(info.creation_time, UTC) if info.creation_time else now
+    outcome, quiesce_error = read_outcome(info.description)
+    online = info.state in ("running", "paused")
+    events: list[EventNote] = []
+    if outcome is QuiesceOutcome.NO_GUEST_AGENT:
+        events.append(
+            EventNote(
+                "Warning",
+                "NoGuestAgent",
+                "not quiesced: no guest agent was connected; the disks are crash-consistent",
+            )
+        )
+    elif outcome is QuiesceOutcome.QUIESCE_FAILED:
+        events.append(
+            EventNote(
+                "Warning",
+                "QuiesceFailed",
+                f"not quiesced: the guest agent could not freeze: {quiesce_error}; the disks "
+                "are crash-consistent",
+            )
+        )
+    if outcome is not None and outcome.froze and dom.power in (Power.RUNNING, Power.PAUSED):
+        actions = [*actions, ThawFilesystems()]
     disks = [
         SnapshotDiskStatus(name=name, size_bytes=size, allocation_bytes=allocation)
         for name, size, allocation in dom.disks
@@ -189,14 +222,20 @@ def _snapshot_done(
             "memory_included": memory,
             "domain_state": info.state,
             "disks": disks,
+            "quiesced": outcome is QuiesceOutcome.QUIESCED
+            if snap.spec is not None and snap.spec.quiesce
+            else None,
+            "indications": indications(online=online, outcome=outcome),
             "snapshot_xml": dom.snapshot_xml or status.snapshot_xml,
             "error": None,
         }
     )
     what = "disks and memory" if memory else "disks"
+    if outcome is QuiesceOutcome.QUIESCED:
+        what += " (quiesced)"
     status = _snapshot_conditions(status, snap.generation, "Ready", f"holds the VM's {what}", now)
     event = EventNote("Normal", "SnapshotTaken", f"libvirt snapshot {info.name} holds the {what}")
-    return SnapshotDecision(tuple(actions), status, (event,))
+    return SnapshotDecision(tuple(actions), status, (event, *events))
 
 
 def _snapshot_ready_check(
@@ -316,6 +355,7 @@ __all__ = [
     "SnapshotAction",
     "SnapshotDecision",
     "TakeSnapshot",
+    "ThawFilesystems",
     "decide_snapshot",
     "snapshot_action_failed",
     "snapshot_waiting",

@@ -53,6 +53,8 @@ class LibvirtSnapshot:
     state: str  # running, paused, shutoff, disk-snapshot
     has_memory: bool
     creation_time: int  # Unix seconds
+    #: Free text libvirt keeps with it (virtfleet's: :func:`virtfleet.reconcile.quiesce.describe`).
+    description: str | None = None
 
 
 @dataclass(frozen=True)

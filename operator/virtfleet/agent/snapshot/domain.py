@@ -76,7 +76,9 @@ async def observe_domain(
             reason=state.reason,
             snapshot=None
             if info is None
-            else LibvirtSnapshot(info.name, info.state, info.has_memory, info.creation_time),
+            else LibvirtSnapshot(
+                info.name, info.state, info.has_memory, info.creation_time, info.description
+            ),
             snapshot_xml=xml,
             restore_marker=marker,
             current_snapshot=current.name if current else None,

@@ -8,10 +8,9 @@ under the VM's lock (taken by :meth:`SnapshotAgent.reconcile_snapshot
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.snapshot.domain import (
@@ -23,13 +22,15 @@ from virtfleet.agent.snapshot.domain import (
 from virtfleet.agent.snapshot.redefine import redefine_for_vm
 from virtfleet.agent.snapshot.views import snapshot_view, vm_ref
 from virtfleet.api.snapshot import RestorePhase, SnapshotPhase, VMSnapshotStatus
-from virtfleet.hypervisor import Guest, snapshots
+from virtfleet.hypervisor import Guest, guestagent, snapshots
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.identity import Key
+from virtfleet.reconcile.quiesce import QuiesceOutcome, describe
 from virtfleet.reconcile.snapshot import (
     DeleteSnapshot,
     SnapshotAction,
     TakeSnapshot,
+    ThawFilesystems,
     decide_snapshot,
     snapshot_action_failed,
 )
@@ -146,6 +147,9 @@ class SnapshotLoop:
                 await self._take(guest, view, name, memory=memory, quiesce=quiesce)
             case RedefineSnapshot():
                 await redefine_for_vm(self.snaps.agent, guest, action, key[0], vm)
+            case ThawFilesystems():
+                if guest is not None:
+                    await self._thaw(guest, view)
             case DeleteSnapshot(name=name):
                 if guest is None:
                     return
@@ -159,26 +163,52 @@ class SnapshotLoop:
     async def _take(
         self, guest: Guest, view: SnapshotView, name: str, *, memory: bool, quiesce: bool
     ) -> None:
+        log = self.snaps.log.bind(namespace=view.namespace, vmsnapshot=view.name)
+        outcome: QuiesceOutcome | None = None
+        error: str | None = None
         try:
             started = time.monotonic()
             plan = snapshots.disk_plan(await guest.xml())
-            await snapshots.create_snapshot(
-                guest,
-                name,
-                include_memory=memory,
-                quiesce=quiesce,
-                disks=plan,
-                description=json.dumps(
-                    {"vmsnapshot": f"{view.namespace}/{view.name}", "uid": view.uid}
-                ),
-            )
-            self.snaps.log.info(
+            if quiesce:
+                outcome, error = await self._freeze(guest, log)
+            try:
+                await snapshots.create_snapshot(
+                    guest,
+                    name,
+                    include_memory=memory,
+                    disks=plan,
+                    description=describe(view.namespace, view.name, view.uid, outcome, error),
+                )
+            finally:
+                if outcome is not None and outcome.froze:
+                    await self._thaw(guest, view)
+            log.info(
                 "snapshot taken",
-                namespace=view.namespace,
-                vmsnapshot=view.name,
+                quiesce=outcome.value if outcome else None,
                 seconds=round(time.monotonic() - started, 3),
             )
         except hv_errors.AlreadyExists:
             return  # taken by a run that died before it could say so: done
         except hv_errors.HypervisorError as exc:
             raise hypervisor_failure(exc) from exc
+
+    @staticmethod
+    async def _freeze(guest: Guest, log: Any) -> tuple[QuiesceOutcome, str | None]:
+        result = await guestagent.freeze_filesystems(guest)
+        if not result.attempted:
+            return QuiesceOutcome.NO_GUEST_AGENT, None
+        if result.error is not None:
+            log.warning("guest filesystems not frozen", error=result.error)
+            return QuiesceOutcome.QUIESCE_FAILED, result.error
+        log.info("guest filesystems frozen", filesystems=result.frozen)
+        return QuiesceOutcome.QUIESCED, None
+
+    async def _thaw(self, guest: Guest, view: SnapshotView) -> None:
+        """Best effort, logged: the next decision thaws again while the VM runs."""
+        log = self.snaps.log.bind(namespace=view.namespace, vmsnapshot=view.name)
+        try:
+            thawed = await guestagent.thaw_filesystems(guest)
+        except hv_errors.HypervisorError as exc:
+            log.warning("guest filesystems not thawed", error=str(exc))
+            return
+        log.info("guest filesystems thawed", filesystems=thawed)

@@ -20,10 +20,13 @@ from virtfleet.domain.config.base import (
 
 @dataclass(frozen=True, kw_only=True)
 class SerialConfig(XmlConfig):
-    """``<serial type='file'>``: the guest's first serial port, written to a host file.
+    """``<serial type='pty'>`` with ``<log file=path>``: the guest's first serial port.
 
+    A pty, so ``virtfleet console`` (libvirt's ``virDomainOpenConsole``, which only opens
+    ptys) can attach; everything the guest writes also goes to ``path`` on the host.
     ``append`` keeps the log across restarts instead of truncating it at every start.
-    Other serial types parse with ``path=None``.
+    Domains made before (``type='file'``) parse with their file as ``path`` — same log,
+    no console until they are defined anew; other serial types parse with ``path=None``.
     """
 
     tag: ClassVar[str] = "serial"
@@ -37,20 +40,23 @@ class SerialConfig(XmlConfig):
 
     def to_xml(self) -> etree._Element:
         element = etree.Element(self.tag)
-        set_attribute(element, "type", "file")
-        add_child(element, "source", path=self.path, append="on" if self.append else None)
+        set_attribute(element, "type", "pty")
+        add_child(element, "log", file=self.path, append="on" if self.append else None)
         self._target(element)
         return element
 
     @classmethod
     def parse(cls, element: etree._Element) -> Self:
         expect_tag(element, cls.tag)
-        source = element.find("source")
+        kind = element.get("type")
+        # pty: the log file; file (older domains): the file itself.
+        holder = element.find("log") if kind == "pty" else element.find("source")
         target = element.find("target")
-        is_file = element.get("type") == "file" and source is not None
+        path_attribute = "file" if kind == "pty" else "path"
+        has_path = kind in ("pty", "file") and holder is not None
         return cls(
-            path=source.get("path") if is_file and source is not None else None,
-            append=source is not None and source.get("append") == "on",
+            path=holder.get(path_attribute) if has_path and holder is not None else None,
+            append=holder is not None and holder.get("append") == "on",
             port=(parse_int(target.get("port"), "<target port>") or 0) if target is not None else 0,
         )
 
