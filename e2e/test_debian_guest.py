@@ -10,14 +10,18 @@ involved.
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 
+from harness import controlplane
 from harness import nodes as hn
 from harness.debian import DebianImage, debian_vm, ensure_debian, place
 from harness.testing import (
@@ -34,6 +38,8 @@ from harness.testing import (
 )
 
 SUBNET = "10.83.0.0/24"
+#: alice's password (cloud-init), for the console login.
+PASSWORD = "vf-console-pw"
 #: Boot to the login prompt under TCG takes ~40 s on the test machines; slack for load.
 BOOT_TIMEOUT_S = 400
 
@@ -74,6 +80,8 @@ def user_data(public_key: str) -> str:
         "  - name: alice\n"
         "    shell: /bin/bash\n"
         "    sudo: ALL=(ALL) NOPASSWD:ALL\n"
+        "    lock_passwd: false\n"
+        f"    plain_text_passwd: '{PASSWORD}'\n"
         f"    ssh_authorized_keys: ['{public_key}']\n"
         "runcmd:\n"
         '  - echo "VF-RUNCMD $(hostname) $(id -un alice) $(id -u alice)" > /dev/ttyS0\n'
@@ -176,6 +184,46 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     assert guest_exec(node, domain, "echo ok > /var/tmp/after-snapshot && sync && echo done",
                       timeout=30).strip() == "done"  # fmt: skip
 
+    # `virtfleet console`: a user the cluster allows (virtfleet-console bound in the
+    # namespace) logs in on the serial console and runs a command; one without it is
+    # refused by the agent (SubjectAccessReview); the admin's client certificate works.
+    allowed = user_kubeconfig(
+        system, namespace, "operator", tmp_path, role="ClusterRole/virtfleet-console"
+    )
+    session = console_session(allowed, namespace, "bookworm")
+    session.expect_exact("escape character is ^]")
+    session.send("\r")
+    session.expect("bookworm login: ")
+    session.sendline("alice")
+    session.expect("Password: ")
+    session.sendline(PASSWORD)
+    session.expect(r"alice@bookworm:~\$ ")
+    session.sendline("echo VF-CONSOLE-$((6*7)) $(id -un)")
+    session.expect("VF-CONSOLE-42 alice")
+    session.sendline("exit")
+    session.expect("bookworm login: ")
+    session.send("\x1d")  # Ctrl-]
+    session.expect(pexpect.EOF)
+    session.close()
+    assert session.exitstatus == 0, session.before
+
+    # The stranger may read the VM (so the client finds the endpoint), not its console.
+    system.kubectl("create", "role", "vm-reader", "-n", namespace, "--verb=get",
+                   "--resource=virtualmachines.virtfleet.io")  # fmt: skip
+    denied = user_kubeconfig(system, namespace, "stranger", tmp_path, role="Role/vm-reader")
+    refused = console_session(denied, namespace, "bookworm")
+    refused.expect(pexpect.EOF)
+    refused.close()
+    assert refused.exitstatus == 1
+    assert 'cannot get resource "virtualmachines/console"' in str(refused.before), refused.before
+
+    admin = console_session(Path(system.env["KUBECONFIG"]), namespace, "bookworm")
+    admin.expect_exact("escape character is ^]")
+    admin.send("\x1d")
+    admin.expect(pexpect.EOF)
+    admin.close()
+    assert admin.exitstatus == 0, admin.before
+
     # Halted: the ACPI power button, and systemd takes the guest down cleanly, well
     # inside its grace period.
     after = len(hn.serial_log(node, domain))
@@ -224,6 +272,31 @@ def test_a_guest_without_an_agent_says_so(system: Cluster, namespace: str) -> No
         "name",
     ).stdout
     assert events.strip(), "a NoGuestAgent Event on the VMSnapshot"  # fmt: skip
+
+
+def user_kubeconfig(system: Cluster, namespace: str, name: str, folder: Path, *, role: str) -> Path:
+    """A ServiceAccount's kubeconfig (token) with ``role`` (``ClusterRole/x`` or
+    ``Role/x``) bound to it in ``namespace``."""
+    system.kubectl("create", "serviceaccount", name, "-n", namespace)
+    kind, _, role_name = role.partition("/")
+    binding = (f"--{kind.lower()}={role_name}", f"--serviceaccount={namespace}:{name}")
+    system.kubectl("create", "rolebinding", name, "-n", namespace, *binding)
+    token = system.kubectl("create", "token", name, "-n", namespace).stdout.strip()
+    return controlplane.kubeconfig_for_token(
+        folder / f"{name}.kubeconfig",
+        system.env["KUBE_APISERVER"],
+        controlplane.ca_file(system.state_dir),
+        token,
+    )
+
+
+def console_session(kubeconfig: Path, namespace: str, vm: str) -> pexpect.spawn[str]:
+    """``virtfleet console`` under a pseudo-terminal, as a user would run it."""
+    return pexpect.spawn(
+        sys.executable, ["-m", "virtfleet.cli", "console", vm, "-n", namespace],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)}, timeout=60,
+        encoding="utf-8", codec_errors="replace",
+    )  # fmt: skip
 
 
 def snapshot(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:

@@ -544,6 +544,8 @@ def _supervise(node_root: str, shared_dir: str) -> None:
         check=True,
     )
     os.makedirs("/run/libvirt", exist_ok=True)
+    # /var/lock is /run/lock: libvirt locks a console's pty there (virDomainOpenConsole).
+    os.makedirs("/run/lock", exist_ok=True)
     os.makedirs(SERIAL_DIR_IN_NODE, exist_ok=True)
 
     stopping = False

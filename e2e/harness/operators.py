@@ -79,7 +79,20 @@ def agent_argv(node: nodes.Node) -> list[str]:
         *_http_sources(node),
         *_guest_firewall(node),
         *_vm_networks(node),
+        *_console(node),
     ]  # fmt: skip
+
+
+#: Where each node's agent serves `virtfleet console` (on the node's underlay address).
+CONSOLE_PORT = 18450
+
+
+def _console(node: nodes.Node) -> list[str]:
+    """Consoles on the node's own address (its network namespace), reached from the
+    machine over the underlay like a real node's port."""
+    if node.address is None or node.netns is None:
+        return []
+    return ["--console-listen", f"{node.address}:{CONSOLE_PORT}"]
 
 
 def _vm_networks(node: nodes.Node) -> list[str]:

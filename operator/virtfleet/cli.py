@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     from virtfleet import actions
 
     actions.add_parsers(sub)
+
+    from virtfleet import consolecli
+
+    consolecli.add_parser(sub)
     return parser
 
 

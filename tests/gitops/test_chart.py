@@ -69,6 +69,7 @@ def test_default_objects(default: list[dict[str, Any]]) -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in default)
     assert kinds == [
         ("ClusterRole", "virtfleet-agent"),
+        ("ClusterRole", "virtfleet-console"),
         ("ClusterRole", "virtfleet-controller"),
         ("ClusterRoleBinding", "virtfleet-agent"),
         ("ClusterRoleBinding", "virtfleet-controller"),
@@ -76,6 +77,7 @@ def test_default_objects(default: list[dict[str, Any]]) -> None:
         ("Deployment", "virtfleet-controller"),
         ("Namespace", "virtfleet-agent"),
         ("Namespace", "virtfleet-system"),
+        ("RoleBinding", "virtfleet-agent-client-ca"),
         ("ServiceAccount", "virtfleet-agent"),
         ("ServiceAccount", "virtfleet-controller"),
         ("ValidatingAdmissionPolicy", "virtfleet-agent-node-restriction"),
@@ -204,6 +206,29 @@ def test_rendered_args_are_accepted_by_the_cli(sets: tuple[str, ...]) -> None:
     agent = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]
     parsed = build_parser().parse_args(kubelet_expanded(agent[0]))
     assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+    assert parsed.console_listen == "192.0.2.21:8450"  # the node's address (hostNetwork)
+
+
+def test_the_console_can_be_turned_off_with_its_rights() -> None:
+    docs = render("agent.console.enabled=false")
+    (agent,) = one(docs, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]
+    assert build_parser().parse_args(kubelet_expanded(agent)).console_listen is None
+    rules = one(docs, "ClusterRole", "virtfleet-agent")["rules"]
+    assert not [r for r in rules if "tokenreviews" in r["resources"]]
+    assert not by_kind(docs, "RoleBinding")
+    assert ("ClusterRole", "virtfleet-console") not in {
+        (d["kind"], d["metadata"]["name"]) for d in docs
+    }
+
+
+def test_console_users_get_it_with_edit_unless_told_not_to(default: list[dict[str, Any]]) -> None:
+    role = one(default, "ClusterRole", "virtfleet-console")
+    assert role["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert {"apiGroups": ["virtfleet.io"], "resources": ["virtualmachines/console"],
+            "verbs": ["get"]} in role["rules"]  # fmt: skip
+    docs = render("agent.console.aggregateToEdit=false")
+    labels = one(docs, "ClusterRole", "virtfleet-console")["metadata"]["labels"]
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in labels
 
 
 def test_image_digest_wins_over_tag(default: list[dict[str, Any]]) -> None:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from virtfleet import manifests
 from virtfleet.agent.backupdisk import BackupDisks
+from virtfleet.agent.console import ConsoleAddress
 from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.guestagent import GuestAgents
@@ -118,6 +119,8 @@ class Agent:
         #: replacing its disks: agent.backups.inplace).
         self.start_holds: list[Callable[[Key], str | None]] = []
         self.log = get_logger("virtfleet.agent", node=settings.node_name)
+        #: Where this node serves ``virtfleet console`` (set at start when configured).
+        self.console: ConsoleAddress | None = None
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -306,6 +309,9 @@ class Agent:
             start_held=self.held((str(meta["namespace"]), str(meta["name"]))),
             addresses=self.networks.addresses(str(meta["uid"]), spec) if spec else {},
             guest=self.guest_agents.report(str(meta["uid"])),
+            console=self.console.endpoint(str(meta["namespace"]), str(meta["name"]))
+            if self.console is not None
+            else None,
         )
 
     def held(self, key: Key) -> str | None:

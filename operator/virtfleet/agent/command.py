@@ -159,6 +159,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Service and node networks; link-local, the nodes and DNAT'd destinations always",
     )
     agent.add_argument(
+        "--console-listen",
+        metavar="HOST:PORT",
+        help="serve `virtfleet console` on this address (TLS, callers checked with "
+        "TokenReview/SubjectAccessReview); default: no console on this node",
+    )
+    agent.add_argument(
+        "--console-advertise",
+        metavar="HOST",
+        help="the address clients connect to, written into VMs' status.consoleEndpoint "
+        "(default: the --console-listen host)",
+    )
+    agent.add_argument(
         "--network-state-dir",
         default=defaults.network_state_dir,
         metavar="DIR",
@@ -237,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
         tunnel_address=args.tunnel_address,
         nat_deny_cidrs=tuple(c for c in args.nat_deny_cidr if c != "none"),
         guest_agent_poll_seconds=args.guest_agent_poll_seconds,
+        console_listen=args.console_listen,
+        console_advertise=args.console_advertise,
         network_state_dir=args.network_state_dir,
     )
     asyncio.run(run_agent(settings, liveness_endpoint=args.liveness))

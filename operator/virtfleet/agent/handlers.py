@@ -21,6 +21,7 @@ from virtfleet.agent.agent import Agent, key_of
 from virtfleet.agent.backups import loop as backup_loop
 from virtfleet.agent.backups import wiring as backup_wiring
 from virtfleet.agent.bookkeeping import BookkeepingLog
+from virtfleet.agent.console import ConsoleServer
 from virtfleet.agent.fencing import NodeFencing
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks
@@ -130,6 +131,22 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         holder["fencing"] = fencing
         fencing_tasks = await fencing.start()
         await _open_when_libvirtd_answers(hv, log)
+        if settings.console_listen is not None:
+            # Before the first reconcile: every status written names the endpoint.
+            server = ConsoleServer(
+                settings.node_name,
+                settings.console_listen,
+                settings.console_advertise,
+                hv,
+                the_agent.kube,
+            )
+            try:
+                the_agent.console = await server.start()
+            except OSError as exc:
+                # VMs matter more than their consoles: run on without one, and say so.
+                log.error("console endpoint not served", error=str(exc))
+            else:
+                holder["console"] = server
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
         if settings.tunnel_address is not None:
@@ -169,6 +186,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if "console" in holder:
+            await holder["console"].stop()
         await the_agent.hv.close()
         await the_agent.kube.close()
         if "fencing" in holder:

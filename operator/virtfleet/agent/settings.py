@@ -99,6 +99,12 @@ class AgentSettings:
     #: Where the VMNetworks' DHCP servers keep their files (a tmpfs: gone with a reboot,
     #: like the servers). Must be searchable by everybody (dnsmasq re-reads as nobody).
     network_state_dir: str = "/run/virtfleet/networks"
+    #: ``host:port`` the console endpoint (``virtfleet console``) listens on; None: no
+    #: console on this node.
+    console_listen: str | None = None
+    #: The address clients connect to (in the VMs' ``status.consoleEndpoint``); None: the
+    #: listen address (which must then be a specific one).
+    console_advertise: str | None = None
 
     @property
     def finalizer(self) -> str:

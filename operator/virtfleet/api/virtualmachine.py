@@ -338,6 +338,18 @@ class FailoverStatus(StatusModel):
     )
 
 
+class ConsoleEndpoint(StatusModel):
+    """Where ``virtfleet console`` attaches to this VM's serial console (written by the
+    agent of the VM's node; the endpoint checks the caller with the apiserver)."""
+
+    url: str = Field(description="wss:// URL of the console on the VM's node agent.")
+    certificate_sha256: str = Field(
+        alias="certificateSHA256",
+        pattern="^[0-9a-f]{64}$",
+        description="SHA-256 of the endpoint's self-signed certificate: clients pin it.",
+    )
+
+
 class VirtualMachineStatus(StatusModel):
     observed_generation: int | None = Field(default=None, ge=0)
     printable_status: PrintableStatus | None = Field(
@@ -377,5 +389,8 @@ class VirtualMachineStatus(StatusModel):
     failover: FailoverStatus | None = Field(
         default=None,
         description="Written by the controller when it moves the VM off a failed node.",
+    )
+    console_endpoint: ConsoleEndpoint | None = Field(
+        default=None, description="Where `virtfleet console` connects (the node agent)."
     )
     conditions: Conditions

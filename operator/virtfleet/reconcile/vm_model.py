@@ -11,7 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
+from virtfleet.api.virtualmachine import (
+    ConsoleEndpoint,
+    VirtualMachineSpec,
+    VirtualMachineStatus,
+)
 from virtfleet.domain.guestagent import GuestAgentReport
 from virtfleet.identity import POWER_ACTIONS
 
@@ -65,6 +69,8 @@ class VmView:
     addresses: Mapping[str, str] = field(default_factory=dict)
     #: The guest agent's last answer while the domain runs (None: not asked yet).
     guest: GuestAgentReport | None = None
+    #: This node's console endpoint for the VM (None: the agent serves no console).
+    console: ConsoleEndpoint | None = None
 
 
 @dataclass(frozen=True)

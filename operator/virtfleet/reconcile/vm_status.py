@@ -68,6 +68,7 @@ def base_status(vm: VmView, spec: VirtualMachineSpec) -> VirtualMachineStatus:
             "interfaces": interfaces,
             "guest_os_info": guest_os_info(vm.guest, vm.status.guest_os_info),
             "high_availability": spec.high_availability,
+            "console_endpoint": vm.console,
         }
     )
 
