@@ -109,6 +109,13 @@ def corpus() -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"image={value!r}", _set(_VM, ("spec", "kernel", "image"), value)
         yield f"disk-name={value!r}", _set(_VM, ("spec", "disks", 0, "name"), value)
         yield f"vm-ref={value!r}", _set(_SNAPSHOT, ("spec", "vmName"), value)
+    # Optional booleans in CEL: an absent field must not make a rule error out.
+    for memory in (None, True, False):
+        for quiesce in (None, True, False):
+            spec: dict[str, Any] = {"vmName": "demo"}
+            spec |= {} if memory is None else {"includeMemory": memory}
+            spec |= {} if quiesce is None else {"quiesce": quiesce}
+            yield f"memory={memory},quiesce={quiesce}", {**_SNAPSHOT, "spec": spec}
     for url in _URLS:
         yield f"url={url!r}", _set(_HTTP_VM, ("spec", "disks", 0, "source", "http", "url"), url)
     for mac in [

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import ssl
 import sys
 import termios
@@ -67,9 +68,11 @@ def credentials(configuration: Any) -> tuple[dict[str, str], ssl.SSLContext]:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    if configuration.cert_file and configuration.key_file:
-        context.load_cert_chain(configuration.cert_file, configuration.key_file)
     headers: dict[str, str] = {}
+    if configuration.cert_file and configuration.key_file:
+        # A certificate proves who we are without handing the node a secret: no token.
+        context.load_cert_chain(configuration.cert_file, configuration.key_file)
+        return headers, context
     # The official client keeps it as "BearerToken" (older releases: "authorization").
     token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
     if token:
@@ -122,7 +125,11 @@ async def attach(vm: str, namespace: str) -> int:
                 f"Connected to VirtualMachine {namespace}/{vm} (escape character is ^])\r\n"
             )
             sys.stderr.flush()
-            ended_by_user = await _interact(ws, sys.stdin.fileno(), sys.stdout.fileno())
+            try:
+                ended_by_user = await _interact(ws, sys.stdin.fileno(), sys.stdout.fileno())
+            except asyncio.CancelledError:  # SIGTERM or SIGHUP: the terminal is restored
+                sys.stderr.write("\r\nConsole left (signal).\r\n")
+                return 1
         if not ended_by_user:
             sys.stderr.write("\r\nConsole closed by the VM's node.\r\n")
     return 0
@@ -146,7 +153,22 @@ async def _interact(ws: aiohttp.ClientWebSocketResponse, stdin: int, stdout: int
     """Relay until the user leaves (True) or the session ends (False)."""
     loop = asyncio.get_running_loop()
     keys: asyncio.Queue[bytes] = asyncio.Queue()
-    loop.add_reader(stdin, lambda: keys.put_nowait(os.read(stdin, 1024)))
+
+    def readable() -> None:
+        try:
+            data = os.read(stdin, 1024)
+        except OSError:
+            data = b""  # the terminal went away: as end of input
+        if not data:
+            loop.remove_reader(stdin)
+        keys.put_nowait(data)
+
+    loop.add_reader(stdin, readable)
+    # A signal cancels this task, so the terminal leaves raw mode on the way out.
+    this = asyncio.current_task()
+    assert this is not None
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, this.cancel)
 
     async def keyboard() -> bool:
         while data := await keys.get():
@@ -171,6 +193,8 @@ async def _interact(ws: aiohttp.ClientWebSocketResponse, stdin: int, stdout: int
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         loop.remove_reader(stdin)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

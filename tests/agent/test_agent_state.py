@@ -142,3 +142,46 @@ async def test_a_guest_agent_answer_for_a_vm_that_left_meanwhile_is_not_kept(
     agent.guest_agents.reports["gone"] = GuestAgentReport(connected=True)
     await agent.guest_agents.ask_all()
     assert agent.guest_agents.reports == {}
+
+
+async def test_a_guest_left_frozen_is_thawed_after_the_limit_with_an_event(
+    hv: Hypervisor,
+) -> None:
+    events: list[tuple[str, str]] = []
+
+    class Events:
+        async def record_event(self, body: Any, kind: str, reason: str, *_: Any) -> None:
+            events.append((kind, reason))
+
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, Events()))
+    now = [0.0]
+    agent.guest_agents.clock = lambda: now[0]
+    agent.guest_agents.thaw_after = 300.0
+    running = vm("u1")
+    running["status"]["printableStatus"] = "Running"
+    agent.on_vm_event("ADDED", running)
+    frozen = GuestAgentReport(connected=False, error="... frozen state", frozen=True)
+    answers = [frozen, frozen, frozen, GuestAgentReport(connected=True)]
+    thawed: list[str] = []
+
+    async def ask(uid: str) -> GuestAgentReport:
+        return answers.pop(0)
+
+    async def lookup(uid: str) -> Any:
+        thawed.append(uid)
+        return None  # no domain to thaw in the test driver: the call is what counts
+
+    agent.guest_agents._ask = ask  # type: ignore[method-assign]
+    agent.hv.lookup = lookup  # type: ignore[method-assign,assignment]
+    await agent.guest_agents.ask_all()  # first seen frozen at 0
+    now[0] = 299.0
+    await agent.guest_agents.ask_all()  # a snapshot's freeze could still be going on
+    assert thawed == []
+    assert agent.bookkeeping()["frozen_guests"] == 1
+    now[0] = 301.0
+    await agent.guest_agents.ask_all()
+    assert thawed == ["u1"]
+    assert events == [("Warning", "GuestThawed")]
+    assert agent.bookkeeping()["frozen_guests"] == 0
+    await agent.guest_agents.ask_all()  # answers again: nothing more
+    assert thawed == ["u1"]

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
 import pytest
 
+from virtfleet.agent.console import CLIENT_CA_CONFIGMAP as CLIENT_CA
 from virtfleet.agent.console import MESSAGE_HEADER, ConsoleServer, console_path, split_listen
 from virtfleet.agent.consoleauth import (
     AccessRefusedError,
     Caller,
+    ReviewCache,
     access_review,
     authenticate,
     authorize,
@@ -25,6 +28,7 @@ from virtfleet.agent.consoleauth import (
     caller_from_certificate,
     caller_from_token_review,
 )
+from virtfleet.agent.consoletls import make_certificate
 from virtfleet.consolecli import credentials
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.runtime.kubeapi import ApiUnavailable
@@ -61,8 +65,19 @@ class FakeApi:
 
 
 class NoDomains:
-    async def lookup_by_name(self, name: str) -> None:
-        return None
+    """A node where the VM has no domain — or only someone else's of that name."""
+
+    def __init__(self) -> None:
+        self.foreign = False
+
+    async def lookup_by_name(self, name: str) -> Any:
+        if not self.foreign:
+            return None
+
+        async def xml() -> str:
+            return f"<domain type='kvm'><name>{name}</name><metadata/></domain>"
+
+        return SimpleNamespace(xml=xml)
 
 
 # --- pure ----------------------------------------------------------------------------
@@ -112,6 +127,32 @@ def test_listen_addresses() -> None:
     for bad in ("10.0.0.1", ":8450", "host:port"):
         with pytest.raises(ValueError, match="want host:port"):
             split_listen(bad)
+
+
+def test_a_certificate_kubeconfig_sends_no_token(tmp_path: Path) -> None:
+    cert = make_certificate("127.0.0.1", "me")
+    (tmp_path / "c.pem").write_bytes(cert.cert_pem)
+    (tmp_path / "k.pem").write_bytes(cert.key_pem)
+    configuration = SimpleNamespace(
+        cert_file=str(tmp_path / "c.pem"),
+        key_file=str(tmp_path / "k.pem"),
+        get_api_key_with_prefix=lambda key, alias=None: "Bearer abc",
+    )
+    headers, _ = credentials(configuration)
+    assert headers == {}
+
+
+def test_reviews_are_remembered_briefly_refusals_too() -> None:
+    now = [0.0]
+    cache = ReviewCache(ttl=10.0, size=2, clock=lambda: now[0])
+    cache.put("bad", {"status": {"authenticated": False}})
+    assert cache.get("bad") == {"status": {"authenticated": False}}
+    now[0] = 11.0
+    assert cache.get("bad") is None
+    for token in ("a", "b", "c"):
+        cache.put(token, {})
+    assert cache.get("a") is None  # the oldest went
+    assert ReviewCache.key("a") != "a"  # tokens are not kept
 
 
 def test_the_client_sends_the_kubeconfigs_token() -> None:
@@ -166,12 +207,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+HOSTS = NoDomains()
+
+
 @pytest.fixture
 async def endpoint(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, str, FakeApi]]:
     api = FakeApi(tokens={"good": ALICE}, allowed=getattr(request, "param", False))
-    server = ConsoleServer(
-        "node-a", f"127.0.0.1:{free_port()}", None, cast(Hypervisor, NoDomains()), api
-    )
+    HOSTS.foreign = False
+    server = ConsoleServer("node-a", f"127.0.0.1:{free_port()}", None, cast(Hypervisor, HOSTS), api)
     address = await server.start()
     try:
         yield address.base_url + console_path("ns", "web"), address.certificate_sha256, api
@@ -228,3 +271,36 @@ async def test_a_client_pinning_another_certificate_sends_nothing(
         with pytest.raises(aiohttp.ServerFingerprintMismatch):
             await session.ws_connect(url, headers={"Authorization": "Bearer good"})
     assert not [p for _, p, _ in api.requests if p.endswith("tokenreviews")]
+
+
+@pytest.mark.parametrize("endpoint", [True], indirect=True)
+async def test_a_domain_of_that_name_without_our_marker_is_not_attached(
+    endpoint: tuple[str, str, FakeApi],
+) -> None:
+    url, sha256, _ = endpoint
+    HOSTS.foreign = True
+    refused = await connect(url, sha256, "good")
+    assert refused.status == 404
+
+
+async def test_plain_requests_and_bad_names_are_refused_before_any_review(
+    endpoint: tuple[str, str, FakeApi],
+) -> None:
+    url, sha256, api = endpoint
+    pinned = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(bytes.fromhex(sha256)))
+    async with (
+        aiohttp.ClientSession(connector=pinned) as session,
+        session.get(url, headers={"Authorization": "Bearer good"}) as answer,
+    ):
+        assert answer.status == 400
+        assert (await answer.json())["reason"] == "BadRequest"
+    refused = await connect(url.replace("/namespaces/ns/", "/namespaces/NS_x/"), sha256, "good")
+    assert refused.status == 400
+    assert api.requests == [("GET", CLIENT_CA, None)]  # only the start-up's CA lookup
+
+
+async def test_a_repeated_bad_token_is_reviewed_once(endpoint: tuple[str, str, FakeApi]) -> None:
+    url, sha256, api = endpoint
+    for _ in range(3):
+        assert (await connect(url, sha256, "stolen")).status == 401
+    assert len([p for _, p, _ in api.requests if p.endswith("tokenreviews")]) == 1

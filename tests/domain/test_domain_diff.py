@@ -190,6 +190,27 @@ def test_domain_type_and_serial(
     assert diff(observe_config(changed(make_inputs, make_spec)), moved).paths == ("serial",)
 
 
+def test_a_file_serial_from_before_the_console_is_redefined_as_a_pty(
+    make_inputs: InputsFactory, make_spec: SpecFactory, observed_base: ObservedDomain
+) -> None:
+    """Same log file, so nothing else differs; the restart brings `virtfleet console`."""
+    desired = build_domain(make_inputs(make_spec(**BASE)))
+    old = desired.to_xml()
+    serial = old.find("devices/serial")
+    assert serial is not None
+    assert serial.get("type") == "pty"
+    for element in (serial, old.find("devices/console")):
+        assert element is not None
+        element.set("type", "file")
+        logged = element.find("log")
+        assert logged is not None
+        logged.tag = "source"
+        logged.set("path", logged.attrib.pop("file"))
+    changes = diff(desired, observe(old))
+    assert changes.paths == ("serial.type",)
+    assert changes.changes[0].apply is Apply.RESTART
+
+
 def test_drift_behind_our_back(
     make_inputs: InputsFactory, make_spec: SpecFactory, observed_base: ObservedDomain
 ) -> None:

@@ -94,6 +94,48 @@ def test_a_disk_of_this_vm_in_another_pool_and_an_image_store_kernel_are_accepte
     check(moved)
 
 
+LOG = "/var/log/libvirt/virtfleet-serial/ns_vm.log"
+#: What libvirt 9.0 writes for the pty serial port of a running VM (the console's live XML
+#: as `virsh dumpxml` showed it in the harness).
+PTY_SERIAL = (
+    "<serial type='pty'><source path='/dev/pts/3'/>"
+    f"<log file='{LOG}' append='on'/>"
+    "<target type='isa-serial' port='0'><model name='isa-serial'/></target></serial>"
+    "<console type='pty' tty='/dev/pts/3'><source path='/dev/pts/3'/>"
+    f"<log file='{LOG}' append='on'/><target type='serial' port='0'/></console>"
+)
+
+
+def as_pty(xml: str) -> str:
+    """The same document from a VM whose serial port is a pty (virtfleet's now)."""
+    return re.sub(r"<serial type='file'>.*?</console>", PTY_SERIAL, xml, flags=re.S)
+
+
+def test_a_pty_console_of_a_running_vm_is_accepted() -> None:
+    running = as_pty(RUNNING)
+    assert running.count("tty='/dev/pts/3'") == 2  # active and inactive definitions
+    check(running, references=(as_pty(LIVE),))
+    check(running)  # a VM redefined since, or not: the log is what must match
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("<console type='pty' tty='/dev/pts/3'>", "<console type='file' tty='/dev/pts/3'>"),
+        ("tty='/dev/pts/3'", "tty='/dev/sda'"),
+        (f"<log file='{LOG}'", "<log file='/etc/passwd'"),
+        (
+            "<serial type='pty'><source path='/dev/pts/3'/>",
+            "<serial type='pty'><source path='/etc/shadow'/>",
+        ),
+    ],
+    ids=["tty-on-a-file", "tty-not-a-pty", "log-elsewhere", "pty-source-a-file"],
+)
+def test_pty_consoles_are_held_to_ptys_and_the_vms_log(old: str, new: str) -> None:
+    with pytest.raises(UnsafeSnapshotError):
+        check(edit(old, new, as_pty(RUNNING)), references=(as_pty(LIVE),))
+
+
 def edit(old: str, new: str, xml: str = RUNNING) -> str:
     assert old in xml, old
     return xml.replace(old, new, 1)

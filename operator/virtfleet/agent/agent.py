@@ -92,7 +92,9 @@ class Agent:
         self.driver = NodeDriver(hv, settings)
         self.driver.backup_disks = BackupDisks(kube, settings)
         #: The guest agents' last answers (asked by their own loop, started with the agent).
-        self.guest_agents = GuestAgents(self, settings.guest_agent_poll_seconds)
+        self.guest_agents = GuestAgents(
+            self, settings.guest_agent_poll_seconds, thaw_after=settings.guest_thaw_after_seconds
+        )
         #: The node's VMNetworks; its host plumbing is given at start (none in unit tests).
         self.networks = NetworkKeeper(self, None)
         self.driver.networks = self.networks
@@ -205,6 +207,7 @@ class Agent:
             "vm_queue": self.queue.tracked,
             "network_incoming": len(self.networks.incoming),
             "guest_agent_reports": len(self.guest_agents.reports),
+            "frozen_guests": len(self.guest_agents.frozen_since),
         }
 
     async def on_domain_event(self, event: DomainEvent) -> None:

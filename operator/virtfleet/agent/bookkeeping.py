@@ -38,6 +38,7 @@ PER_OBJECT = frozenset(
         "migration_network_waits",
         "network_incoming",
         "guest_agent_reports",
+        "frozen_guests",
         "event_locks",
     }
 )

@@ -159,6 +159,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "Service and node networks; link-local, the nodes and DNAT'd destinations always",
     )
     agent.add_argument(
+        "--guest-thaw-after-seconds",
+        type=float,
+        default=defaults.guest_thaw_after_seconds,
+        metavar="S",
+        help="thaw a guest whose agent has said it is frozen for this long (default "
+        f"{defaults.guest_thaw_after_seconds:g})",
+    )
+    agent.add_argument(
         "--console-listen",
         metavar="HOST:PORT",
         help="serve `virtfleet console` on this address (TLS, callers checked with "
@@ -249,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         tunnel_address=args.tunnel_address,
         nat_deny_cidrs=tuple(c for c in args.nat_deny_cidr if c != "none"),
         guest_agent_poll_seconds=args.guest_agent_poll_seconds,
+        guest_thaw_after_seconds=args.guest_thaw_after_seconds,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
         network_state_dir=args.network_state_dir,

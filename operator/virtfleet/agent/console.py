@@ -21,12 +21,19 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-from virtfleet.agent.consoleauth import AccessRefusedError, authenticate, authorize
+from virtfleet.agent.consoleauth import (
+    AccessRefusedError,
+    Caller,
+    ReviewCache,
+    authenticate,
+    authorize,
+)
 from virtfleet.agent.consoletls import ServingCertificate, make_certificate, server_context
 from virtfleet.api.virtualmachine import ConsoleEndpoint
-from virtfleet.domain.ownership import domain_name
+from virtfleet.domain.errors import InvalidInputError
+from virtfleet.domain.ownership import check_name, check_namespace, domain_name, owned_by
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor.console import ConsoleStream, open_console
@@ -43,6 +50,10 @@ CLIENT_CA_CONFIGMAP: Final = (
 MESSAGE_HEADER: Final = "Virtfleet-Message"
 #: A console carries keystrokes and text: large frames are not ours.
 MAX_FRAME: Final = 64 * 1024
+#: Reviews (TokenReview + SubjectAccessReview) in flight at once; more callers get 429.
+MAX_REVIEWS: Final = 4
+#: How long a stopping agent waits for its console handlers (sessions are closed first).
+SHUTDOWN_SECONDS: Final = 5.0
 #: WebSocket pings keep idle sessions through NATs and notice vanished clients.
 HEARTBEAT_SECONDS: Final = 30.0
 
@@ -84,7 +95,14 @@ def refusal(status: int, message: str) -> web.Response:
 
 def status_body(status: int, message: str) -> dict[str, Any]:
     """A Kubernetes ``Status``, so clients print what kubectl would."""
-    reasons = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 409: "Conflict"}
+    reasons = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFound",
+        409: "Conflict",
+        429: "TooManyRequests",
+    }
     return {
         "kind": "Status",
         "apiVersion": "v1",
@@ -105,8 +123,12 @@ class ConsoleServer:
         if self.advertise in ("0.0.0.0", "::", ""):
             raise ValueError("--console-listen on every address needs --console-advertise")
         self.hv = hv
+        #: The reviews' own client (a flood of callers cannot queue the agent's work).
         self.kube = kube
         self.log = get_logger("virtfleet.agent.console", node=node)
+        self.reviews = ReviewCache()
+        self._reviewing = asyncio.Semaphore(MAX_REVIEWS)
+        self._sessions: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.certificate: ServingCertificate | None = None
 
@@ -115,7 +137,8 @@ class ConsoleServer:
         context = server_context(self.certificate, await self._client_ca())
         app = web.Application()
         app.router.add_get(console_path("{namespace}", "{name}"), self._handle, allow_head=False)
-        self._runner = web.AppRunner(app, access_log=None)
+        app.on_shutdown.append(self._close_sessions)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, ssl_context=context).start()
         host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
@@ -126,6 +149,11 @@ class ConsoleServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _close_sessions(self, _app: web.Application) -> None:
+        """The agent stops: sessions end now (the client says so), not at the grace's end."""
+        for ws in list(self._sessions):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the node agent stops")
 
     async def _client_ca(self) -> str | None:
         """The cluster's client CA, which the apiserver publishes for extension servers."""
@@ -142,15 +170,25 @@ class ConsoleServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         log = self.log.bind(namespace=namespace, vm=name)
-        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_FRAME)
+        if not ws.can_prepare(request).ok:
+            return refusal(400, "a console is a WebSocket: use `virtfleet console`")
         try:
-            caller = await authenticate(self.kube, request.headers.get("Authorization"), peercert)
-            await authorize(self.kube, caller, namespace, name)
+            check_namespace(namespace)
+            check_name(name)
+        except InvalidInputError as exc:
+            return refusal(400, str(exc))
+        try:
+            caller = await self._review(request, namespace, name)
         except AccessRefusedError as exc:
             log.info("console refused", status=exc.status, reason=exc.message)
             return refusal(exc.status, exc.message)
-        guest = await self.hv.lookup_by_name(domain_name(namespace, name))
-        if guest is None:
+        try:
+            guest = await self.hv.lookup_by_name(domain_name(namespace, name))
+            ours = guest is not None and owned_by(await guest.xml(), namespace, name)
+        except hv_errors.HypervisorError as exc:
+            return refusal(503, f"libvirt on node {self.node} did not answer: {exc}")
+        if guest is None or not ours:
             message = f"VirtualMachine {namespace}/{name} has no domain on node {self.node}"
             return refusal(404, message)
         try:
@@ -158,16 +196,30 @@ class ConsoleServer:
         except hv_errors.HypervisorError as exc:
             message = f"VirtualMachine {namespace}/{name}: no console: {exc}"
             return refusal(409, message)
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_SECONDS, max_msg_size=MAX_FRAME)
+        self._sessions.add(ws)
         try:
             await ws.prepare(request)
             log.info("console opened", user=caller.username, via=caller.via)
             await _relay(ws, console, log)
         finally:
+            self._sessions.discard(ws)
             await console.close()
-            await ws.close()
+            if ws.prepared:
+                await ws.close()
             log.info("console closed", user=caller.username, dropped_bytes=console.dropped)
         return ws
+
+    async def _review(self, request: web.Request, namespace: str, name: str) -> Caller:
+        """Authenticate and authorise, a few callers at a time (busy: 429 at once)."""
+        if self._reviewing.locked():
+            raise AccessRefusedError(429, "too many console requests at once; try again")
+        async with self._reviewing:
+            peercert = request.transport.get_extra_info("peercert") if request.transport else None
+            caller = await authenticate(
+                self.kube, request.headers.get("Authorization"), peercert, self.reviews
+            )
+            await authorize(self.kube, caller, namespace, name)
+            return caller
 
 
 async def _relay(ws: web.WebSocketResponse, console: ConsoleStream, log: Any) -> None:

@@ -12,7 +12,10 @@ The reviews' bodies and their reading are pure; only :func:`authenticate` and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -23,6 +26,7 @@ __all__ = [
     "CONSOLE_SUBRESOURCE",
     "AccessRefusedError",
     "Caller",
+    "ReviewCache",
     "access_review",
     "authenticate",
     "authorize",
@@ -145,8 +149,41 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+class ReviewCache:
+    """TokenReview answers by the token's SHA-256 for ``ttl`` seconds, refusals included
+    (as the apiserver's webhook authenticator caches): a client retrying, or a stranger
+    repeating a bad token, costs the apiserver one review, not one per request."""
+
+    def __init__(
+        self, ttl: float = 10.0, size: int = 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        self._answers: OrderedDict[str, tuple[float, Mapping[str, Any]]] = OrderedDict()
+
+    @staticmethod
+    def key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, token: str) -> Mapping[str, Any] | None:
+        found = self._answers.get(self.key(token))
+        if found is None or self.clock() - found[0] > self.ttl:
+            return None
+        return found[1]
+
+    def put(self, token: str, review: Mapping[str, Any]) -> None:
+        self._answers[self.key(token)] = (self.clock(), review)
+        self._answers.move_to_end(self.key(token))
+        while len(self._answers) > self.size:
+            self._answers.popitem(last=False)
+
+
 async def authenticate(
-    api: RestApi, authorization: str | None, peercert: Mapping[str, Any] | None
+    api: RestApi,
+    authorization: str | None,
+    peercert: Mapping[str, Any] | None,
+    cache: ReviewCache | None = None,
 ) -> Caller:
     """The caller, by certificate first (as the apiserver's authenticators), else token."""
     caller = caller_from_certificate(peercert)
@@ -155,11 +192,17 @@ async def authenticate(
     token = bearer_token(authorization)
     if token is None:
         raise AccessRefusedError(401, "Unauthorized: send a bearer token or a client certificate")
-    try:
-        review = await api.request("POST", TOKEN_REVIEWS, body=token_review(token))
-    except KubeError as exc:
-        raise AccessRefusedError(503, f"the apiserver could not review the token: {exc}") from exc
-    return caller_from_token_review(review or {})
+    review = cache.get(token) if cache is not None else None
+    if review is None:
+        try:
+            review = await api.request("POST", TOKEN_REVIEWS, body=token_review(token)) or {}
+        except KubeError as exc:
+            raise AccessRefusedError(
+                503, f"the apiserver could not review the token: {exc}"
+            ) from exc
+        if cache is not None:
+            cache.put(token, review)
+    return caller_from_token_review(review)
 
 
 async def authorize(api: RestApi, caller: Caller, namespace: str, name: str) -> None:

@@ -138,13 +138,15 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
                 settings.console_listen,
                 settings.console_advertise,
                 hv,
-                the_agent.kube,
+                # Reviews on a client of their own: callers never queue the VMs' calls.
+                KubeClient(max_workers=2, request_timeout=10.0),
             )
             try:
                 the_agent.console = await server.start()
             except OSError as exc:
                 # VMs matter more than their consoles: run on without one, and say so.
                 log.error("console endpoint not served", error=str(exc))
+                await server.kube.close()
             else:
                 holder["console"] = server
         # Before the first reconcile: a VM with a user NIC only starts behind it.
@@ -188,6 +190,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
                 await task
         if "console" in holder:
             await holder["console"].stop()
+            await holder["console"].kube.close()
         await the_agent.hv.close()
         await the_agent.kube.close()
         if "fencing" in holder:

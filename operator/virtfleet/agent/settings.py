@@ -92,6 +92,9 @@ class AgentSettings:
     #: How often each running VM's qemu-guest-agent is asked for OS, addresses and
     #: filesystems (status.guestOSInfo, status.interfaces, AgentConnected).
     guest_agent_poll_seconds: float = 30.0
+    #: A guest whose agent says it is frozen this long is thawed (a freeze for a quiesced
+    #: snapshot lasts seconds; one nobody thawed would hang the guest's writes for ever).
+    guest_thaw_after_seconds: float = 300.0
     #: Ranges VMNetwork NAT gateways never reach, besides link-local, the nodes and
     #: whatever is DNAT'd: the cluster's pod, Service and node networks (they would see
     #: the VM's connections as the node's).

@@ -59,7 +59,8 @@ class VMSnapshotSpec(ApiModel):
     cel_rules = (
         immutable_spec_rule(),
         CelRule(
-            rule="!self.quiesce || !has(self.includeMemory) || !self.includeMemory",
+            rule="!has(self.quiesce) || !self.quiesce || !has(self.includeMemory) "
+            "|| !self.includeMemory",
             message="quiesce is for disks-only snapshots (a snapshot with memory resumes the "
             "guest exactly and needs no freeze; a restore would resume it frozen): set "
             "includeMemory: false or drop quiesce",

@@ -140,6 +140,9 @@ def _changes(want: ObservedDomain, have: ObservedDomain) -> Iterator[Change]:
     yield from _disk_changes(want.disks, have.disks)
     yield from _interface_changes(want.interfaces, have.interfaces)
     yield from field("serial", want.serial_path, have.serial_path)
+    # A domain from before the console has a file serial: redefined as a pty (a restart
+    # brings the console), like any other change.
+    yield from field("serial.type", want.serial_type, have.serial_type)
     yield from field("devices", want.extra_devices, have.extra_devices)
 
 

@@ -57,6 +57,8 @@ class GuestAgentReport:
 
     connected: bool
     error: str | None = None
+    #: The agent said it is frozen (it refuses everything but thaw while so).
+    frozen: bool = False
     os_id: str | None = None
     os_name: str | None = None
     os_pretty_name: str | None = None

@@ -98,6 +98,8 @@ class ObservedDomain:
     disks: tuple[ObservedDisk, ...]
     interfaces: tuple[ObservedInterface, ...]
     serial_path: str | None
+    #: ``pty`` now; ``file`` in domains made before the console (no console there).
+    serial_type: str | None = None
     #: Tags of devices virtfleet never creates (``hostdev``, ``graphics``, …).
     extra_devices: tuple[str, ...] = ()
 
@@ -157,6 +159,7 @@ def _from_config(config: DomainConfig, owner_error: str | None) -> ObservedDomai
         disks=tuple(_disk(d) for d in config.disks if d is not seed),
         interfaces=tuple(_interface(i) for i in config.interfaces),
         serial_path=serial,
+        serial_type=config.serial.kind if config.serial is not None else None,
         extra_devices=config.extra_devices,
     )
 

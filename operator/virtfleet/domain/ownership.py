@@ -24,7 +24,8 @@ from lxml import etree
 
 from virtfleet.api.base import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN
 from virtfleet.api.virtualmachine import VirtualMachineSpec
-from virtfleet.domain.errors import InvalidInputError, MalformedDomainError
+from virtfleet.domain.config.base import parse_xml
+from virtfleet.domain.errors import DomainError, InvalidInputError, MalformedDomainError
 from virtfleet.identity import METADATA_ELEMENT, METADATA_NAMESPACE, METADATA_PREFIX
 
 __all__ = [
@@ -213,3 +214,13 @@ def find_owner(metadata: etree._Element | None) -> OwnerMetadata | None:
     if len(found) > 1:
         raise MalformedDomainError("more than one virtfleet owner marker")
     return OwnerMetadata.parse(found[0])
+
+
+def owned_by(domain_xml: str, namespace: str, name: str) -> bool:
+    """Whether a domain's XML carries virtfleet's owner marker of VM ``namespace/name``
+    (a domain of that name without it is someone else's, never ours to touch)."""
+    try:
+        owner = find_owner(parse_xml(domain_xml).find("metadata"))
+    except DomainError:
+        return False
+    return owner is not None and (owner.namespace, owner.name) == (namespace, name)

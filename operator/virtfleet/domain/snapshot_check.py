@@ -177,10 +177,12 @@ class _Checker:
                 return value.strip().lower() == bounds.uid
             case Kind.PARTITION:
                 return value in self.known[kind] or value == "/machine"
-            case Kind.SERIAL_SOURCE:
-                # A pty's path is where libvirt put it at that run; a file is the log.
+            case Kind.SERIAL | Kind.SERIAL_SOURCE:
+                # The VM's log: a <log file> now, a file serial's <source> before. A pty's
+                # path is where libvirt put it at that run (only ever a pty's source).
+                pty = bool(PTY_PATH.fullmatch(value))
                 logs = self.known[Kind.SERIAL] | self.known[Kind.SERIAL_SOURCE]
-                return bool(PTY_PATH.fullmatch(value)) or value in logs
+                return (kind is Kind.SERIAL_SOURCE and pty) or (not pty and value in logs)
         if value in self.known[kind]:
             return True
         if kind in (Kind.VOLUME, Kind.BACKING) and _in(value, bounds.volume_dirs):
@@ -223,6 +225,8 @@ def _chardev(element: etree._Element, where: str) -> None:
     is_pty = bool(PTY_PATH.fullmatch(path))
     if path and is_pty != (element.get("type") == "pty"):
         raise UnsafeSnapshotError(f"{where}/source/@path: {path[:80]!r} does not fit its type")
+    if element.get("tty") is not None and element.get("type") != "pty":
+        raise UnsafeSnapshotError(f"{where}/@tty: only a pty has one")
 
 
 def _in(path: str, directories: Sequence[str]) -> bool:

@@ -195,7 +195,8 @@ _INTERFACE: Final = Rule(
 PTY_PATH: Final = re.compile(r"/dev/pts/[0-9]+")
 _SERIAL: Final = Rule(
     # pty with a log file (virtfleet's now); file (domains made before the console).
-    attrs={"type": frozenset({"pty", "file"})},
+    # tty: where a running guest's console pty is (libvirt writes it on <console>).
+    attrs={"type": frozenset({"pty", "file"}), "tty": PTY_PATH},
     children={
         # type='file': the serial log itself; type='pty': the pty (checked in snapshot_check).
         "source": _leaf(path=Kind.SERIAL_SOURCE, append=_ON_OFF),

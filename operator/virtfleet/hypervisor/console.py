@@ -29,6 +29,8 @@ CHUNK: Final = 16 * 1024
 #: guest flooding its console cannot grow the agent's memory.
 MAX_PENDING: Final = 1024
 _EAGAIN: Final = -2
+#: Closes of consoles whose opener left, kept until done (asyncio holds tasks weakly).
+_closing: set[asyncio.Future[None]] = set()
 _EVENTS: Final = (
     libvirt.VIR_STREAM_EVENT_READABLE
     | libvirt.VIR_STREAM_EVENT_ERROR
@@ -71,6 +73,12 @@ class ConsoleStream:
 
     def _end(self) -> None:
         self._ended.set()
+        try:
+            # No more callbacks: a remote stream at EOF would otherwise fire again and
+            # again until close() runs.
+            self._stream.eventUpdateCallback(0)
+        except libvirt.libvirtError as exc:
+            _log.debug("console callback not paused", error=str(exc.get_error_message()))
         self._loop.call_soon_threadsafe(self._output.put_nowait, b"")
 
     def _deliver(self, data: bytes) -> None:
@@ -120,6 +128,9 @@ class ConsoleStream:
             await self._guest.executors.run(finish)
         except errors.HypervisorError as exc:
             _log.info("console stream not closed cleanly", error=str(exc))
+        # libvirt-python keeps the callback (this object) on the stream: break the cycle.
+        if hasattr(stream, "cb"):
+            del stream.cb
 
 
 async def open_console(guest: Guest) -> ConsoleStream:
@@ -148,4 +159,17 @@ async def open_console(guest: Guest) -> ConsoleStream:
             raise
         return console
 
-    return await guest.executors.run(attach)
+    opening = asyncio.ensure_future(guest.executors.run(attach))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The caller left while libvirt attached: close what it attached, or it would hold
+        # the console until the agent stops.
+        def close_late(done: asyncio.Future[ConsoleStream]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                closing = asyncio.ensure_future(done.result().close())
+                _closing.add(closing)
+                closing.add_done_callback(_closing.discard)
+
+        opening.add_done_callback(close_late)
+        raise

@@ -7,15 +7,24 @@ reconcile loop (the agent's poller calls this, not the VM's reconcile).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Final
 
 import libvirt
 
 from virtfleet.domain.guestagent import GuestAgentReport, channel_connected, report_from
+from virtfleet.hypervisor.errors import HypervisorError
 from virtfleet.hypervisor.guest import Guest
 
-__all__ = ["FreezeResult", "agent_report", "freeze_filesystems", "thaw_filesystems"]
+__all__ = [
+    "FreezeResult",
+    "GuestAgentBusyError",
+    "agent_report",
+    "freeze_filesystems",
+    "is_frozen_error",
+    "thaw_filesystems",
+]
 
 #: Seconds libvirt waits for the agent's answer to each command.
 AGENT_TIMEOUT_S: Final = 5
@@ -28,19 +37,55 @@ _INFO_TYPES: Final = (
 )
 
 
+class GuestAgentBusyError(HypervisorError):
+    """Another call (a freeze for a snapshot) is talking to this guest's agent: ask later."""
+
+
+#: One conversation with a guest's agent at a time: libvirt's agent timeout is set per
+#: domain, so a poll (5 s) must not shorten a freeze's (60 s) half-way.
+_talking: dict[str, threading.Lock] = {}
+_talking_guard = threading.Lock()
+
+
+#: Locks kept at most (those of gone domains are dropped when idle).
+_MAX_LOCKS: Final = 4096
+
+
+def _lock_of(guest: Guest) -> threading.Lock:
+    with _talking_guard:
+        if guest.uuid not in _talking and len(_talking) >= _MAX_LOCKS:
+            for uuid in [u for u, lock in _talking.items() if not lock.locked()]:
+                del _talking[uuid]
+        return _talking.setdefault(guest.uuid, threading.Lock())
+
+
+def is_frozen_error(message: str) -> bool:
+    """qemu-guest-agent refuses everything but thaw and status while frozen, saying so."""
+    return "frozen state" in message
+
+
 async def agent_report(guest: Guest) -> GuestAgentReport:
-    """What the guest's agent says; ``connected=False`` (with why) when it cannot say."""
+    """What the guest's agent says; ``connected=False`` (with why) when it cannot say.
+
+    Raises :class:`GuestAgentBusyError` while a freeze or thaw is talking to it.
+    """
     if not channel_connected(await guest.xml()):
         return GuestAgentReport(connected=False)
     dom = guest.handle
+    lock = _lock_of(guest)
 
     def ask() -> GuestAgentReport:
+        if not lock.acquire(blocking=False):
+            raise GuestAgentBusyError(f"{guest.name}: its guest agent is busy (a freeze?)")
         try:
             dom.agentSetResponseTimeout(AGENT_TIMEOUT_S, 0)
             info = dom.guestInfo(_INFO_TYPES, 0)
             addresses = dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0)
         except libvirt.libvirtError as exc:
-            return GuestAgentReport(connected=False, error=str(exc.get_error_message()))
+            message = str(exc.get_error_message())
+            return GuestAgentReport(connected=False, error=message, frozen=is_frozen_error(message))
+        finally:
+            lock.release()
         return report_from(info or {}, addresses or {})
 
     return await guest.executors.run(ask)
@@ -64,11 +109,12 @@ async def freeze_filesystems(guest: Guest) -> FreezeResult:
     dom = guest.handle
 
     def freeze() -> FreezeResult:
-        try:
-            dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
-            return FreezeResult(attempted=True, frozen=int(dom.fsFreeze(None, 0)))
-        except libvirt.libvirtError as exc:
-            return FreezeResult(attempted=True, error=str(exc.get_error_message()))
+        with _lock_of(guest):
+            try:
+                dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
+                return FreezeResult(attempted=True, frozen=int(dom.fsFreeze(None, 0)))
+            except libvirt.libvirtError as exc:
+                return FreezeResult(attempted=True, error=str(exc.get_error_message()))
 
     return await guest.executors.run_long(freeze)
 
@@ -82,7 +128,8 @@ async def thaw_filesystems(guest: Guest) -> int:
     dom = guest.handle
 
     def thaw() -> int:
-        dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
-        return int(dom.fsThaw(None, 0))
+        with _lock_of(guest):
+            dom.agentSetResponseTimeout(FREEZE_TIMEOUT_S, 0)
+            return int(dom.fsThaw(None, 0))
 
     return await guest.executors.run_long(thaw)

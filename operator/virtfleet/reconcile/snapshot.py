@@ -148,7 +148,8 @@ def decide_snapshot(
         return snapshot_waiting(snap, status, "Waiting", blocked_by, now)
 
     running = dom.power in (Power.RUNNING, Power.PAUSED)
-    quiesce = snap.spec.quiesce and running
+    # libvirt asks a paused guest's agent nothing: only a running guest can freeze.
+    quiesce = snap.spec.quiesce and dom.power is Power.RUNNING
     if snap.status.phase is SnapshotPhase.IN_PROGRESS:
         # Intent recorded, but libvirt has no such snapshot: the agent died before libvirt
         # made it (or libvirt lost it). The name is unique, so taking it now is the only one.

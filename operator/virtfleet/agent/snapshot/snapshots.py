@@ -169,9 +169,9 @@ class SnapshotLoop:
         try:
             started = time.monotonic()
             plan = snapshots.disk_plan(await guest.xml())
-            if quiesce:
-                outcome, error = await self._freeze(guest, log)
             try:
+                if quiesce:
+                    outcome, error = await self._freeze(guest, log)
                 await snapshots.create_snapshot(
                     guest,
                     name,
@@ -180,7 +180,9 @@ class SnapshotLoop:
                     description=describe(view.namespace, view.name, view.uid, outcome, error),
                 )
             finally:
-                if outcome is not None and outcome.froze:
+                # Also when cancelled during the freeze (outcome unknown): a thaw of a
+                # guest that is not frozen is harmless.
+                if quiesce and (outcome is None or outcome.froze):
                     await self._thaw(guest, view)
             log.info(
                 "snapshot taken",
@@ -204,7 +206,8 @@ class SnapshotLoop:
         return QuiesceOutcome.QUIESCED, None
 
     async def _thaw(self, guest: Guest, view: SnapshotView) -> None:
-        """Best effort, logged: the next decision thaws again while the VM runs."""
+        """Best effort, logged: the first Ready pass thaws again, and the guest-agent
+        poller thaws a guest still frozen minutes later (:mod:`virtfleet.agent.guestagent`)."""
         log = self.snaps.log.bind(namespace=view.namespace, vmsnapshot=view.name)
         try:
             thawed = await guestagent.thaw_filesystems(guest)

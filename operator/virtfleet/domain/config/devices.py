@@ -34,14 +34,20 @@ class SerialConfig(XmlConfig):
     path: str | None
     append: bool = True
     port: int = 0
+    #: ``pty`` (what virtfleet renders) or what a parsed domain has (``file``...).
+    kind: str = "pty"
 
     def _target(self, element: etree._Element) -> None:
         add_child(element, "target", port=self.port)
 
     def to_xml(self) -> etree._Element:
         element = etree.Element(self.tag)
-        set_attribute(element, "type", "pty")
-        add_child(element, "log", file=self.path, append="on" if self.append else None)
+        set_attribute(element, "type", self.kind)
+        append = "on" if self.append else None
+        if self.kind == "file":  # a parsed older domain, written back as it was
+            add_child(element, "source", path=self.path, append=append)
+        else:
+            add_child(element, "log", file=self.path, append=append)
         self._target(element)
         return element
 
@@ -57,6 +63,7 @@ class SerialConfig(XmlConfig):
         return cls(
             path=holder.get(path_attribute) if has_path and holder is not None else None,
             append=holder is not None and holder.get("append") == "on",
+            kind=kind or "",
             port=(parse_int(target.get("port"), "<target port>") or 0) if target is not None else 0,
         )
 
