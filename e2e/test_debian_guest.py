@@ -224,8 +224,14 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     admin.close()
     assert admin.exitstatus == 0, admin.before
 
-    # Halted: the ACPI power button, and systemd takes the guest down cleanly, well
-    # inside its grace period.
+    # Halted through the guest agent: the guest now ignores the ACPI power button (shown:
+    # pressing it does nothing), yet systemd takes it down cleanly, well inside its grace.
+    guest_exec(node, domain, "mkdir -p /etc/systemd/logind.conf.d && printf "
+               "'[Login]\\nHandlePowerKey=ignore\\n' > /etc/systemd/logind.conf.d/vf.conf "
+               "&& systemctl restart systemd-logind")  # fmt: skip
+    virsh(node, "shutdown", domain, "--mode", "acpi")
+    time.sleep(8)
+    assert virsh(node, "domstate", domain).strip() == "running"
     after = len(hn.serial_log(node, domain))
     stopped = time.monotonic()
     system.kubectl("patch", "vm", "bookworm", "-n", namespace, "--type=merge",

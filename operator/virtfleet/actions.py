@@ -431,7 +431,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     helps = {
         "start": "start a Manual VM",
-        "stop": "stop a Manual VM (ACPI, then destroy after the grace period)",
+        "stop": "stop a Manual VM (guest agent or ACPI, then destroy after the grace)",
         "restart": "restart a running VM",
         "pause": "pause a running VM",
         "unpause": "resume a paused VM",

@@ -401,7 +401,15 @@ class NodeDriver:
                     await guest.start()
             case Stop(grace_seconds=grace):
                 if observation.guest is not None:
-                    await self.hv.graceful_stop(observation.guest, grace)
+                    stop = await self.hv.graceful_stop(observation.guest, grace)
+                    _log.info(
+                        "domain stopped",
+                        namespace=vm.namespace,
+                        vm=vm.name,
+                        path=stop.path.value,
+                        asked=stop.asked,
+                        seconds=stop.waited_seconds,
+                    )
             case Undefine():
                 if observation.guest is not None:
                     await observation.guest.undefine()

@@ -21,6 +21,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
+from virtfleet.domain.guestagent import channel_connected
 from virtfleet.domain.jobs import JobProgress, parse_job_info, parse_job_stats
 from virtfleet.hypervisor import errors
 from virtfleet.hypervisor.executor import Executors
@@ -212,6 +213,14 @@ class Guest:
 
         await self._ex.run(call)
 
+    async def shutdown_via_agent(self) -> None:
+        """Ask the guest OS to power off through qemu-guest-agent (``guest-shutdown``).
+
+        libvirt returns only when the guest is down (or after its 60 s agent wait): run in
+        the long pool, and not awaited by :func:`graceful_stop` beyond a first answer.
+        """
+        await self._ex.run_long(self._dom.shutdownFlags, libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+
     async def destroy(self) -> None:
         """Power off at once (like pulling the plug). The definition stays."""
         await self._ex.run_long(self._dom.destroy)
@@ -365,6 +374,8 @@ class StopOutcome:
 
     path: StopPath
     waited_seconds: float
+    #: How the guest was asked: ``agent`` (qemu-guest-agent), ``acpi`` or ``none``.
+    asked: str = "none"
 
 
 _CANNOT_REACT = {GuestState.PAUSED, GuestState.CRASHED, GuestState.PMSUSPENDED}
@@ -373,7 +384,10 @@ _CANNOT_REACT = {GuestState.PAUSED, GuestState.CRASHED, GuestState.PMSUSPENDED}
 async def graceful_stop(
     guest: Guest, grace_seconds: float, *, poll_interval: float = 0.5
 ) -> StopOutcome:
-    """ACPI shutdown, poll until shut off, destroy when ``grace_seconds`` run out.
+    """Ask the guest to power off, poll until shut off, destroy when ``grace_seconds`` run out.
+
+    Asked through qemu-guest-agent when its channel is connected (and it does not refuse
+    within :data:`AGENT_ANSWER_SECONDS`), through the ACPI power button otherwise.
 
     A paused, crashed or PM-suspended guest cannot react to ACPI, so waiting would only
     delay the inevitable: it is destroyed at once. Races with the domain stopping by
@@ -390,31 +404,69 @@ async def graceful_stop(
     if grace_seconds <= 0 or status.state in _CANNOT_REACT:
         await _destroy_if_running(guest)
         return StopOutcome(StopPath.DESTROYED, waited())
+    asked = "agent" if await _asked_agent(guest) else "acpi"
     try:
-        await guest.shutdown()
+        if asked == "acpi":
+            await guest.shutdown()
     except errors.ConnectionLost:
         raise
     except errors.JobStuck:
         # No ACPI request gets through a stuck job; destroy kills QEMU before it waits.
         await _destroy_if_running(guest)
-        return StopOutcome(StopPath.DESTROYED, waited())
+        return StopOutcome(StopPath.DESTROYED, waited(), asked)
     except errors.HypervisorError:
         # Drivers differ in how they say "not running" (OPERATION_INVALID on QEMU, an
         # internal error on the test driver): decide by the state, not by the code.
         if not (await guest.status()).state.active:
-            return StopOutcome(StopPath.SHUTDOWN, waited())
+            return StopOutcome(StopPath.SHUTDOWN, waited(), asked)
         raise
     deadline = started + grace_seconds
     while True:
         if not (await guest.status()).state.active:
-            return StopOutcome(StopPath.SHUTDOWN, waited())
+            return StopOutcome(StopPath.SHUTDOWN, waited(), asked)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
         await asyncio.sleep(min(poll_interval, remaining))
     if await _destroy_if_running(guest):
-        return StopOutcome(StopPath.DESTROYED_AFTER_GRACE, waited())
-    return StopOutcome(StopPath.SHUTDOWN, waited())
+        return StopOutcome(StopPath.DESTROYED_AFTER_GRACE, waited(), asked)
+    return StopOutcome(StopPath.SHUTDOWN, waited(), asked)
+
+
+#: Seconds the guest agent has to refuse a shutdown before ACPI is used instead.
+AGENT_ANSWER_SECONDS = 3.0
+#: Agent shutdowns still waiting in libvirt (asyncio keeps tasks only weakly).
+_agent_shutdowns: set[asyncio.Task[None]] = set()
+
+
+async def _asked_agent(guest: Guest) -> bool:
+    """Ask through the guest agent when its channel is connected (a clean shutdown even
+    of a guest that ignores the power button); False: not asked, or it refused at once."""
+    try:
+        if not channel_connected(await guest.xml()):
+            return False
+    except errors.HypervisorError as exc:
+        _log.info("guest agent channel not read: %s", exc)
+        return False
+    task = asyncio.create_task(guest.shutdown_via_agent())
+    done, _ = await asyncio.wait({task}, timeout=AGENT_ANSWER_SECONDS)
+    if task in done:
+        failure = task.exception()
+        if failure is not None:
+            _log.info("guest agent shutdown refused (%s): the power button instead", failure)
+            return False
+        return True
+    # libvirt waits for the guest to go down; the stop loop polls meanwhile.
+    _agent_shutdowns.add(task)
+    task.add_done_callback(_agent_shutdown_done)
+    return True
+
+
+def _agent_shutdown_done(task: asyncio.Task[None]) -> None:
+    _agent_shutdowns.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # Usual when the guest went down (or was destroyed) before libvirt heard back.
+        _log.debug("guest agent shutdown ended: %s", task.exception())
 
 
 async def _destroy_if_running(guest: Guest) -> bool:
