@@ -28,6 +28,7 @@ from harness import (
     nodes,
     objectstore,
     operators,
+    prometheus,
     underlay,
 )
 from harness import helm as helm_chart
@@ -139,6 +140,7 @@ def up(
     for node in nodes.nodes_from_env(env):
         if node.netns is not None:
             underlay.forward(node.root, node.netns, underlay.services(env))
+    env.update(prometheus.up(state_dir, env))
     env["VIRTFLEET_E2E_STATE"] = str(state_dir)
     install_crds(env)
     register_nodes(env, nodes.nodes_from_env(env))
@@ -165,6 +167,7 @@ def down(state_dir: Path, *, wipe: bool = False, wipe_bucket: bool = False) -> N
     flux.down(state_dir)  # GitOps engines a test started (and may have left behind)
     argocd.down(state_dir)
     objectstore.down(state_dir, wipe=wipe_bucket)
+    prometheus.down(state_dir)
     nodes_dir = state_dir / "nodes"
     names = sorted(p.name for p in nodes_dir.iterdir()) if nodes_dir.is_dir() else []
     try:

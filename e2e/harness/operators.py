@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from harness import nodes, underlay
+from harness import nodes, prometheus, underlay
 
 STOP_TIMEOUT_S = 30.0
 
@@ -80,7 +80,17 @@ def agent_argv(node: nodes.Node) -> list[str]:
         *_guest_firewall(node),
         *_vm_networks(node),
         *_console(node),
+        *_metrics(node),
     ]  # fmt: skip
+
+
+def _metrics(node: nodes.Node) -> list[str]:
+    """/metrics on the node's address, where the harness's Prometheus scrapes it; the
+    usage read every 2 s (a test sees a counter move within seconds)."""
+    if node.address is None or node.netns is None:
+        return []
+    listen = f"{node.address}:{prometheus.AGENT_METRICS_PORT}"
+    return ["--metrics-listen", listen, "--metrics-interval-seconds", "2"]
 
 
 #: Where each node's agent serves `virtfleet console` (on the node's underlay address).
@@ -142,6 +152,7 @@ def controller_argv() -> list[str]:
     return [
         sys.executable, "-m", "virtfleet.cli", "controller", "--standalone",
         "--failure-damping", "5", "--failure-damping-max", "10",
+        "--metrics-listen", f"127.0.0.1:{prometheus.CONTROLLER_METRICS_PORT}",
     ]  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from virtfleet.agent.console import ConsoleAddress
 from virtfleet.agent.driver import NodeDriver, VmObservation
 from virtfleet.agent.errors import ActionError
 from virtfleet.agent.guestagent import GuestAgents
+from virtfleet.agent.metrics import AgentMetrics
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.vmnetworks import NetworkKeeper, network_names
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
@@ -123,6 +124,8 @@ class Agent:
         self.log = get_logger("virtfleet.agent", node=settings.node_name)
         #: Where this node serves ``virtfleet console`` (set at start when configured).
         self.console: ConsoleAddress | None = None
+        #: Its ``/metrics`` (set at start when configured).
+        self.metrics: AgentMetrics | None = None
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -208,6 +211,7 @@ class Agent:
             "network_incoming": len(self.networks.incoming),
             "guest_agent_reports": len(self.guest_agents.reports),
             "frozen_guests": len(self.guest_agents.frozen_since),
+            "metrics_devices": self.metrics.tracked if self.metrics is not None else 0,
         }
 
     async def on_domain_event(self, event: DomainEvent) -> None:

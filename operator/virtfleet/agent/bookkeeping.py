@@ -39,6 +39,7 @@ PER_OBJECT = frozenset(
         "network_incoming",
         "guest_agent_reports",
         "frozen_guests",
+        "metrics_devices",
         "event_locks",
     }
 )

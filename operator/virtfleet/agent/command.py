@@ -167,6 +167,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"{defaults.guest_thaw_after_seconds:g})",
     )
     agent.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)",
+    )
+    agent.add_argument(
+        "--metrics-interval-seconds",
+        type=float,
+        default=defaults.metrics_interval_seconds,
+        metavar="S",
+        help="how often VMs' usage is read, one libvirt call for all (default "
+        f"{defaults.metrics_interval_seconds:g})",
+    )
+    agent.add_argument(
         "--console-listen",
         metavar="HOST:PORT",
         help="serve `virtfleet console` on this address (TLS, callers checked with "
@@ -258,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         nat_deny_cidrs=tuple(c for c in args.nat_deny_cidr if c != "none"),
         guest_agent_poll_seconds=args.guest_agent_poll_seconds,
         guest_thaw_after_seconds=args.guest_thaw_after_seconds,
+        metrics_listen=args.metrics_listen,
+        metrics_interval_seconds=args.metrics_interval_seconds,
         console_listen=args.console_listen,
         console_advertise=args.console_advertise,
         network_state_dir=args.network_state_dir,

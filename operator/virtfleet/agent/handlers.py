@@ -25,6 +25,7 @@ from virtfleet.agent.console import ConsoleServer
 from virtfleet.agent.fencing import NodeFencing
 from virtfleet.agent.host import heartbeat, sweep_orphans
 from virtfleet.agent.locks import VmLocks
+from virtfleet.agent.metrics import AgentMetrics
 from virtfleet.agent.settings import DELETE_WAIT_SECONDS, AgentSettings
 from virtfleet.agent.snapshot import agent as snapshot_loops
 from virtfleet.api.vmhost import VMHostStatus
@@ -37,6 +38,7 @@ from virtfleet.logs import get_logger
 from virtfleet.runtime import apisession
 from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.memory import release_free_memory
+from virtfleet.runtime.metrics import MetricsServer, reconcile_histogram, timed
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -157,13 +159,26 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
                 local=settings.tunnel_address,
                 nat_denied=settings.nat_deny_cidrs,
             )
+        reconcile = locks.guard(holder["migrations"].guard(the_agent.reconcile))
+        metrics_tasks: list[asyncio.Task[None]] = []
+        if settings.metrics_listen is not None:
+            the_agent.metrics = AgentMetrics(the_agent, settings.metrics_interval_seconds)
+            reconcile = timed(
+                reconcile_histogram(the_agent.metrics.registry), "VirtualMachine", reconcile
+            )
+            endpoint = MetricsServer(settings.metrics_listen, the_agent.metrics.registry, "agent")
+            try:
+                await endpoint.start()
+            except OSError as exc:
+                log.error("metrics endpoint not served", error=str(exc))
+            else:
+                holder["metrics"] = endpoint
+            metrics_tasks.append(asyncio.create_task(the_agent.metrics.run(), name="metrics"))
         holder["tasks"] = [
+            *metrics_tasks,
             asyncio.create_task(the_agent.networks.run(), name="vmnetworks"),
             asyncio.create_task(the_agent.guest_agents.run(), name="guest-agents"),
-            asyncio.create_task(
-                the_agent.queue.run(locks.guard(holder["migrations"].guard(the_agent.reconcile))),
-                name="vm-queue",
-            ),
+            asyncio.create_task(the_agent.queue.run(reconcile), name="vm-queue"),
             asyncio.create_task(
                 _periodic(the_agent, _bookkeeping(the_agent, locks, holder), fencing),
                 name="node-periodic",
@@ -188,6 +203,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if "metrics" in holder:
+            await holder["metrics"].stop()
         if "console" in holder:
             await holder["console"].stop()
             await holder["console"].kube.close()

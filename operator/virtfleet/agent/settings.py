@@ -102,6 +102,10 @@ class AgentSettings:
     #: Where the VMNetworks' DHCP servers keep their files (a tmpfs: gone with a reboot,
     #: like the servers). Must be searchable by everybody (dnsmasq re-reads as nobody).
     network_state_dir: str = "/run/virtfleet/networks"
+    #: ``host:port`` of ``/metrics`` (Prometheus); None: no metrics endpoint.
+    metrics_listen: str | None = None
+    #: How often the VMs' usage is read (one bulk libvirt call); scrapes read the result.
+    metrics_interval_seconds: float = 15.0
     #: ``host:port`` the console endpoint (``virtfleet console``) listens on; None: no
     #: console on this node.
     console_listen: str | None = None

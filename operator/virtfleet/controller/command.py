@@ -22,6 +22,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="URL",
         help="serve kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: none)",
+    )
     mode.add_argument(
         "--peering", metavar="NAME", help="kopf peering object for an HA pair (needs its CRD)"
     )
@@ -148,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             liveness_endpoint=args.liveness,
+            metrics_listen=args.metrics_listen,
         )
 
     asyncio.run(main())

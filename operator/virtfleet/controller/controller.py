@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,7 @@ from virtfleet.controller.backups import BackupController
 from virtfleet.controller.cache import FleetCache
 from virtfleet.controller.drain import Drainer
 from virtfleet.controller.failover import Failover
+from virtfleet.controller.metrics import ControllerMetrics
 from virtfleet.controller.migrations import MigrationScheduler
 from virtfleet.controller.networks import NetworkController
 from virtfleet.controller.nodes import NodeKeeper
@@ -63,6 +64,7 @@ from virtfleet.reconcile.placement import (
 from virtfleet.reconcile.views import CachedVm
 from virtfleet.runtime.failures import cache_reporter, error_reporter
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
+from virtfleet.runtime.metrics import MetricsServer, reconcile_histogram, timed
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
@@ -412,10 +414,22 @@ class Controller:
         log_format: LogFormat = "auto",
         log_level: str = "INFO",
         liveness_endpoint: str | None = None,
+        metrics_listen: str | None = None,
     ) -> None:
         """Run kopf, the work queue and the periodic passes until kopf exits."""
+        reconcile: Callable[[Key], Awaitable[float | None]] = self.reconcile
+        endpoint: MetricsServer | None = None
+        if metrics_listen is not None:
+            metrics = ControllerMetrics(self)
+            reconcile = timed(reconcile_histogram(metrics.registry), "VirtualMachine", reconcile)
+            endpoint = MetricsServer(metrics_listen, metrics.registry, "controller")
+            try:
+                await endpoint.start()
+            except OSError as exc:  # placement matters more than its metrics
+                self._log.error("metrics endpoint not served", error=str(exc))
+                endpoint = None
         background = [
-            asyncio.create_task(self.queue.run(self.reconcile), name="controller-queue"),
+            asyncio.create_task(self.queue.run(reconcile), name="controller-queue"),
             asyncio.create_task(self.periodic(), name="controller-periodic"),
             asyncio.create_task(self.nodes.run(), name="node-health"),
             asyncio.create_task(
@@ -440,6 +454,8 @@ class Controller:
                 liveness_endpoint=liveness_endpoint,
             )
         finally:
+            if endpoint is not None:
+                await endpoint.stop()
             await self.queue.stop()
             await self.migrations.queue.stop()
             await self.unclaimed.queue.stop()

@@ -38,6 +38,7 @@ from virtfleet.hypervisor.hostinfo import HostFacts, libvirt_version, read_host_
 from virtfleet.hypervisor.owned import owned_domains
 from virtfleet.hypervisor.schema import check_domain_xml
 from virtfleet.hypervisor.settings import HypervisorSettings, backoff_delays
+from virtfleet.hypervisor.stats import DomainStats, all_domain_stats
 from virtfleet.identity import METADATA_ELEMENT, METADATA_NAMESPACE
 
 __all__ = ["Hypervisor"]
@@ -249,6 +250,10 @@ class Hypervisor:
     async def bridge_ports(self) -> list[BridgePort]:
         """The taps of running domains on host bridges (one executor call)."""
         return await self.call(bridge_ports)
+
+    async def domain_stats(self) -> list[DomainStats]:
+        """Every running domain's counters, one libvirt call (for metrics)."""
+        return await self.call(all_domain_stats)
 
     async def libvirt_version(self) -> int:
         """libvirtd's packed version over this connection (a liveness check)."""

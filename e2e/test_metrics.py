@@ -1,0 +1,66 @@
+"""The operators' metrics, as a real Prometheus scrapes them (``harness.prometheus``).
+
+A guest that writes its counter to its disk every second: PromQL sees its CPU seconds
+and its disk's written bytes grow, labelled by namespace, name, node and the spec's
+drive name; the fleet's and the operators' own series are there too.
+"""
+
+from __future__ import annotations
+
+import time
+
+from harness import prometheus
+from harness.guest import guest_cmdline
+from harness.testing import Cluster, vm_manifest, wait_for
+
+DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
+
+
+def grows(expression: str, timeout: float = 90.0) -> tuple[float, float]:
+    """(first, later) values of ``expression``, once it has grown."""
+    first = wait_for(lambda: prometheus.value(expression), timeout, 1.0, expression)
+    later = wait_for(
+        lambda: v if (v := prometheus.value(expression)) is not None and v > first else None,
+        timeout, 1.0, f"{expression} to grow past {first}",
+    )  # fmt: skip
+    return first, later
+
+
+def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespace: str) -> None:
+    node = system.nodes[0]
+    system.apply(
+        vm_manifest("busy", namespace, nodeName=node.name, disks=DATA_DISK,
+                    cmdline=guest_cmdline(counter=True))
+    )  # fmt: skip
+    vm = f'namespace="{namespace}",name="busy",node="{node.name}"'
+    cpu = grows(f"virtfleet_vm_cpu_usage_seconds_total{{{vm}}}")
+    written = grows(f'virtfleet_vm_storage_write_traffic_bytes_total{{{vm},drive="data"}}')
+    writes = prometheus.value(f'virtfleet_vm_storage_iops_write_total{{{vm},drive="data"}}')
+    print(f"\n[metrics] cpu {cpu} s, written {written} bytes, {writes} writes")
+    assert writes is not None
+    assert writes > 0
+    resident = prometheus.value(f"virtfleet_vm_memory_resident_bytes{{{vm}}}")
+    assert resident is not None
+    assert resident > 16 * 2**20  # a QEMU holds more than this
+
+    # The fleet as the controller and the agent see it, and the operators' own series.
+    assert wait_for(
+        lambda: prometheus.value(f'virtfleet_vms{{node="{node.name}",phase="Running"}}'),
+        30, 1.0, "the controller's count of Running VMs",
+    )  # fmt: skip
+    assert prometheus.value(f'virtfleet_node_vms{{node="{node.name}",phase="Running"}}')
+    assert prometheus.value(f'virtfleet_libvirt_connected{{node="{node.name}"}}') == 1
+    reconciles = 'sum(virtfleet_reconcile_duration_seconds_count{job="virtfleet-agent"})'
+    assert (prometheus.value(reconciles) or 0) > 0
+    for job in ("virtfleet-agent", "virtfleet-controller"):
+        ups = prometheus.query(f'up{{job="{job}"}}')
+        assert ups, job
+        assert all(float(s["value"][1]) == 1 for s in ups), ups
+
+    # Gone with its VM: no series for a deleted VM once the agent's snapshot is fresh.
+    system.kubectl("delete", "vm", "busy", "-n", namespace, "--wait=true", "--timeout=120s")
+    time.sleep(3 * prometheus.SCRAPE_SECONDS)
+    assert wait_for(
+        lambda: not prometheus.query(f"virtfleet_vm_cpu_usage_seconds_total{{{vm}}}") or None,
+        30, 1.0, "the deleted VM's series to go stale",
+    )  # fmt: skip

@@ -1,0 +1,246 @@
+"""The node agent's metrics: its VMs' usage (KubeVirt's shapes), its VMs by phase, libvirt.
+
+Usage comes from one bulk libvirt call per ``interval`` (:mod:`virtfleet.hypervisor.stats`)
+made by :meth:`AgentMetrics.run`, kept as a snapshot the collectors read: a scrape costs no
+libvirt call, however many VMs run and however often Prometheus asks. Labels are
+``namespace``, ``name`` and ``node`` (plus ``drive``/``interface`` by their spec names),
+never a uid. Device names are read from a domain's live XML once per run of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from virtfleet.domain.errors import DomainError
+from virtfleet.domain.stats import DeviceNames, DomainUsage, device_names, usage_from_stats
+from virtfleet.hypervisor import HypervisorError
+from virtfleet.logs import get_logger
+from virtfleet.runtime.metrics import QueueCollector
+
+if TYPE_CHECKING:
+    from virtfleet.agent.agent import Agent
+
+__all__ = ["AgentMetrics", "VmUsage"]
+
+VM_LABELS: Final = ["namespace", "name", "node"]
+
+
+@dataclass(frozen=True)
+class VmUsage:
+    namespace: str
+    name: str
+    usage: DomainUsage
+
+
+class AgentMetrics:
+    """The agent's registry, and the loop that keeps its usage snapshot fresh."""
+
+    def __init__(self, agent: Agent, interval: float) -> None:
+        self.agent = agent
+        self.interval = interval
+        self.node = agent.settings.node_name
+        self.registry = CollectorRegistry()
+        self.snapshot: list[VmUsage] = []
+        self.collected_at: float | None = None
+        self.collect_seconds: float | None = None
+        #: Device names by (uuid, run id): read once per run of a domain.
+        self._names: dict[tuple[str, int], DeviceNames] = {}
+        self.log = get_logger("virtfleet.agent.metrics", node=self.node)
+        self.registry.register(_UsageCollector(self))
+        self.registry.register(_NodeCollector(self))
+        self.registry.register(QueueCollector(lambda: {"vms": agent.queue}))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except HypervisorError as exc:
+                self.log.info("usage not collected", error=str(exc))
+            except Exception as exc:  # the loop outlives one bad round; logged
+                self.log.exception("usage collection failed", error=str(exc))
+            await asyncio.sleep(self.interval)
+
+    async def refresh(self) -> None:
+        started = time.perf_counter()
+        records = await self.agent.hv.domain_stats()
+        snapshot: list[VmUsage] = []
+        seen: set[tuple[str, int]] = set()
+        for record in records:
+            key = self.agent.by_uid.get(record.uuid)
+            if key is None:
+                continue  # not a VM of this agent (yet, or any more)
+            run = (record.uuid, record.run_id)
+            seen.add(run)
+            names = self._names.get(run) or await self._device_names(record.uuid)
+            if names is not None:
+                self._names[run] = names
+            snapshot.append(VmUsage(key[0], key[1], usage_from_stats(record.stats, names)))
+        for run in [r for r in self._names if r not in seen]:
+            del self._names[run]
+        self.snapshot = snapshot
+        self.collect_seconds = time.perf_counter() - started
+        self.collected_at = time.time()
+
+    async def _device_names(self, uuid: str) -> DeviceNames | None:
+        try:
+            guest = await self.agent.hv.lookup(uuid)
+            return device_names(await guest.xml()) if guest is not None else None
+        except (HypervisorError, DomainError) as exc:
+            self.log.info("device names not read", uuid=uuid, error=str(exc))
+            return None
+
+    @property
+    def tracked(self) -> int:
+        """Per-VM state held (the churn test's bookkeeping)."""
+        return len(self._names)
+
+
+class _UsageCollector(Collector):
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        snapshot = self.metrics.snapshot
+
+        def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=VM_LABELS + (extra or []))
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=VM_LABELS)
+
+        cpu = counter("virtfleet_vm_cpu_usage_seconds_total", "CPU time the VM used.")
+        cpu_user = counter("virtfleet_vm_cpu_user_usage_seconds_total", "CPU time in user mode.")
+        cpu_system = counter(
+            "virtfleet_vm_cpu_system_usage_seconds_total", "CPU time in kernel mode."
+        )
+        vcpus = gauge("virtfleet_vm_vcpus", "vCPUs the VM has now.")
+        resident = gauge("virtfleet_vm_memory_resident_bytes", "Host memory the VM's QEMU holds.")
+        domain = gauge("virtfleet_vm_memory_domain_bytes", "Memory the guest has (balloon).")
+        available = gauge(
+            "virtfleet_vm_memory_available_bytes", "Memory the guest sees (its agent/balloon)."
+        )
+        unused = gauge("virtfleet_vm_memory_unused_bytes", "Memory the guest leaves unused.")
+        drive = ["drive"]
+        block = {
+            "read_bytes": counter(
+                "virtfleet_vm_storage_read_traffic_bytes_total", "Bytes read.", drive
+            ),
+            "write_bytes": counter(
+                "virtfleet_vm_storage_write_traffic_bytes_total", "Bytes written.", drive
+            ),
+            "read_requests": counter("virtfleet_vm_storage_iops_read_total", "Reads.", drive),
+            "write_requests": counter("virtfleet_vm_storage_iops_write_total", "Writes.", drive),
+            "flush_requests": counter(
+                "virtfleet_vm_storage_flush_requests_total", "Flushes.", drive
+            ),
+            "read_seconds": counter(
+                "virtfleet_vm_storage_read_times_seconds_total", "Time spent reading.", drive
+            ),
+            "write_seconds": counter(
+                "virtfleet_vm_storage_write_times_seconds_total", "Time spent writing.", drive
+            ),
+            "flush_seconds": counter(
+                "virtfleet_vm_storage_flush_times_seconds_total", "Time spent flushing.", drive
+            ),
+        }
+        nic = ["interface"]
+        net = {
+            "receive_bytes": counter(
+                "virtfleet_vm_network_receive_bytes_total", "Bytes received.", nic
+            ),
+            "transmit_bytes": counter(
+                "virtfleet_vm_network_transmit_bytes_total", "Bytes sent.", nic
+            ),
+            "receive_packets": counter(
+                "virtfleet_vm_network_receive_packets_total", "Packets received.", nic
+            ),
+            "transmit_packets": counter(
+                "virtfleet_vm_network_transmit_packets_total", "Packets sent.", nic
+            ),
+            "receive_errors": counter(
+                "virtfleet_vm_network_receive_errors_total", "Receive errors.", nic
+            ),
+            "transmit_errors": counter(
+                "virtfleet_vm_network_transmit_errors_total", "Transmit errors.", nic
+            ),
+            "receive_drops": counter(
+                "virtfleet_vm_network_receive_packets_dropped_total", "Received, dropped.", nic
+            ),
+            "transmit_drops": counter(
+                "virtfleet_vm_network_transmit_packets_dropped_total", "To send, dropped.", nic
+            ),
+        }
+        for vm in snapshot:
+            labels = [vm.namespace, vm.name, node]
+            u = vm.usage
+            for family, value in (
+                (cpu, u.cpu_seconds),
+                (cpu_user, u.cpu_user_seconds),
+                (cpu_system, u.cpu_system_seconds),
+                (vcpus, u.vcpus),
+                (resident, u.memory_resident_bytes),
+                (domain, u.memory_domain_bytes),
+                (available, u.memory_available_bytes),
+                (unused, u.memory_unused_bytes),
+            ):
+                if value is not None:
+                    family.add_metric(labels, value)
+            for disk in u.blocks:
+                for field, family in block.items():
+                    family.add_metric([*labels, disk.name], getattr(disk, field))
+            for link in u.nets:
+                for field, family in net.items():
+                    family.add_metric([*labels, link.name], getattr(link, field))
+        yield from (cpu, cpu_user, cpu_system, vcpus, resident, domain, available, unused)
+        yield from block.values()
+        yield from net.values()
+
+
+class _NodeCollector(Collector):
+    """This node's VMs by phase, its libvirt connection and the usage snapshot's age."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        agent, node = self.metrics.agent, self.metrics.node
+        phases: dict[str, int] = {}
+        for body in list(agent.cache.values()):
+            phase = (body.get("status") or {}).get("printableStatus") or "Unknown"
+            phases[phase] = phases.get(phase, 0) + 1
+        vms = GaugeMetricFamily(
+            "virtfleet_node_vms", "VMs on this node by phase.", labels=["node", "phase"]
+        )
+        for phase, count in sorted(phases.items()):
+            vms.add_metric([node, phase], count)
+        yield vms
+        connected = GaugeMetricFamily(
+            "virtfleet_libvirt_connected", "1 while the agent's libvirt connection is up.",
+            labels=["node"],
+        )  # fmt: skip
+        connected.add_metric([node], 1 if agent.hv.connected else 0)
+        yield connected
+        connections = CounterMetricFamily(
+            "virtfleet_libvirt_connections_total",
+            "libvirt connections the agent opened (more than one: reconnects).",
+            labels=["node"],
+        )
+        connections.add_metric([node], agent.hv.connection_generation)
+        yield connections
+        if self.metrics.collect_seconds is not None:
+            took = GaugeMetricFamily(
+                "virtfleet_usage_collection_seconds",
+                "How long the last bulk libvirt statistics call took.",
+                labels=["node"],
+            )
+            took.add_metric([node], self.metrics.collect_seconds)
+            yield took

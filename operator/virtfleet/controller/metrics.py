@@ -1,0 +1,85 @@
+"""The controller's metrics: the fleet as the cluster sees it, and the controller's queues.
+
+Everything is read from :class:`~virtfleet.controller.cache.FleetCache` at scrape time
+(a walk over cached VMs and hosts: no apiserver call). Per-VM usage is the agents'
+(:mod:`virtfleet.agent.metrics`): only the node running a VM can read its counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from virtfleet.identity import NODE_LABEL
+from virtfleet.runtime.metrics import QueueCollector
+
+if TYPE_CHECKING:
+    from virtfleet.controller.controller import Controller
+
+__all__ = ["ControllerMetrics"]
+
+
+class ControllerMetrics:
+    def __init__(self, controller: Controller) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_FleetCollector(controller))
+        self.registry.register(
+            QueueCollector(
+                lambda: {
+                    "vms": controller.queue,
+                    "migrations": controller.migrations.queue,
+                    "unclaimed": controller.unclaimed.queue,
+                    "backups": controller.backups.queue,
+                    "networks": controller.networks.queue,
+                }
+            )
+        )
+
+
+class _FleetCollector(Collector):
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        cache = self.controller.cache
+        phases: dict[tuple[str, str], int] = {}
+        allocated: dict[str, int] = {}
+        for vm in list(cache.vms.values()):
+            node = vm.labels.get(NODE_LABEL, "")
+            phase = str(vm.status.get("printableStatus") or "Pending")
+            phases[(node, phase)] = phases.get((node, phase), 0) + 1
+            if node and vm.request is not None and not vm.deleting:
+                allocated[node] = allocated.get(node, 0) + vm.request.memory_bytes
+        vms = GaugeMetricFamily(
+            "virtfleet_vms",
+            'VirtualMachines by node ("" before placement) and printable status.',
+            labels=["node", "phase"],
+        )
+        for (node, phase), count in sorted(phases.items()):
+            vms.add_metric([node, phase], count)
+        yield vms
+        ready = GaugeMetricFamily(
+            "virtfleet_host_ready", "1 while a node's VMHost is Ready.", labels=["node"]
+        )
+        capacity = GaugeMetricFamily(
+            "virtfleet_host_memory_capacity_bytes",
+            "Memory the node offers VMs (its VMHost).",
+            labels=["node"],
+        )
+        used = GaugeMetricFamily(
+            "virtfleet_host_memory_allocated_bytes",
+            "Memory of the VMs placed on the node (their spec).",
+            labels=["node"],
+        )
+        for name, host in sorted(cache.hosts.items()):
+            ready.add_metric([name], 1 if host.ready else 0)
+            if host.memory_bytes is not None:
+                capacity.add_metric([name], host.memory_bytes)
+            used.add_metric([name], allocated.get(name, 0))
+        yield ready
+        yield capacity
+        yield used
