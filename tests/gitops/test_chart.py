@@ -78,6 +78,8 @@ def test_default_objects(default: list[dict[str, Any]]) -> None:
         ("Namespace", "virtfleet-agent"),
         ("Namespace", "virtfleet-system"),
         ("RoleBinding", "virtfleet-agent-client-ca"),
+        ("Service", "virtfleet-agent-metrics"),
+        ("Service", "virtfleet-controller-metrics"),
         ("ServiceAccount", "virtfleet-agent"),
         ("ServiceAccount", "virtfleet-controller"),
         ("ValidatingAdmissionPolicy", "virtfleet-agent-node-restriction"),
@@ -207,6 +209,33 @@ def test_rendered_args_are_accepted_by_the_cli(sets: tuple[str, ...]) -> None:
     parsed = build_parser().parse_args(kubelet_expanded(agent[0]))
     assert parsed.liveness == "http://0.0.0.0:8080/healthz"
     assert parsed.console_listen == "192.0.2.21:8450"  # the node's address (hostNetwork)
+    assert parsed.metrics_listen == "192.0.2.21:9470"
+    (controller,) = one(docs, "Deployment", "virtfleet-controller")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert build_parser().parse_args(kubelet_expanded(controller)).metrics_listen == "0.0.0.0:9471"
+
+
+def test_metrics_services_select_their_pods_and_monitors_are_opt_in(
+    default: list[dict[str, Any]],
+) -> None:
+    for component in ("agent", "controller"):
+        service = one(default, "Service", f"virtfleet-{component}-metrics")
+        pods = one(
+            default, "DaemonSet" if component == "agent" else "Deployment", f"virtfleet-{component}"
+        )["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pods["metadata"]["labels"].items()
+        (container,) = pods["spec"]["containers"]
+        assert "metrics" in [p["name"] for p in container["ports"]]
+    assert not by_kind(default, "ServiceMonitor")
+    docs = render("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=x")
+    monitors = by_kind(docs, "ServiceMonitor")
+    assert len(monitors) == 2
+    assert all(m["metadata"]["labels"]["release"] == "x" for m in monitors)
+    off = render("metrics.enabled=false")
+    assert not by_kind(off, "Service")
+    (agent,) = one(off, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]
+    assert build_parser().parse_args(kubelet_expanded(agent)).metrics_listen is None
 
 
 def test_the_console_can_be_turned_off_with_its_rights() -> None:
