@@ -232,6 +232,10 @@ def test_metrics_services_select_their_pods_and_monitors_are_opt_in(
     monitors = by_kind(docs, "ServiceMonitor")
     assert len(monitors) == 2
     assert all(m["metadata"]["labels"]["release"] == "x" for m in monitors)
+    rule = by_kind(render("metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    (group,) = rule[0]["spec"]["groups"]
+    assert "VirtfleetVMNotReady" in [r["alert"] for r in group["rules"]]
+    assert "{{ $labels.namespace }}" in group["rules"][0]["annotations"]["summary"]
     off = render("metrics.enabled=false")
     assert not by_kind(off, "Service")
     (agent,) = one(off, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]

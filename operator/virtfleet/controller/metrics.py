@@ -7,8 +7,8 @@ Everything is read from :class:`~virtfleet.controller.cache.FleetCache` at scrap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -48,12 +48,40 @@ class _FleetCollector(Collector):
         cache = self.controller.cache
         phases: dict[tuple[str, str], int] = {}
         allocated: dict[str, int] = {}
+        info = GaugeMetricFamily(
+            "virtfleet_vm_info",
+            "1 per VirtualMachine, with its node and printable status.",
+            labels=["namespace", "name", "node", "phase"],
+        )
+        ready = GaugeMetricFamily(
+            "virtfleet_vm_ready",
+            "1 while a VirtualMachine's Ready condition is True (a VM stopped on purpose "
+            "is Ready).",
+            labels=["namespace", "name", "node"],
+        )
         for vm in list(cache.vms.values()):
             node = vm.labels.get(NODE_LABEL, "")
             phase = str(vm.status.get("printableStatus") or "Pending")
             phases[(node, phase)] = phases.get((node, phase), 0) + 1
             if node and vm.request is not None and not vm.deleting:
                 allocated[node] = allocated.get(node, 0) + vm.request.memory_bytes
+            info.add_metric([vm.namespace, vm.name, node, phase], 1)
+            ready.add_metric([vm.namespace, vm.name, node], 1 if _is_ready(vm.status) else 0)
+        yield info
+        yield ready
+        migrations: dict[tuple[str, str, str], int] = {}
+        for key, body in list(self.controller.migrations.cache.items()):
+            vm_name = str((body.get("spec") or {}).get("vmName") or "")
+            phase = str((body.get("status") or {}).get("phase") or "Pending")
+            migrations[(key[0], vm_name, phase)] = migrations.get((key[0], vm_name, phase), 0) + 1
+        by_phase = GaugeMetricFamily(
+            "virtfleet_vm_migrations",
+            "VMMigration objects by VM and phase (Failed ones stay until deleted).",
+            labels=["namespace", "name", "phase"],
+        )
+        for (namespace, vm_name, phase), count in sorted(migrations.items()):
+            by_phase.add_metric([namespace, vm_name, phase], count)
+        yield by_phase
         vms = GaugeMetricFamily(
             "virtfleet_vms",
             'VirtualMachines by node ("" before placement) and printable status.',
@@ -83,3 +111,11 @@ class _FleetCollector(Collector):
         yield ready
         yield capacity
         yield used
+
+
+def _is_ready(status: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or ()
+        if isinstance(c, Mapping)
+    )
