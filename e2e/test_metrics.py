@@ -7,6 +7,7 @@ drive name; the fleet's and the operators' own series are there too.
 
 from __future__ import annotations
 
+import re
 import time
 
 from harness import prometheus
@@ -56,6 +57,17 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
         ups = prometheus.query(f'up{{job="{job}"}}')
         assert ups, job
         assert all(float(s["value"][1]) == 1 for s in ups), ups
+
+    # Quantities for people: `kubectl get vmhost` shows what the node's VMs were given.
+    def allocated() -> list[str] | None:
+        rows = system.kubectl("get", "vmhost", node.name).stdout.splitlines()
+        header, row = rows[0].split(), rows[1].split()
+        values = dict(zip(header, row, strict=False))
+        return [values["ALLOCATED"], values["MEMORY"], values["FREE"]] if (
+            values.get("ALLOCATED") == "128Mi") else None  # fmt: skip
+
+    shown = wait_for(allocated, 60, 1.0, "the VM's 128Mi in `kubectl get vmhost`")
+    assert all(re.fullmatch(r"[0-9]+(\.[0-9])?(Ki|Mi|Gi|Ti)", v) for v in shown), shown
 
     # Gone with its VM: no series for a deleted VM once the agent's snapshot is fresh.
     system.kubectl("delete", "vm", "busy", "-n", namespace, "--wait=true", "--timeout=120s")

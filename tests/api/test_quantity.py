@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from virtfleet.api.quantity import (
     Quantity,
     QuantityError,
+    format_bytes,
     parse_duration,
     parse_quantity,
 )
@@ -134,3 +135,14 @@ def test_any_number_shaped_text_is_a_quantity_or_a_quantity_error(text: str) -> 
     except QuantityError as exc:
         refusal = exc
     assert refusal is None or "quantity" in str(refusal)
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(0, "0"), (900, "900"), (1024, "1Ki"), (1536, "1.5Ki"), (512 * 2**20, "512Mi"),
+     (int(19.3 * 2**30), "19.3Gi"), (24 * 2**30, "24Gi"), (2**70, "1024Ei")],
+)  # fmt: skip
+def test_bytes_for_people_are_quantities(count: int, text: str) -> None:
+    assert format_bytes(count) == text
+    # What people read is a quantity Kubernetes accepts, within rounding of the bytes.
+    assert abs(parse_quantity(text) - count) <= max(count, 1) * 0.05

@@ -12,6 +12,7 @@ from virtfleet.agent import quarantine
 from virtfleet.agent.agent import COMPONENT, Agent
 from virtfleet.api.conditions import ConditionStatus, rfc3339, set_condition
 from virtfleet.api.migration import MigrationPhase
+from virtfleet.api.quantity import format_bytes
 from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import FencingStatus, PoolStatus, RealisedNetwork, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
@@ -79,6 +80,9 @@ async def host_status(
         memory_bytes=facts.memory_bytes,
         free_memory_bytes=facts.free_memory_bytes,
         allocated_memory_bytes=allocated,
+        memory=format_bytes(facts.memory_bytes),
+        free_memory=format_bytes(facts.free_memory_bytes),
+        allocated_memory=format_bytes(allocated),
         vm_count=len(agent.cache),
         hypervisor=agent.settings.domain_type,
         libvirt_version=facts.libvirt_version,

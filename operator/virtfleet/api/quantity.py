@@ -192,3 +192,19 @@ class _DurationMarker:
 
 
 Duration = Annotated[str, _DurationMarker]
+
+
+_BINARY_UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def format_bytes(count: int) -> str:
+    """Bytes as a Kubernetes quantity people read: ``19.3Gi``, ``512Mi``, ``900``."""
+    if count < 1024:
+        return str(count)
+    value = float(count)
+    index = -1
+    while value >= 1024 and index < len(_BINARY_UNITS) - 1:
+        value /= 1024
+        index += 1
+    text = f"{value:.1f}".removesuffix(".0")
+    return f"{text}{_BINARY_UNITS[index]}"

@@ -207,7 +207,9 @@ VM_HOST = Kind(
         PrinterColumn("Health", "string", ".status.health.state", "Healthy, Failed, Fenced..."),
         PrinterColumn("VMs", "integer", ".status.vmCount", "VMs placed on the node."),
         PrinterColumn("CPUs", "integer", ".status.cpus", "Host logical CPUs."),
-        PrinterColumn("Free", "integer", ".status.freeMemoryBytes", "Free host RAM, bytes."),
+        PrinterColumn("Allocated", "string", ".status.allocatedMemory", "RAM promised to its VMs."),
+        PrinterColumn("Memory", "string", ".status.memory", "Host RAM."),
+        PrinterColumn("Free", "string", ".status.freeMemory", "Free host RAM."),
         PrinterColumn("Heartbeat", "date", ".status.heartbeatTime", "Last agent heartbeat."),
         PrinterColumn(
             "Libvirt", "string", ".status.libvirtVersion", "libvirt version.", priority=1

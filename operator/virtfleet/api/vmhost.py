@@ -85,6 +85,11 @@ class VMHostStatus(StatusModel):
     allocated_memory_bytes: int | None = Field(
         default=None, ge=0, description="RAM promised to VMs placed on this node."
     )
+    memory: str | None = Field(default=None, description="Host RAM, for people (19.3Gi).")
+    free_memory: str | None = Field(default=None, description="Free host RAM, for people.")
+    allocated_memory: str | None = Field(
+        default=None, description="RAM promised to VMs placed here, for people."
+    )
     vm_count: int | None = Field(default=None, ge=0, alias="vmCount")
     hypervisor: str | None = Field(default=None, description="Domain type used: kvm or qemu (TCG).")
     libvirt_version: str | None = None
