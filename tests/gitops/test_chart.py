@@ -8,6 +8,7 @@ rendering to a real apiserver and runs the processes with the chart's RBAC.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,9 @@ def test_metrics_services_select_their_pods_and_monitors_are_opt_in(
     (group,) = rule[0]["spec"]["groups"]
     assert "VirtfleetVMNotReady" in [r["alert"] for r in group["rules"]]
     assert "{{ $labels.namespace }}" in group["rules"][0]["annotations"]["summary"]
+    (board,) = by_kind(render("metrics.dashboard.enabled=true"), "ConfigMap")
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["virtfleet.json"])["uid"] == "virtfleet-overview"
     off = render("metrics.enabled=false")
     assert not by_kind(off, "Service")
     (agent,) = one(off, "DaemonSet", "virtfleet-agent")["spec"]["template"]["spec"]["containers"]

@@ -1,9 +1,14 @@
-"""The alerts: valid rules, each fires on its synthetic series and not without (promtool,
-Debian's prometheus package), each has a runbook, and each metric they read is one the
-agent or the controller exports."""
+"""The alerts and the dashboard.
+
+Alerts: valid rules; each fires on its synthetic series and not without (promtool, from
+Debian's prometheus package); each has a runbook; each metric they read is one the agent
+or the controller exports. The dashboard: valid JSON whose every query reads exported
+metrics and defined variables.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -26,6 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "charts" / "virtfleet" / "files" / "virtfleet-alerts.yaml"
 TESTS = Path(__file__).parent / "virtfleet-alerts.test.yaml"
 RUNBOOKS = REPO / "docs" / "runbooks.md"
+DASHBOARD = REPO / "charts" / "virtfleet" / "files" / "virtfleet-dashboard.json"
 
 
 def alerts() -> list[dict[str, Any]]:
@@ -78,12 +84,54 @@ def exported(registry: CollectorRegistry) -> set[str]:
     return names
 
 
-async def test_every_metric_the_alerts_read_is_exported(hv: Hypervisor) -> None:
+async def all_exported(hv: Hypervisor) -> set[str]:
     agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
     agent_metrics = AgentMetrics(agent, 15.0)
+    agent_metrics.collect_seconds = 0.01  # shown once a collection happened
     reconcile_histogram(agent_metrics.registry).labels("VirtualMachine").observe(0.1)
     controller_metrics = ControllerMetrics(Controller(FakeKube()))
-    names = exported(agent_metrics.registry) | exported(controller_metrics.registry)
+    return exported(agent_metrics.registry) | exported(controller_metrics.registry)
+
+
+def names_in(expression: str) -> list[str]:
+    return re.findall(r"\bvirtfleet_[a-z_]+\b", expression)
+
+
+async def test_every_metric_the_alerts_read_is_exported(hv: Hypervisor) -> None:
+    names = await all_exported(hv)
     for alert in alerts():
-        for name in re.findall(r"\bvirtfleet_[a-z_]+\b", alert["expr"]):
+        for name in names_in(alert["expr"]):
             assert name in names, f"{alert['alert']} reads {name}, which nothing exports"
+
+
+def dashboard_queries(node: Any) -> list[str]:
+    """Every PromQL expression in the dashboard: panels' targets and variables' queries."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                found.append(value)
+            else:
+                found += dashboard_queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += dashboard_queries(item)
+    return found
+
+
+async def test_the_dashboard_reads_only_exported_metrics(hv: Hypervisor) -> None:
+    board = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries(board)
+    assert len(queries) > 15
+    names = await all_exported(hv)
+    for query in queries:
+        assert names_in(query), f"a dashboard query reads no virtfleet metric: {query}"
+        for name in names_in(query):
+            assert name in names, f"the dashboard reads {name}, which nothing exports"
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in panels)
+    variables = {v["name"] for v in board["templating"]["list"]}
+    for query in queries:
+        for used in re.findall(r"\$(\w+)", query):
+            assert used in variables, f"{query} uses ${used}, which the dashboard lacks"
