@@ -12,7 +12,7 @@ import time
 
 from harness import prometheus
 from harness.guest import guest_cmdline
-from harness.testing import Cluster, vm_manifest, wait_for
+from harness.testing import Cluster, migration_manifest, vm_manifest, wait_for
 
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
 
@@ -53,6 +53,10 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
     assert prometheus.value(f'virtfleet_libvirt_connected{{node="{node.name}"}}') == 1
     reconciles = 'sum(virtfleet_reconcile_duration_seconds_count{job="virtfleet-agent"})'
     assert (prometheus.value(reconciles) or 0) > 0
+    calls = f'sum(virtfleet_libvirt_call_duration_seconds_count{{node="{node.name}"}})'
+    assert (prometheus.value(calls) or 0) > 0
+    writes = 'sum(virtfleet_apiserver_requests_total{resource="virtualmachines/status"})'
+    assert (prometheus.value(writes) or 0) > 0
     for job in ("virtfleet-agent", "virtfleet-controller"):
         ups = prometheus.query(f'up{{job="{job}"}}')
         assert ups, job
@@ -68,6 +72,34 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
 
     shown = wait_for(allocated, 60, 1.0, "the VM's 128Mi in `kubectl get vmhost`")
     assert all(re.fullmatch(r"[0-9]+(\.[0-9])?(Ki|Mi|Gi|Ti)", v) for v in shown), shown
+
+    # A throttled live migration: its progress moves in PromQL while it runs, and the
+    # source counts its outcome when it ends.
+    if len(system.nodes) > 1:
+        target = system.nodes[1]
+        system.apply(migration_manifest("slowly", namespace, "busy", targetNode=target.name,
+                                        policy={"bandwidthMiBps": 4}))  # fmt: skip
+        moving = f'namespace="{namespace}",name="busy"'
+        remaining = f"virtfleet_vm_migration_data_remaining_bytes{{{moving}}}"
+        processed = f"virtfleet_vm_migration_data_processed_bytes{{{moving}}}"
+        before = wait_for(lambda: prometheus.value(processed) or None, 60, 0.5, processed)
+        left_before = prometheus.value(remaining)
+        after = wait_for(
+            lambda: v if (v := prometheus.value(processed)) and v > before else None,
+            60, 0.5, f"{processed} to grow",
+        )  # fmt: skip
+        left_after = prometheus.value(remaining)
+        print(
+            f"[metrics] migration processed {before} → {after}, left {left_before} → {left_after}"
+        )
+        assert left_before is not None
+        assert left_after is not None
+        assert left_after < left_before
+        done = f'virtfleet_migrations_total{{node="{node.name}",outcome="succeeded"}}'
+        assert wait_for(lambda: prometheus.value(done), 180, 1.0, done) >= 1
+        assert wait_for(lambda: not prometheus.query(remaining) or None, 30, 1.0, "no job")
+        vm = f'namespace="{namespace}",name="busy",node="{target.name}"'
+        grows(f"virtfleet_vm_cpu_usage_seconds_total{{{vm}}}")  # on, from the new node
 
     # Gone with its VM: no series for a deleted VM once the agent's snapshot is fresh.
     system.kubectl("delete", "vm", "busy", "-n", namespace, "--wait=true", "--timeout=120s")

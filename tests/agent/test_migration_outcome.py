@@ -48,7 +48,9 @@ class FakeGuest:
 
 
 def make(monkeypatch: pytest.MonkeyPatch, where: Any) -> tuple[MigrationAgent, list[str]]:
-    agent = SimpleNamespace(kube=None, hv=None, settings=SimpleNamespace(node_name="node-a"))
+    agent = SimpleNamespace(
+        kube=None, hv=None, settings=SimpleNamespace(node_name="node-a"), metrics=None
+    )
     migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
     monkeypatch.setattr(migrations.ctx, "target", FakeTarget)
     said: list[str] = []
@@ -134,7 +136,9 @@ async def test_the_hand_over_removes_what_the_source_libvirtd_left(
     if left == "paused":
         await guest.start()
         await guest.suspend()
-    agent = SimpleNamespace(kube=None, hv=hv, settings=SimpleNamespace(node_name="node-a"))
+    agent = SimpleNamespace(
+        kube=None, hv=hv, settings=SimpleNamespace(node_name="node-a"), metrics=None
+    )
     migrations = MigrationAgent(agent, None, None)  # type: ignore[arg-type]
     await handoff_module.remove_source_leftover(migrations.ctx, uid, get_logger("test"))
     assert await hv.lookup(uid) is None

@@ -27,6 +27,7 @@ from virtfleet.agent.metrics import AgentMetrics
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.vmnetworks import NetworkKeeper, network_names
 from virtfleet.api.virtualmachine import VirtualMachineSpec, VirtualMachineStatus
+from virtfleet.domain.jobs import JobProgress
 from virtfleet.hypervisor import DomainEvent, EventKind, Hypervisor
 from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
 from virtfleet.logs import get_logger
@@ -126,6 +127,9 @@ class Agent:
         self.console: ConsoleAddress | None = None
         #: Its ``/metrics`` (set at start when configured).
         self.metrics: AgentMetrics | None = None
+        #: The last sample of each live migration job running from here, by VMMigration
+        #: (with its VM's name): what /metrics shows of migrations in progress.
+        self.migration_samples: dict[Key, tuple[str, JobProgress]] = {}
 
     # --- signals → keys ---------------------------------------------------------------
 
@@ -212,6 +216,7 @@ class Agent:
             "guest_agent_reports": len(self.guest_agents.reports),
             "frozen_guests": len(self.guest_agents.frozen_since),
             "metrics_devices": self.metrics.tracked if self.metrics is not None else 0,
+            "migration_samples": len(self.migration_samples),
         }
 
     async def on_domain_event(self, event: DomainEvent) -> None:

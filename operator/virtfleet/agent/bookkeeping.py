@@ -40,6 +40,7 @@ PER_OBJECT = frozenset(
         "guest_agent_reports",
         "frozen_guests",
         "metrics_devices",
+        "migration_samples",
         "event_locks",
     }
 )

@@ -38,7 +38,12 @@ from virtfleet.logs import get_logger
 from virtfleet.runtime import apisession
 from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.memory import release_free_memory
-from virtfleet.runtime.metrics import MetricsServer, reconcile_histogram, timed
+from virtfleet.runtime.metrics import (
+    MetricsServer,
+    count_requests,
+    reconcile_histogram,
+    timed,
+)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -163,6 +168,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         metrics_tasks: list[asyncio.Task[None]] = []
         if settings.metrics_listen is not None:
             the_agent.metrics = AgentMetrics(the_agent, settings.metrics_interval_seconds)
+            hv.observe_calls(the_agent.metrics.libvirt_call)
+            count_requests(the_agent.metrics.registry, the_agent.kube)
             reconcile = timed(
                 reconcile_histogram(the_agent.metrics.registry), "VirtualMachine", reconcile
             )

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from virtfleet.domain.errors import DomainError
+from virtfleet.domain.jobs import JobProgress
 from virtfleet.domain.stats import DeviceNames, DomainUsage, device_names, usage_from_stats
 from virtfleet.hypervisor import HypervisorError
 from virtfleet.logs import get_logger
@@ -56,6 +57,27 @@ class AgentMetrics:
         self.log = get_logger("virtfleet.agent.metrics", node=self.node)
         self.registry.register(_UsageCollector(self))
         self.registry.register(_NodeCollector(self))
+        self.registry.register(_MigrationCollector(self))
+        self.migrations = Counter(
+            "virtfleet_migrations",
+            "Live migration jobs run from this node, by outcome.",
+            ["node", "outcome"],
+            registry=self.registry,
+        )
+        self.libvirt_calls = Histogram(
+            "virtfleet_libvirt_call_duration_seconds",
+            "libvirt calls the agent made, by operation (where in virtfleet) and pool.",
+            ["node", "operation", "pool"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 120),
+            registry=self.registry,
+        )
+        self.migration_seconds = Histogram(
+            "virtfleet_migration_duration_seconds",
+            "How long live migration jobs from this node ran, by outcome.",
+            ["node", "outcome"],
+            buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
         self.registry.register(QueueCollector(lambda: {"vms": agent.queue}))
 
     async def run(self) -> None:
@@ -96,6 +118,14 @@ class AgentMetrics:
         except (HypervisorError, DomainError) as exc:
             self.log.info("device names not read", uuid=uuid, error=str(exc))
             return None
+
+    def libvirt_call(self, pool: str, operation: str, seconds: float) -> None:
+        """Every libvirt call the agent makes (:meth:`Hypervisor.observe_calls`)."""
+        self.libvirt_calls.labels(self.node, operation, pool).observe(seconds)
+
+    def migration_ended(self, outcome: str, seconds: float) -> None:
+        self.migrations.labels(self.node, outcome).inc()
+        self.migration_seconds.labels(self.node, outcome).observe(seconds)
 
     @property
     def tracked(self) -> int:
@@ -244,3 +274,54 @@ class _NodeCollector(Collector):
             )
             took.add_metric([node], self.metrics.collect_seconds)
             yield took
+
+
+class _MigrationCollector(Collector):
+    """Live migrations running from this node: their last job sample (KubeVirt's
+    ``kubevirt_vmi_migration_*`` shapes)."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        families = {
+            "data_total": GaugeMetricFamily(
+                "virtfleet_vm_migration_data_total_bytes",
+                "Bytes the running migration moves (memory and copied disks).",
+                labels=VM_LABELS,
+            ),
+            "data_processed": GaugeMetricFamily(
+                "virtfleet_vm_migration_data_processed_bytes",
+                "Bytes moved so far.",
+                labels=VM_LABELS,
+            ),
+            "data_remaining": GaugeMetricFamily(
+                "virtfleet_vm_migration_data_remaining_bytes",
+                "Bytes left to move.",
+                labels=VM_LABELS,
+            ),
+            "memory_bps": GaugeMetricFamily(
+                "virtfleet_vm_migration_memory_transfer_rate_bytes",
+                "Memory copied per second.",
+                labels=VM_LABELS,
+            ),
+            "dirty": GaugeMetricFamily(
+                "virtfleet_vm_migration_dirty_memory_rate_bytes",
+                "Memory the guest dirties per second.",
+                labels=VM_LABELS,
+            ),
+        }
+        for (namespace, _), (vm_name, sample) in list(self.agent_samples()):
+            labels = [namespace, vm_name, node]
+            families["data_total"].add_metric(labels, sample.data_total)
+            families["data_processed"].add_metric(labels, sample.data_processed)
+            families["data_remaining"].add_metric(labels, sample.data_remaining)
+            families["memory_bps"].add_metric(labels, sample.memory_bps)
+            families["dirty"].add_metric(
+                labels, sample.memory_dirty_rate * (sample.memory_page_size or 4096)
+            )
+        yield from families.values()
+
+    def agent_samples(self) -> list[tuple[tuple[str, str], tuple[str, JobProgress]]]:
+        return list(self.metrics.agent.migration_samples.items())

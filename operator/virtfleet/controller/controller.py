@@ -64,7 +64,12 @@ from virtfleet.reconcile.placement import (
 from virtfleet.reconcile.views import CachedVm
 from virtfleet.runtime.failures import cache_reporter, error_reporter
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
-from virtfleet.runtime.metrics import MetricsServer, reconcile_histogram, timed
+from virtfleet.runtime.metrics import (
+    MetricsServer,
+    count_requests,
+    reconcile_histogram,
+    timed,
+)
 from virtfleet.runtime.queue import WorkQueue
 from virtfleet.runtime.status import status_patch
 
@@ -421,6 +426,7 @@ class Controller:
         endpoint: MetricsServer | None = None
         if metrics_listen is not None:
             metrics = ControllerMetrics(self)
+            count_requests(metrics.registry, self.kube)
             reconcile = timed(reconcile_histogram(metrics.registry), "VirtualMachine", reconcile)
             endpoint = MetricsServer(metrics_listen, metrics.registry, "controller")
             try:

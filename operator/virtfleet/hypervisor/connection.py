@@ -77,6 +77,7 @@ class Hypervisor:
         self._connect = connect or _default_connect
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ex: Executors | None = None
+        self._observer: Callable[[str, str, float], None] | None = None
         self._reg: _Registration | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -111,6 +112,7 @@ class Hypervisor:
         eventloop.ensure_running()
         s = self.settings
         self._ex = Executors(s.executor_workers, s.long_executor_workers, s.thread_name_prefix)
+        self._ex.observer = self._observer
         try:
             await self._connect_once()
         except BaseException:
@@ -250,6 +252,12 @@ class Hypervisor:
     async def bridge_ports(self) -> list[BridgePort]:
         """The taps of running domains on host bridges (one executor call)."""
         return await self.call(bridge_ports)
+
+    def observe_calls(self, observer: Callable[[str, str, float], None]) -> None:
+        """Tell ``observer(pool, operation, seconds)`` of every libvirt call (metrics)."""
+        self._observer = observer
+        if self._ex is not None:
+            self._ex.observer = observer
 
     async def domain_stats(self) -> list[DomainStats]:
         """Every running domain's counters, one libvirt call (for metrics)."""

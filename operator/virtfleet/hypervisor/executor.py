@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -40,14 +41,32 @@ class Executors:
             max_workers=long_workers, thread_name_prefix=f"{name_prefix}-long"
         )
         self._closed = False
+        #: Told ``(pool, operation, seconds)`` after every call (metrics); None: nobody.
+        self.observer: Callable[[str, str, float], None] | None = None
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a short blocking call in the short pool; libvirt errors come out translated."""
-        return await self._submit(self._short, fn, *args, **kwargs)
+        return await self._timed("short", self._short, fn, *args, **kwargs)
 
     async def run_long(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a long job (start, snapshot, revert, migrate) in its own small pool."""
-        return await self._submit(self._long, fn, *args, **kwargs)
+        return await self._timed("long", self._long, fn, *args, **kwargs)
+
+    async def _timed(
+        self,
+        name: str,
+        pool: ThreadPoolExecutor,
+        fn: Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        if self.observer is None:
+            return await self._submit(pool, fn, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return await self._submit(pool, fn, *args, **kwargs)
+        finally:
+            self.observer(name, operation_name(fn), time.perf_counter() - started)
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Stop accepting work; with ``wait`` block until running calls return."""
@@ -70,3 +89,15 @@ class Executors:
             if errors.is_libvirt_error(exc):
                 raise errors.translate(exc) from exc
             raise
+
+
+def operation_name(fn: Callable[..., object]) -> str:
+    """Where a call comes from, as a bounded label: ``snapshots.get.<lambda>``,
+    ``guest.Guest.shutdown.call``, ``virDomain.destroy``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    qualname = getattr(fn, "__qualname__", type(fn).__name__).replace(".<locals>", "")
+    module = getattr(fn, "__module__", "") or ""
+    if module.startswith("virtfleet."):
+        return f"{module.rsplit('.', 1)[-1]}.{qualname}"
+    return qualname

@@ -159,6 +159,8 @@ class KubeClient:
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
         self._timeout = request_timeout
         self.field_manager = field_manager
+        #: Told ``(verb, resource, code)`` after every request (metrics; 0: no answer).
+        self.observer: Callable[[str, str, int], None] | None = None
         # Event aggregation: (namespace, event name) → count, like client-go's correlator.
         self._events: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._event_cache_size = event_cache_size
@@ -197,9 +199,19 @@ class KubeClient:
         if params:
             url += "?" + urlencode(params)
         what = what or f"{method} {path}"
-        return await self._run(
-            functools.partial(self._request_sync, method, url, body, content_type, what)
-        )
+        call = functools.partial(self._request_sync, method, url, body, content_type, what)
+        if self.observer is None:
+            return await self._run(call)
+        code = 0
+        try:
+            result = await self._run(call)
+            code = 200
+            return result
+        except KubeError as exc:
+            code = exc.status or 0
+            raise
+        finally:
+            self.observer(method, resource_of(path), code)
 
     def _request_sync(self, method: str, url: str, body: Any, content_type: str, what: str) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -437,3 +449,19 @@ class KubeClient:
     def bookkeeping(self) -> dict[str, int]:
         """Event locks held (0 when idle) and aggregated Events (bounded by the cache size)."""
         return {"event_locks": len(self._event_locks), "events_aggregated": len(self._events)}
+
+
+def resource_of(path: str) -> str:
+    """The resource a REST path names, as a bounded label: ``virtualmachines/status``,
+    ``events``, ``tokenreviews`` (never a namespace or an object name)."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    if parts[:1] == ["api"]:
+        parts = parts[2:]
+    elif parts[:1] == ["apis"]:
+        parts = parts[3:]
+    if len(parts) >= 3 and parts[0] == "namespaces":
+        parts = parts[2:]
+    if not parts:
+        return ""
+    resource = parts[0]
+    return f"{resource}/{parts[2]}" if len(parts) >= 3 else resource

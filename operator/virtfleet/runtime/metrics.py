@@ -13,16 +13,18 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from virtfleet.logs import get_logger
+from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.queue import WorkQueue
 
 __all__ = [
     "MetricsServer",
     "QueueCollector",
+    "count_requests",
     "reconcile_histogram",
     "split_listen",
     "timed",
@@ -52,6 +54,21 @@ def reconcile_histogram(registry: CollectorRegistry) -> Histogram:
         buckets=RECONCILE_BUCKETS,
         registry=registry,
     )
+
+
+def count_requests(registry: CollectorRegistry, client: object) -> None:
+    """Count ``client``'s apiserver requests by verb, resource and answer (a
+    :class:`KubeClient`; kopf's own watches and patches are not among them)."""
+    if not isinstance(client, KubeClient):
+        return
+    requests = Counter(
+        "virtfleet_apiserver_requests",
+        "Requests to the apiserver (virtfleet's client, not kopf's), by verb, resource "
+        "and HTTP code (0: no answer).",
+        ["verb", "resource", "code"],
+        registry=registry,
+    )
+    client.observer = lambda verb, resource, code: requests.labels(verb, resource, str(code)).inc()
 
 
 def timed(

@@ -96,6 +96,8 @@ async def _job(
         job_seconds = time.monotonic() - prepared_at
         await job.marked()
         outcome = job_outcome(await handoffs.where(ctx.hv, target, uid))
+        if ctx.agent.metrics is not None:
+            ctx.agent.metrics.migration_ended(outcome.value, job_seconds)
         log.info(
             "migration job ended",
             outcome=outcome.value,
@@ -155,9 +157,34 @@ async def migrate(
     """Run the job, acting on each poll's decision; the job's error message, if it failed."""
     started = time.monotonic()
     task = asyncio.create_task(hv_migration.migrate(job.guest, request))
+    poll = poll_interval(budget)
+    vm_name = str((ctx.cache.get(key, {}).get("spec") or {}).get("vmName") or "")
+    try:
+        await _poll(ctx, key, job, request, log, task, vm_name, budget, started, poll)
+    finally:
+        ctx.agent.migration_samples.pop(key, None)
+    try:
+        task.result()
+    except hv_errors.HypervisorError as exc:
+        return str(exc)
+    return None
+
+
+async def _poll(
+    ctx: MigrationContext,
+    key: Key,
+    job: RunningJob,
+    request: hv_migration.MigrationRequest,
+    log: Any,
+    task: asyncio.Task[None],
+    vm_name: str,
+    budget: float | None,
+    started: float,
+    poll: float,
+) -> None:
+    """Sample the job until it ends: publish progress, abort on time-out, post-copy."""
     last: MigrationProgress | None = None
     last_at = 0.0
-    poll = poll_interval(budget)
     while True:
         done, _ = await asyncio.wait({task}, timeout=poll)
         if done:
@@ -169,6 +196,7 @@ async def migrate(
         except hv_errors.HypervisorError as exc:
             log.debug("no job sample this time", error=str(exc))
             continue
+        ctx.agent.migration_samples[key] = (vm_name, sample)  # for /metrics
         decision = decide_poll(
             job.state,
             sample,
@@ -184,11 +212,6 @@ async def migrate(
                 await ctx.write_status(key, status)
             last, last_at = decision.publish, time.monotonic()
             log.debug("progress", percent=last.percent, iteration=last.iteration)
-    try:
-        task.result()
-    except hv_errors.HypervisorError as exc:
-        return str(exc)
-    return None
 
 
 async def _abort_for_timeout(job: RunningJob, budget: float | None, log: Any) -> None:
