@@ -55,8 +55,8 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
     assert (prometheus.value(reconciles) or 0) > 0
     calls = f'sum(virtfleet_libvirt_call_duration_seconds_count{{node="{node.name}"}})'
     assert (prometheus.value(calls) or 0) > 0
-    writes = 'sum(virtfleet_apiserver_requests_total{resource="virtualmachines/status"})'
-    assert (prometheus.value(writes) or 0) > 0
+    status_writes = 'sum(virtfleet_apiserver_requests_total{resource="virtualmachines/status"})'
+    assert (prometheus.value(status_writes) or 0) > 0
     for job in ("virtfleet-agent", "virtfleet-controller"):
         ups = prometheus.query(f'up{{job="{job}"}}')
         assert ups, job
