@@ -199,10 +199,13 @@ def raw_twin_xml(xml: str, name: str) -> str:
         element = root.find(tag)
         if element is not None:
             root.remove(element)
-    for source in root.iter("source"):
-        path = source.get("path")
+    for element, attribute in [
+        *((source, "path") for source in root.iter("source")),
+        *((log, "file") for log in root.iter("log")),  # the pty serial port's log
+    ]:
+        path = element.get(attribute)
         if path and old in path:
-            source.set("path", path.replace(old, name))
+            element.set(attribute, path.replace(old, name))
     return ET.tostring(root, encoding="unicode")
 
 
