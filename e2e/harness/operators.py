@@ -152,7 +152,7 @@ def controller_argv() -> list[str]:
     return [
         sys.executable, "-m", "virtfleet.cli", "controller", "--standalone",
         "--failure-damping", "5", "--failure-damping-max", "10",
-        "--metrics-listen", f"127.0.0.1:{prometheus.CONTROLLER_METRICS_PORT}",
+        "--metrics-listen", f"127.0.0.1:{prometheus.controller_metrics_port()}",
     ]  # fmt: skip
 
 

@@ -19,14 +19,18 @@ import yaml
 
 from harness import nodes, pidfiles
 
-#: Where the harness's agents and controller serve /metrics (operators.py passes these).
+#: Where the harness's agents serve /metrics, on their node's own address.
 AGENT_METRICS_PORT = 18452
-CONTROLLER_METRICS_PORT = 18453
 SCRAPE_SECONDS = 2
 
 
 def port() -> int:
     return int(os.environ.get("VIRTFLEET_PROMETHEUS_PORT", "19090"))
+
+
+def controller_metrics_port() -> int:
+    """The controller's /metrics on loopback (a second harness sets its own)."""
+    return int(os.environ.get("VIRTFLEET_CONTROLLER_METRICS_PORT", "18453"))
 
 
 def url() -> str:
@@ -54,7 +58,7 @@ def scrape_config(agent_addresses: list[str]) -> dict[str, Any]:
             },
             {
                 "job_name": "virtfleet-controller",
-                "static_configs": [{"targets": [f"127.0.0.1:{CONTROLLER_METRICS_PORT}"]}],
+                "static_configs": [{"targets": [f"127.0.0.1:{controller_metrics_port()}"]}],
             },
         ],
     }
