@@ -53,6 +53,8 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
     assert prometheus.value(f'virtfleet_libvirt_connected{{node="{node.name}"}}') == 1
     reconciles = 'sum(virtfleet_reconcile_duration_seconds_count{job="virtfleet-agent"})'
     assert (prometheus.value(reconciles) or 0) > 0
+    born = f'virtfleet_vm_phase_transition_time_from_creation_seconds_count{{node="{node.name}"}}'
+    assert (prometheus.value(born) or 0) >= 1
     calls = f'sum(virtfleet_libvirt_call_duration_seconds_count{{node="{node.name}"}})'
     assert (prometheus.value(calls) or 0) > 0
     status_writes = 'sum(virtfleet_apiserver_requests_total{resource="virtualmachines/status"})'

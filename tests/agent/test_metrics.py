@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 from virtfleet.agent.agent import Agent
 from virtfleet.agent.metrics import AgentMetrics, VmUsage
 from virtfleet.agent.settings import AgentSettings
+from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.domain.stats import BlockUsage, DomainUsage, NetUsage
 from virtfleet.hypervisor import Hypervisor
 from virtfleet.hypervisor.stats import DomainStats
@@ -87,3 +88,24 @@ async def test_one_bulk_call_per_refresh_and_names_once_per_run(hv: Hypervisor) 
     # No names read (lookup found nothing): asked again next time, never cached as empty.
     assert calls == ["stats", "lookup u1", "stats", "lookup u1"]
     assert metrics.tracked == 0
+
+
+async def test_time_from_creation_to_first_running_is_observed_once(hv: Hypervisor) -> None:
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
+    metrics = AgentMetrics(agent, 15.0)
+    created = {"creationTimestamp": "2026-01-01T00:00:00Z"}
+    running = VirtualMachineStatus(
+        printable_status=PrintableStatus.RUNNING, last_start_time="2026-01-01T00:00:02Z"
+    )
+    metrics.status_written(
+        {"metadata": created, "status": {"printableStatus": "Starting"}}, running
+    )
+    # Not a first start: already running (an agent restart), stopped before, restarted.
+    metrics.status_written({"metadata": created, "status": {"printableStatus": "Running"}}, running)
+    metrics.status_written({"metadata": created, "status": {"printableStatus": "Stopped"}}, running)
+    again = running.model_copy(update={"restart_count": 1})
+    metrics.status_written({"metadata": created, "status": {"printableStatus": "Starting"}}, again)
+    text = generate_latest(metrics.registry).decode()
+    series = 'node="node-a",phase="Running"'
+    assert f"virtfleet_vm_phase_transition_time_from_creation_seconds_count{{{series}}} 1.0" in text
+    assert f"virtfleet_vm_phase_transition_time_from_creation_seconds_sum{{{series}}} 2.0" in text

@@ -409,6 +409,8 @@ class Agent:
         except NotFound:
             return
         store_newest(self.cache, key, updated, shape=slim, cached_only=True)
+        if self.metrics is not None:
+            self.metrics.status_written(current, status)
 
     async def _events(self, body: Mapping[str, Any], events: tuple[EventNote, ...]) -> None:
         for note in events:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.domain.errors import DomainError
 from virtfleet.domain.jobs import JobProgress
 from virtfleet.domain.stats import DeviceNames, DomainUsage, device_names, usage_from_stats
@@ -62,6 +64,26 @@ class AgentMetrics:
             "virtfleet_migrations",
             "Live migration jobs run from this node, by outcome.",
             ["node", "outcome"],
+            registry=self.registry,
+        )
+        self.from_creation = Histogram(
+            "virtfleet_vm_phase_transition_time_from_creation_seconds",
+            "From a VM's creation to its first start (Running), as its agent saw it.",
+            ["node", "phase"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.snapshots = Counter(
+            "virtfleet_snapshots",
+            "libvirt snapshots the agent took for VMSnapshots, by outcome.",
+            ["node", "outcome"],
+            registry=self.registry,
+        )
+        self.snapshot_seconds = Histogram(
+            "virtfleet_snapshot_duration_seconds",
+            "How long taking them took (freeze, libvirt, thaw), by outcome.",
+            ["node", "outcome"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
         self.libvirt_calls = Histogram(
@@ -122,6 +144,34 @@ class AgentMetrics:
     def libvirt_call(self, pool: str, operation: str, seconds: float) -> None:
         """Every libvirt call the agent makes (:meth:`Hypervisor.observe_calls`)."""
         self.libvirt_calls.labels(self.node, operation, pool).observe(seconds)
+
+    def status_written(self, before: Mapping[str, Any], status: VirtualMachineStatus) -> None:
+        """A VM's first Running since it was created: how long that took (KubeVirt's
+        ``phase_transition_time_from_creation``). Only the first: later starts are not
+        "from creation"."""
+        previous = (before.get("status") or {}).get("printableStatus")
+        first_start = previous in (
+            None,
+            PrintableStatus.SCHEDULING.value,
+            PrintableStatus.STARTING.value,
+        )
+        if status.printable_status is not PrintableStatus.RUNNING or not first_start:
+            return
+        if status.restart_count or status.last_start_time is None:
+            return
+        created = (before.get("metadata") or {}).get("creationTimestamp")
+        started = _parse_time(status.last_start_time)
+        if not created or started is None:
+            return
+        born = _parse_time(str(created))
+        if born is not None and started >= born:
+            self.from_creation.labels(self.node, "Running").observe(
+                (started - born).total_seconds()
+            )
+
+    def snapshot_taken(self, outcome: str, seconds: float) -> None:
+        self.snapshots.labels(self.node, outcome).inc()
+        self.snapshot_seconds.labels(self.node, outcome).observe(seconds)
 
     def migration_ended(self, outcome: str, seconds: float) -> None:
         self.migrations.labels(self.node, outcome).inc()
@@ -325,3 +375,10 @@ class _MigrationCollector(Collector):
 
     def agent_samples(self) -> list[tuple[tuple[str, str], tuple[str, JobProgress]]]:
         return list(self.metrics.agent.migration_samples.items())
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None

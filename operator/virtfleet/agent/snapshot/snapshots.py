@@ -184,15 +184,23 @@ class SnapshotLoop:
                 # guest that is not frozen is harmless.
                 if quiesce and (outcome is None or outcome.froze):
                     await self._thaw(guest, view)
+            seconds = time.monotonic() - started
             log.info(
                 "snapshot taken",
                 quiesce=outcome.value if outcome else None,
-                seconds=round(time.monotonic() - started, 3),
+                seconds=round(seconds, 3),
             )
+            self._count("succeeded", seconds)
         except hv_errors.AlreadyExists:
             return  # taken by a run that died before it could say so: done
         except hv_errors.HypervisorError as exc:
+            self._count("failed", time.monotonic() - started)
             raise hypervisor_failure(exc) from exc
+
+    def _count(self, outcome: str, seconds: float) -> None:
+        metrics = getattr(self.snaps.agent, "metrics", None)
+        if metrics is not None:
+            metrics.snapshot_taken(outcome, seconds)
 
     @staticmethod
     async def _freeze(guest: Guest, log: Any) -> tuple[QuiesceOutcome, str | None]:
