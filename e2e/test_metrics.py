@@ -84,19 +84,17 @@ def test_a_guests_cpu_and_disk_writes_reach_prometheus(system: Cluster, namespac
         moving = f'namespace="{namespace}",name="busy"'
         remaining = f"virtfleet_vm_migration_data_remaining_bytes{{{moving}}}"
         processed = f"virtfleet_vm_migration_data_processed_bytes{{{moving}}}"
-        before = wait_for(lambda: prometheus.value(processed) or None, 60, 0.5, processed)
-        left_before = prometheus.value(remaining)
-        after = wait_for(
-            lambda: v if (v := prometheus.value(processed)) and v > before else None,
-            60, 0.5, f"{processed} to grow",
+        # libvirt reports what is left once the first pass is planned (0 before that).
+        left_before = wait_for(lambda: prometheus.value(remaining) or None, 60, 0.5, remaining)
+        before = prometheus.value(processed) or 0.0
+        left_after = wait_for(
+            lambda: v if (v := prometheus.value(remaining)) and v < left_before else None,
+            60, 0.5, f"{remaining} to shrink below {left_before}",
         )  # fmt: skip
-        left_after = prometheus.value(remaining)
-        print(
-            f"[metrics] migration processed {before} → {after}, left {left_before} → {left_after}"
-        )
-        assert left_before is not None
-        assert left_after is not None
-        assert left_after < left_before
+        after = prometheus.value(processed)
+        print(f"[metrics] migration left {left_before} → {left_after}, moved {before} → {after}")
+        assert after is not None
+        assert after > before
         done = f'virtfleet_migrations_total{{node="{node.name}",outcome="succeeded"}}'
         assert wait_for(lambda: prometheus.value(done), 180, 1.0, done) >= 1
         assert wait_for(lambda: not prometheus.query(remaining) or None, 30, 1.0, "no job")
