@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from virtfleet.agent.console import CLIENT_CA_CONFIGMAP as CLIENT_CA
-from virtfleet.agent.console import MESSAGE_HEADER, ConsoleServer, console_path, split_listen
+from virtfleet.agent.console import MESSAGE_HEADER, ConsoleServer, console_path
 from virtfleet.agent.consoleauth import (
     AccessRefusedError,
     Caller,
@@ -31,6 +31,7 @@ from virtfleet.agent.consoleauth import (
 from virtfleet.agent.consoletls import make_certificate
 from virtfleet.consolecli import credentials
 from virtfleet.hypervisor import Hypervisor
+from virtfleet.runtime.addresses import split_listen
 from virtfleet.runtime.kubeapi import ApiUnavailable
 
 ALICE = {

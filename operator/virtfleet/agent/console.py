@@ -39,6 +39,7 @@ from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor.console import ConsoleStream, open_console
 from virtfleet.identity import API_GROUP, API_VERSION
 from virtfleet.logs import get_logger
+from virtfleet.runtime.addresses import split_listen
 from virtfleet.runtime.kubeapi import KubeError
 
 __all__ = ["ConsoleAddress", "ConsoleServer", "console_path"]
@@ -74,14 +75,6 @@ class ConsoleAddress:
             url=self.base_url + console_path(namespace, name),
             certificate_sha256=self.certificate_sha256,
         )
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) → (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"--console-listen {listen!r}: want host:port")
-    return host.strip("[]"), int(port)
 
 
 def refusal(status: int, message: str) -> web.Response:

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from virtfleet.logs import get_logger
+from virtfleet.runtime.addresses import split_listen
 from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.queue import WorkQueue
 
@@ -26,7 +27,6 @@ __all__ = [
     "QueueCollector",
     "count_requests",
     "reconcile_histogram",
-    "split_listen",
     "timed",
 ]
 
@@ -36,14 +36,6 @@ RECONCILE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
 
 K = TypeVar("K")
 R = TypeVar("R")
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) → (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{listen!r}: want host:port")
-    return host.strip("[]"), int(port)
 
 
 def reconcile_histogram(registry: CollectorRegistry) -> Histogram:
