@@ -31,10 +31,12 @@ from harness.testing import (
     dhcp_servers,
     domain_name,
     guest_exec,
+    snapshot_manifest,
     virsh,
     vm_ip,
     vm_manifest,
     wait_for,
+    wait_phase,
 )
 
 SUBNET = "10.83.0.0/24"
@@ -170,10 +172,8 @@ def test_cloud_init_sets_up_a_debian_guest_that_takes_an_ssh_login(
     # (The bracket keeps the guest-exec line that runs this grep from matching itself.)
     freezes = "journalctl -b -o cat -t qemu-ga | grep -c '^info: guest-fsfreeze call[e]d' || true"
     before = int(guest_exec(node, domain, freezes).strip() or 0)
-    system.apply(snapshot("calm", namespace, "bookworm", quiesce=True))
-    snap = wait_for(
-        lambda: ready_snapshot(system, namespace, "calm"), 180, 1.0, "the quiesced snapshot"
-    )
+    system.apply(snapshot_manifest("calm", namespace, "bookworm", quiesce=True))
+    snap = ready_snapshot(system, namespace, "calm", 180)
     assert snap["status"]["quiesced"] is True, snap["status"]
     assert snap["status"]["indications"] == ["Online", "GuestAgent"], snap["status"]
     assert snap["status"]["memoryIncluded"] is False  # quiesce is disks-only
@@ -263,8 +263,8 @@ def test_a_guest_without_an_agent_says_so(system: Cluster, namespace: str) -> No
     assert "guestOSInfo" not in system.get("vm", "silent", namespace)["status"]
 
     # Quiesce without an agent: the snapshot is still taken, crash-consistent, and says why.
-    system.apply(snapshot("loud", namespace, "silent", quiesce=True))
-    snap = wait_for(lambda: ready_snapshot(system, namespace, "loud"), 120, 1.0, "the snapshot")
+    system.apply(snapshot_manifest("loud", namespace, "silent", quiesce=True))
+    snap = ready_snapshot(system, namespace, "loud", 120)
     assert snap["status"]["quiesced"] is False, snap["status"]
     assert snap["status"]["indications"] == ["Online", "NoGuestAgent"], snap["status"]
     events = system.kubectl(
@@ -305,17 +305,7 @@ def console_session(kubeconfig: Path, namespace: str, vm: str) -> pexpect.spawn[
     )  # fmt: skip
 
 
-def snapshot(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VMSnapshot",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"vmName": vm, **spec},
-    }
-
-
-def ready_snapshot(system: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
-    obj = system.get("vmsnapshot", name, namespace)
-    phase = (obj.get("status") or {}).get("phase")
-    assert phase != "Failed", obj.get("status")
-    return obj if phase == "Ready" else None
+def ready_snapshot(system: Cluster, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    obj = wait_phase(system, "vmsnapshot", namespace, name, ("Ready", "Failed"), timeout)
+    assert obj["status"]["phase"] == "Ready", obj["status"]
+    return obj

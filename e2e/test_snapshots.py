@@ -18,7 +18,16 @@ import pytest
 from harness import nodes as hn
 from harness import operators
 from harness.guest import BOOT_MARKER, guest_cmdline
-from harness.testing import Cluster, condition, domain_name, virsh, vm_manifest, wait_for
+from harness.testing import (
+    Cluster,
+    condition,
+    domain_name,
+    snapshot_manifest,
+    virsh,
+    vm_manifest,
+    wait_for,
+    wait_phase,
+)
 
 UPTIME = re.compile(r"^VF-UPTIME (\d+(?:\.\d+)?)\s*$", re.MULTILINE)
 DATA_DISK = [{"name": "data", "size": "16Mi", "source": {"blank": {}}}]
@@ -33,15 +42,6 @@ def uptimes(node: hn.Node, dom: str, after: int = 0) -> list[float]:
     return [float(m.group(1)) for m in UPTIME.finditer(hn.serial_log(node, dom), after)]
 
 
-def snapshot_manifest(name: str, ns: str, vm: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "virtfleet.io/v1alpha1",
-        "kind": "VMSnapshot",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"vmName": vm, **spec},
-    }
-
-
 def restore_manifest(name: str, ns: str, vm: str, snapshot: str) -> dict[str, Any]:
     return {
         "apiVersion": "virtfleet.io/v1alpha1",
@@ -49,17 +49,6 @@ def restore_manifest(name: str, ns: str, vm: str, snapshot: str) -> dict[str, An
         "metadata": {"name": name, "namespace": ns},
         "spec": {"vmName": vm, "snapshotName": snapshot},
     }
-
-
-def wait_phase(
-    cluster: Cluster, kind: str, ns: str, name: str, phases: tuple[str, ...], timeout: float = 90
-) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        obj = cluster.get(kind, name, ns)
-        return obj if (obj.get("status") or {}).get("phase") in phases else None
-
-    result: dict[str, Any] = wait_for(check, timeout, 0.1, f"{kind} {ns}/{name} in {phases}")
-    return result
 
 
 def wait_vm(cluster: Cluster, ns: str, name: str, printable: str, timeout: float = 90) -> None:

@@ -103,6 +103,29 @@ def vm_object(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def snapshot_manifest(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:
+    """A VMSnapshot of ``vm`` (``quiesce=True``... go into its spec)."""
+    return {
+        "apiVersion": "virtfleet.io/v1alpha1",
+        "kind": "VMSnapshot",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"vmName": vm, **spec},
+    }
+
+
+def wait_phase(
+    cluster: Cluster, kind: str, ns: str, name: str, phases: tuple[str, ...], timeout: float = 90
+) -> dict[str, Any]:
+    """The object once its ``status.phase`` is one of ``phases``."""
+
+    def check() -> dict[str, Any] | None:
+        obj = cluster.get(kind, name, ns)
+        return obj if (obj.get("status") or {}).get("phase") in phases else None
+
+    result: dict[str, Any] = wait_for(check, timeout, 0.1, f"{kind} {ns}/{name} in {phases}")
+    return result
+
+
 def migration_manifest(name: str, namespace: str, vm: str, **spec: Any) -> dict[str, Any]:
     """A VMMigration of ``vm`` (``targetNode=...``, ``policy=...`` go into its spec)."""
     return {

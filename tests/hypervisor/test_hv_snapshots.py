@@ -146,7 +146,8 @@ async def test_disk_only_is_unsupported_on_test_driver(running: Guest) -> None:
 
 
 async def test_quiesce_flag_is_passed(running: Guest) -> None:
-    # The test driver accepts QUIESCE (QEMU needs a guest agent; covered in e2e).
+    # The test driver accepts QUIESCE. VMSnapshot's quiesce does not use this flag (QEMU
+    # allows it for disk-only snapshots only): the agent freezes through the guest agent.
     snap = await snapshots.create_snapshot(running, "q", include_memory=True, quiesce=True)
     assert snap.name == "q"
 

@@ -13,7 +13,6 @@ import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -22,10 +21,10 @@ from prometheus_client.registry import Collector
 
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.domain.errors import DomainError
-from virtfleet.domain.jobs import JobProgress
 from virtfleet.domain.stats import DeviceNames, DomainUsage, device_names, usage_from_stats
 from virtfleet.hypervisor import HypervisorError
 from virtfleet.logs import get_logger
+from virtfleet.reconcile.views import parse_time
 from virtfleet.runtime.metrics import QueueCollector
 
 if TYPE_CHECKING:
@@ -157,14 +156,11 @@ class AgentMetrics:
         )
         if status.printable_status is not PrintableStatus.RUNNING or not first_start:
             return
-        if status.restart_count or status.last_start_time is None:
+        if status.restart_count:
             return
-        created = (before.get("metadata") or {}).get("creationTimestamp")
-        started = _parse_time(status.last_start_time)
-        if not created or started is None:
-            return
-        born = _parse_time(str(created))
-        if born is not None and started >= born:
+        started = parse_time(status.last_start_time)
+        born = parse_time((before.get("metadata") or {}).get("creationTimestamp"))
+        if started is not None and born is not None and started >= born:
             self.from_creation.labels(self.node, "Running").observe(
                 (started - born).total_seconds()
             )
@@ -362,23 +358,13 @@ class _MigrationCollector(Collector):
                 labels=VM_LABELS,
             ),
         }
-        for (namespace, _), (vm_name, sample) in list(self.agent_samples()):
+        for (namespace, _), (vm_name, sample) in list(self.metrics.agent.migration_samples.items()):
             labels = [namespace, vm_name, node]
             families["data_total"].add_metric(labels, sample.data_total)
             families["data_processed"].add_metric(labels, sample.data_processed)
             families["data_remaining"].add_metric(labels, sample.data_remaining)
             families["memory_bps"].add_metric(labels, sample.memory_bps)
-            families["dirty"].add_metric(
-                labels, sample.memory_dirty_rate * (sample.memory_page_size or 4096)
-            )
+            dirty = sample.dirty_rate_bytes_per_second
+            if dirty is not None:  # libvirt gave no page size: unsaid, not guessed
+                families["dirty"].add_metric(labels, dirty)
         yield from families.values()
-
-    def agent_samples(self) -> list[tuple[tuple[str, str], tuple[str, JobProgress]]]:
-        return list(self.metrics.agent.migration_samples.items())
-
-
-def _parse_time(text: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None

@@ -79,7 +79,7 @@ def timed(
 
 
 class QueueCollector(Collector):
-    """Depth of the process's work queues: waiting, delayed (backing off), tracked."""
+    """Depth of the process's work queues: waiting now, and delayed (backing off)."""
 
     def __init__(self, queues: Callable[[], Mapping[str, WorkQueue[Any]]]) -> None:
         self.queues = queues

@@ -198,9 +198,8 @@ class SnapshotLoop:
             raise hypervisor_failure(exc) from exc
 
     def _count(self, outcome: str, seconds: float) -> None:
-        metrics = getattr(self.snaps.agent, "metrics", None)
-        if metrics is not None:
-            metrics.snapshot_taken(outcome, seconds)
+        if self.snaps.agent.metrics is not None:
+            self.snaps.agent.metrics.snapshot_taken(outcome, seconds)
 
     @staticmethod
     async def _freeze(guest: Guest, log: Any) -> tuple[QuiesceOutcome, str | None]:
