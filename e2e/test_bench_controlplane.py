@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 
 from bench.result import BenchContext, ScenarioResult  # noqa: E402
 from bench.scenarios import (  # noqa: E402
+    metrics_cost,
     resync_testdriver,
     scale_testdriver,
     start_latency_testdriver,
@@ -60,3 +61,14 @@ def test_resync_smoke(ctx: BenchContext) -> None:
     assert row(result, "resync: restart → every status fresh") is not None
     assert row(result, "domains restarted") == 0
     assert row(result, "domains touched (any action)") == 0
+
+
+def test_metrics_cost_smoke(ctx: BenchContext) -> None:
+    result = metrics_cost.run(ctx)
+    assert row(result, "VMs Running and Ready (with metrics)") == 50
+    assert next(r.raw for r in result.rows if r.metric.startswith("VMs Running")) == 50
+    assert len(result.samples["scrape (agent, test driver)"]) == metrics_cost.SCRAPES
+    assert (row(result, "series per scrape") or 0) > 0
+    # The node's own series are there (the test driver reports no usage counters).
+    assert row(result, "bulk statistics collection (agent's own gauge)") is not None
+    assert (row(result, "synthetic: series per scrape") or 0) >= 50 * 40

@@ -127,6 +127,9 @@ class VmWatch:
     namespace: str
     predicate: Callable[[Mapping[str, Any]], bool] = is_running
     seen_at: dict[str, float] = field(default_factory=dict)  # name -> monotonic time
+    #: Earlier milestones, by name: when each VM first satisfied that predicate.
+    milestones: Mapping[str, Callable[[Mapping[str, Any]], bool]] = field(default_factory=dict)
+    milestone_at: dict[str, dict[str, float]] = field(default_factory=dict)
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -207,6 +210,10 @@ class VmWatch:
             self.deleted.discard(name)
             if name not in self.seen_at and self.predicate(vm):
                 self.seen_at[name] = now
+            for milestone, reached in self.milestones.items():
+                times = self.milestone_at.setdefault(milestone, {})
+                if name not in times and reached(vm):
+                    times[name] = now
 
     def count_seen(self, names: Iterable[str]) -> int:
         with self._lock:

@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,18 +131,20 @@ def start(
     capacity_vms: int,
     name: str = NODE_NAME,
     domains: Iterable[str] = (),
+    agent_args: Sequence[str] = (),
 ) -> TestDriverNode:
-    """Node file, Node object and a running agent whose VMHost is Ready (idempotent)."""
+    """Node file, Node object and a running agent whose VMHost is Ready (idempotent);
+    ``agent_args`` are added to the agent's command line (a metrics endpoint...)."""
     td = node(state_dir, capacity_vms, name)
     if td.pid() is None:
         write_node_file(td, domains)
     local_system.register_nodes(env, [td.as_harness_node()])
     operators.start_controller(state_dir, env)  # no-op when it runs already
-    start_agent(td, env)
+    start_agent(td, env, agent_args)
     return td
 
 
-def start_agent(td: TestDriverNode, env: Mapping[str, str]) -> int:
+def start_agent(td: TestDriverNode, env: Mapping[str, str], agent_args: Sequence[str] = ()) -> int:
     """Start the node's agent (same argv as the real nodes' agents) and wait for its VMHost."""
     since = time.time()
     pid = operators.start_agent(
@@ -151,6 +153,7 @@ def start_agent(td: TestDriverNode, env: Mapping[str, str]) -> int:
         td.as_harness_node(),
         name=td.process_name,
         kubeconfig=agent_identity(td, env),
+        extra=agent_args,
     )
     wait_host_ready(env, td.name, since)
     return pid
@@ -313,11 +316,16 @@ class BenchFleet:
 
 @contextlib.contextmanager
 def bench_fleet(
-    state_dir: Path, env: Mapping[str, str], *, capacity_vms: int, prefix: str
+    state_dir: Path,
+    env: Mapping[str, str],
+    *,
+    capacity_vms: int,
+    prefix: str,
+    agent_args: Sequence[str] = (),
 ) -> Iterator[BenchFleet]:
     """A running fake node and a fresh namespace; afterwards every VM is deleted (through
     the agent, so no finalizer is left), the namespace removed and the node stopped."""
-    td = start(state_dir, env, capacity_vms=capacity_vms)
+    td = start(state_dir, env, capacity_vms=capacity_vms, agent_args=agent_args)
     api = fleet.api_client(env)
     delete_leftovers(api, td.name)
     namespace = f"{prefix}-{uuid.uuid4().hex[:6]}"

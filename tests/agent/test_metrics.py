@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from prometheus_client import generate_latest
-
 from virtfleet.agent.agent import Agent
 from virtfleet.agent.metrics import AgentMetrics, VmUsage
 from virtfleet.agent.settings import AgentSettings
@@ -48,7 +46,7 @@ async def test_usage_and_phases_are_exposed_with_spec_names(hv: Hypervisor) -> N
             ),
         )
     ]
-    text = generate_latest(metrics.registry).decode()
+    text = metrics.exposition().decode()
     web = 'name="web",namespace="ns",node="node-a"'
     assert f"virtfleet_vm_cpu_usage_seconds_total{{{web}}} 12.5" in text
     assert f"virtfleet_vm_memory_resident_bytes{{{web}}} 2048.0" in text
@@ -105,7 +103,19 @@ async def test_time_from_creation_to_first_running_is_observed_once(hv: Hypervis
     metrics.status_written({"metadata": created, "status": {"printableStatus": "Stopped"}}, running)
     again = running.model_copy(update={"restart_count": 1})
     metrics.status_written({"metadata": created, "status": {"printableStatus": "Starting"}}, again)
-    text = generate_latest(metrics.registry).decode()
+    text = metrics.exposition().decode()
     series = 'node="node-a",phase="Running"'
     assert f"virtfleet_vm_phase_transition_time_from_creation_seconds_count{{{series}}} 1.0" in text
     assert f"virtfleet_vm_phase_transition_time_from_creation_seconds_sum{{{series}}} 2.0" in text
+
+
+async def test_a_new_snapshot_replaces_the_rendered_usage(hv: Hypervisor) -> None:
+    agent = Agent(AgentSettings(node_name="node-a"), hv, cast(KubeApi, object()))
+    metrics = AgentMetrics(agent, 15.0)
+    cpu = b'virtfleet_vm_cpu_usage_seconds_total{name="web",namespace="ns",node="node-a"}'
+    metrics.snapshot = [VmUsage("ns", "web", DomainUsage(cpu_seconds=1.0))]
+    assert cpu + b" 1.0\n" in metrics.exposition()
+    metrics.snapshot = [VmUsage("ns", "web", DomainUsage(cpu_seconds=2.0))]
+    text = metrics.exposition()
+    assert cpu + b" 2.0\n" in text
+    assert cpu + b" 1.0\n" not in text

@@ -229,12 +229,14 @@ def run(args: argparse.Namespace) -> int:
     from virtfleet.agent.handlers import run as run_agent
     from virtfleet.hypervisor.download import denied_cidrs
     from virtfleet.runtime.memory import limit_malloc_arenas
+    from virtfleet.runtime.useragent import identify
 
     if not args.node:
         print("virtfleet agent: --node (or $NODE_NAME) is required", file=sys.stderr)
         return 2
     logs.configure(args.log_format, args.log_level)
     limit_malloc_arenas()
+    identify("agent", args.node)
     try:
         migration_uri = node_migration_uri(args.node, args.migration_uri, args.migration_uri_for)
     except ValueError as exc:

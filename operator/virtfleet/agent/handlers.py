@@ -173,7 +173,7 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
             reconcile = timed(
                 reconcile_histogram(the_agent.metrics.registry), "VirtualMachine", reconcile
             )
-            endpoint = MetricsServer(settings.metrics_listen, the_agent.metrics.registry, "agent")
+            endpoint = MetricsServer(settings.metrics_listen, the_agent.metrics.exposition, "agent")
             try:
                 await endpoint.start()
             except OSError as exc:

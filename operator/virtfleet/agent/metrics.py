@@ -1,8 +1,9 @@
 """The node agent's metrics: its VMs' usage (KubeVirt's shapes), its VMs by phase, libvirt.
 
 Usage comes from one bulk libvirt call per ``interval`` (:mod:`virtfleet.hypervisor.stats`)
-made by :meth:`AgentMetrics.run`, kept as a snapshot the collectors read: a scrape costs no
-libvirt call, however many VMs run and however often Prometheus asks. Labels are
+made by :meth:`AgentMetrics.run`, kept as a snapshot whose text is rendered once: a scrape
+costs no libvirt call and no per-VM formatting, however many VMs run and however often
+Prometheus asks. Labels are
 ``namespace``, ``name`` and ``node`` (plus ``drive``/``interface`` by their spec names),
 never a uid. Device names are read from a domain's live XML once per run of it.
 """
@@ -12,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from virtfleet.agent.usage_metrics import VmUsage, render_usage
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.domain.errors import DomainError
-from virtfleet.domain.stats import DeviceNames, DomainUsage, device_names, usage_from_stats
+from virtfleet.domain.stats import DeviceNames, device_names, usage_from_stats
 from virtfleet.hypervisor import HypervisorError
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.views import parse_time
@@ -35,13 +36,6 @@ __all__ = ["AgentMetrics", "VmUsage"]
 VM_LABELS: Final = ["namespace", "name", "node"]
 
 
-@dataclass(frozen=True)
-class VmUsage:
-    namespace: str
-    name: str
-    usage: DomainUsage
-
-
 class AgentMetrics:
     """The agent's registry, and the loop that keeps its usage snapshot fresh."""
 
@@ -50,13 +44,14 @@ class AgentMetrics:
         self.interval = interval
         self.node = agent.settings.node_name
         self.registry = CollectorRegistry()
-        self.snapshot: list[VmUsage] = []
+        self._snapshot: list[VmUsage] = []
+        #: The snapshot's text, rendered at the first scrape after it changed.
+        self._usage_text: bytes | None = None
         self.collected_at: float | None = None
         self.collect_seconds: float | None = None
         #: Device names by (uuid, run id): read once per run of a domain.
         self._names: dict[tuple[str, int], DeviceNames] = {}
         self.log = get_logger("virtfleet.agent.metrics", node=self.node)
-        self.registry.register(_UsageCollector(self))
         self.registry.register(_NodeCollector(self))
         self.registry.register(_MigrationCollector(self))
         self.migrations = Counter(
@@ -101,6 +96,22 @@ class AgentMetrics:
         )
         self.registry.register(QueueCollector(lambda: {"vms": agent.queue}))
 
+    @property
+    def snapshot(self) -> list[VmUsage]:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: list[VmUsage]) -> None:
+        self._snapshot = snapshot
+        self._usage_text = None
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` serves: the registry's families, then the usage snapshot's
+        (rendered once per snapshot, by :meth:`refresh`: :mod:`virtfleet.agent.usage_metrics`)."""
+        if self._usage_text is None:
+            self._usage_text = render_usage(self._snapshot, self.node)
+        return generate_latest(self.registry) + self._usage_text
+
     async def run(self) -> None:
         while True:
             try:
@@ -128,7 +139,9 @@ class AgentMetrics:
             snapshot.append(VmUsage(key[0], key[1], usage_from_stats(record.stats, names)))
         for run in [r for r in self._names if r not in seen]:
             del self._names[run]
-        self.snapshot = snapshot
+        # Rendered in a worker thread (~0.1 s at 1,000 VMs): the loop keeps reconciling.
+        text = await asyncio.to_thread(render_usage, snapshot, self.node)
+        self._snapshot, self._usage_text = snapshot, text
         self.collect_seconds = time.perf_counter() - started
         self.collected_at = time.time()
 
@@ -177,108 +190,6 @@ class AgentMetrics:
     def tracked(self) -> int:
         """Per-VM state held (the churn test's bookkeeping)."""
         return len(self._names)
-
-
-class _UsageCollector(Collector):
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        node = self.metrics.node
-        snapshot = self.metrics.snapshot
-
-        def counter(name: str, doc: str, extra: list[str] | None = None) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=VM_LABELS + (extra or []))
-
-        def gauge(name: str, doc: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=VM_LABELS)
-
-        cpu = counter("virtfleet_vm_cpu_usage_seconds_total", "CPU time the VM used.")
-        cpu_user = counter("virtfleet_vm_cpu_user_usage_seconds_total", "CPU time in user mode.")
-        cpu_system = counter(
-            "virtfleet_vm_cpu_system_usage_seconds_total", "CPU time in kernel mode."
-        )
-        vcpus = gauge("virtfleet_vm_vcpus", "vCPUs the VM has now.")
-        resident = gauge("virtfleet_vm_memory_resident_bytes", "Host memory the VM's QEMU holds.")
-        domain = gauge("virtfleet_vm_memory_domain_bytes", "Memory the guest has (balloon).")
-        available = gauge(
-            "virtfleet_vm_memory_available_bytes", "Memory the guest sees (its agent/balloon)."
-        )
-        unused = gauge("virtfleet_vm_memory_unused_bytes", "Memory the guest leaves unused.")
-        drive = ["drive"]
-        block = {
-            "read_bytes": counter(
-                "virtfleet_vm_storage_read_traffic_bytes_total", "Bytes read.", drive
-            ),
-            "write_bytes": counter(
-                "virtfleet_vm_storage_write_traffic_bytes_total", "Bytes written.", drive
-            ),
-            "read_requests": counter("virtfleet_vm_storage_iops_read_total", "Reads.", drive),
-            "write_requests": counter("virtfleet_vm_storage_iops_write_total", "Writes.", drive),
-            "flush_requests": counter(
-                "virtfleet_vm_storage_flush_requests_total", "Flushes.", drive
-            ),
-            "read_seconds": counter(
-                "virtfleet_vm_storage_read_times_seconds_total", "Time spent reading.", drive
-            ),
-            "write_seconds": counter(
-                "virtfleet_vm_storage_write_times_seconds_total", "Time spent writing.", drive
-            ),
-            "flush_seconds": counter(
-                "virtfleet_vm_storage_flush_times_seconds_total", "Time spent flushing.", drive
-            ),
-        }
-        nic = ["interface"]
-        net = {
-            "receive_bytes": counter(
-                "virtfleet_vm_network_receive_bytes_total", "Bytes received.", nic
-            ),
-            "transmit_bytes": counter(
-                "virtfleet_vm_network_transmit_bytes_total", "Bytes sent.", nic
-            ),
-            "receive_packets": counter(
-                "virtfleet_vm_network_receive_packets_total", "Packets received.", nic
-            ),
-            "transmit_packets": counter(
-                "virtfleet_vm_network_transmit_packets_total", "Packets sent.", nic
-            ),
-            "receive_errors": counter(
-                "virtfleet_vm_network_receive_errors_total", "Receive errors.", nic
-            ),
-            "transmit_errors": counter(
-                "virtfleet_vm_network_transmit_errors_total", "Transmit errors.", nic
-            ),
-            "receive_drops": counter(
-                "virtfleet_vm_network_receive_packets_dropped_total", "Received, dropped.", nic
-            ),
-            "transmit_drops": counter(
-                "virtfleet_vm_network_transmit_packets_dropped_total", "To send, dropped.", nic
-            ),
-        }
-        for vm in snapshot:
-            labels = [vm.namespace, vm.name, node]
-            u = vm.usage
-            for family, value in (
-                (cpu, u.cpu_seconds),
-                (cpu_user, u.cpu_user_seconds),
-                (cpu_system, u.cpu_system_seconds),
-                (vcpus, u.vcpus),
-                (resident, u.memory_resident_bytes),
-                (domain, u.memory_domain_bytes),
-                (available, u.memory_available_bytes),
-                (unused, u.memory_unused_bytes),
-            ):
-                if value is not None:
-                    family.add_metric(labels, value)
-            for disk in u.blocks:
-                for field, family in block.items():
-                    family.add_metric([*labels, disk.name], getattr(disk, field))
-            for link in u.nets:
-                for field, family in net.items():
-                    family.add_metric([*labels, link.name], getattr(link, field))
-        yield from (cpu, cpu_user, cpu_system, vcpus, resident, domain, available, unused)
-        yield from block.values()
-        yield from net.values()
 
 
 class _NodeCollector(Collector):

@@ -121,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
     from virtfleet.controller.controller import Controller
     from virtfleet.runtime.kube import KubeClient
     from virtfleet.runtime.memory import limit_malloc_arenas
+    from virtfleet.runtime.useragent import identify
 
+    identify("controller")
     try:
         settings = ControllerSettings(
             retry_interval=args.retry_interval,

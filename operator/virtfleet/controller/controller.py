@@ -428,7 +428,7 @@ class Controller:
             metrics = ControllerMetrics(self)
             count_requests(metrics.registry, self.kube)
             reconcile = timed(reconcile_histogram(metrics.registry), "VirtualMachine", reconcile)
-            endpoint = MetricsServer(metrics_listen, metrics.registry, "controller")
+            endpoint = MetricsServer(metrics_listen, metrics.exposition, "controller")
             try:
                 await endpoint.start()
             except OSError as exc:  # placement matters more than its metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -38,6 +38,10 @@ class ControllerMetrics:
                 }
             )
         )
+
+    def exposition(self) -> bytes:
+        """What ``/metrics`` serves."""
+        return generate_latest(self.registry)
 
 
 class _FleetCollector(Collector):

@@ -10,21 +10,85 @@ concurrency — most of what looked like a leak of the agent. With a bounded poo
 surplus requests wait for a free connection instead; at most ~8 MiB.
 
 kopf takes a session of our own through a login handler that returns
-:class:`kopf.AiohttpSession` (and closes it when the credentials are replaced).
+:class:`kopf.AiohttpSession` (and closes it when the credentials are replaced). Being
+ours, it also names the process (:mod:`virtfleet.runtime.useragent`) and tells
+:data:`kopf_requests` of every request kopf makes, so the metrics count kopf's watches
+and patches beside virtfleet's own client's.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
+from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import kopf
 
+from virtfleet.runtime.kube import resource_of
+from virtfleet.runtime.useragent import user_agent
+
 #: Connections to the apiserver: each of kopf's watch streams (one per watched kind,
 #: five in the agent, plus kopf's CRD observer) holds one for good, the rest serve
 #: short requests. More than ~25 at once gains nothing against one apiserver.
 MAX_CONNECTIONS = 32
+_KOPF_VERSION = importlib.metadata.version("kopf")
+
+
+class RequestObserver:
+    """Told ``(verb, resource, code)`` of each of kopf's requests (0: no answer), and
+    ``(resource, events, bytes)`` of what its watch streams receive, once metrics are on
+    (:func:`virtfleet.runtime.metrics.count_requests`)."""
+
+    def __init__(self) -> None:
+        self.observer: Callable[[str, str, int], None] | None = None
+        self.watch_observer: Callable[[str, int, int], None] | None = None
+
+    def tell(self, method: str, url: Any, code: int) -> None:
+        if self.observer is not None:
+            verb = "WATCH" if url.query.get("watch") == "true" else method
+            self.observer(verb, resource_of(url.path), code)
+
+    def received(self, url: Any, chunk: bytes) -> None:
+        """A chunk of a response: on a watch stream each event is one JSON line, so its
+        newlines count the events the apiserver sent (before kopf's client-side filters)."""
+        if self.watch_observer is not None and url.query.get("watch") == "true":
+            self.watch_observer(resource_of(url.path), chunk.count(b"\n"), len(chunk))
+
+
+kopf_requests = RequestObserver()
+
+
+def _traced() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+
+    async def ended(
+        _session: aiohttp.ClientSession,
+        _ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        kopf_requests.tell(params.method, params.url, params.response.status)
+
+    async def failed(
+        _session: aiohttp.ClientSession,
+        _ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestExceptionParams,
+    ) -> None:
+        kopf_requests.tell(params.method, params.url, 0)
+
+    async def chunk(
+        _session: aiohttp.ClientSession,
+        _ctx: SimpleNamespace,
+        params: aiohttp.TraceResponseChunkReceivedParams,
+    ) -> None:
+        kopf_requests.received(params.url, params.chunk)
+
+    trace.on_request_end.append(ended)
+    trace.on_request_exception.append(failed)
+    trace.on_response_chunk_received.append(chunk)
+    return trace
 
 
 def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> kopf.AiohttpSession:
@@ -39,10 +103,14 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> 
         auth = info.as_aiohttp_basic_auth()
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(),
+        headers={
+            **info.as_http_headers(),
+            "User-Agent": f"{user_agent()} kopf/{_KOPF_VERSION}",
+        },
         auth=auth,
         proxy=info.proxy_url,
         trust_env=info.trust_env,
+        trace_configs=[_traced()],
     )
     return kopf.AiohttpSession(
         aiohttp_session=session,

@@ -48,6 +48,7 @@ from virtfleet.runtime.kubeapi import (
     secret_value,
 )
 from virtfleet.runtime.locks import KeyedLocks
+from virtfleet.runtime.useragent import user_agent
 
 # The protocol and its errors, for the callers that build a client and catch what it raises.
 __all__ = [
@@ -156,6 +157,7 @@ class KubeClient:
             self._configuration.connection_pool_maxsize or 0, max_workers
         )
         self._client = k8s_client.ApiClient(self._configuration)
+        self._client.user_agent = user_agent()
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
         self._timeout = request_timeout
         self.field_manager = field_manager

@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from virtfleet.logs import get_logger
 from virtfleet.runtime.addresses import split_listen
+from virtfleet.runtime.apisession import kopf_requests
 from virtfleet.runtime.kube import KubeClient
 from virtfleet.runtime.queue import WorkQueue
 
@@ -49,18 +50,41 @@ def reconcile_histogram(registry: CollectorRegistry) -> Histogram:
 
 
 def count_requests(registry: CollectorRegistry, client: object) -> None:
-    """Count ``client``'s apiserver requests by verb, resource and answer (a
-    :class:`KubeClient`; kopf's own watches and patches are not among them)."""
-    if not isinstance(client, KubeClient):
-        return
+    """Count the process's apiserver requests by client (``virtfleet``: ``client``, a
+    :class:`KubeClient`; ``kopf``: kopf's watches and patches), verb, resource and answer."""
     requests = Counter(
         "virtfleet_apiserver_requests",
-        "Requests to the apiserver (virtfleet's client, not kopf's), by verb, resource "
-        "and HTTP code (0: no answer).",
-        ["verb", "resource", "code"],
+        "Requests to the apiserver, by client (virtfleet's own or kopf's), verb (WATCH: a "
+        "watch stream opened), resource and HTTP code (0: no answer).",
+        ["client", "verb", "resource", "code"],
         registry=registry,
     )
-    client.observer = lambda verb, resource, code: requests.labels(verb, resource, str(code)).inc()
+    if isinstance(client, KubeClient):
+        client.observer = lambda verb, resource, code: requests.labels(
+            "virtfleet", verb, resource, str(code)
+        ).inc()
+    kopf_requests.observer = lambda verb, resource, code: requests.labels(
+        "kopf", verb, resource, str(code)
+    ).inc()
+    events = Counter(
+        "virtfleet_watch_events_received",
+        "Watch events the apiserver sent this process's kopf streams, by resource (all of "
+        "them: before any client-side filter).",
+        ["resource"],
+        registry=registry,
+    )
+    received = Counter(
+        "virtfleet_watch_received_bytes",
+        "Bytes of those watch streams, by resource.",
+        ["resource"],
+        registry=registry,
+    )
+
+    def watched(resource: str, count: int, size: int) -> None:
+        events.labels(resource).inc(count)
+        received.labels(resource).inc(size)
+
+    kopf_requests.watch_observer = watched
 
 
 def timed(
@@ -103,9 +127,9 @@ class QueueCollector(Collector):
 class MetricsServer:
     """``GET /metrics`` on ``listen`` (plain HTTP, like kubelet's and kopf's probes)."""
 
-    def __init__(self, listen: str, registry: CollectorRegistry, component: str) -> None:
+    def __init__(self, listen: str, render: Callable[[], bytes], component: str) -> None:
         self.host, self.port = split_listen(listen)
-        self.registry = registry
+        self.render = render
         self.log = get_logger("virtfleet.runtime.metrics", component=component)
         self._runner: web.AppRunner | None = None
 
@@ -122,6 +146,4 @@ class MetricsServer:
             await self._runner.cleanup()
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE}
-        )
+        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
