@@ -81,7 +81,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
 
             testdriver.kill_agent(bench.td, signal.SIGKILL)
             testdriver.write_node_file(bench.td, domains)  # what the node kept
-            fleet.run_parallel(lambda n: _mark_unknown(api, namespace, n), names)
+            fleet.run_parallel(lambda n: mark_unknown(api, namespace, n), names)
             watch.reset(predicate=is_unknown)
             if not watch.wait_all(names, timeout=120):
                 raise RuntimeError("the VMs were not all marked Unknown")
@@ -95,7 +95,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
             resync_s = done[-1] - began if fresh and done else None
             pid = bench.td.pid()
             peak_mib = testdriver.peak_rss_mib(pid) if pid else None
-            touched = _acted(testdriver.log_records(bench.td, log_offset))
+            touched = acted(testdriver.log_records(bench.td, log_offset))
         finally:
             watch.stop()
 
@@ -131,7 +131,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
     return result
 
 
-def _mark_unknown(api: Any, namespace: str, name: str) -> None:
+def mark_unknown(api: Any, namespace: str, name: str) -> None:
     from kubernetes import client
 
     client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
@@ -139,7 +139,7 @@ def _mark_unknown(api: Any, namespace: str, name: str) -> None:
     )
 
 
-def _acted(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+def acted(records: list[dict[str, Any]]) -> dict[str, list[str]]:
     """VM name → the actions the agent logged for it."""
     touched: dict[str, list[str]] = {}
     for record in records:

@@ -130,6 +130,8 @@ class VmWatch:
     #: Earlier milestones, by name: when each VM first satisfied that predicate.
     milestones: Mapping[str, Callable[[Mapping[str, Any]], bool]] = field(default_factory=dict)
     milestone_at: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Watch events seen per VM (ADDED, MODIFIED, DELETED).
+    events: dict[str, int] = field(default_factory=dict)
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -186,6 +188,9 @@ class VmWatch:
                 ):
                     obj = event["object"]
                     resource_version = obj["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        name = obj["metadata"]["name"]
+                        self.events[name] = self.events.get(name, 0) + 1
                     if event["type"] == "DELETED":
                         with self._lock:
                             self.deleted.add(obj["metadata"]["name"])
