@@ -50,7 +50,8 @@ async def test_kopfs_requests_are_named_and_counted(named: None) -> None:
     try:
         base = f"http://127.0.0.1:{port}/apis/virtfleet.io/v1/namespaces/ns/virtualmachines"
         async with session.get(base, params={"watch": "true"}) as response:
-            await response.read()
+            async for _ in response.content.iter_chunked(1024):  # as kopf reads a watch
+                pass
         async with session.get(base) as response:
             await response.read()
         with pytest.raises(aiohttp.ClientConnectionError):

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -78,17 +78,38 @@ def _traced() -> aiohttp.TraceConfig:
     ) -> None:
         kopf_requests.tell(params.method, params.url, 0)
 
-    async def chunk(
-        _session: aiohttp.ClientSession,
-        _ctx: SimpleNamespace,
-        params: aiohttp.TraceResponseChunkReceivedParams,
-    ) -> None:
-        kopf_requests.received(params.url, params.chunk)
-
     trace.on_request_end.append(ended)
     trace.on_request_exception.append(failed)
-    trace.on_response_chunk_received.append(chunk)
     return trace
+
+
+class _CountedContent:
+    """A watch response's body as kopf reads it (``iter_chunked``), counted on the way."""
+
+    def __init__(self, inner: aiohttp.StreamReader, url: Any) -> None:
+        self._inner = inner
+        self._url = url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def iter_chunked(self, size: int) -> AsyncIterator[bytes]:
+        return self._counted(size)
+
+    async def _counted(self, size: int) -> AsyncIterator[bytes]:
+        async for chunk in self._inner.iter_chunked(size):
+            kopf_requests.received(self._url, chunk)
+            yield chunk
+
+
+class _CountedResponse(aiohttp.ClientResponse):
+    """aiohttp's trace hooks do not see streamed bodies: a watch's are wrapped here."""
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        response = await super().start(connection)
+        if self.url.query.get("watch") == "true":
+            self.content = cast(aiohttp.StreamReader, _CountedContent(self.content, self.url))
+        return response
 
 
 def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> kopf.AiohttpSession:
@@ -111,6 +132,7 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> 
         proxy=info.proxy_url,
         trust_env=info.trust_env,
         trace_configs=[_traced()],
+        response_class=_CountedResponse,
     )
     return kopf.AiohttpSession(
         aiohttp_session=session,
