@@ -18,6 +18,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.result import BenchContext, ScenarioResult  # noqa: E402
+from bench.scenarios import fleet as fleet_scenario  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     metrics_cost,
     resync_testdriver,
@@ -72,3 +73,18 @@ def test_metrics_cost_smoke(ctx: BenchContext) -> None:
     # The node's own series are there (the test driver reports no usage counters).
     assert row(result, "bulk statistics collection (agent's own gauge)") is not None
     assert (row(result, "synthetic: series per scrape") or 0) >= 50 * 40
+
+
+def test_fleet_smoke(ctx: BenchContext) -> None:
+    result = fleet_scenario.run(ctx)
+    for ramp in ("steady", "burst"):
+        assert row(result, f"{ramp}: VMs Running and Ready") == 60
+        assert row(result, f"{ramp}: all Ready (first POST → last Ready)") is not None
+        # The apiserver filters each agent's VM watch by its node: an agent hears of its
+        # own VMs, not of the fleet's (3 nodes: ~3 without the selector).
+        ratio = row(result, f"{ramp}: agents' VM watch events ÷ their own VMs' events")
+        assert ratio is not None
+        assert ratio <= 1.5
+    assert row(result, "agent restart: domains touched") == 0
+    assert row(result, "agent restart: start → every status fresh") is not None
+    assert row(result, "controller restart: start → a new VM placed") is not None

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from testkit.kube import FakeKube
-from virtfleet.agent.agent import LAST_APPLIED, Agent, slim
+from virtfleet.agent.agent import Agent
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.api.virtualmachine import PrintableStatus, VirtualMachineStatus
 from virtfleet.domain.guestagent import GuestAgentReport
 from virtfleet.hypervisor import Hypervisor
+from virtfleet.reconcile.views import LAST_APPLIED, slim
 from virtfleet.runtime.kube import KubeApi
 from virtfleet.runtime.kubeapi import KindLike
 

@@ -93,3 +93,10 @@ def test_old_annotations_of_the_default_storage_are_ignored() -> None:
     assert reason(stale) is causes.Reason.NOOP
     assert isinstance(NoDiffBase().fetch(body=stale), dict)
     assert kopf.DiffBaseStorage in type(NoDiffBase()).__mro__
+
+
+def test_the_apiserver_filters_the_agents_vm_watch_by_its_node() -> None:
+    settings = kopf_settings(AgentSettings(node_name="node-a"))
+    selectors = settings.watching.label_selectors
+    assert selectors["virtfleet.io", "virtualmachines"] == "virtfleet.io/node=node-a"
+    assert [selector.any_name for selector in selectors] == ["virtualmachines"]

@@ -89,3 +89,35 @@ async def test_a_vm_deleted_while_the_watch_was_away_is_forgotten(hv: Hypervisor
     }
     await sweep_orphans(agent(hv, fake_kube([vm("here", UIDS["here"], NODE)], []), cache))
     assert list(cache) == [("ns", "here")]
+
+
+class ListingKube(FakeKube):
+    """Records the label selector of every VM listing."""
+
+    def __init__(self, vms: list[dict[str, Any]]) -> None:
+        super().__init__(objects={"VirtualMachine": vms, "VMMigration": []})
+        self.vm_listings: list[str | None] = []
+
+    async def list(self, kind: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        if kind == "VirtualMachine":
+            self.vm_listings.append(kwargs.get("label_selector"))
+        return await super().list(kind, *args, **kwargs)
+
+
+async def test_at_steady_state_the_sweep_lists_this_nodes_vms_only(
+    hv: Hypervisor, domain_xml: Callable[..., str]
+) -> None:
+    # O(this node), not O(fleet): 20 agents listing 10,000 VMs every resync is the cost
+    # of issue #21. Other nodes' VMs are only listed when something here is unexplained.
+    uid = UIDS["here"]
+    await (await hv.define(domain_xml("ns_here", uid, namespace="ns", vm_name="here"))).start()
+    await storage.create_blank(hv, LOCAL_POOL, f"{uid}-root", 2**20, fmt="raw")
+    kube = ListingKube([vm("here", uid, NODE), vm("elsewhere", UIDS["moved"], "node-b")])
+    assert await sweep_orphans(agent(hv, kube)) == []
+    assert kube.vm_listings == [f"{NODE_LABEL}={NODE}"]
+
+    # A disk of a VM that is not this node's (it moved away): now every VM is listed.
+    await storage.create_blank(hv, LOCAL_POOL, f"{UIDS['moved']}-root", 2**20, fmt="raw")
+    kube.vm_listings.clear()
+    assert await sweep_orphans(agent(hv, kube)) == [f"volume/{LOCAL_POOL}/{UIDS['moved']}-root"]
+    assert kube.vm_listings == [f"{NODE_LABEL}={NODE}", None]

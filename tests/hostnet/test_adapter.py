@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from virtfleet.hostnet import HostNetwork
+from virtfleet.hostnet.adapter import HostNetwork
 from virtfleet.netmodel import (
     UPLINK_RANGE,
     DhcpConfig,

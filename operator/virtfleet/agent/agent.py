@@ -32,6 +32,7 @@ from virtfleet.hypervisor import DomainEvent, EventKind, Hypervisor
 from virtfleet.identity import POWER_REQUEST_ANNOTATION, Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.claim import Claim, vm_claim
+from virtfleet.reconcile.views import slim
 from virtfleet.reconcile.vm import Decision, EventNote, PowerRequest, VmView, decide, failed
 from virtfleet.reconcile.vm_model import Start
 from virtfleet.runtime.failures import error_reporter
@@ -62,21 +63,6 @@ def key_of(body: Mapping[str, Any]) -> Key:
 
 
 #: What ``kubectl apply`` keeps on every object: a second copy of the spec.
-LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-
-
-def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The object without what the agent never reads: ``managedFields`` and kubectl's copy.
-
-    Together they are most of a small VM's size, and the cache holds every VM of the node.
-    """
-    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
-    annotations = meta.get("annotations")
-    if annotations and LAST_APPLIED in annotations:
-        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
-    return {**body, "metadata": meta}
-
-
 def _labelled(obj: Mapping[str, Any], selector: str) -> bool:
     """``selector`` is ``key=value`` (that value) or ``key`` (any value)."""
     key, sep, value = selector.partition("=")

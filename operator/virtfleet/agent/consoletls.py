@@ -16,11 +16,6 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 __all__ = ["ServingCertificate", "make_certificate", "server_context"]
 
 #: The certificate outlives any agent process (a new one makes a new certificate).
@@ -37,6 +32,12 @@ class ServingCertificate:
 
 def make_certificate(host: str, node: str) -> ServingCertificate:
     """A P-256 key and a self-signed certificate for ``host`` (an address or a name)."""
+    # Imported here: ~18 MiB of every agent, for agents that serve no console.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"virtfleet-console {node}")])
     alternative: list[x509.GeneralName] = [x509.DNSName(node)]

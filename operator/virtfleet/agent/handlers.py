@@ -29,7 +29,6 @@ from virtfleet.agent.metrics import AgentMetrics
 from virtfleet.agent.settings import DELETE_WAIT_SECONDS, AgentSettings
 from virtfleet.agent.snapshot import agent as snapshot_loops
 from virtfleet.api.vmhost import VMHostStatus
-from virtfleet.hostnet import HostNetwork
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
 from virtfleet.hypervisor import errors as hv_errors
 from virtfleet.hypervisor.settings import backoff_delays
@@ -74,6 +73,10 @@ def kopf_settings(settings: AgentSettings) -> kopf.OperatorSettings:
     ks.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     ks.persistence.diffbase_storage = NoDiffBase()
     ks.posting.enabled = False  # Events come from the agent itself, with its own reasons
+    # The apiserver sends this agent its own node's VMs only: a fleet's other VMs cost it
+    # no event, no decoding and no memory (kopf's ``labels=`` filters are client-side).
+    # A VM whose label moves away (migrated, failed over) arrives as DELETED: forgotten.
+    ks.watching.label_selectors[API_GROUP, "virtualmachines"] = f"{NODE_LABEL}={settings.node_name}"
     if settings.watch_server_timeout is not None:
         # The apiserver takes whole seconds (timeoutSeconds=8.0 is refused).
         ks.watching.server_timeout = round(settings.watch_server_timeout)
@@ -159,6 +162,8 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         # Before the first reconcile: a VM with a user NIC only starts behind it.
         await the_agent.driver.firewall.ensure(hv)
         if settings.tunnel_address is not None:
+            from virtfleet.hostnet.adapter import HostNetwork  # pyroute2: only where needed
+
             the_agent.networks.host = HostNetwork(
                 settings.network_state_dir,
                 local=settings.tunnel_address,
@@ -220,7 +225,9 @@ def build_registry(settings: AgentSettings) -> kopf.OperatorRegistry:
         if "fencing" in holder:
             await holder["fencing"].lease.kube.close()
 
-    @kopf.on.event(API_GROUP, API_VERSION, "virtualmachines", labels=on_node, registry=registry)  # type: ignore[arg-type]
+    # No client-side label filter: the watch is filtered by the apiserver (kopf_settings),
+    # and a VM relabelled for another node must reach on_vm_event as DELETED.
+    @kopf.on.event(API_GROUP, API_VERSION, "virtualmachines", registry=registry)  # type: ignore[arg-type]
     def vm_event(event: dict[str, Any], **_: Any) -> None:
         obj = event.get("object")
         if isinstance(obj, dict):

@@ -17,7 +17,7 @@ from virtfleet.api.virtualmachine import VirtualMachineSpec
 from virtfleet.api.vmhost import FencingStatus, PoolStatus, RealisedNetwork, VMHostStatus
 from virtfleet.hypervisor import Guest, storage
 from virtfleet.hypervisor import errors as hv_errors
-from virtfleet.identity import Key
+from virtfleet.identity import NODE_LABEL, Key
 from virtfleet.reconcile.failover import failed_over_from
 from virtfleet.reconcile.leftovers import unwanted_domain, unwanted_volume
 from virtfleet.runtime.kube import NotFound
@@ -153,7 +153,7 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         if (m.get("status") or {}).get("phase") in _UNFINISHED_MIGRATION
     }
     cached = {key: str(body["metadata"]["uid"]) for key, body in agent.cache.items()}
-    vms = {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
+    vms = await _vms_for(agent, {v[2] for v in volumes} | {item.guest.uuid for item in owned})
     _forget_vanished(agent, cached, vms)
 
     removed: list[str] = []
@@ -214,6 +214,21 @@ async def sweep_orphans(agent: Agent) -> list[str]:
         agent.log.warning("removed orphan volume", pool=pool, volume=volume_name, why=reason)
         removed.append(f"volume/{pool}/{volume_name}")
     return removed
+
+
+async def _vms_for(agent: Agent, uids: set[str]) -> dict[str, dict[str, Any]]:
+    """The VMs the sweep needs, by uid: this node's (a list the apiserver filters by the
+    node label: O(this node), not O(fleet)), and every VM only when a domain or disk here
+    belongs to none of them — after a migration away or a failover, not at steady state.
+    A domain's VM is read again by name before anything is removed (the caller)."""
+    node = agent.settings.node_name
+    own = {
+        str(vm["metadata"]["uid"]): vm
+        for vm in await agent.kube.list("VirtualMachine", label_selector=f"{NODE_LABEL}={node}")
+    }
+    if uids <= own.keys():
+        return own
+    return {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
 
 
 def _forget_vanished(agent: Agent, cached: dict[Key, str], listed: Container[str]) -> None:

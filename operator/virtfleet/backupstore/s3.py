@@ -23,10 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
-
 from virtfleet.api.backup import VMBackupLocationSpec
 from virtfleet.logs import get_logger
 
@@ -79,6 +75,8 @@ def backup_prefix(prefix: str, namespace: str, name: str) -> str:
 
 
 def _translate(exc: Exception, what: str) -> StoreError:
+    import botocore.exceptions
+
     if isinstance(exc, botocore.exceptions.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket", "404") and "bucket" in what:
@@ -96,9 +94,28 @@ def _translate(exc: Exception, what: str) -> StoreError:
 #: One session for the process: a session loads the S3 service model (JSON, ~70 ms of
 #: CPU) once, and every client made from it reuses it (measured: a session per client
 #: made the agent's upload threads wait for the event loop's JSON parsing). Sessions are
-#: not thread-safe: clients are made under the lock; clients themselves are.
-_SESSION = boto3.session.Session()
+#: not thread-safe: clients are made under the lock; clients themselves are. Made at
+#: the first client: boto3 costs ~25 MiB, and most agents never back anything up.
+_SESSION: Any = None
 _SESSION_LOCK = threading.Lock()
+
+
+def _s3_client(**kwargs: Any) -> Any:
+    global _SESSION
+    with _SESSION_LOCK:
+        import boto3.session
+
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client("s3", **kwargs)
+
+
+def _not_found(exc: Exception) -> bool:
+    import botocore.exceptions
+
+    return isinstance(exc, botocore.exceptions.ClientError) and str(
+        exc.response.get("Error", {}).get("Code")
+    ) in ("NoSuchKey", "404")
 
 
 class BackupBucket:
@@ -116,25 +133,25 @@ class BackupBucket:
             handle.write(spec.ca_bundle)
             handle.close()
             self._ca_file = handle.name
-        with _SESSION_LOCK:
-            self.client: Any = _SESSION.client(
-                "s3",
-                endpoint_url=spec.endpoint,
-                region_name=spec.region,
-                aws_access_key_id=creds.access_key_id,
-                aws_secret_access_key=creds.secret_access_key,
-                verify=self._ca_file if self._ca_file else True,
-                config=botocore.config.Config(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    # Integrity is the manifest's sha256 of every part, checked on restore:
-                    # boto3's default CRC32 of every request on top of it only costs CPU.
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    connect_timeout=5,
-                    read_timeout=60,
-                ),
-            )
+        import botocore.config
+
+        self.client: Any = _s3_client(
+            endpoint_url=spec.endpoint,
+            region_name=spec.region,
+            aws_access_key_id=creds.access_key_id,
+            aws_secret_access_key=creds.secret_access_key,
+            verify=self._ca_file if self._ca_file else True,
+            config=botocore.config.Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3, "mode": "standard"},
+                # Integrity is the manifest's sha256 of every part, checked on restore:
+                # boto3's default CRC32 of every request on top of it only costs CPU.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
         self.rate = spec.bandwidth_limit.bytes if spec.bandwidth_limit else None
         self._throttle = _Throttle(self.rate)
 
@@ -193,11 +210,9 @@ class BackupBucket:
         """The object's JSON, or None when there is no such object."""
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=key)
-        except botocore.exceptions.ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
-                return None
-            raise _translate(exc, f"reading {key}") from exc
         except Exception as exc:
+            if _not_found(exc):
+                return None
             raise _translate(exc, f"reading {key}") from exc
         try:
             return json.loads(got["Body"].read())
@@ -270,11 +285,9 @@ class BackupBucket:
         """The object's length; None when there is no such object."""
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-        except botocore.exceptions.ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
-                return None
-            raise _translate(exc, f"reading {key}") from exc
         except Exception as exc:
+            if _not_found(exc):
+                return None
             raise _translate(exc, f"reading {key}") from exc
 
     def download_verified(

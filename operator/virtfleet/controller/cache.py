@@ -30,6 +30,12 @@ class FleetCache:
         self.leases: dict[str, LeaseView] = {}
         #: Explicit MACs in use, so a placement checks uniqueness without a scan.
         self.macs = MacIndex()
+        # Indexes kept with every VM change, so that a placement, a node's event or a
+        # deletion costs O(1) or O(that node's VMs), never a scan of the fleet (issue #21).
+        self._on_node: dict[str, set[Key]] = {}
+        self._allocated: dict[str, int] = {}
+        #: An ordered set: the unplaced are retried oldest first.
+        self._unplaced: dict[Key, None] = {}
 
     def upsert_vm(self, body: Mapping[str, Any]) -> CachedVm | None:
         """Store a VM body; ``None`` (and no change) when it is older than what is cached."""
@@ -37,13 +43,44 @@ class FleetCache:
         current = self.vms.get(view.key)
         if current is not None and is_older(body, current.body):
             return None
+        if current is not None:
+            self._unindex(current)
         self.vms[view.key] = view
+        self._index(view)
         self.macs.update(view.key, explicit_macs(body.get("spec") or {}))
         return view
 
     def remove_vm(self, key: Key) -> CachedVm | None:
         self.macs.remove(key)
-        return self.vms.pop(key, None)
+        gone = self.vms.pop(key, None)
+        if gone is not None:
+            self._unindex(gone)
+        return gone
+
+    def _index(self, vm: CachedVm) -> None:
+        node = vm.node_name
+        if node is None:
+            if not vm.deleting:
+                self._unplaced[vm.key] = None
+            return
+        self._on_node.setdefault(node, set()).add(vm.key)
+        self._allocated[node] = self._allocated.get(node, 0) + vm.memory_bytes
+
+    def _unindex(self, vm: CachedVm) -> None:
+        node = vm.node_name
+        if node is None:
+            self._unplaced.pop(vm.key, None)
+            return
+        keys = self._on_node.get(node)
+        if keys is not None:
+            keys.discard(vm.key)
+            if not keys:
+                del self._on_node[node]
+        left = self._allocated.get(node, 0) - vm.memory_bytes
+        if left:
+            self._allocated[node] = left
+        else:
+            self._allocated.pop(node, None)
 
     def upsert_host(self, body: Mapping[str, Any], *, cached_only: bool = False) -> HostView | None:
         """Store a VMHost; ``None`` (and no change) when it is older than what is cached,
@@ -105,15 +142,13 @@ class FleetCache:
     def allocated(self) -> dict[str, int]:
         """Memory (bytes) of the VMs placed on each node, deleting ones included
         (their domains still hold the memory until the agent removes them)."""
-        totals: dict[str, int] = {}
-        for vm in self.vms.values():
-            node = vm.node_name
-            if node is not None:
-                totals[node] = totals.get(node, 0) + vm.memory_bytes
-        return totals
+        return dict(self._allocated)
 
     def unplaced(self) -> Iterator[CachedVm]:
-        return (vm for vm in self.vms.values() if vm.node_name is None and not vm.deleting)
+        return (self.vms[key] for key in list(self._unplaced))
+
+    def nodes_with_vms(self) -> list[str]:
+        return list(self._on_node)
 
     def placed_on(self, node: str) -> Iterator[CachedVm]:
-        return (vm for vm in self.vms.values() if vm.node_name == node)
+        return (self.vms[key] for key in list(self._on_node.get(node, ())))

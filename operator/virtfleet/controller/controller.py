@@ -61,7 +61,7 @@ from virtfleet.reconcile.placement import (
     Unschedulable,
     place,
 )
-from virtfleet.reconcile.views import CachedVm
+from virtfleet.reconcile.views import CachedVm, host_changed
 from virtfleet.runtime.failures import cache_reporter, error_reporter
 from virtfleet.runtime.kube import Conflict, KubeApi, NotFound
 from virtfleet.runtime.metrics import (
@@ -173,7 +173,12 @@ class Controller:
         if event_type == "DELETED":
             self.cache.hosts.pop(name, None)
         else:
-            self.cache.upsert_host(body)
+            old = self.cache.hosts.get(name)
+            new = self.cache.upsert_host(body)
+            if new is None or not host_changed(
+                old, new, self.clock(), self.settings.heartbeat_timeout
+            ):
+                return  # a heartbeat: the periodic check sees a heartbeat stop
         self._enqueue_unplaced()
         for vm in self.cache.placed_on(name):
             self.queue.add(vm.key)
@@ -217,14 +222,15 @@ class Controller:
         """Enqueue placed VMs whose agent looks silent; returns how many."""
         now = self.clock()
         count = 0
-        for vm in self.cache.vms.values():
-            node = vm.node_name
-            if node is None or vm.deleting:
-                continue
-            if vm.status.get("printableStatus") == PrintableStatus.UNKNOWN.value:
-                continue  # already said; the full resync refreshes the message if needed
+        for node in self.cache.nodes_with_vms():
             host = self.cache.hosts.get(node)
-            if host is None or not host.fresh(now, self.settings.heartbeat_timeout):
+            if host is not None and host.fresh(now, self.settings.heartbeat_timeout):
+                continue  # the usual case: O(nodes), not O(VMs)
+            for vm in self.cache.placed_on(node):
+                if vm.deleting:
+                    continue
+                if vm.status.get("printableStatus") == PrintableStatus.UNKNOWN.value:
+                    continue  # already said; the full resync refreshes the message if needed
                 self.queue.add(vm.key)
                 count += 1
         return count

@@ -7,10 +7,10 @@ ports, a DHCP server per network — from the actions that
 :class:`HostNetworkError`.
 
 Modules: :mod:`.adapter` (:class:`HostNetwork`), :mod:`.links` (netlink),
-:mod:`.dhcp` (dnsmasq's lifecycle).
+:mod:`.dhcp` (dnsmasq's lifecycle). The package itself exports only the error: pyroute2
+costs an agent ~24 MiB, so :mod:`.adapter` is imported where a node realises networks.
 """
 
-from virtfleet.hostnet.adapter import DEFAULT_STATE_DIR, HostNetwork
 from virtfleet.hostnet.errors import HostNetworkError
 
-__all__ = ["DEFAULT_STATE_DIR", "HostNetwork", "HostNetworkError"]
+__all__ = ["HostNetworkError"]

@@ -9,7 +9,7 @@ controller does not need never stops it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,22 @@ def parse_time(value: object) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The object without what virtfleet never reads: ``managedFields`` and kubectl's copy.
+
+    Together they are most of a small VM's size, and the agent's cache holds every VM of
+    its node, the controller's every VM of the fleet.
+    """
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    annotations = meta.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    return {**body, "metadata": meta}
 
 
 @dataclass(frozen=True)
@@ -97,7 +113,7 @@ class CachedVm:
             request=request,
             spec_error=error,
             status=dict(body.get("status") or {}),
-            body=body,
+            body=slim(body),
         )
 
 
@@ -228,3 +244,20 @@ class NodeView:
                 for t in (body.get("spec") or {}).get("taints") or ()
             ),
         )
+
+
+def host_changed(old: HostView | None, new: HostView, now: datetime, timeout: float) -> bool:
+    """Whether a VMHost update matters to placement or to its VMs' health.
+
+    Every agent rewrites its VMHost at each heartbeat (every few seconds): at 20 nodes
+    and 10,000 VMs, re-examining a node's VMs and the unplaced ones at each of them was
+    most of the controller's work. A heartbeat that only moves ``heartbeatTime`` changes
+    nothing: a heartbeat that *stops* is found by the controller's periodic check.
+    """
+    if old is None or old.fresh(now, timeout) != new.fresh(now, timeout):
+        return True
+    return _steady(old) != _steady(new)
+
+
+def _steady(host: HostView) -> HostView:
+    return replace(host, heartbeat=None, lease_seen=None, resource_version="")

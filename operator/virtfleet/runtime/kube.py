@@ -251,7 +251,14 @@ class KubeClient:
         label_selector: str | None = None,
         field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
-        """All objects of ``kind`` (in ``namespace``, or everywhere), following pagination."""
+        """All objects of ``kind`` (in ``namespace``, or everywhere), following pagination.
+
+        A label-selected list (a node's own VMs among a fleet's) is asked in one page: a
+        paginated list is read from etcd, every object of the kind decoded to find the
+        matches, while an unpaginated one is a consistent read from the apiserver's watch
+        cache (Kubernetes ≥ 1.31), filtered in memory — O(matches) of work per agent,
+        not O(fleet).
+        """
         ak = api_kind(kind)
         items: list[dict[str, Any]] = []
         token: str | None = None
@@ -259,7 +266,7 @@ class KubeClient:
             query = {
                 "labelSelector": label_selector,
                 "fieldSelector": field_selector,
-                "limit": "500",
+                "limit": None if label_selector else "500",
                 "continue": token,
             }
             page = await self.request(

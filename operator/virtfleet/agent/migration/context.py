@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from virtfleet.agent.agent import Agent, slim
+from virtfleet.agent.agent import Agent
 from virtfleet.api.migration import VMMigrationStatus
 from virtfleet.api.virtualmachine import PrintableStatus
 from virtfleet.hypervisor import Hypervisor, HypervisorSettings
@@ -19,6 +19,7 @@ from virtfleet.identity import Key
 from virtfleet.logs import get_logger
 from virtfleet.reconcile.migration import failed_status
 from virtfleet.reconcile.migration_job import Fail
+from virtfleet.reconcile.views import slim
 from virtfleet.runtime.kube import Conflict, KubeError, NotFound
 from virtfleet.runtime.status import status_patch
 from virtfleet.runtime.versions import store_newest
