@@ -82,6 +82,8 @@ class Ramp:
     requests: dict[tuple[str, str, str, str], float] = field(default_factory=dict)
     writes: dict[tuple[str, str, str], float] = field(default_factory=dict)
     watch_events: dict[str, float] = field(default_factory=dict)
+    #: node → events of its VMs during the ramp (taken before they are deleted).
+    own_events: dict[str, int] = field(default_factory=dict)
 
     def latencies(self, milestone: str | None = None) -> list[float]:
         times = self.watch.seen_at if milestone is None else self.watch.milestone_at[milestone]
@@ -188,6 +190,7 @@ def _ramp(
     ramp.peak = {name: testdriver.peak_rss_mib(pid) for name, pid in pids.items()}
     ramp.requests = _delta(requests_before, _requests(the_fleet))
     ramp.watch_events = _delta(events_before, _watch_events(the_fleet))
+    ramp.own_events = _own_events(watch)
     return ramp
 
 
@@ -273,7 +276,7 @@ def _ramp_rows(ramp: Ramp, the_fleet: fakefleet.FakeFleet, *, target_latency: bo
     vm_writes = {k: v for k, v in ramp.writes.items() if k[1] == "virtualmachines"}
     ours = (sum(vm_writes.values()) - vm_writes.get(("POST", "virtualmachines", ""), 0.0)) / count
     events_written = sum(v for k, v in ramp.writes.items() if k[1] == "events") / count
-    own = _own_events(ramp)
+    own = ramp.own_events
     received = sum(ramp.watch_events.values())
     ratio = received / sum(own.values()) if sum(own.values()) else None
     p50 = statistics.median(running) if running else None
@@ -356,13 +359,13 @@ def _ramp_rows(ramp: Ramp, the_fleet: fakefleet.FakeFleet, *, target_latency: bo
     return rows
 
 
-def _own_events(ramp: Ramp) -> dict[str, int]:
+def _own_events(watch: fleet.VmWatch) -> dict[str, int]:
     """node → events of the VMs placed there (the benchmark's watch, per VM)."""
     own: dict[str, int] = {}
-    for name, vm in ramp.watch.latest.items():
+    for name, vm in list(watch.latest.items()):
         node = (vm.get("status") or {}).get("nodeName")
         if node:
-            own[node] = own.get(node, 0) + ramp.watch.events.get(name, 0)
+            own[node] = own.get(node, 0) + watch.events.get(name, 0)
     return own
 
 
