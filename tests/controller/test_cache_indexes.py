@@ -76,3 +76,21 @@ def test_the_cache_keeps_no_managed_fields() -> None:
     cached = cache.upsert_vm(vm)
     assert cached is not None
     assert "managedFields" not in cached.body["metadata"]
+
+
+def test_a_reserved_placement_counts_until_released_or_confirmed() -> None:
+    cache = FleetCache()
+    original = cache.upsert_vm(body("web", 1, None, 64, False))
+    assert original is not None
+    reserved = cache.reserve(original, {"nodeName": "node-a"})
+    assert cache.allocated() == {"node-a": 64 * 2**20}
+    assert [vm.key for vm in cache.unplaced()] == []
+    cache.release(reserved, original)  # the write failed
+    assert cache.allocated() == {}
+    assert [vm.key for vm in cache.unplaced()] == [("ns", "web")]
+
+    reserved = cache.reserve(original, {"nodeName": "node-a"})
+    cache.upsert_vm(body("web", 2, "node-a", 64, False))  # the write's answer
+    cache.release(reserved, original)  # too late: the confirmed view stays
+    assert cache.allocated() == {"node-a": 64 * 2**20}
+    assert scanned(cache)[0] == cache.allocated()

@@ -57,6 +57,26 @@ class FleetCache:
             self._unindex(gone)
         return gone
 
+    def reserve(self, vm: CachedVm, status: Mapping[str, Any]) -> CachedVm:
+        """Count a placement whose status write is on its way: the next decision sees the
+        node's memory taken without waiting for the apiserver (placements are decided one
+        at a time, their writes run side by side). The write's answer, or a newer watch
+        event, replaces this view; :meth:`release` takes it back if the write fails."""
+        reserved = dataclasses.replace(vm, status=dict(status))
+        current = self.vms.get(vm.key)
+        if current is not None:
+            self._unindex(current)
+        self.vms[vm.key] = reserved
+        self._index(reserved)
+        return reserved
+
+    def release(self, reserved: CachedVm, original: CachedVm) -> None:
+        """Undo :meth:`reserve` unless something newer replaced the reserved view."""
+        if self.vms.get(reserved.key) is reserved:
+            self._unindex(reserved)
+            self.vms[reserved.key] = original
+            self._index(original)
+
     def _index(self, vm: CachedVm) -> None:
         node = vm.node_name
         if node is None:
