@@ -12,18 +12,14 @@ checks against prometheus_client itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, cast
-
-from prometheus_client.utils import floatToGoString
+from typing import Final
 
 from virtfleet.domain.stats import BlockUsage, DomainUsage, NetUsage
+from virtfleet.runtime.metrics import escape_help, escape_label, go_float
 
 __all__ = ["USAGE_FAMILIES", "UsageFamily", "VmUsage", "render_usage"]
-
-#: prometheus_client's own value formatting (Go's float syntax), so the text matches.
-_go_float = cast(Callable[[float], str], floatToGoString)
 
 
 @dataclass(frozen=True)
@@ -148,7 +144,7 @@ def render_usage(snapshot: Sequence[VmUsage], node: str) -> bytes:
     # Sorted label order, as prometheus_client writes it: drive/interface < name < namespace < node.
     vm_labels = [
         (
-            f'name="{_escape(vm.name)}",namespace="{_escape(vm.namespace)}",node="{_escape(node)}"',
+            f'name="{escape_label(vm.name)}",namespace="{escape_label(vm.namespace)}",node="{escape_label(node)}"',
             vm,
         )
         for vm in snapshot
@@ -156,7 +152,7 @@ def render_usage(snapshot: Sequence[VmUsage], node: str) -> bytes:
     out: list[str] = []
     for family in USAGE_FAMILIES:
         # prometheus_client names a counter family without _total and writes it back.
-        out.append(f"# HELP {family.name} {_escape_doc(family.doc)}\n")
+        out.append(f"# HELP {family.name} {escape_help(family.doc)}\n")
         out.append(f"# TYPE {family.name} {family.kind}\n")
         prefix = family.name + "{"
         for labels, vm in vm_labels:
@@ -164,21 +160,13 @@ def render_usage(snapshot: Sequence[VmUsage], node: str) -> bytes:
             if not family.device:
                 value = getattr(vm.usage, family.field)
                 if value is not None:
-                    out.append(f"{prefix}{labels}}} {_go_float(value)}\n")
+                    out.append(f"{prefix}{labels}}} {go_float(value)}\n")
                 continue
             devices = vm.usage.blocks if family.device == "drive" else vm.usage.nets
             for device in devices:
                 value = getattr(device, family.field)
                 out.append(
-                    f'{prefix}{family.device}="{_escape(device.name)}",{labels}}} '
-                    f"{_go_float(value)}\n"
+                    f'{prefix}{family.device}="{escape_label(device.name)}",{labels}}} '
+                    f"{go_float(value)}\n"
                 )
     return "".join(out).encode()
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _escape_doc(doc: str) -> str:
-    return doc.replace("\\", r"\\").replace("\n", r"\n")

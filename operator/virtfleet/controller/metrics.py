@@ -7,7 +7,7 @@ Everything is read from :class:`~virtfleet.controller.cache.FleetCache` at scrap
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,7 +15,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from virtfleet.identity import NODE_LABEL
-from virtfleet.runtime.metrics import QueueCollector
+from virtfleet.reconcile.views import CachedVm
+from virtfleet.runtime.metrics import QueueCollector, escape_help, escape_label
 
 if TYPE_CHECKING:
     from virtfleet.controller.controller import Controller
@@ -25,6 +26,7 @@ __all__ = ["ControllerMetrics"]
 
 class ControllerMetrics:
     def __init__(self, controller: Controller) -> None:
+        self.controller = controller
         self.registry = CollectorRegistry()
         self.registry.register(_FleetCollector(controller))
         self.registry.register(
@@ -40,8 +42,12 @@ class ControllerMetrics:
         )
 
     def exposition(self) -> bytes:
-        """What ``/metrics`` serves."""
-        return generate_latest(self.registry)
+        """What ``/metrics`` serves: the registry's families, then one series of
+        ``virtfleet_vm_info`` and ``virtfleet_vm_ready`` per VM, written directly (at
+        10,000 VMs prometheus_client's formatting of them took ~0.4 s per scrape)."""
+        return generate_latest(self.registry) + render_vm_series(
+            list(self.controller.cache.vms.values())
+        )
 
 
 class _FleetCollector(Collector):
@@ -52,27 +58,12 @@ class _FleetCollector(Collector):
         cache = self.controller.cache
         phases: dict[tuple[str, str], int] = {}
         allocated: dict[str, int] = {}
-        info = GaugeMetricFamily(
-            "virtfleet_vm_info",
-            "1 per VirtualMachine, with its node and printable status.",
-            labels=["namespace", "name", "node", "phase"],
-        )
-        ready = GaugeMetricFamily(
-            "virtfleet_vm_ready",
-            "1 while a VirtualMachine's Ready condition is True (a VM stopped on purpose "
-            "is Ready).",
-            labels=["namespace", "name", "node"],
-        )
         for vm in list(cache.vms.values()):
             node = vm.labels.get(NODE_LABEL, "")
             phase = str(vm.status.get("printableStatus") or "Pending")
             phases[(node, phase)] = phases.get((node, phase), 0) + 1
             if node and vm.request is not None and not vm.deleting:
                 allocated[node] = allocated.get(node, 0) + vm.request.memory_bytes
-            info.add_metric([vm.namespace, vm.name, node, phase], 1)
-            ready.add_metric([vm.namespace, vm.name, node], 1 if _is_ready(vm.status) else 0)
-        yield info
-        yield ready
         migrations: dict[tuple[str, str, str], int] = {}
         for key, body in list(self.controller.migrations.cache.items()):
             vm_name = str((body.get("spec") or {}).get("vmName") or "")
@@ -123,3 +114,31 @@ def _is_ready(status: Mapping[str, Any]) -> bool:
         for c in status.get("conditions") or ()
         if isinstance(c, Mapping)
     )
+
+
+INFO_HELP = "1 per VirtualMachine, with its node and printable status."
+READY_HELP = (
+    "1 while a VirtualMachine's Ready condition is True (a VM stopped on purpose is Ready)."
+)
+
+
+def render_vm_series(vms: Sequence[CachedVm]) -> bytes:
+    """``virtfleet_vm_info`` and ``virtfleet_vm_ready`` as prometheus_client would write
+    them (labels sorted, Go floats; a unit test compares)."""
+    info = [
+        f"# HELP virtfleet_vm_info {escape_help(INFO_HELP)}\n",
+        "# TYPE virtfleet_vm_info gauge\n",
+    ]
+    ready = [
+        f"# HELP virtfleet_vm_ready {escape_help(READY_HELP)}\n",
+        "# TYPE virtfleet_vm_ready gauge\n",
+    ]
+    for vm in vms:
+        node = escape_label(vm.labels.get(NODE_LABEL, ""))
+        phase = escape_label(str(vm.status.get("printableStatus") or "Pending"))
+        labels = (
+            f'name="{escape_label(vm.name)}",namespace="{escape_label(vm.namespace)}",node="{node}"'
+        )
+        info.append(f'virtfleet_vm_info{{{labels},phase="{phase}"}} 1.0\n')
+        ready.append(f"virtfleet_vm_ready{{{labels}}} {'1.0' if _is_ready(vm.status) else '0.0'}\n")
+    return "".join(info + ready).encode()

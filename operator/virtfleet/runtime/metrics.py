@@ -8,14 +8,16 @@ scrape never calls libvirt or the apiserver.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from virtfleet.logs import get_logger
 from virtfleet.runtime.addresses import split_listen
@@ -47,6 +49,19 @@ def reconcile_histogram(registry: CollectorRegistry) -> Histogram:
         buckets=RECONCILE_BUCKETS,
         registry=registry,
     )
+
+
+#: prometheus_client's own value formatting (Go's float syntax), for text written by hand.
+go_float = cast(Callable[[float], str], floatToGoString)
+
+
+def escape_label(value: str) -> str:
+    """A label value as the text exposition format quotes it."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def escape_help(doc: str) -> str:
+    return doc.replace("\\", r"\\").replace("\n", r"\n")
 
 
 def count_requests(registry: CollectorRegistry, client: object) -> None:
@@ -146,4 +161,7 @@ class MetricsServer:
             await self._runner.cleanup()
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE})
+        # In a worker thread: at 10,000 VMs a scrape is ~0.1-0.5 s of formatting, which on
+        # the event loop would hold up every reconcile (the collectors read snapshots).
+        body = await asyncio.to_thread(self.render)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
