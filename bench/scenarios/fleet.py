@@ -35,7 +35,7 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.result import BenchContext, Row, ScenarioResult
 from bench.scenarios.resync_testdriver import acted, mark_unknown
-from harness import fakefleet, fleet, operators, testdriver
+from harness import fakefleet, fleet, operators, testdriver, testing
 
 RATE = 20.0
 STEADY_POSTERS = 4
@@ -386,12 +386,13 @@ def _agent_restart(
     testdriver.kill_agent(td, signal.SIGKILL)
     testdriver.write_node_file(td, [testdriver.domain_xml(vm) for vm in mine])
     fleet.run_parallel(lambda n: mark_unknown(api, namespace, n), names)
-    unknown = _until(
+    unknown = testing.poll(
         lambda: all(
             (ramp.watch.latest.get(n, {}).get("status") or {}).get("printableStatus") == "Unknown"
             for n in names
         ),
         120,
+        0.2,
     )
     if not unknown:
         raise RuntimeError("the restarted node's VMs were not all marked Unknown")
@@ -412,13 +413,13 @@ def _agent_restart(
 def _controller_restart(ctx: BenchContext, api: Any, ramp: Ramp) -> list[Row]:
     namespace = ramp.watch.namespace
     operators.kill(ctx.state_dir, "controller", signal.SIGKILL)
-    _until(lambda: operators.pid_of(ctx.state_dir, "controller") is None, 30)
+    testing.poll(lambda: operators.pid_of(ctx.state_dir, "controller") is None, 30, 0.2)
     writes_before = fleet.write_counts(api)
     began = time.monotonic()
     operators.start_controller(ctx.state_dir, ctx.env)
     probe = "probe-after-controller-restart"
     fleet.create(api, namespace, fakefleet.vm_manifest(probe, namespace))
-    placed = _until(lambda: _placed(ramp.watch.latest.get(probe, {})), 120)
+    placed = testing.poll(lambda: _placed(ramp.watch.latest.get(probe, {})), 120, 0.2)
     took = time.monotonic() - began if placed else None
     time.sleep(5.0)
     writes = fleet.count_delta(writes_before, fleet.write_counts(api))
@@ -434,12 +435,3 @@ def _controller_restart(ctx: BenchContext, api: Any, ramp: Ramp) -> list[Row]:
         ),
         Row("controller restart: VM writes meanwhile (the probe's included)", vm_writes, "writes"),
     ]
-
-
-def _until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()

@@ -26,7 +26,6 @@ once per collection, which the first call here does, and later scrapes reuse it)
 
 from __future__ import annotations
 
-import socket
 import statistics
 import time
 import tracemalloc
@@ -36,7 +35,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from bench.result import BenchContext, Row, ScenarioResult
-from harness import fleet, testdriver
+from harness import fakefleet, fleet, testdriver
 from virtfleet.agent.metrics import AgentMetrics, VmUsage
 from virtfleet.domain.stats import DeviceNames, usage_from_stats
 from virtfleet.runtime.queue import WorkQueue
@@ -75,7 +74,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
     )
     idle_s = 3.0 if ctx.small else IDLE_S
     plain = _fleet_run(ctx, count, idle_s, port=None)
-    measured = _fleet_run(ctx, count, idle_s, port=_free_port())
+    measured = _fleet_run(ctx, count, idle_s, port=fakefleet.free_port())
     synthetic = _synthetic(count)
 
     scrape_p50 = statistics.median(measured.scrape_ms) if measured.scrape_ms else None
@@ -205,12 +204,6 @@ def _scrape(figures: FleetRun, pid: int, port: int, idle_rate: float) -> None:
     for line in lines:
         if line.startswith("virtfleet_usage_collection_seconds{"):
             figures.collection_s = float(line.rsplit(" ", 1)[1])
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _qemu_like_stats(i: int) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def start(
     """``count`` fake nodes with room for ``capacity_vms`` VMs each, their agents all
     started at once; returns when every VMHost is Ready."""
     tds = [testdriver.node(state_dir, capacity_vms, name) for name in node_names(count, prefix)]
-    fleet = FakeFleet(tds, {td.name: _free_port() for td in tds})
+    fleet = FakeFleet(tds, {td.name: free_port() for td in tds})
     for td in tds:
         if td.pid() is None:
             testdriver.write_node_file(td)
@@ -112,7 +112,8 @@ def manifests(names: Iterable[str], namespace: str) -> list[dict[str, Any]]:
     return [vm_manifest(name, namespace) for name in names]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
