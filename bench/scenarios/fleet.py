@@ -109,17 +109,22 @@ def run(ctx: BenchContext) -> ScenarioResult:
     api = fleet.api_client(ctx.env)
     steady: Ramp | None = None
     burst: Ramp | None = None
+    namespaces = {label: f"bench-fleet-{label}-{os.getpid()}" for label in ("steady", "burst")}
     try:
-        steady = _ramp(ctx, the_fleet, api, "steady", count, RATE)
+        steady = _ramp(ctx, the_fleet, api, "steady", namespaces["steady"], count, RATE)
         agent_restart = _agent_restart(ctx, the_fleet, api, steady)
         controller_restart = _controller_restart(ctx, api, steady)
-        _delete(api, steady)
-        burst = _ramp(ctx, the_fleet, api, "burst", count, None)
-        _delete(api, burst)
+        _delete(api, steady.count, namespaces["steady"])
+        burst = _ramp(ctx, the_fleet, api, "burst", namespaces["burst"], count, None)
+        _delete(api, burst.count, namespaces["burst"])
     finally:
         for ramp in (steady, burst):
             if ramp is not None:
                 ramp.watch.stop()
+        # An interrupted run's VMs go while the agents still run (their finalizers are
+        # the agents'), or the next run would find thousands of VMs nobody can delete.
+        for namespace in namespaces.values():
+            _delete(api, count, namespace)
         fakefleet.stop(the_fleet, ctx.env)
         api.close()  # type: ignore[no-untyped-call]
 
@@ -160,10 +165,10 @@ def _ramp(
     the_fleet: fakefleet.FakeFleet,
     api: Any,
     label: str,
+    namespace: str,
     count: int,
     rate: float | None,
 ) -> Ramp:
-    namespace = f"bench-fleet-{label}-{os.getpid()}"
     fleet.create_namespace(api, namespace)
     names = [f"vm-{i:05d}" for i in range(count)]
     watch = fleet.VmWatch(
@@ -218,9 +223,11 @@ def _create(api: Any, namespace: str, names: list[str], rate: float | None) -> d
     return posted
 
 
-def _delete(api: Any, ramp: Ramp) -> None:
-    testdriver.delete_all(api, ramp.watch.namespace, timeout=max(300.0, ramp.count * 0.1))
-    fleet.delete_namespace(api, ramp.watch.namespace)
+def _delete(api: Any, count: int, namespace: str) -> None:
+    """Every VM of ``namespace`` deleted (and waited for), then the namespace; a namespace
+    already gone (or never made) is a no-op."""
+    testdriver.delete_all(api, namespace, timeout=max(300.0, count * 0.1))
+    fleet.delete_namespace(api, namespace)
 
 
 def _pids(ctx: BenchContext, the_fleet: fakefleet.FakeFleet) -> dict[str, int]:

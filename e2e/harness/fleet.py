@@ -47,10 +47,11 @@ def create_namespace(api: client.ApiClient, name: str) -> None:
 
 
 def delete_namespace(api: client.ApiClient, name: str) -> None:
+    """Gone or going: 404 (no such namespace) and 409 (already terminating) are done."""
     try:
         client.CoreV1Api(api).delete_namespace(name)
     except ApiException as exc:
-        if exc.status != 404:
+        if exc.status not in (404, 409):
             raise
 
 

@@ -20,12 +20,13 @@ import sys
 import termios
 import tty
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
+import kopf
 
 from virtfleet.actions import current_namespace
-from virtfleet.runtime.kube import KubeClient, load_configuration
+from virtfleet.runtime.kube import KubeClient, load_connection
 from virtfleet.runtime.kubeapi import KubeError
 
 __all__ = ["add_parser", "credentials"]
@@ -62,27 +63,21 @@ class ConsoleError(Exception):
     """What the user reads when there is no console session."""
 
 
-def credentials(configuration: Any) -> tuple[dict[str, str], ssl.SSLContext]:
+def credentials(info: kopf.ConnectionInfo) -> tuple[dict[str, str], ssl.SSLContext]:
     """The kubeconfig's bearer token (a header) and client certificate (in the context);
     the context does not verify the server: the caller pins its certificate instead."""
-    context = ssl.create_default_context()
+    context = info.as_ssl_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    headers: dict[str, str] = {}
-    if configuration.cert_file and configuration.key_file:
+    if info.certificate_path or info.certificate_data:
         # A certificate proves who we are without handing the node a secret: no token.
-        context.load_cert_chain(configuration.cert_file, configuration.key_file)
-        return headers, context
-    # The official client keeps it as "BearerToken" (older releases: "authorization").
-    token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
-    if token:
-        headers["Authorization"] = token if " " in token else f"Bearer {token}"
-    return headers, context
+        return {}, context
+    return info.as_http_headers(), context
 
 
-async def endpoint_of(namespace: str, vm: str, configuration: Any) -> tuple[str, str]:
+async def endpoint_of(namespace: str, vm: str, info: kopf.ConnectionInfo) -> tuple[str, str]:
     """(URL, certificate SHA-256) from the VM's status."""
-    kube = KubeClient(configuration, max_workers=1)
+    kube = KubeClient(info, max_workers=1)
     try:
         obj = await kube.get("VirtualMachine", namespace, vm)
     except KubeError as exc:
@@ -101,9 +96,9 @@ async def endpoint_of(namespace: str, vm: str, configuration: Any) -> tuple[str,
 
 
 async def attach(vm: str, namespace: str) -> int:
-    configuration = load_configuration()
-    url, sha256 = await endpoint_of(namespace, vm, configuration)
-    headers, context = credentials(configuration)
+    info = load_connection()
+    url, sha256 = await endpoint_of(namespace, vm, info)
+    headers, context = credentials(info)
     pinned = aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(bytes.fromhex(sha256)))
     async with aiohttp.ClientSession(connector=pinned) as session:
         try:

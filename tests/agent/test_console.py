@@ -7,12 +7,14 @@ aiohttp), and a client pins its certificate as ``virtfleet console`` does.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
+import kopf
 import pytest
 
 from virtfleet.agent.console import CLIENT_CA_CONFIGMAP as CLIENT_CA
@@ -134,13 +136,15 @@ def test_a_certificate_kubeconfig_sends_no_token(tmp_path: Path) -> None:
     cert = make_certificate("127.0.0.1", "me")
     (tmp_path / "c.pem").write_bytes(cert.cert_pem)
     (tmp_path / "k.pem").write_bytes(cert.key_pem)
-    configuration = SimpleNamespace(
-        cert_file=str(tmp_path / "c.pem"),
-        key_file=str(tmp_path / "k.pem"),
-        get_api_key_with_prefix=lambda key, alias=None: "Bearer abc",
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443",
+        certificate_path=str(tmp_path / "c.pem"),
+        private_key_path=str(tmp_path / "k.pem"),
+        token="abc",
     )
-    headers, _ = credentials(configuration)
+    headers, context = credentials(info)
     assert headers == {}
+    assert context.verify_mode == ssl.CERT_NONE  # the caller pins the endpoint's certificate
 
 
 def test_reviews_are_remembered_briefly_refusals_too() -> None:
@@ -157,14 +161,8 @@ def test_reviews_are_remembered_briefly_refusals_too() -> None:
 
 
 def test_the_client_sends_the_kubeconfigs_token() -> None:
-    configuration = SimpleNamespace(
-        cert_file=None,
-        key_file=None,
-        get_api_key_with_prefix=lambda key, alias=None: (
-            "Bearer abc" if key == "BearerToken" else None
-        ),
-    )
-    headers, _ = credentials(configuration)
+    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="abc")
+    headers, _ = credentials(info)
     assert headers == {"Authorization": "Bearer abc"}
 
 

@@ -179,7 +179,7 @@ async def test_a_cancelled_migration_job_leaves_nothing(monkeypatch: pytest.Monk
 async def test_event_aggregation_locks_go_when_the_event_is_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    kube = KubeClient(apisession_free_configuration())
+    kube = KubeClient(kopf.ConnectionInfo(server="https://127.0.0.1:1"))
     written: list[str] = []
 
     async def record(key: tuple[str, str], *_: Any) -> None:
@@ -196,14 +196,6 @@ async def test_event_aggregation_locks_go_when_the_event_is_written(
         assert kube.bookkeeping()["event_locks"] == 0
     finally:
         await kube.close()
-
-
-def apisession_free_configuration() -> Any:
-    from kubernetes import client
-
-    configuration = client.Configuration()
-    configuration.host = "https://127.0.0.1:1"
-    return configuration
 
 
 async def test_queue_state_of_a_forgotten_key_is_gone() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from kubernetes import client as k8s_client
+import kopf
 
 from virtfleet.api.resources import KINDS
 from virtfleet.identity import API_GROUP, API_VERSION
@@ -26,7 +26,7 @@ def scripted(kube: KubeClient, answers: Iterator[Any], asked: list[str]) -> None
 
 
 async def test_waits_through_an_absent_apiserver_and_an_unlisted_group() -> None:
-    kube = KubeClient(k8s_client.Configuration(host="https://127.0.0.1:1"))
+    kube = KubeClient(kopf.ConnectionInfo(server="https://127.0.0.1:1"))
     asked: list[str] = []
     group = {"groups": [{"name": API_GROUP}]}
     answers = iter(

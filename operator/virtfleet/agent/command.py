@@ -225,6 +225,10 @@ def node_migration_uri(node: str, default: str | None, per_node: list[str] | Non
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from virtfleet.runtime.memory import leave_out_official_client
+
+    leave_out_official_client()  # before kopf is imported (handlers)
+
     from virtfleet import logs
     from virtfleet.agent.handlers import run as run_agent
     from virtfleet.hypervisor.download import denied_cidrs

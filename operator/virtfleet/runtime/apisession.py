@@ -27,6 +27,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
+from virtfleet.runtime.credentials import load_connection
 from virtfleet.runtime.kube import resource_of
 from virtfleet.runtime.useragent import user_agent
 
@@ -144,9 +145,9 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> 
 
 
 def login(limit: int = MAX_CONNECTIONS, **kwargs: Any) -> kopf.AiohttpSession | None:
-    """kopf's login via the official client's configuration, on a bounded session.
+    """kopf's login with virtfleet's credentials (:func:`load_connection`, read again at
+    every login: kopf logs in again after a 401), on a bounded session.
 
     For an ``async`` ``@kopf.on.login`` handler (``kwargs`` are kopf's).
     """
-    info: kopf.ConnectionInfo | None = kopf.login_via_client(**kwargs)
-    return None if info is None else bounded_session(info, limit)
+    return bounded_session(load_connection(), limit)

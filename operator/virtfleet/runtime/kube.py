@@ -1,36 +1,37 @@
 """The thin async client for the Kubernetes calls virtfleet makes outside kopf.
 
 :class:`KubeClient` implements :class:`~virtfleet.runtime.kubeapi.KubeApi` (the protocol
-everything else types against). It wraps the official ``kubernetes`` client, whose calls
-block, so they run in a small dedicated thread pool (never kopf's executor, never the
-event loop). Every call is one REST request on a generic path, so custom and core kinds
-share one code path, and errors arrive as the protocol's small hierarchy
-(:class:`NotFound`, :class:`Conflict`, :class:`Forbidden`, :class:`Invalid`,
-:class:`ApiUnavailable`), re-exported here.
+everything else types against) on an aiohttp session of its own, from the same
+credentials as kopf's (:mod:`virtfleet.runtime.credentials`). Every call is one REST
+request on a generic path, so custom and core kinds share one code path, and errors
+arrive as the protocol's small hierarchy (:class:`NotFound`, :class:`Conflict`,
+:class:`Forbidden`, :class:`Invalid`, :class:`ApiUnavailable`), re-exported here.
+
+It used to wrap the official client, whose calls block, on a thread pool: that cost
+the agent the official client's ~18 MiB of generated models, a thread per request in
+flight and a hop to and from the event loop for each.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
-import functools
 import hashlib
 import json
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
-import urllib3
-from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
+import aiohttp
+import kopf
 
 from virtfleet.api.conditions import now_rfc3339
 from virtfleet.logs import get_logger
 from virtfleet.runtime import discovery
+from virtfleet.runtime.credentials import load_connection
 from virtfleet.runtime.kubeapi import (
     DEFAULT_EVENT_NAMESPACE,
     ApiUnavailable,
@@ -60,34 +61,11 @@ __all__ = [
     "KubeClient",
     "KubeError",
     "NotFound",
-    "load_configuration",
+    "load_connection",
     "secret_value",
 ]
 
-T = TypeVar("T")
-
 _log = get_logger("virtfleet.runtime.kube")
-
-# --- configuration --------------------------------------------------------------------
-
-
-def load_configuration() -> k8s_client.Configuration:
-    """KUBECONFIG (or ~/.kube/config) when present, otherwise the in-cluster service account.
-
-    An explicit KUBECONFIG wins even inside a pod, so a developer can point a local
-    process anywhere; a pod without one uses its service account, like kopf does.
-    """
-    configuration = k8s_client.Configuration()
-    in_cluster = "KUBERNETES_SERVICE_HOST" in os.environ
-    kubeconfig = os.environ.get("KUBECONFIG")
-    if kubeconfig or not in_cluster:
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig or None, client_configuration=configuration
-        )
-    else:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    return configuration
-
 
 # --- Events ---------------------------------------------------------------------------
 
@@ -145,21 +123,21 @@ class KubeClient:
 
     def __init__(
         self,
-        configuration: k8s_client.Configuration | None = None,
+        connection: kopf.ConnectionInfo | None = None,
         *,
         max_workers: int = 8,
         request_timeout: float = 30.0,
         field_manager: str = "virtfleet",
         event_cache_size: int = 4096,
     ) -> None:
-        self._configuration = configuration or load_configuration()
-        self._configuration.connection_pool_maxsize = max(
-            self._configuration.connection_pool_maxsize or 0, max_workers
-        )
-        self._client = k8s_client.ApiClient(self._configuration)
-        self._client.user_agent = user_agent()
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kube")
+        #: None: :func:`load_connection` on first use (and again after a 401: a service
+        #: account's token is rotated on disk).
+        self._connection = connection
+        self._reload_credentials = connection is None
+        #: Requests in flight at most (the connection pool's size); the rest wait.
+        self._max_connections = max_workers
         self._timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
         self.field_manager = field_manager
         #: Told ``(verb, resource, code)`` after every request (metrics; 0: no answer).
         self.observer: Callable[[str, str, int], None] | None = None
@@ -169,8 +147,9 @@ class KubeClient:
         self._event_locks: KeyedLocks[tuple[str, str]] = KeyedLocks()
 
     async def close(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._client.close)
-        self._executor.shutdown(wait=False)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -180,8 +159,39 @@ class KubeClient:
 
     # --- transport ---------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on first use (it must be made inside the running loop)."""
+        if self._session is None:
+            if self._connection is None:
+                self._connection = load_connection()
+            info = self._connection
+            with warnings.catch_warnings():  # as kopf does: basic auth is deprecated
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                auth = info.as_aiohttp_basic_auth()
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._max_connections, ssl=info.as_ssl_context()
+                ),
+                headers={
+                    **info.as_http_headers(),
+                    "Accept": "application/json",
+                    "User-Agent": user_agent(),
+                },
+                auth=auth,
+                proxy=info.proxy_url,
+                trust_env=info.trust_env,
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            )
+        return self._session
+
+    async def _reopen_with_new_credentials(self) -> bool:
+        """After a 401: read the credentials again (a rotated token). False when they
+        were given, not loaded, so there is nothing newer to read."""
+        if not self._reload_credentials:
+            return False
+        await self.close()
+        self._connection = None
+        return True
 
     async def request(
         self,
@@ -201,39 +211,33 @@ class KubeClient:
         if params:
             url += "?" + urlencode(params)
         what = what or f"{method} {path}"
-        call = functools.partial(self._request_sync, method, url, body, content_type, what)
-        if self.observer is None:
-            return await self._run(call)
+        data = None if body is None else json.dumps(body).encode()
         code = 0
         try:
-            result = await self._run(call)
-            code = 200
-            return result
-        except KubeError as exc:
-            code = exc.status or 0
-            raise
+            status, raw = await self._send(method, url, data, content_type, what)
+            if status == 401 and await self._reopen_with_new_credentials():
+                status, raw = await self._send(method, url, data, content_type, what)
+            code = status
+            if not 200 <= status < 300:
+                raise error_for_status(status, raw, what)
+            return json.loads(raw) if raw else None
         finally:
-            self.observer(method, resource_of(path), code)
+            if self.observer is not None:
+                self.observer(method, resource_of(path), code)
 
-    def _request_sync(self, method: str, url: str, body: Any, content_type: str, what: str) -> Any:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        serialized = self._client.param_serialize(
-            method=method,
-            resource_path=url,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
+    async def _send(
+        self, method: str, url: str, data: bytes | None, content_type: str, what: str
+    ) -> tuple[int, bytes]:
+        session = self._open()
+        assert self._connection is not None
+        headers = {"Content-Type": content_type} if data is not None else None
         try:
-            response = self._client.call_api(*serialized, _request_timeout=self._timeout)
-            data = response.read()  # type: ignore[no-untyped-call]
-        except k8s_client.ApiException as exc:
-            raise error_for_status(exc.status or 0, exc.body, what) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ApiUnavailable(f"{what}: {exc}") from exc
-        if not 200 <= response.status < 300:
-            raise error_for_status(response.status, data, what)
-        return json.loads(data) if data else None
+            async with session.request(
+                method, self._connection.server.rstrip("/") + url, data=data, headers=headers
+            ) as response:
+                return response.status, await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ApiUnavailable(f"{what}: {str(exc) or type(exc).__name__}") from exc
 
     # --- generic objects -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import sys
 from collections.abc import Callable
 from typing import cast
 
@@ -62,3 +63,16 @@ def _malloc_trim() -> Callable[[int], int] | None:
     malloc_trim.argtypes = (ctypes.c_size_t,)
     malloc_trim.restype = ctypes.c_int
     return cast(Callable[[int], int], malloc_trim)
+
+
+def leave_out_official_client() -> None:
+    """Make ``import kubernetes`` fail in this process; call before kopf is imported.
+
+    kopf imports ``kubernetes.client`` (~18 MiB of generated models) whenever it is
+    installed, only to recognise that library's objects in ``kopf.adopt()`` and the like,
+    which virtfleet never passes. virtfleet's own client and logins do without it
+    (:mod:`virtfleet.runtime.credentials`), so the agent, one per node, leaves it out.
+    """
+    if "kopf" in sys.modules or "kubernetes" in sys.modules:
+        raise RuntimeError("leave_out_official_client() must run before kopf is imported")
+    sys.modules["kubernetes"] = None  # type: ignore[assignment]
