@@ -20,14 +20,15 @@ import sys
 import termios
 import tty
 from collections.abc import Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiohttp
-import kopf
 
 from virtfleet.actions import current_namespace
-from virtfleet.runtime.kube import KubeClient, load_connection
 from virtfleet.runtime.kubeapi import KubeError
+
+if TYPE_CHECKING:  # the client (and kopf) load when a console is asked for, not with the CLI
+    import kopf
 
 __all__ = ["add_parser", "credentials"]
 
@@ -77,6 +78,8 @@ def credentials(info: kopf.ConnectionInfo) -> tuple[dict[str, str], ssl.SSLConte
 
 async def endpoint_of(namespace: str, vm: str, info: kopf.ConnectionInfo) -> tuple[str, str]:
     """(URL, certificate SHA-256) from the VM's status."""
+    from virtfleet.runtime.kube import KubeClient
+
     kube = KubeClient(info, max_workers=1)
     try:
         obj = await kube.get("VirtualMachine", namespace, vm)
@@ -96,6 +99,8 @@ async def endpoint_of(namespace: str, vm: str, info: kopf.ConnectionInfo) -> tup
 
 
 async def attach(vm: str, namespace: str) -> int:
+    from virtfleet.runtime.credentials import load_connection
+
     info = load_connection()
     url, sha256 = await endpoint_of(namespace, vm, info)
     headers, context = credentials(info)

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
 
     from virtfleet.runtime.memory import leave_out_official_client
 
-    leave_out_official_client()  # before kopf is imported (handlers)
+    official_client_left_out = leave_out_official_client()  # before kopf (handlers)
 
     from virtfleet import logs
     from virtfleet.agent.handlers import run as run_agent
@@ -240,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(args.log_format, args.log_level)
     limit_malloc_arenas()
+    if not official_client_left_out:
+        logs.get_logger("virtfleet.agent").warning(
+            "the official Kubernetes client was imported before the agent started: "
+            "~18 MiB more resident memory"
+        )
     identify("agent", args.node)
     try:
         migration_uri = node_migration_uri(args.node, args.migration_uri, args.migration_uri_for)

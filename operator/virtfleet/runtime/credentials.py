@@ -50,7 +50,10 @@ def _kubeconfig_via_official_client(settings: kopf.OperatorSettings) -> kopf.Con
     except ImportError:
         return None
     configuration = client.Configuration()
-    config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    # The library reads $KUBECONFIG once, when imported: name it as it is now.
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+    )
     # Older releases keep the token under "authorization"; exec plugins refresh it here.
     header = configuration.get_api_key_with_prefix(
         "BearerToken", alias="authorization"

@@ -65,14 +65,16 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return cast(Callable[[int], int], malloc_trim)
 
 
-def leave_out_official_client() -> None:
+def leave_out_official_client() -> bool:
     """Make ``import kubernetes`` fail in this process; call before kopf is imported.
 
     kopf imports ``kubernetes.client`` (~18 MiB of generated models) whenever it is
     installed, only to recognise that library's objects in ``kopf.adopt()`` and the like,
     which virtfleet never passes. virtfleet's own client and logins do without it
     (:mod:`virtfleet.runtime.credentials`), so the agent, one per node, leaves it out.
+    False when it is too late (already imported): the process runs on with it.
     """
-    if "kopf" in sys.modules or "kubernetes" in sys.modules:
-        raise RuntimeError("leave_out_official_client() must run before kopf is imported")
+    if sys.modules.get("kopf") is not None or sys.modules.get("kubernetes") is not None:
+        return False
     sys.modules["kubernetes"] = None  # type: ignore[assignment]
+    return True
