@@ -1,6 +1,6 @@
 """Chaos: SIGKILLs at random moments under a workload, then every invariant is checked.
 
-For ``$VIRTFLEET_CHAOS_SECONDS`` (default 180, the CI variant; ``make chaos`` runs 900)
+For ``$VIRTFLEET_CHAOS_SECONDS`` (default 120, the CI variant; ``make chaos`` runs 900)
 a seeded workload creates, updates, deletes, snapshots, restores and migrates VMs on
 both nodes. A seeded injector SIGKILLs the agents, the controller and the kube-apiserver
 and restarts node-a's libvirtd until the last ``SETTLE_S`` of that time: the workload
@@ -39,7 +39,7 @@ def settle_seconds(duration: float) -> float:
 @pytest.mark.chaos
 def test_chaos_keeps_every_invariant(system: Cluster, namespace: str) -> None:
     seed = chaos.seed_from_env()
-    duration = float(os.environ.get("VIRTFLEET_CHAOS_SECONDS") or 180)
+    duration = float(os.environ.get("VIRTFLEET_CHAOS_SECONDS") or 120)
     settle = settle_seconds(duration)
     print(
         f"\n[chaos] seed {seed} (replay: VIRTFLEET_CHAOS_SEED={seed}), {duration:.0f}s, "
