@@ -24,6 +24,7 @@ from typing import Any
 
 from harness import cluster as local_system
 from harness import operators, testdriver, testing
+from virtfleet.agent.settings import AgentSettings
 
 FLEET_LABEL = "virtfleet.io/bench-fleet"
 #: The agents' usage collection (the test driver has no usage: cheap either way).
@@ -33,7 +34,13 @@ METRICS_INTERVAL_S = 15
 #: The agent's own defaults for its periodic work (``AgentSettings``), which the harness
 #: shortens for its tests (resync 15 s, heartbeat 5 s): a fleet measured for production
 #: runs at production rates (20 nodes' heartbeats reach every agent's VMHost watch).
-PRODUCTION_RATES = ("--resync-seconds", "60", "--heartbeat-seconds", "10")
+_DEFAULTS = AgentSettings(node_name="fleet")
+PRODUCTION_RATES = (
+    "--resync-seconds",
+    str(_DEFAULTS.resync_seconds),
+    "--heartbeat-seconds",
+    str(_DEFAULTS.heartbeat_seconds),
+)
 
 
 @dataclass

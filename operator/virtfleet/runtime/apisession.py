@@ -19,7 +19,6 @@ and patches beside virtfleet's own client's.
 from __future__ import annotations
 
 import importlib.metadata
-import warnings
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any, cast
@@ -27,7 +26,7 @@ from typing import Any, cast
 import aiohttp
 import kopf
 
-from virtfleet.runtime.credentials import load_connection
+from virtfleet.runtime.credentials import client_session, load_connection
 from virtfleet.runtime.kube import resource_of
 from virtfleet.runtime.useragent import user_agent
 
@@ -120,18 +119,10 @@ def bounded_session(info: kopf.ConnectionInfo, limit: int = MAX_CONNECTIONS) -> 
     """
     if limit < 8:
         raise ValueError("the watch streams alone hold several connections: limit >= 8")
-    with warnings.catch_warnings():  # as kopf does: basic auth is deprecated, not removed
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        auth = info.as_aiohttp_basic_auth()
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
-        headers={
-            **info.as_http_headers(),
-            "User-Agent": f"{user_agent()} kopf/{_KOPF_VERSION}",
-        },
-        auth=auth,
-        proxy=info.proxy_url,
-        trust_env=info.trust_env,
+    session = client_session(
+        info,
+        limit=limit,
+        headers={"User-Agent": f"{user_agent()} kopf/{_KOPF_VERSION}"},
         trace_configs=[_traced()],
         response_class=_CountedResponse,
     )

@@ -11,16 +11,17 @@ service account, and ``kubernetes.client`` is ~18 MiB in every agent of a fleet.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
 
+import aiohttp
 import kopf
 
 #: The kubelet's variables for the ``kubernetes`` Service (what the official client reads).
 SERVICE_HOST_ENV = "KUBERNETES_SERVICE_HOST"
 SERVICE_PORT_ENV = "KUBERNETES_SERVICE_PORT"
-
-_log = logging.getLogger("virtfleet.runtime.credentials")
 
 
 def load_connection() -> kopf.ConnectionInfo:
@@ -86,3 +87,22 @@ def _service_account(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | N
         return info
     host = f"[{host}]" if ":" in host else host
     return dataclasses.replace(info, server=f"https://{host}:{port}")
+
+
+def client_session(
+    info: kopf.ConnectionInfo, *, limit: int, headers: Mapping[str, str], **options: Any
+) -> aiohttp.ClientSession:
+    """An aiohttp session to ``info``'s apiserver, as kopf builds one, with at most
+    ``limit`` connections; ``headers`` join the credentials' and ``options`` go to
+    :class:`aiohttp.ClientSession`. Needs a running event loop."""
+    with warnings.catch_warnings():  # as kopf does: basic auth is deprecated, not removed
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        auth = info.as_aiohttp_basic_auth()
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=info.as_ssl_context()),
+        headers={**info.as_http_headers(), **headers},
+        auth=auth,
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+        **options,
+    )

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,7 +30,7 @@ import kopf
 from virtfleet.api.conditions import now_rfc3339
 from virtfleet.logs import get_logger
 from virtfleet.runtime import discovery
-from virtfleet.runtime.credentials import load_connection
+from virtfleet.runtime.credentials import client_session, load_connection
 from virtfleet.runtime.kubeapi import (
     DEFAULT_EVENT_NAMESPACE,
     ApiUnavailable,
@@ -164,22 +163,10 @@ class KubeClient:
         if self._session is None:
             if self._connection is None:
                 self._connection = load_connection()
-            info = self._connection
-            with warnings.catch_warnings():  # as kopf does: basic auth is deprecated
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                auth = info.as_aiohttp_basic_auth()
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self._max_connections, ssl=info.as_ssl_context()
-                ),
-                headers={
-                    **info.as_http_headers(),
-                    "Accept": "application/json",
-                    "User-Agent": user_agent(),
-                },
-                auth=auth,
-                proxy=info.proxy_url,
-                trust_env=info.trust_env,
+            self._session = client_session(
+                self._connection,
+                limit=self._max_connections,
+                headers={"Accept": "application/json", "User-Agent": user_agent()},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             )
         return self._session
