@@ -184,6 +184,7 @@ def test_importing_registers_nothing_globally() -> None:
 
 
 def test_the_registry_holds_event_handlers_only() -> None:
+    """And so kopf's diff base may be skipped (runtime.kopfsettings.WatchOnlyDiffBase)."""
     controller = Controller(FakeKube())
     registry = controller.registry()
     assert registry._changing.get_all_handlers() == []

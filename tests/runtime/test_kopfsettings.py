@@ -7,7 +7,12 @@ import logging
 import kopf
 import pytest
 
-from virtfleet.runtime.kopfsettings import MAX_PREFIX, configure_kopf, storage_prefix
+from virtfleet.runtime.kopfsettings import (
+    MAX_PREFIX,
+    WatchOnlyDiffBase,
+    configure_kopf,
+    storage_prefix,
+)
 
 
 def test_each_identity_gets_its_own_finalizer_and_prefixes() -> None:
@@ -44,3 +49,18 @@ def test_long_identities_are_shortened_stably() -> None:
 def test_identities_must_be_dns_like() -> None:
     with pytest.raises(ValueError, match="identity"):
         storage_prefix("Agent/A")
+
+
+def test_a_watch_only_process_skips_the_diff_base() -> None:
+    body = kopf.Body({"metadata": {"name": "vm", "labels": {"a": "b"}}, "spec": {"x": 1}})
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, identity="controller", finalizer=None, watch_only=True)
+    storage = settings.persistence.diffbase_storage
+    assert isinstance(storage, WatchOnlyDiffBase)
+    assert storage.build(body=body) == {}
+    assert storage.fetch(body=body) is None
+    # Everybody else keeps kopf's: the agents have change handlers (on.delete).
+    configure_kopf(settings, identity="agent-a", finalizer="virtfleet.io/agent-a")
+    kept = settings.persistence.diffbase_storage
+    assert not isinstance(kept, WatchOnlyDiffBase)
+    assert kept.build(body=body)["spec"] == {"x": 1}

@@ -66,6 +66,7 @@ def registry(
             settings,
             identity=IDENTITY,
             finalizer=None,
+            watch_only=True,
             log_format=log_format,
             log_level=log_level,
         )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -50,6 +52,28 @@ def default_finalizer(identity: str) -> str:
     return f"{API_GROUP}/{identity}"[:253]
 
 
+class WatchOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """The diff base of a process whose handlers only watch (``on.event``): none.
+
+    kopf computes every event's diff base — a deep copy of the whole body, copied again
+    to clear its progress annotations — before it looks whether any change handler
+    wants it, then drops it when none does: ~6 % of the controller's CPU at a fleet's
+    event rate. Valid only while the process registers no change (create/update/
+    delete/resume) and no daemon or timer handlers; a unit test keeps that true.
+    """
+
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[Any] | None = None,
+    ) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+
 def configure_kopf(
     settings: kopf.OperatorSettings,
     *,
@@ -58,6 +82,7 @@ def configure_kopf(
     posting_level: int = logging.WARNING,
     log_format: logs.LogFormat = "auto",
     log_level: str = "INFO",
+    watch_only: bool = False,
 ) -> None:
     """Configure ``settings`` (from an ``on.startup`` handler) for one process.
 
@@ -68,13 +93,15 @@ def configure_kopf(
     kopf posts Kubernetes Events for handler log lines at or above ``posting_level``;
     WARNING keeps routine "Handler succeeded" lines out of the API-writes budget.
     The watch inactivity timeout is left at kopf's default on purpose (bookmarks
-    keep a healthy stream alive; a deaf stream is reconnected).
+    keep a healthy stream alive; a deaf stream is reconnected). ``watch_only``: the
+    process has ``on.event`` handlers only (:class:`WatchOnlyDiffBase`).
     """
     logs.configure(log_format, log_level)
     prefix = storage_prefix(identity)
     settings.persistence.finalizer = finalizer or default_finalizer(identity)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix, v1=False)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    diffbase = WatchOnlyDiffBase if watch_only else kopf.AnnotationsDiffBaseStorage
+    settings.persistence.diffbase_storage = diffbase(
         prefix=prefix, key="last-handled-configuration", v1=False
     )
     settings.posting.level = posting_level
