@@ -689,7 +689,8 @@ def _argv(
             # never by resolving a Node's hostname: that lookup would leave the machine.
             "--kubelet-preferred-address-types=InternalIP",
             "--allow-privileged=true",
-            "--profiling=false",
+            # /debug/pprof for profiling the apiserver under a benchmark's load.
+            f"--profiling={'true' if os.environ.get('VIRTFLEET_APISERVER_PROFILING') else 'false'}",
         ]
     return [
         str(binary),

@@ -179,6 +179,7 @@ class Agent:
         if old is not None:
             self.by_uid.pop(str(old["metadata"]["uid"]), None)
             self.guest_agents.forget(str(old["metadata"]["uid"]))
+            self.driver.observations.forget(str(old["metadata"]["uid"]))
             if network_names(old):
                 self.networks.kick()  # maybe the last member of a network left
         self.queue.forget(key)
@@ -197,6 +198,7 @@ class Agent:
             "vm_uids": len(self.by_uid),
             "vm_finalized": len(self.finalized),
             "vm_unplaced": len(self.unplaced),
+            "vm_observations": len(self.driver.observations),
             "vm_queue": self.queue.tracked,
             "network_incoming": len(self.networks.incoming),
             "guest_agent_reports": len(self.guest_agents.reports),

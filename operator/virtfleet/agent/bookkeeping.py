@@ -24,6 +24,7 @@ PER_OBJECT = frozenset(
         "vm_uids",
         "vm_finalized",
         "vm_unplaced",
+        "vm_observations",
         "vm_queue",
         "vm_locks",
         "snapshots",

@@ -17,6 +17,7 @@ from virtfleet.agent import httpdisk, network, volumes
 from virtfleet.agent.backupdisk import BackupDisks
 from virtfleet.agent.errors import ActionError as ActionError  # re-exported: tests, callers
 from virtfleet.agent.guestfirewall import GUEST_FIREWALL_UNAVAILABLE, GuestFirewall
+from virtfleet.agent.observations import ObservationMemo
 from virtfleet.agent.settings import AgentSettings
 from virtfleet.agent.vmnetworks import NetworkKeeper
 from virtfleet.agent.volumes import SEED, seed_volume_name, volume_name
@@ -26,9 +27,7 @@ from virtfleet.domain import (
     DomainInputs,
     NodeResources,
     build_domain,
-    diff,
     domain_name,
-    observe,
     render_xml,
     spec_hash,
 )
@@ -170,6 +169,7 @@ class NodeDriver:
         self.backup_disks: BackupDisks | None = None
         #: The node's VMNetworks (where ``type: network`` NICs plug in); set by the agent.
         self.networks: NetworkKeeper | None = None
+        self.observations = ObservationMemo()
 
     # --- observing ------------------------------------------------------------------------
 
@@ -194,11 +194,13 @@ class NodeDriver:
 
         inputs, missing = await self._resolve(vm, spec, user_data)
         if guest is None:
+            self.observations.forget(vm.uid)
             return VmObservation(Observed(defined=False, missing_volumes=missing), inputs, None)
 
         status = await guest.status()
         power, cause = power_of(status.state, status.reason)
-        inactive = observe(await guest.xml(inactive=True))
+        seen = self.observations.inactive(vm.uid, inputs, await guest.xml(inactive=True))
+        inactive = seen.observed
         if inactive.owner is None:
             raise ActionError(
                 "ForeignDomain",
@@ -206,8 +208,7 @@ class NodeDriver:
                 "it is left alone",
                 permanent=True,
             )
-        desired = observe_config(build_domain(inputs))
-        drift = diff(desired, inactive)
+        drift = seen.drift
         marker_current = (
             inactive.owner.generation == vm.generation
             and inactive.owner.spec_hash == spec_hash(spec)
@@ -215,7 +216,7 @@ class NodeDriver:
         live: tuple[str, ...] = ()
         restart: tuple[str, ...] = ()
         if power in (Power.RUNNING, Power.PAUSED):
-            running = diff(desired, observe(await guest.xml()))
+            running = self.observations.running(vm.uid, seen.desired, await guest.xml())
             live = tuple(c.path for c in running.live)
             restart = tuple(c.path for c in running.restart)
         return VmObservation(
@@ -293,7 +294,8 @@ class NodeDriver:
                 domain_type=self.settings.domain_type,
                 nwfilter=self.settings.network.nwfilter,
             )
-            build_domain(inputs)  # refuse what cannot be rendered before anything is made
+            if not self.observations.rendered(vm.uid, inputs):
+                build_domain(inputs)  # refuse what cannot be rendered before anything is made
         except DomainError as exc:
             raise ActionError("InvalidSpec", str(exc), permanent=True) from exc
         return inputs, tuple(missing)

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import copy
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -54,12 +55,21 @@ class NoDiffBase(kopf.DiffBaseStorage):
     object and again after every label or spec change: one extra apiserver write per VM,
     snapshot and migration for nothing (the write budget of issue #9). With this storage
     each event's essence equals the "stored" one, so kopf sees no change (NOOP), runs the
-    deletion handlers when ``deletionTimestamp`` appears, and keeps the finalizers.
+    deletion handlers when ``deletionTimestamp`` appears, and keeps the finalizers. The
+    essence is empty: kopf's own would deep-copy every event's body twice only for
+    the two copies to compare equal (~4 % of an agent's busy CPU in the fleet profile).
     """
 
+    def build(
+        self,
+        *,
+        body: kopf.Body,
+        extra_fields: Iterable[Any] | None = None,
+    ) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
-        essence: kopf.BodyEssence = self.build(body=body)
-        return essence
+        return self.build(body=body)
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None

@@ -228,6 +228,12 @@ async def _vms_for(agent: Agent, uids: set[str]) -> dict[str, dict[str, Any]]:
     }
     if uids <= own.keys():
         return own
+    foreign = sorted(uids - own.keys())
+    agent.log.info(
+        "sweep lists every VM: domains or disks here belong to no VM of this node",
+        count=len(foreign),
+        uids=foreign[:5],
+    )
     return {str(vm["metadata"]["uid"]): vm for vm in await agent.kube.list("VirtualMachine")}
 
 
