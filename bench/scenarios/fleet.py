@@ -76,6 +76,9 @@ class Ramp:
     watch: fleet.VmWatch
     began: float
     ready_s: float | None = None
+    #: name → when first seen Running and Ready, taken when the ramp ends (the agent
+    #: restart resets the watch's own record afterwards).
+    ready_at: dict[str, float] = field(default_factory=dict)
     cpu: dict[str, float] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
     peak: dict[str, float] = field(default_factory=dict)
@@ -86,7 +89,7 @@ class Ramp:
     own_events: dict[str, int] = field(default_factory=dict)
 
     def latencies(self, milestone: str | None = None) -> list[float]:
-        times = self.watch.seen_at if milestone is None else self.watch.milestone_at[milestone]
+        times = self.ready_at if milestone is None else self.watch.milestone_at[milestone]
         return sorted(times[n] - self.posted[n] for n in self.posted if n in times)
 
 
@@ -139,9 +142,7 @@ def run(ctx: BenchContext) -> ScenarioResult:
     assert steady is not None
     assert burst is not None
     for ramp in (steady, burst):
-        done = sorted(
-            ramp.watch.seen_at[n] - ramp.began for n in ramp.posted if n in ramp.watch.seen_at
-        )
+        done = sorted(ramp.ready_at[n] - ramp.began for n in ramp.posted if n in ramp.ready_at)
         result.timelines[ramp.label] = [(t, i + 1) for i, t in enumerate(done)]
     result.samples = {
         "steady: creation → Running": steady.latencies("running"),
@@ -194,8 +195,9 @@ def _ramp(
     posted = _create(api, namespace, names, rate)
     ramp = Ramp(label, count, posted, watch, began)
     all_ready = watch.wait_all(names, timeout=max(300.0, count * 0.2))
+    ramp.ready_at = dict(watch.seen_at)
     if all_ready:
-        ramp.ready_s = max(watch.seen_at[n] for n in names) - began
+        ramp.ready_s = max(ramp.ready_at[n] for n in names) - began
     time.sleep(2.0)  # trailing status writes of the last VMs
     ramp.writes = fleet.count_delta(writes_before, fleet.write_counts(api))
     ramp.cpu = {name: testdriver.cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
